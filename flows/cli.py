@@ -1,0 +1,191 @@
+"""``compress``: the command line.
+
+    compress demo                       build the embedded default and run configs/demo.yaml
+    compress run RECIPE [--set k=v ...] [--run-name NAME]
+    compress validate RECIPE [--set k=v ...]
+    compress runs                       list runs under the artifacts folder
+    compress show RUN                   print a run's report
+    compress serve RECIPE [--cron ...]  serve the recipe as a Prefect deployment (UI-triggerable)
+
+Errors caused by input (recipe, paths, data, gates) print one clear message and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEMO_RECIPE = REPO_CONFIGS / "demo.yaml"
+
+
+def _prefect_env() -> None:
+    # Without a configured server Prefect starts a temporary local one; make sure that is on even in
+    # a hermetic environment, and give its first start (database migrations) time.
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "true")
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def default_run_name(recipe) -> str:
+    from stages.io import stable_hash
+
+    return f"{recipe.name}-{stable_hash(recipe.model_dump(mode='json'))[:8]}"
+
+
+def _load(path: str, overrides: list[str]):
+    from stages.config import load_recipe
+
+    return load_recipe(path, overrides)
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    from stages.pipeline import enabled
+
+    recipe = _load(args.recipe, args.set)
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# valid recipe; stages: {' -> '.join(enabled(recipe))}; default run name: {default_run_name(recipe)}")
+    return 0
+
+
+def _run(recipe, run_name: str | None, artifacts: str) -> int:
+    from stages.config import check_run_name
+    from stages.errors import RecipeError
+
+    name = run_name or default_run_name(recipe)
+    try:
+        check_run_name(name)
+    except ValueError as e:
+        raise RecipeError(f"--run-name: {e}") from None
+    if recipe.runtime.threads:
+        import torch
+
+        torch.set_num_threads(recipe.runtime.threads)
+    _prefect_env()
+    from flows.pipeline import compress
+
+    rep = compress(recipe=recipe, run_name=name, artifacts_dir=artifacts)
+    print(f"\nrun '{name}': {rep['status']}, published: {rep['published']}")
+    print(f"report: {Path(artifacts).resolve() / name / 'report.md'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run(_load(args.recipe, args.set), args.run_name, args.artifacts)
+
+
+def cmd_demo(args) -> int:
+    from stages.errors import RecipeError
+
+    if not DEMO_RECIPE.is_file():
+        raise RecipeError(f"demo recipe not found at {DEMO_RECIPE}; run from a checkout (pip install -e .)")
+    return _run(_load(str(DEMO_RECIPE), args.set), args.run_name, args.artifacts)
+
+
+def cmd_runs(args) -> int:
+    root = Path(args.artifacts)
+    rows = []
+    for rep_path in sorted(root.glob("*/report.json")):
+        try:
+            rep = json.loads(rep_path.read_text())
+        except ValueError:
+            continue
+        rows.append((rep.get("written_at", ""), rep_path.parent.name, rep.get("status", "?"),
+                     "yes" if rep.get("published") else "no", rep.get("recipe", "?")))
+    if not rows:
+        print(f"no runs under {root.resolve()}")
+        return 0
+    print(f"{'run':40} {'status':12} {'published':9} {'recipe':16} written")
+    for written, name, status, pub, recipe in sorted(rows):
+        print(f"{name:40} {status:12} {pub:9} {recipe:16} {written}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from stages.config import check_run_name
+    from stages.errors import InputError
+
+    try:
+        check_run_name(args.run)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    path = Path(args.artifacts) / args.run / ("report.json" if args.json else "report.md")
+    if not path.is_file():
+        raise InputError(f"no report for run '{args.run}' at {path} (see `compress runs`)")
+    print(path.read_text(), end="")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    recipe = _load(args.recipe, args.set)
+    _prefect_env()
+    from flows.pipeline import compress
+
+    name = args.run_name or default_run_name(recipe)
+    compress.serve(name=args.name or recipe.name, cron=args.cron,
+                   parameters={"recipe": recipe.model_dump(mode="json"), "run_name": name,
+                               "artifacts_dir": str(Path(args.artifacts).resolve())},
+                   limit=1)  # one run at a time: a single GPU or CPU box
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Turn a large language model into a smaller, "
+                                "deployable one: distill, quantize, evaluate, export (Prefect-orchestrated).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, recipe=True, run_name=True):
+        if recipe:
+            sp.add_argument("recipe", help="YAML recipe (see configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a recipe field; the value is parsed as YAML (repeatable)")
+        if run_name:
+            sp.add_argument("--run-name", help="name of the run folder (default: recipe name + config hash)")
+        sp.add_argument("--artifacts", default="artifacts", help="where runs are written (default: artifacts)")
+
+    sp = sub.add_parser("demo", help="build the embedded default (corpus, tokenizer, teacher) and run configs/demo.yaml")
+    common(sp, recipe=False)
+    sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("run", help="run a recipe")
+    common(sp)
+    sp.set_defaults(fn=cmd_run)
+    sp = sub.add_parser("validate", help="check a recipe and print the resolved config")
+    sp.add_argument("recipe")
+    sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    sp.set_defaults(fn=cmd_validate)
+    sp = sub.add_parser("runs", help="list runs")
+    sp.add_argument("--artifacts", default="artifacts")
+    sp.set_defaults(fn=cmd_runs)
+    sp = sub.add_parser("show", help="print a run's report")
+    sp.add_argument("run")
+    sp.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+    sp.add_argument("--artifacts", default="artifacts")
+    sp.set_defaults(fn=cmd_show)
+    sp = sub.add_parser("serve", help="serve a recipe as a Prefect deployment (trigger from the UI, optional cron)")
+    common(sp)
+    sp.add_argument("--name", help="deployment name (default: the recipe name)")
+    sp.add_argument("--cron", help="schedule, e.g. '0 2 * * *'")
+    sp.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from stages.errors import CompressError
+
+    try:
+        return args.fn(args)
+    except CompressError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

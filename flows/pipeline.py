@@ -1,0 +1,119 @@
+"""The Prefect flow: chains the stages as tasks, caches them, publishes the report.
+
+Thin by design: the algorithms and the wiring live in ``stages``. Tasks pass paths and small JSON
+manifests, never tensors. Each stage task's cache key is the stage's content key
+(config + input digests + code version, see :mod:`stages.runner`), so rerunning a recipe after a
+crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.filesystems import LocalFileSystem
+
+from stages import report as report_mod
+from stages.config import Recipe, check_run_name
+from stages.errors import CompressError, GateError
+from stages.io import stable_hash
+from stages.pipeline import StageCall, enabled, enforce_gates, make_call, preflight, run_call
+from stages.runner import link_reused, outputs_exist
+
+
+class StageKey(CachePolicy):
+    """Cache key = the stage's content key, computed by the flow before the call (no run id)."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        return inputs["key"]
+
+
+@task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
+def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
+    """Run one stage (or reuse its finished outputs); returns its manifest."""
+    return run_call(Recipe.model_validate(recipe), StageCall(**call), Path(run_dir), Path(artifacts_root))
+
+
+def _artifact_key(run_name: str, what: str) -> str:
+    # Prefect artifact keys: lowercase letters, digits and dashes only
+    safe = "".join(c if c.isalnum() else "-" for c in run_name.lower()).strip("-")
+    return f"{what}-{safe}"[:100]
+
+
+def _publish_artifacts(run_name: str, rep: dict, md: str) -> None:
+    create_markdown_artifact(markdown=md, key=_artifact_key(run_name, "report"),
+                             description=f"compression report of run {run_name}")
+    if rep["evaluation"]:
+        create_table_artifact(table=rep["evaluation"], key=_artifact_key(run_name, "metrics"),
+                              description="quality, size and latency of each model vs the teacher")
+    for e in rep["exports"] if rep["published"] else []:
+        create_link_artifact(link=Path(e["path"]).resolve().as_uri(), link_text=f"{e['format']} export",
+                             key=_artifact_key(run_name, f"export-{e['format']}"))
+
+
+def _result_storage(root: Path) -> LocalFileSystem:
+    """Prefect result storage for stage manifests, inside the artifacts folder.
+
+    Prefect needs the block saved server-side; its name is derived from the folder, so each
+    artifacts folder has its own cache records, and deleting the folder deletes its cache.
+    """
+    block = LocalFileSystem(basepath=str(root / ".prefect-results"))
+    block.save(f"compress-results-{stable_hash(str(root))[:12]}", overwrite=True)
+    return block
+
+
+@flow(name="compress", flow_run_name="{run_name}", log_prints=True, validate_parameters=True)
+def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") -> dict:
+    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export."""
+    log = get_run_logger()
+    check_run_name(run_name)
+    root = Path(artifacts_dir).resolve()
+    run_dir = root / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    storage = _result_storage(root)
+    recipe_json = recipe.model_dump(mode="json")
+    done: dict[str, dict] = {}
+    records: list[dict] = []
+    status, error, published = "completed", None, False
+    try:
+        preflight(recipe)
+        for stage in enabled(recipe):
+            call = make_call(recipe, stage, done)
+            task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
+                                             result_storage=storage)
+            args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
+                        artifacts_root=str(root))
+            state = task_fn(**args, return_state=True)
+            manifest = state.result()
+            if not outputs_exist(manifest):  # a cache record outlived its files: recompute
+                log.warning(f"{stage}: cached outputs are gone from disk, recomputing")
+                state = task_fn.with_options(refresh_cache=True)(**args, return_state=True)
+                manifest = state.result()
+            reused = state.name == "Cached" or manifest.get("reused", False)
+            link_reused(manifest, run_dir)
+            done[stage] = manifest
+            records.append(report_mod.stage_record(manifest, "cached" if reused else "ran"))
+            log.info(f"{call.index:02d}-{stage}: {'cached' if reused else 'done'} ({manifest['stage_dir']})")
+            if stage == "evaluate":
+                enforce_gates(recipe, done)
+        published = "export" in done
+    except GateError as e:
+        status, error = "failed_gate", str(e)
+        raise
+    except CompressError as e:
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        raise
+    except BaseException as e:
+        status, error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
+        raise
+    finally:
+        rep = report_mod.build(run_name, recipe.name, done, records, status, error, published)
+        md = report_mod.write(run_dir, rep)
+        try:
+            _publish_artifacts(run_name, rep, md)
+        except Exception as e:  # a report artifact must not hide the run's real outcome
+            log.warning(f"could not publish Prefect artifacts: {e}")
+    return rep

@@ -1,0 +1,64 @@
+"""The embedded default world: corpus, tokenizer and a small Llama teacher, all made locally.
+
+Nothing is downloaded: the corpus is Python's own documentation and standard library
+(:mod:`stages.embedded`), the tokenizer is a byte-level BPE trained on it, and the teacher is a
+``LlamaForCausalLM`` pretrained on it for a fixed number of steps. As a pipeline stage it is
+cached like any other, so a second demo run reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from stages.config import EmbeddedConfig, RuntimeConfig
+from stages.data import load_texts, pack
+from stages.distill.trainer import TrainSpec, save_history, train
+from stages.embedded import build_corpus, train_tokenizer
+from stages.modeling import count_parameters, resolve_device, save_pretrained_atomic_into
+from stages.result import StageResult
+
+
+def teacher_config(cfg: EmbeddedConfig, tokenizer):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=max(512, cfg.seq_len * 4),
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path) -> StageResult:
+    from transformers import LlamaForCausalLM
+
+    (out_dir / "corpus").mkdir()
+    splits = build_corpus(out_dir / "corpus", max_mb=cfg.max_corpus_mb, eval_fraction=cfg.eval_fraction,
+                          seed=cfg.seed)
+    train_files = [Path(s["train"]) for s in splits.values()]
+    eval_files = [Path(s["eval"]) for s in splits.values()]
+    tok = train_tokenizer(train_files, vocab_size=cfg.vocab_size, out_dir=out_dir / "tokenizer")
+    corpus = json.loads((out_dir / "corpus" / "corpus.json").read_text())
+    outputs = {"corpus": "corpus", "tokenizer": "tokenizer"}
+    metrics: dict = {"domains": sorted(splits), "vocab_size": len(tok), "corpus": corpus}
+    if train_teacher:
+        device = resolve_device(runtime.device)
+        train_ids = pack(load_texts(train_files), tok, cfg.seq_len, "embedded training corpus")
+        eval_ids = pack(load_texts(eval_files), tok, cfg.seq_len, "embedded eval corpus")
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(teacher_config(cfg, tok))
+        spec = TrainSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10),
+                         schedule="cosine", weight_decay=0.1, eval_every=max(1, cfg.steps // 4), seed=cfg.seed,
+                         progress=runtime.progress, desc="pretrain teacher")
+        history = train(model, train_ids, eval_ids, spec, device=device)
+        save_pretrained_atomic_into(model.cpu(), tok, out_dir / "teacher")
+        outputs["teacher"] = "teacher"
+        outputs.update({k: v for k, v in save_history(history, out_dir, "embedded teacher pretraining").items()})
+        metrics.update({"teacher_params": count_parameters(model), "train_tokens": int(train_ids.numel()),
+                        "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len,
+                        "teacher_eval_ppl": round(history[-1]["eval_ppl"], 3),
+                        "tokens_per_s": round(history[-1]["tokens_per_s"], 1)})
+    return StageResult(outputs=outputs, metrics=metrics)

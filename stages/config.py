@@ -1,0 +1,418 @@
+"""The recipe schema: one pydantic model per stage, all in this file.
+
+A recipe is YAML validated by :class:`Recipe`. Unknown fields are rejected (``extra="forbid"``),
+choices are ``Literal``s, and :func:`load_recipe` turns any validation failure into a
+:class:`~stages.errors.RecipeError` that names the field and the allowed values, before any work.
+
+Stages whose algorithms are not built yet still have a slot here, so a recipe that asks for one
+fails validation with a clear message instead of being silently skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.errors import RecipeError
+
+# Methods users may know from the design that are planned but not in this version. Asking for one
+# is an error that says so, rather than "not a valid choice".
+PLANNED = {
+    "select": {"dsir": "DSIR data selection"},
+    "quantize": {"gptq": "GPTQ quantization ('gptq')", "ostquant": "OSTQuant quantization ('ostquant')"},
+    "kv": {"minicache": "MiniCache cross-layer KV merging", "kvtuner": "KVTuner mixed-precision KV"},
+    "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
+                "npo": "NPO unlearning"},
+    "divergence": {name: f"the '{name}' divergence" for name in
+                   ("js", "gjsd", "skew_kl", "skew_reverse_kl", "tvd", "akl", "alpha_beta",
+                    "f_divergence", "sinkhorn", "bdkd")},
+}
+
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _not_built(kind: str, value: Any) -> None:
+    if isinstance(value, str) and value in PLANNED[kind]:
+        raise ValueError(f"{PLANNED[kind][value]} is planned but not built yet in this version")
+
+
+# --------------------------------------------------------------------------------------------
+# models and data
+
+
+class ModelsConfig(Strict):
+    teacher: str = Field(
+        "embedded",
+        description="'embedded' (the demo teacher the bootstrap step trains), a local directory "
+        "holding a transformers checkpoint, or a hub id such as 'Qwen/Qwen2.5-1.5B'.")
+    student: str = Field(
+        "derive",
+        description="'derive' to build the student from the teacher (see distill.student), or a "
+        "local directory / hub id of a checkpoint that shares the teacher's tokenizer.")
+    tokenizer: str | None = Field(None, description="Tokenizer path or hub id; the teacher's if unset.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype while training and evaluating.")
+
+
+class HFDataset(Strict):
+    name: str = Field(description="A `datasets` dataset: hub id or local path (e.g. a folder of JSONL).")
+    config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+class DataConfig(Strict):
+    source: Literal["embedded", "files", "hf"] = Field(
+        "embedded", description="'embedded': the corpus the bootstrap step builds from Python's own "
+        "text; 'files': JSONL (one object per line) or .txt (one document per line) files; "
+        "'hf': a `datasets` dataset.")
+    train: list[str] = Field(default_factory=list, description="Training files (source: files).")
+    eval: list[str] = Field(default_factory=list, description="Held-out files (source: files).")
+    hf: HFDataset | None = None
+    text_field: str = Field("text", description="Field holding the text in JSONL / datasets rows.")
+    domains: list[str] | None = Field(
+        None, description="Embedded corpus: the domains to train and evaluate on (all if unset).")
+    seq_len: int = Field(128, ge=8, le=32768, description="Tokens per training/eval sequence.")
+    max_train_docs: int | None = Field(None, ge=1, description="Read at most this many training documents.")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataConfig":
+        if self.source == "files" and not (self.train and self.eval):
+            raise ValueError("source 'files' needs both data.train and data.eval file lists")
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("source 'hf' needs data.hf (name, config, splits)")
+        return self
+
+
+class EmbeddedConfig(Strict):
+    """The demo's self-made world: corpus from Python's own text, BPE tokenizer, Llama teacher."""
+
+    vocab_size: int = Field(4096, ge=256, le=65536)
+    hidden_size: int = Field(192, ge=16)
+    num_layers: int = Field(4, ge=2)
+    num_heads: int = Field(6, ge=1)
+    num_kv_heads: int = Field(2, ge=1, description="Fewer than num_heads gives grouped-query attention.")
+    intermediate_size: int = Field(512, ge=16)
+    seq_len: int = Field(128, ge=16)
+    steps: int = Field(700, ge=1, description="Teacher pretraining steps (a fixed budget, not a time).")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    max_corpus_mb: float = Field(6.0, gt=0, description="Cap on corpus size built from the stdlib.")
+    eval_fraction: float = Field(0.05, gt=0, lt=0.5)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "EmbeddedConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+class SelectConfig(Strict):
+    enabled: bool = False
+    method: str = Field("dsir", description="Data selection method (planned: dsir).")
+
+    @model_validator(mode="after")
+    def _slot(self) -> "SelectConfig":
+        if self.enabled:
+            raise ValueError(f"the select stage ({self.method}) is not built yet in this version; "
+                             "set select.enabled: false")
+        return self
+
+
+class DeriveStudent(Strict):
+    layers: Literal["every_other"] | list[int] = Field(
+        "every_other", description="Teacher layers the student keeps: 'every_other' (0, 2, 4, ...) "
+        "or explicit indices.")
+    init: Literal["teacher", "random"] = Field(
+        "teacher", description="Copy the kept layers' weights from the teacher, or start random.")
+
+
+class DistillConfig(Strict):
+    enabled: bool = True
+    method: Literal["kd"] = "kd"
+    divergence: Literal["forward_kl", "reverse_kl"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student) (mode covering); "
+        "reverse_kl = KL(student || teacher) (mode seeking).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature for both distributions.")
+    ce_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 - ce_weight) * KD + ce_weight * CE.")
+    student: DeriveStudent = Field(default_factory=DeriveStudent)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1, description="Held-out evaluation every N optimiser steps.")
+
+    @field_validator("divergence", mode="before")
+    @classmethod
+    def _planned(cls, v: Any) -> Any:
+        _not_built("divergence", v)
+        return v
+
+
+class RTNConfig(Strict):
+    """Round-to-nearest weight quantization of every Linear (fake-quantized weights)."""
+
+    method: Literal["rtn"] = "rtn"
+    bits: int = Field(4, ge=2, le=8, description="Weight bits.")
+    group_size: int | None = Field(
+        None, description="Quantization group along the input dimension (e.g. 32, 64, 128); "
+        "unset = one scale per output channel.")
+    symmetric: bool = Field(True, description="Symmetric (zero point 0) or asymmetric (min/max).")
+    skip: list[str] = Field(default_factory=lambda: ["lm_head"],
+                            description="Linear modules left in full precision (name suffixes).")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and (v < 2 or v & (v - 1)):
+            raise ValueError("group_size must be a power of two >= 2 (e.g. 32, 64, 128) or unset")
+        return v
+
+
+QuantMethod = Annotated[Union[RTNConfig], Field(discriminator="method")]
+
+
+class QuantizeConfig(Strict):
+    enabled: bool = True
+    scheme: QuantMethod = Field(default_factory=RTNConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _planned(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("scheme"), dict):
+            data = {**data, "scheme": {"method": "rtn", **data["scheme"]}}  # rtn is the default method
+            _not_built("quantize", data["scheme"]["method"])
+        return data
+
+
+class KVConfig(Strict):
+    enabled: bool = False
+    method: str = Field("minicache", description="KV-cache compression (planned: minicache, kvtuner).")
+
+    @model_validator(mode="after")
+    def _slot(self) -> "KVConfig":
+        if self.enabled:
+            raise ValueError(f"the kv stage ({self.method}) is not built yet in this version; "
+                             "set kv.enabled: false")
+        return self
+
+
+class UnlearnConfig(Strict):
+    enabled: bool = False
+    method: str = Field("shred", description="Unlearning method (planned: shred).")
+    forget: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _slot(self) -> "UnlearnConfig":
+        if self.enabled:
+            raise ValueError(f"the unlearn stage ({self.method}) is not built yet in this version; "
+                             "set unlearn.enabled: false")
+        return self
+
+
+class EvaluateConfig(Strict):
+    enabled: bool = True
+    max_eval_tokens: int = Field(8192, ge=64, description="Held-out tokens scored per model.")
+    batch_size: int = Field(8, ge=1)
+    latency_prompt_tokens: int = Field(16, ge=1)
+    latency_new_tokens: int = Field(32, ge=1)
+    latency_repeats: int = Field(3, ge=1)
+
+
+class GatesConfig(Strict):
+    """Quality gates checked after evaluation; a miss fails the run and nothing is published."""
+
+    max_ppl_ratio: float | None = Field(None, gt=0, description="Final perplexity / teacher perplexity.")
+    max_kl: float | None = Field(None, ge=0, description="Final mean KL(teacher || model) per token.")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Final top-1 agreement with the teacher.")
+    stage_ppl_ratio: dict[Literal["distill", "quantize"], Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Per model-changing stage: max perplexity of its output / "
+        "perplexity of its input (e.g. quantize: 1.02).")
+
+
+ExportFormat = Literal["safetensors", "bnb-nf4", "bnb-int8", "onnx"]
+
+
+class ExportCheck(Strict):
+    max_abs_diff: float | None = Field(None, ge=0, description="Max |logit difference| vs the source.")
+    min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Share of positions whose argmax matches.")
+
+
+def _default_checks() -> dict[str, ExportCheck]:
+    return {
+        "safetensors": ExportCheck(max_abs_diff=1e-4, min_top1_agreement=0.99),
+        "onnx": ExportCheck(max_abs_diff=1e-2, min_top1_agreement=0.99),
+        "bnb-int8": ExportCheck(min_top1_agreement=0.80),
+        "bnb-nf4": ExportCheck(min_top1_agreement=0.50),
+    }
+
+
+class ExportConfig(Strict):
+    enabled: bool = True
+    formats: list[ExportFormat] = Field(
+        default_factory=lambda: ["safetensors", "bnb-nf4", "bnb-int8", "onnx"])
+    checks: dict[ExportFormat, ExportCheck] = Field(
+        default_factory=_default_checks,
+        description="Per format: how close the reloaded export's logits must be to the source's.")
+    check_batch_size: int = Field(2, ge=1)
+    check_seq_len: int = Field(32, ge=2)
+
+    @field_validator("checks", mode="after")
+    @classmethod
+    def _fill(cls, v: dict) -> dict:
+        return {**_default_checks(), **v}
+
+
+class RuntimeConfig(Strict):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (all cores if unset).")
+    progress: bool = Field(True, description="Show progress bars.")
+
+
+class Recipe(Strict):
+    """A whole pipeline run. Every section is optional; defaults make the embedded demo."""
+
+    name: str = Field("recipe", description="Recipe name; the default run name starts with it.")
+    description: str = ""
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    embedded: EmbeddedConfig = Field(default_factory=EmbeddedConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    kv: KVConfig = Field(default_factory=KVConfig)
+    unlearn: UnlearnConfig = Field(default_factory=UnlearnConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        check_run_name(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistency(self) -> "Recipe":
+        if self.models.student == "derive" and not self.distill.enabled:
+            raise ValueError("models.student is 'derive' but distill.enabled is false: a derived "
+                             "student must be distilled (or give a student checkpoint)")
+        if self.evaluate.enabled is False and any(v for v in self.gates.model_dump().values()):
+            raise ValueError("gates are set but evaluate.enabled is false")
+        if self.data.source == "embedded" and self.models.teacher != "embedded" and self.models.tokenizer is None:
+            pass  # allowed: embedded text tokenized with the given teacher's tokenizer
+        return self
+
+    @property
+    def uses_embedded(self) -> bool:
+        return self.models.teacher == "embedded" or self.data.source == "embedded"
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def check_run_name(name: str) -> str:
+    if not RUN_NAME_RE.match(name) or ".." in name:
+        raise ValueError(f"'{name}' is not a safe name: use letters, digits, '.', '_' and '-' "
+                         "(no '/', no '..', at most 100 characters)")
+    return name
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+            msg = f"unknown field{(' in ' + parent) if parent else ''}; allowed: {', '.join(_fields_at(parent))}"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {loc or '<recipe>'}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _fields_at(dotted: str) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in filter(None, dotted.split(".")):
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to the raw recipe mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise RecipeError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise RecipeError(f"--set {item!r}: '{k}' is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def parse_recipe(data: Any, source: str = "<recipe>") -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(f"{source}: invalid recipe:\n{_format_errors(e)}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a YAML recipe; any problem is a RecipeError naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data or {}, overrides or [])
+    return parse_recipe(data, str(path))

@@ -1,0 +1,158 @@
+"""Data: read documents (JSONL, text, `datasets`), tokenize and pack them into fixed-length rows.
+
+The data stage writes ``train.safetensors`` and ``eval.safetensors``, each holding one tensor
+``ids`` of shape [rows, seq_len] (int32), made by concatenating documents separated by the EOS token
+and cutting the stream into rows. Later stages read these files, so tokenization happens once per
+(data, tokenizer, seq_len) and its digest is part of every downstream cache key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from stages.config import DataConfig
+from stages.errors import InputError
+from stages.result import StageResult
+
+
+def iter_file_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one file: a JSONL row's ``text_field``, or a non-empty .txt line.
+
+    Errors name the file and line: non-UTF-8 bytes, a line that is not JSON, a missing field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file not found: {path}")
+    is_jsonl = path.suffix.lower() in (".jsonl", ".json", ".ndjson")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1})") from None
+            if not line.strip():
+                continue
+            if not is_jsonl:
+                yield line.rstrip("\r\n")
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise InputError(f"{path}:{lineno}: no '{text_field}' field (set data.text_field)")
+            text = row[text_field]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{lineno}: field '{text_field}' is not a string")
+            if text:
+                yield text
+
+
+def load_texts(paths: list[str | Path], text_field: str = "text", max_docs: int | None = None) -> list[str]:
+    texts: list[str] = []
+    for p in paths:
+        for t in iter_file_texts(p, text_field):
+            texts.append(t)
+            if max_docs is not None and len(texts) >= max_docs:
+                return texts
+    if not texts:
+        raise InputError(f"empty corpus: no text in {', '.join(str(p) for p in paths)}")
+    return texts
+
+
+def load_hf_texts(name: str, config: str | None, split: str, text_field: str, max_docs: int | None = None) -> list[str]:
+    """Documents from a `datasets` dataset (a hub id, or a local folder / data files)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # datasets raises many types; all mean "cannot read this input"
+        raise InputError(f"data.hf: cannot load dataset '{name}' split '{split}': {type(e).__name__}: {e}") from None
+    if text_field not in ds.column_names:
+        raise InputError(f"data.hf: dataset '{name}' has no '{text_field}' column (has {ds.column_names})")
+    texts = [t for t in ds[text_field][: max_docs or len(ds)] if isinstance(t, str) and t]
+    if not texts:
+        raise InputError(f"empty corpus: dataset '{name}' split '{split}' has no text")
+    return texts
+
+
+def pack(texts: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:
+    """Tokenize, join documents with EOS and cut into rows: [rows, seq_len] int32."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError("the tokenizer has no EOS token; it is needed to separate documents")
+    stream: list[int] = []
+    batch = 256
+    for i in range(0, len(texts), batch):
+        for ids in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise InputError(f"{what}: only {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    arr = np.asarray(stream[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
+    return torch.from_numpy(arr)
+
+
+def save_tokens(ids: torch.Tensor, path: Path) -> None:
+    save_file({"ids": ids.contiguous()}, str(path))
+
+
+def load_tokens(path: str | Path) -> torch.Tensor:
+    """[rows, seq_len] int64 token ids from a file written by the data stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"token file not found: {path}")
+    try:
+        return load_file(str(path))["ids"].long()
+    except Exception as e:
+        raise InputError(f"{path}: not a token file written by the data stage ({e})") from None
+
+
+def resolve_files(cfg: DataConfig, corpus_dir: Path | None) -> tuple[list[Path], list[Path]]:
+    """Train and eval files for file-based sources (embedded corpus or user files)."""
+    if cfg.source == "embedded":
+        assert corpus_dir is not None
+        manifest = json.loads((corpus_dir / "corpus.json").read_text())
+        available = sorted(manifest["domains"])
+        domains = cfg.domains or available
+        unknown = sorted(set(domains) - set(available))
+        if unknown:
+            raise InputError(f"data.domains: unknown domain(s) {unknown}; the embedded corpus has {available}")
+        return ([corpus_dir / d / "train.jsonl" for d in domains], [corpus_dir / d / "eval.jsonl" for d in domains])
+    return [Path(p) for p in cfg.train], [Path(p) for p in cfg.eval]
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Pre-flight: every user data file exists (cheap, before any work starts)."""
+    if cfg.source == "files":
+        missing = [p for p in cfg.train + cfg.eval if not Path(p).is_file()]
+        if missing:
+            raise InputError(f"data file(s) not found: {', '.join(missing)}")
+
+
+def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = None) -> StageResult:
+    """The data stage: read, tokenize and pack train and eval documents."""
+    if cfg.source == "hf":
+        assert cfg.hf is not None
+        train = load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.train_split, cfg.text_field, cfg.max_train_docs)
+        evals = load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.eval_split, cfg.text_field)
+    else:
+        train_files, eval_files = resolve_files(cfg, corpus_dir)
+        train = load_texts(train_files, cfg.text_field, cfg.max_train_docs)
+        evals = load_texts(eval_files, cfg.text_field)
+    train_ids = pack(train, tokenizer, cfg.seq_len, "training data")
+    eval_ids = pack(evals, tokenizer, cfg.seq_len, "eval data")
+    save_tokens(train_ids, out_dir / "train.safetensors")
+    save_tokens(eval_ids, out_dir / "eval.safetensors")
+    metrics = {"train_docs": len(train), "eval_docs": len(evals), "train_tokens": int(train_ids.numel()),
+               "eval_tokens": int(eval_ids.numel()), "seq_len": cfg.seq_len,
+               "train_chars": sum(map(len, train)), "eval_chars": sum(map(len, evals))}
+    return StageResult(outputs={"train": "train.safetensors", "eval": "eval.safetensors"}, metrics=metrics)

@@ -1,0 +1,148 @@
+"""Evaluation: quality against the teacher, size and speed, and the recipe's quality gates.
+
+Per model, on the held-out token rows [rows, T] (the first ``max_eval_tokens`` tokens):
+- ``ppl``: exp of the mean next-token cross-entropy;
+- ``kl_to_teacher``: mean over positions of KL(teacher || model) summed over the vocabulary;
+- ``top1_agreement``: share of positions where the model's argmax equals the teacher's;
+- ``params``, ``bytes_on_disk`` (weights files) and ``latency_ms_per_token`` (greedy decoding
+  with the KV cache, median over repeats after a warm-up).
+All models are scored batch by batch against one teacher forward, so teacher logits are never
+stored for the whole eval set (they would be rows x T x V floats).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stages.config import EvaluateConfig, GatesConfig, ModelsConfig, RuntimeConfig
+from stages.data import load_tokens
+from stages.errors import GateError
+from stages.modeling import count_parameters, load_causal_lm, resolve_device
+from stages.result import StageResult
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")
+
+
+def weights_bytes(model_dir: str | Path) -> int:
+    p = Path(model_dir)
+    if not p.is_dir():
+        return 0  # a hub id: not on local disk
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+@torch.no_grad()
+def score(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, eval_ids: torch.Tensor, batch_size: int,
+          device: torch.device, progress: bool = True) -> dict[str, dict]:
+    """Perplexity, KL(teacher || model) and top-1 agreement for each model, one pass over the data."""
+    acc = {k: {"nll": 0.0, "kl": 0.0, "agree": 0, "n_pred": 0, "n_pos": 0} for k in models}
+    for i in tqdm(range(0, len(eval_ids), batch_size), desc="evaluate", disable=not progress, unit="batch"):
+        ids = eval_ids[i:i + batch_size].to(device)  # [B, T]
+        log_p = F.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)  # [B, T, V]
+        top_p = log_p.argmax(-1)  # [B, T]
+        for name, model in models.items():
+            logits = log_p if model is teacher else model(input_ids=ids).logits.float()
+            log_q = F.log_softmax(logits, dim=-1)
+            a = acc[name]
+            a["nll"] += F.nll_loss(log_q[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            a["n_pred"] += ids[:, 1:].numel()
+            a["kl"] += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
+            a["agree"] += (log_q.argmax(-1) == top_p).sum().item()
+            a["n_pos"] += ids.numel()
+    out = {}
+    for name, a in acc.items():
+        nll = a["nll"] / a["n_pred"]
+        out[name] = {"ppl": math.exp(min(nll, 50.0)), "nll": nll, "kl_to_teacher": a["kl"] / a["n_pos"],
+                     "top1_agreement": a["agree"] / a["n_pos"], "eval_tokens": a["n_pos"]}
+    return out
+
+
+@torch.no_grad()
+def latency_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
+    """Median milliseconds per generated token, greedy decoding with the KV cache."""
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    model.generate(prompt, **kwargs)  # warm-up: first call allocates caches and picks kernels
+    times = []
+    for _ in range(repeats):
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(prompt, **kwargs)
+        if prompt.is_cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000 / new_tokens)
+    return statistics.median(times)
+
+
+def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
+        candidates: dict[str, str], eval_path: Path, out_dir: Path) -> StageResult:
+    """Score the teacher and every candidate model (name -> model dir); write ``eval.json``."""
+    device = resolve_device(runtime.device)
+    torch.manual_seed(runtime.seed)
+    eval_ids = load_tokens(eval_path)
+    rows = max(1, min(len(eval_ids), cfg.max_eval_tokens // eval_ids.shape[1]))
+    eval_ids = eval_ids[:rows]
+    load = dict(dtype=models_cfg.dtype, device=device, trust_remote_code=models_cfg.trust_remote_code,
+                revision=models_cfg.revision)
+    teacher = load_causal_lm(teacher_ref, what="teacher", **load)
+    models = {"teacher": teacher}
+    for name, ref in candidates.items():
+        models[name] = load_causal_lm(ref, what=f"{name} model", **load)
+    scores = score(models, teacher, eval_ids, cfg.batch_size, device, runtime.progress)
+    prompt = eval_ids[:1, : cfg.latency_prompt_tokens].to(device)
+    refs = {"teacher": teacher_ref, **candidates}
+    for name, model in models.items():
+        scores[name]["params"] = count_parameters(model)
+        scores[name]["bytes_on_disk"] = weights_bytes(refs[name])
+        scores[name]["latency_ms_per_token"] = latency_per_token(model, prompt, cfg.latency_new_tokens,
+                                                                 cfg.latency_repeats)
+    t = scores["teacher"]
+    for name, s in scores.items():
+        s["ppl_ratio"] = s["ppl"] / t["ppl"]
+        s["size_ratio"] = s["bytes_on_disk"] / t["bytes_on_disk"] if t["bytes_on_disk"] else None
+    rounded = {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in s.items()} for k, s in scores.items()}
+    import json
+
+    (out_dir / "eval.json").write_text(json.dumps(rounded, indent=2))
+    final = list(candidates)[-1] if candidates else "teacher"
+    return StageResult(outputs={"eval": "eval.json"}, metrics={"final": final, "models": rounded})
+
+
+def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]]) -> list[str]:
+    """Return one message per missed gate (empty if all pass).
+
+    ``models``: evaluation metrics per model name; ``final``: the model the run would publish;
+    ``chain``: (stage, input model name) for each model-changing stage, in order.
+    """
+    f = models[final]
+    misses = []
+    if gates.max_ppl_ratio is not None and f["ppl_ratio"] > gates.max_ppl_ratio:
+        misses.append(f"gates.max_ppl_ratio: final model ({final}) perplexity {f['ppl']:.3f} is "
+                      f"{f['ppl_ratio']:.4f}x the teacher's {models['teacher']['ppl']:.3f} (limit {gates.max_ppl_ratio})")
+    if gates.max_kl is not None and f["kl_to_teacher"] > gates.max_kl:
+        misses.append(f"gates.max_kl: KL(teacher || {final}) = {f['kl_to_teacher']:.4f} (limit {gates.max_kl})")
+    if gates.min_top1_agreement is not None and f["top1_agreement"] < gates.min_top1_agreement:
+        misses.append(f"gates.min_top1_agreement: {final} agrees with the teacher on "
+                      f"{f['top1_agreement']:.4f} of tokens (limit {gates.min_top1_agreement})")
+    for stage, src in chain:
+        limit = gates.stage_ppl_ratio.get(stage)
+        if limit is None or stage not in models:
+            continue
+        ratio = models[stage]["ppl"] / models[src]["ppl"]
+        if ratio > limit:
+            misses.append(f"gates.stage_ppl_ratio.{stage}: perplexity {models[stage]['ppl']:.3f} is {ratio:.4f}x "
+                          f"its input's ({src}: {models[src]['ppl']:.3f}) (limit {limit})")
+    return misses
+
+
+def enforce_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]]) -> None:
+    misses = check_gates(gates, models, final, chain)
+    if misses:
+        raise GateError("quality gate(s) missed, nothing published:\n" + "\n".join(f"  - {m}" for m in misses))

@@ -1,0 +1,278 @@
+"""Export: write the final model in deployable formats, and prove each one loads back and matches.
+
+Formats (each in ``out_dir/<format>/`` with the tokenizer beside it):
+
+- ``safetensors``: the plain transformers checkpoint, float32.
+- ``bnb-nf4``: bitsandbytes 4-bit NormalFloat weights with double-quantized scales (QLoRA's format).
+- ``bnb-int8``: bitsandbytes LLM.int8() weights (row-wise absmax int8, outlier columns in 16 bit).
+- ``onnx``: an ONNX graph exported by optimum, run with onnxruntime (with past key values inputs).
+
+Every format is built in a temporary sibling directory, then loaded back *from disk* in a fresh
+object and run on a fixed batch of token ids; its logits are compared with the source model's. A
+format whose comparison misses its check (``ExportConfig.checks``) raises :class:`ExportError` and is
+never published: its temporary directory is removed, so ``out_dir/<format>`` does not exist.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stages.config import ExportCheck, ExportConfig
+from stages.errors import ExportError, InputError
+from stages.io import atomic_dir, path_size
+from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
+from stages.result import StageResult
+
+FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx")
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+
+
+def check_batch(vocab: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Fixed check batch: [batch_size, seq_len] int64 ids drawn uniformly from [0, vocab) with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=g, dtype=torch.long)
+
+
+def compare_logits(src: torch.Tensor, exp: torch.Tensor) -> dict[str, float]:
+    """How far ``exp`` logits are from ``src`` logits, both [B, T, V]; figures are plain floats.
+
+    max_abs_diff / mean_abs_diff: over all B*T*V logits. top1_agreement: share of the B*T positions
+    whose argmax is the same. kl: mean over positions of KL(src || exp), computed in float64.
+    """
+    if src.shape != exp.shape:
+        raise ExportError(f"logits shape {tuple(exp.shape)} differs from the source's {tuple(src.shape)}")
+    src, exp = src.double(), exp.double()
+    diff = (exp - src).abs()  # [B, T, V]
+    top1 = (exp.argmax(-1) == src.argmax(-1)).double().mean()  # over [B, T]
+    logp, logq = F.log_softmax(src, -1), F.log_softmax(exp, -1)  # [B, T, V]
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()  # sum over V, mean over [B, T]
+    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+            "top1_agreement": float(top1), "kl": float(kl)}
+
+
+def check_failures(m: dict[str, float], check: ExportCheck) -> list[str]:
+    """The limits ``m`` misses, as readable phrases; empty when it passes. NaN figures always fail."""
+    out = []
+    lim = check.max_abs_diff
+    if lim is not None and not m["max_abs_diff"] <= lim:  # `not <=` so a NaN diff fails
+        out.append(f"max_abs_diff {m['max_abs_diff']:.4g} exceeds the limit {lim:.4g}")
+    lim = check.min_top1_agreement
+    if lim is not None and not m["top1_agreement"] >= lim:
+        out.append(f"top1_agreement {m['top1_agreement']:.4f} is below the minimum {lim:.4f}")
+    if not all(abs(m[k]) < float("inf") for k in ("max_abs_diff", "mean_abs_diff", "kl")):
+        out.append("the exported logits hold NaN or inf")
+    return out
+
+
+@torch.no_grad()
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [B, T, V] float32 on CPU of a transformers causal LM for ids [B, T], no padding, no cache."""
+    dev = next(model.parameters()).device
+    ids = ids.to(dev)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    return out.logits.float().cpu()
+
+
+def _free(device: torch.device) -> None:
+    """Give a dropped model's GPU memory back before the next one loads (on CPU refcounting suffices,
+    and a full gc.collect costs ~0.4 s per call with torch + transformers imported)."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# formats: each builds the export into `dst` and returns (a loader of a fresh object from `dst`,
+# a function (model, ids [B, T]) -> logits [B, T, V] float32 on CPU, extra metrics)
+
+
+def _build_safetensors(src_model, model_dir: Path, dst: Path, device: torch.device):
+    # The source model is already loaded (float32): saving it is the export.
+    src_model.save_pretrained(dst, safe_serialization=True)
+
+    def load():
+        return load_causal_lm(str(dst), device=device, what="exported safetensors model")
+
+    return load, hf_logits, {}
+
+
+def _bnb_config(fmt: str, device: torch.device):
+    from transformers import BitsAndBytesConfig
+
+    if fmt == "bnb-int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # NF4 matmuls dequantize to the compute dtype: bf16 on GPUs; CPU kernels want float32.
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_use_double_quant=True)
+
+
+def _build_bnb(fmt: str):
+    def build(src_model, model_dir: Path, dst: Path, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        # bitsandbytes quantizes while loading: Linear layers (but lm_head) become Linear4bit /
+        # Linear8bitLt; saving writes the packed weights and their scales as safetensors, and the
+        # quantization_config into config.json, so a plain from_pretrained reloads it quantized.
+        # dtype is explicit: left unset, the bitsandbytes loader puts the layers it does not quantize
+        # (embeddings, norms, lm_head) in float16, and the check would measure that cast too.
+        device_map = str(device)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), quantization_config=_bnb_config(fmt, device), device_map=device_map,
+            dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        model.save_pretrained(dst, safe_serialization=True)
+        del model
+        _free(device)
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(
+                str(dst), device_map=device_map, dtype=torch.float32, use_safetensors=True,
+                trust_remote_code=False).eval()
+
+        return load, hf_logits, {}
+
+    return build
+
+
+def _ort_provider(device: torch.device) -> str:
+    import onnxruntime
+
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return "CUDAExecutionProvider"
+    return "CPUExecutionProvider"
+
+
+def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    # Exported with past key values (a decoder that also takes/returns the KV cache), so the
+    # artifact serves generation; optimum feeds empty past tensors on a first, cache-less call.
+    use_cache = True
+    with warnings.catch_warnings():  # the tracer warns about every shape-dependent Python branch
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        ort = ORTModelForCausalLM.from_pretrained(str(model_dir), export=True, use_cache=use_cache,
+                                                  trust_remote_code=False)
+    ort.save_pretrained(dst)
+    del ort
+    provider = _ort_provider(device)
+
+    def load():
+        return ORTModelForCausalLM.from_pretrained(str(dst), provider=provider, use_cache=use_cache)
+
+    @torch.no_grad()
+    def logits(model, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(model.device)  # with the CUDA provider optimum binds torch CUDA tensors
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        return out.logits.float().cpu()  # [B, T, V]
+
+    files = sorted(f.name for f in dst.iterdir() if ".onnx" in f.name)  # model.onnx (+ model.onnx_data)
+    return load, logits, {"onnx_files": files, "provider": provider, "with_past": use_cache}
+
+
+BUILDERS: dict[str, Callable] = {
+    "safetensors": _build_safetensors,
+    "bnb-nf4": _build_bnb("bnb-nf4"),
+    "bnb-int8": _build_bnb("bnb-int8"),
+    "onnx": _build_onnx,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise InputError(f"export: check_ids must be a 2-D tensor [batch, seq_len], got "
+                         f"{getattr(ids, 'shape', type(ids).__name__)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(f"export: check_ids must hold integer token ids, got {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"export: check_ids range [{lo}, {hi}] is outside the model's vocabulary [0, {vocab})")
+    return ids.long().cpu()
+
+
+def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch.Tensor, ref: torch.Tensor,
+                device: torch.device) -> dict[str, Any]:
+    """Build ``fmt`` into ``dst`` with the tokenizer, reload it from disk, and measure it against ``ref``."""
+    t0 = time.perf_counter()
+    try:
+        load, logits_of, extra = BUILDERS[fmt](src_model, model_dir, dst, device)
+        tok.save_pretrained(dst)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = load()  # a fresh object read from dst, not the one that wrote it
+        load_s = time.perf_counter() - t0
+        out = logits_of(model, ids)  # [B, T, V] float32
+        del model
+        _free(device)
+    except Exception as e:  # noqa: BLE001 - any failure to build or reload is this format's failure
+        raise ExportError(f"export {fmt}: could not build it or load it back: {type(e).__name__}: {e}") from e
+    try:
+        m: dict[str, Any] = compare_logits(ref, out)
+    except ExportError as e:
+        raise ExportError(f"export {fmt}: {e}") from None
+    m.update(bytes=path_size(dst), build_seconds=round(build_s, 3), load_seconds=round(load_s, 3),
+             check_tokens=int(ids.numel()), **extra)
+    return m
+
+
+def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: torch.Tensor | None = None,
+               seed: int = 0, device: str = "cpu", progress: bool = True) -> StageResult:
+    """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload.
+
+    Raises InputError for a missing or unloadable ``model_dir`` (or bad ``check_ids``), and
+    ExportError for a format that fails to build, load back, or match the source within
+    ``cfg.checks[format]``; formats finished before it stay published, the failed one is absent.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_model_ref(str(model_dir), "export: model")
+    dev = resolve_device(device)
+    formats = list(dict.fromkeys(cfg.formats))  # keep order, drop repeats
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tok = load_tokenizer(str(model_dir), what="export: tokenizer")
+    src_model = load_causal_lm(str(model_dir), device=dev, what="export: model")
+    vocab = min(len(tok), vocab_size_of(src_model))  # ids the tokenizer can make and the model embeds
+    if check_ids is None:
+        ids = check_batch(vocab, cfg.check_batch_size, cfg.check_seq_len, seed)  # [B, T]
+    else:
+        ids = _check_ids(check_ids, vocab_size_of(src_model))  # [B, T]
+    ref = hf_logits(src_model, ids)  # [B, T, V] float32, the reference every format is held to
+
+    outputs: dict[str, str] = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    with tqdm(formats, desc="export", unit="format", disable=not progress) as bar:
+        for fmt in bar:
+            bar.set_postfix_str(fmt)
+            with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
+                try:
+                    metrics[fmt] = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev)
+                except ExportError as e:
+                    e.metrics = metrics  # what passed so far, for the caller's report
+                    raise
+                check = cfg.checks.get(fmt) or ExportCheck()
+                failures = check_failures(metrics[fmt], check)
+                metrics[fmt].update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
+                                    limit_min_top1_agreement=check.min_top1_agreement)
+                if failures:
+                    err = ExportError(f"export {fmt}: the reloaded export does not match the source model on "
+                                      f"{ids.shape[0]}x{ids.shape[1]} check tokens: {'; '.join(failures)}")
+                    err.metrics = metrics  # the failed format's figures included
+                    raise err
+            outputs[fmt] = str(out_dir / fmt)
+    del src_model
+    _free(dev)
+    return StageResult(outputs=outputs, metrics=metrics)

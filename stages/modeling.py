@@ -1,0 +1,113 @@
+"""Loading and saving models and tokenizers, local or from the hub, safely.
+
+- Weights are read from safetensors only (``use_safetensors=True``): no pickle of a file we did
+  not write is ever unpickled.
+- ``trust_remote_code`` is off unless the recipe turns it on.
+- A reference is a local directory if one exists at that path (or it looks like a path); otherwise
+  a hub id ``org/name``. On machines without internet, a hub id that is not in the local HF cache
+  fails with an InputError that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from stages.errors import InputError
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_local_ref(ref: str) -> bool:
+    return Path(ref).expanduser().exists() or ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref)
+
+
+def check_model_ref(ref: str, what: str) -> None:
+    """Cheap pre-flight check: a local model directory must exist and hold a config.json."""
+    if is_local_ref(ref):
+        p = Path(ref).expanduser()
+        if not p.is_dir():
+            raise InputError(f"{what}: model directory not found: {ref}")
+        if not (p / "config.json").is_file():
+            raise InputError(f"{what}: {ref} has no config.json (not a transformers checkpoint)")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("runtime.device is 'cuda' but no CUDA device is available")
+    return torch.device(device)
+
+
+def _hub_error(ref: str, what: str, err: Exception) -> InputError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1 is set)" if offline else " (no internet, or not a model on the hub?)"
+    return InputError(f"{what}: could not load '{ref}' from the hub{hint}: {type(err).__name__}: {err}")
+
+
+def load_tokenizer(ref: str, *, trust_remote_code: bool = False, revision: str | None = None, what: str = "tokenizer"):
+    from transformers import AutoTokenizer
+
+    if is_local_ref(ref) and not Path(ref).expanduser().exists():
+        raise InputError(f"{what}: not found: {ref}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(ref).expanduser()) if is_local_ref(ref) else ref,
+                                            trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError) as e:
+        if is_local_ref(ref):
+            raise InputError(f"{what}: cannot load a tokenizer from {ref}: {e}") from None
+        raise _hub_error(ref, what, e) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(ref: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
+                   trust_remote_code: bool = False, revision: str | None = None, what: str = "model"):
+    """Load a causal LM for training/evaluation (eval mode, given dtype, on device)."""
+    from transformers import AutoModelForCausalLM
+
+    if is_local_ref(ref):
+        check_model_ref(ref, what)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(ref).expanduser()) if is_local_ref(ref) else ref, dtype=DTYPES[dtype],
+            use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision)
+    except (OSError, ValueError, EnvironmentError) as e:
+        if is_local_ref(ref):
+            raise InputError(f"{what}: cannot load {ref}: {e}") from None
+        raise _hub_error(ref, what, e) from None
+    return model.to(device).eval()
+
+
+def vocab_size_of(model) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_same_vocab(teacher, student, teacher_tok=None, student_tok=None) -> None:
+    """Teacher and student must share a vocabulary (cross-tokenizer KD is not supported)."""
+    tv, sv = vocab_size_of(teacher), vocab_size_of(student)
+    if tv != sv:
+        raise InputError(f"vocabulary mismatch: teacher has {tv} output tokens, student has {sv}; "
+                         "teacher and student must share a tokenizer")
+    if teacher_tok is not None and student_tok is not None and teacher_tok.get_vocab() != student_tok.get_vocab():
+        raise InputError("vocabulary mismatch: teacher and student tokenizers map tokens to "
+                         "different ids; they must share a tokenizer")
+
+
+def save_pretrained_atomic_into(model, tokenizer, out_dir: str | Path) -> None:
+    """Save model (safetensors) and tokenizer into ``out_dir`` (already a temporary stage dir)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

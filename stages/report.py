@@ -1,0 +1,86 @@
+"""The run-level report: ``report.json`` (machine-readable) and ``report.md`` (for people)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from stages.io import write_json_atomic, write_text_atomic
+
+EVAL_COLUMNS = ("ppl", "ppl_ratio", "kl_to_teacher", "top1_agreement", "params", "bytes_on_disk",
+                "size_ratio", "latency_ms_per_token")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def eval_rows(done: dict[str, dict]) -> list[dict]:
+    ev = done.get("evaluate")
+    if not ev:
+        return []
+    return [{"model": name, **{c: m.get(c) for c in EVAL_COLUMNS}} for name, m in ev["metrics"]["models"].items()]
+
+
+def export_rows(done: dict[str, dict]) -> list[dict]:
+    ex = done.get("export")
+    if not ex:
+        return []
+    rows = []
+    for fmt, m in ex["metrics"].items():
+        if isinstance(m, dict):
+            rows.append({"format": fmt, "path": ex["outputs"].get(fmt, {}).get("path"), "bytes": m.get("bytes"),
+                         "max_abs_diff": m.get("max_abs_diff"), "top1_agreement": m.get("top1_agreement"),
+                         "passed": m.get("passed")})
+    return rows
+
+
+def build(run_name: str, recipe_name: str, done: dict[str, dict], records: list[dict], status: str,
+          error: str | None, published: bool) -> dict:
+    return {
+        "run_name": run_name, "recipe": recipe_name, "status": status, "published": published, "error": error,
+        "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "stages": records, "evaluation": eval_rows(done), "exports": export_rows(done),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Run `{report['run_name']}` (recipe `{report['recipe']}`)", "",
+             f"- status: **{report['status']}**", f"- published: **{'yes' if report['published'] else 'no'}**"]
+    if report.get("error"):
+        lines += ["", "## Error", "", "```", report["error"], "```"]
+    lines += ["", "## Stages", "", "| stage | state | seconds | key | outputs |", "|---|---|---|---|---|"]
+    for r in report["stages"]:
+        outs = ", ".join(f"`{k}`" for k in r.get("outputs", {}))
+        lines.append(f"| {r['stage']} | {r['state']} | {_fmt(r.get('duration_s'))} | `{r.get('cache_key', '')[:12]}` | {outs} |")
+    if report["evaluation"]:
+        lines += ["", "## Evaluation (held-out data, vs the teacher)", "",
+                  "| " + " | ".join(("model",) + EVAL_COLUMNS) + " |", "|" + "---|" * (len(EVAL_COLUMNS) + 1)]
+        for row in report["evaluation"]:
+            lines.append("| " + " | ".join(_fmt(row[c]) for c in ("model",) + EVAL_COLUMNS) + " |")
+    if report["exports"]:
+        lines += ["", "## Exports (each reloaded and compared with the source model)", "",
+                  "| format | bytes | max abs logit diff | top-1 agreement | passed | path |", "|---|---|---|---|---|---|"]
+        for e in report["exports"]:
+            lines.append(f"| {e['format']} | {_fmt(e['bytes'])} | {_fmt(e['max_abs_diff'])} | "
+                         f"{_fmt(e['top1_agreement'])} | {e['passed']} | `{e['path']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def write(run_dir: Path, report: dict) -> str:
+    md = markdown(report)
+    write_json_atomic(run_dir / "report.json", report)
+    write_text_atomic(run_dir / "report.md", md)
+    return md
+
+
+def stage_record(manifest: dict, state: str) -> dict:
+    return {"stage": manifest["stage"], "index": manifest["index"], "state": state,
+            "cache_key": manifest["cache_key"], "duration_s": manifest.get("duration_s"),
+            "manifest": str(Path(manifest["stage_dir"]) / "manifest.json"),
+            "outputs": {k: v["path"] for k, v in manifest["outputs"].items()},
+            "metrics": manifest["metrics"]}

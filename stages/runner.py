@@ -1,0 +1,112 @@
+"""Run one stage: content-addressed cache key, atomic output directory, manifest.
+
+Olive-style: a stage's identity is ``sha256(stage name, its resolved config, the digests of its
+inputs, the code version)``, not the run id. The same recipe on the same inputs gives the same
+key, whichever run asks, so finished stages are found again after a crash, a rerun or a second
+run name. The orchestrator (Prefect) uses the same key for its own cache; this module does not
+need it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from stages.io import (atomic_dir, code_version, digest_path, git_commit, package_versions, path_size,
+                       stable_hash, write_json_atomic)
+from stages.result import StageResult
+
+
+def stage_key(stage: str, config: Any, input_digests: dict[str, str]) -> str:
+    return stable_hash({"stage": stage, "config": config, "inputs": input_digests, "code": code_version()})
+
+
+def ref_digest(ref: str, revision: str | None = None) -> str:
+    """Digest of an input: file/dir content if local, else the hub reference itself."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return digest_path(p)
+    return f"hub:{ref}@{revision or 'default'}"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def outputs_exist(manifest: dict) -> bool:
+    """True if every output a manifest names is still on disk (a cache record can outlive its files)."""
+    return all(Path(o["path"]).exists() for o in manifest.get("outputs", {}).values())
+
+
+def cache_index_path(artifacts_root: Path, key: str) -> Path:
+    return artifacts_root / ".cache" / f"{key}.json"
+
+
+def lookup(artifacts_root: Path, key: str) -> dict | None:
+    """The manifest of a finished stage with this key, if its outputs still exist."""
+    p = cache_index_path(artifacts_root, key)
+    if not p.is_file():
+        return None
+    try:
+        manifest = json.loads(Path(json.loads(p.read_text())["manifest"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    return manifest if manifest.get("cache_key") == key and outputs_exist(manifest) else None
+
+
+def execute(*, stage: str, index: int, key: str, config: Any, inputs: dict[str, str], input_digests: dict[str, str],
+            run_dir: Path, artifacts_root: Path, seed: int, fn: Callable[[Path], StageResult]) -> dict:
+    """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
+
+    If a finished stage with the same key exists (any run), return its manifest without running.
+    """
+    hit = lookup(artifacts_root, key)
+    if hit is not None:
+        return {**hit, "reused": True}
+    stage_dir = run_dir / f"{index:02d}-{stage}"
+    started, t0 = _now(), time.perf_counter()
+    with atomic_dir(stage_dir) as tmp:
+        result = fn(tmp)
+        outputs = {}
+        for name, rel in result.outputs.items():
+            if Path(rel).is_absolute():  # stages should return paths relative to their dir; accept ones inside it
+                rel = str(Path(rel).relative_to(tmp))
+            produced = tmp / rel
+            if not produced.exists():
+                raise RuntimeError(f"stage {stage} declared output '{name}' at {rel} but did not write it")
+            outputs[name] = {"path": str(stage_dir / rel), "sha256": digest_path(produced), "bytes": path_size(produced)}
+        manifest = {
+            "stage": stage, "index": index, "cache_key": key, "stage_dir": str(stage_dir), "config": config,
+            "inputs": {k: {"ref": v, "sha256": input_digests.get(k)} for k, v in inputs.items()},
+            "outputs": outputs, "metrics": result.metrics, "seed": seed,
+            "code_version": code_version(), "git_commit": git_commit(), "packages": package_versions(),
+            "python": platform.python_version(), "host": platform.node(),
+            "started_at": started, "finished_at": _now(), "duration_s": round(time.perf_counter() - t0, 2),
+        }
+        write_json_atomic(tmp / "manifest.json", manifest)
+    write_json_atomic(cache_index_path(artifacts_root, key), {"manifest": str(stage_dir / "manifest.json")})
+    return manifest
+
+
+def link_reused(manifest: dict, run_dir: Path) -> None:
+    """Record in this run's ``NN-stage`` dir that the stage was reused from another run's outputs."""
+    stage_dir = run_dir / f"{manifest['index']:02d}-{manifest['stage']}"
+    own = stage_dir / "manifest.json"
+    if own.is_file():
+        try:
+            if json.loads(own.read_text()).get("cache_key") == manifest["cache_key"]:
+                return  # this run's own finished stage
+        except ValueError:
+            pass
+    if Path(manifest["stage_dir"]) == stage_dir:
+        return
+    with atomic_dir(stage_dir) as tmp:
+        write_json_atomic(tmp / "manifest.json", {**manifest, "reused": True, "reused_from": manifest["stage_dir"]})
+
+
+def result_for(manifest: dict) -> StageResult:
+    return StageResult(outputs={k: v["path"] for k, v in manifest["outputs"].items()}, metrics=manifest["metrics"])

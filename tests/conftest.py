@@ -1,0 +1,46 @@
+"""Shared fixtures. Prefect runs against a temporary local server with its own home folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before anything imports prefect: a private PREFECT_HOME so tests never touch ~/.prefect, and the
+# temporary local server on (with time for its first database migration).
+_HOME = tempfile.mkdtemp(prefix="prefect-home-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe():
+    from stages.config import load_recipe
+
+    return load_recipe(TINY)
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    """One artifacts folder for the session, so pipeline tests share cached stages."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_recipe, artifacts):
+    """The tiny recipe run once end to end through the Prefect flow: (artifacts, run name, report)."""
+    from flows.pipeline import compress
+
+    report = compress(recipe=tiny_recipe, run_name="tiny-a", artifacts_dir=str(artifacts))
+    return artifacts, "tiny-a", report

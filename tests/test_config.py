@@ -1,0 +1,105 @@
+"""Recipe validation: bad recipes fail before any work, naming the field and the allowed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from stages.config import apply_overrides, load_recipe, parse_recipe
+from stages.errors import RecipeError
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_demo_and_example_recipes_validate():
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_recipe(path)
+
+
+def test_defaults_are_the_embedded_demo():
+    r = parse_recipe({})
+    assert r.models.teacher == "embedded" and r.data.source == "embedded" and r.uses_embedded
+    assert r.distill.divergence == "forward_kl" and r.quantize.scheme.method == "rtn"
+
+
+def test_malformed_yaml_names_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"malformed YAML at line 3, column 2"):
+        load_recipe(write(tmp_path, "distill:\n  steps: 1\n lr: 2\n"))
+
+
+def test_not_a_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_unknown_field_lists_allowed_fields(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, "distill:\n  stepz: 3\n"))
+    msg = str(e.value)
+    assert "distill.stepz: unknown field in distill" in msg and "steps" in msg and "divergence" in msg
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(RecipeError, match=r"distil: unknown field; allowed: .*distill"):
+        load_recipe(write(tmp_path, "distil:\n  steps: 3\n"))
+
+
+def test_bad_choice_names_allowed_values(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, "models:\n  dtype: int3\n"))
+    assert "models.dtype" in str(e.value) and "'float32'" in str(e.value) and "int3" in str(e.value)
+
+
+def test_unknown_divergence(tmp_path):
+    with pytest.raises(RecipeError, match=r"distill.divergence: Input should be 'forward_kl' or 'reverse_kl'"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: euclid\n"))
+
+
+@pytest.mark.parametrize("text, stage", [
+    ("select:\n  enabled: true\n", "select"),
+    ("kv:\n  enabled: true\n", "kv"),
+    ("unlearn:\n  enabled: true\n", "unlearn"),
+    ("quantize:\n  scheme: {method: ostquant}\n", "OSTQuant"),
+    ("distill:\n  divergence: js\n", "'js' divergence"),
+])
+def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
+    with pytest.raises(RecipeError, match=f"{stage}.*not built yet"):
+        load_recipe(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("text, field", [
+    ("distill:\n  temperature: -1\n", "distill.temperature"),
+    ("distill:\n  ce_weight: 1.5\n", "distill.ce_weight"),
+    ("quantize:\n  scheme: {method: rtn, bits: 9}\n", "bits"),
+    ("quantize:\n  scheme: {method: rtn, group_size: 48}\n", "group_size"),
+    ("name: ../escape\n", "name"),
+    ("name: a/b\n", "name"),
+    ("data:\n  source: files\n", "data"),
+    ("embedded:\n  hidden_size: 100\n  num_heads: 6\n", "embedded"),
+])
+def test_bad_values_name_the_field(tmp_path, text, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+        load_recipe(write(tmp_path, text))
+
+
+def test_derived_student_needs_distillation(tmp_path):
+    with pytest.raises(RecipeError, match="derive"):
+        load_recipe(write(tmp_path, "distill:\n  enabled: false\n"))
+
+
+def test_overrides_are_parsed_as_yaml():
+    data = apply_overrides({}, ["distill.steps=5", "quantize.scheme.group_size=null", "export.formats=[onnx]"])
+    r = parse_recipe(data)
+    assert r.distill.steps == 5 and r.quantize.scheme.group_size is None and r.export.formats == ["onnx"]
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        apply_overrides({}, ["distill.steps"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")

@@ -1,0 +1,181 @@
+"""Export stage: every format round-trips through disk and matches its source; failures publish nothing.
+
+The model is a tiny random Llama (vocab 320, hidden 64, 2 layers, 4 heads, 2 KV heads) with a
+byte-level BPE tokenizer trained here, so the whole file runs in seconds on a CPU, offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.config import ExportCheck, ExportConfig
+from stages.errors import ExportError, InputError
+from stages.export import FORMATS, check_batch, compare_logits, run_export
+from stages.io import path_size
+from stages.modeling import load_causal_lm, load_tokenizer
+
+SEED = 0
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["cat", "dog", "bird", "fish", "tree", "stone"]
+    texts = [f"the {w} number {i} is {i * 7 % 13} and {w}s like {words[i % 6]}" for i in range(60) for w in words]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random LlamaForCausalLM + tokenizer (safetensors, float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    torch.manual_seed(SEED)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ids(model_dir) -> torch.Tensor:
+    """A fixed [2, 16] batch, drawn with another seed than the stage's default one."""
+    return check_batch(len(load_tokenizer(str(model_dir))), 2, 16, 1)
+
+
+@pytest.fixture(scope="module")
+def ref_logits(model_dir, ids) -> torch.Tensor:
+    """The source model's logits [B, T, V] on ``ids``, computed here, independently of the stage."""
+    model = load_causal_lm(str(model_dir))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _reload_logits(fmt: str, d: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Load an export from disk the way a user would, and run it on ``ids``: logits [B, T, V]."""
+    if fmt == "onnx":
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        model = ORTModelForCausalLM.from_pretrained(str(d))
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+    from transformers import AutoModelForCausalLM
+
+    # dtype: without it the bitsandbytes loader keeps the unquantized layers (embeddings, norms) in float16
+    model = AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", dtype=torch.float32,
+                                                 use_safetensors=True).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_round_trip(fmt, model_dir, ids, ref_logits, tmp_path):
+    res = run_export(ExportConfig(formats=[fmt]), model_dir, tmp_path, check_ids=ids, progress=False)
+
+    d = tmp_path / fmt
+    assert res.outputs == {fmt: str(d)}
+    assert _names(tmp_path) == [fmt]  # no temporary sibling left behind
+    assert (d / "config.json").is_file() and (d / "tokenizer.json").is_file()
+    m = res.metrics[fmt]
+    json.dumps(m)  # JSON-able
+    assert m["passed"] is True
+    assert m["bytes"] == path_size(d) and m["check_tokens"] == ids.numel()
+    assert m["load_seconds"] >= 0 and m["kl"] >= 0
+    assert 0 <= m["mean_abs_diff"] <= m["max_abs_diff"]
+
+    # The stage's figures are those of the model on disk: recompute them from a fresh load here.
+    out = _reload_logits(fmt, d, ids)
+    assert out.shape == ref_logits.shape
+    again = compare_logits(ref_logits, out)
+    assert again["max_abs_diff"] == pytest.approx(m["max_abs_diff"], rel=1e-3, abs=1e-6)
+    assert again["top1_agreement"] == pytest.approx(m["top1_agreement"])
+
+    full = path_size(model_dir)
+    if fmt == "safetensors":  # a float32 re-save is bit-exact
+        assert m["max_abs_diff"] == 0.0 and m["kl"] == 0.0 and m["top1_agreement"] == 1.0
+        assert m["limit_max_abs_diff"] == 1e-4
+    elif fmt == "onnx":
+        assert m["max_abs_diff"] < 1e-4 and m["top1_agreement"] == 1.0
+        assert "model.onnx" in m["onnx_files"] and all((d / f).is_file() for f in m["onnx_files"])
+    else:  # really quantized: logits move, weights shrink, and the reload holds bitsandbytes layers
+        import bitsandbytes as bnb
+
+        assert m["max_abs_diff"] > 1e-4 and m["kl"] > 0
+        assert m["bytes"] < 0.75 * full
+        cls = bnb.nn.Linear4bit if fmt == "bnb-nf4" else bnb.nn.Linear8bitLt
+        cfg = json.loads((d / "config.json").read_text())["quantization_config"]
+        assert cfg["load_in_4bit" if fmt == "bnb-nf4" else "load_in_8bit"] is True
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", use_safetensors=True)
+        assert isinstance(reloaded.model.layers[0].mlp.up_proj, cls)
+        assert m["top1_agreement"] >= (0.9 if fmt == "bnb-int8" else 0.5)
+
+
+def test_default_batch_is_seeded(model_dir, tmp_path):
+    """Without check_ids the batch is cfg.check_batch_size x cfg.check_seq_len, the same for the same seed."""
+    cfg = ExportConfig(formats=["bnb-int8"], check_batch_size=3, check_seq_len=8)
+    a = run_export(cfg, model_dir, tmp_path / "a", seed=5, progress=False).metrics["bnb-int8"]
+    b = run_export(cfg, model_dir, tmp_path / "b", seed=5, progress=False).metrics["bnb-int8"]
+    c = run_export(cfg, model_dir, tmp_path / "c", seed=6, progress=False).metrics["bnb-int8"]
+    assert a["check_tokens"] == 24
+    assert a["max_abs_diff"] == b["max_abs_diff"] and a["kl"] == b["kl"]
+    assert c["kl"] != a["kl"]
+
+
+@pytest.mark.parametrize("check, figure", [(ExportCheck(max_abs_diff=0.0), "max_abs_diff"),
+                                           (ExportCheck(min_top1_agreement=1.0), "top1_agreement")])
+def test_failed_check_publishes_nothing(check, figure, model_dir, ids, tmp_path):
+    cfg = ExportConfig(formats=["safetensors", "bnb-nf4", "onnx"], checks={"bnb-nf4": check})
+    with pytest.raises(ExportError, match=rf"bnb-nf4.*{figure}") as info:
+        run_export(cfg, model_dir, tmp_path, check_ids=ids, progress=False)
+
+    # The failed format and the ones after it are absent (no temp dir either); the one before is whole.
+    assert _names(tmp_path) == ["safetensors"]
+    reloaded = load_causal_lm(str(tmp_path / "safetensors"))
+    assert reloaded.config.num_hidden_layers == 2
+    m = info.value.metrics
+    assert m["safetensors"]["passed"] is True and m["bnb-nf4"]["passed"] is False
+    assert "onnx" not in m
+    if figure == "top1_agreement":
+        assert m["bnb-nf4"]["top1_agreement"] < 1.0
+
+
+def test_missing_model_dir(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        run_export(ExportConfig(formats=["safetensors"]), tmp_path / "nope", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="config.json"):
+        run_export(ExportConfig(formats=["safetensors"]), tmp_path / "empty", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "safetensors").exists()
+
+
+def test_bad_check_ids(model_dir, tmp_path):
+    with pytest.raises(InputError, match="vocabulary"):
+        run_export(ExportConfig(formats=["safetensors"]), model_dir, tmp_path,
+                   check_ids=torch.tensor([[0, 1, 10_000]]), progress=False)
+    with pytest.raises(InputError, match="2-D"):
+        run_export(ExportConfig(formats=["safetensors"]), model_dir, tmp_path,
+                   check_ids=torch.tensor([0, 1, 2]), progress=False)
+    assert _names(tmp_path) == []
