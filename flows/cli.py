@@ -64,6 +64,9 @@ def _run(recipe, run_name: str | None, artifacts: str) -> int:
         check_run_name(name)
     except ValueError as e:
         raise RecipeError(f"--run-name: {e}") from None
+    from stages.pipeline import preflight
+
+    preflight(recipe)  # before starting Prefect: a missing path fails in a second, not after a server start
     if recipe.runtime.threads:
         import torch
 

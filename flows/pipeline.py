@@ -70,6 +70,7 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
     """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export."""
     log = get_run_logger()
     check_run_name(run_name)
+    preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
     root = Path(artifacts_dir).resolve()
     run_dir = root / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,6 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
     records: list[dict] = []
     status, error, published = "completed", None, False
     try:
-        preflight(recipe)
         for stage in enabled(recipe):
             call = make_call(recipe, stage, done)
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",

@@ -97,14 +97,14 @@ class DataConfig(Strict):
 class EmbeddedConfig(Strict):
     """The demo's self-made world: corpus from Python's own text, BPE tokenizer, Llama teacher."""
 
-    vocab_size: int = Field(4096, ge=256, le=65536)
-    hidden_size: int = Field(192, ge=16)
+    vocab_size: int = Field(2048, ge=256, le=65536)
+    hidden_size: int = Field(128, ge=16)
     num_layers: int = Field(4, ge=2)
-    num_heads: int = Field(6, ge=1)
+    num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1, description="Fewer than num_heads gives grouped-query attention.")
-    intermediate_size: int = Field(512, ge=16)
+    intermediate_size: int = Field(384, ge=16)
     seq_len: int = Field(128, ge=16)
-    steps: int = Field(700, ge=1, description="Teacher pretraining steps (a fixed budget, not a time).")
+    steps: int = Field(300, ge=1, description="Teacher pretraining steps (a fixed budget, not a time).")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     max_corpus_mb: float = Field(6.0, gt=0, description="Cap on corpus size built from the stdlib.")

@@ -35,7 +35,7 @@ def iter_file_texts(path: str | Path, text_field: str = "text") -> Iterator[str]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                raise InputError(f"{path}, line {lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
                                  f"{e.start + 1})") from None
             if not line.strip():
                 continue
@@ -45,12 +45,12 @@ def iter_file_texts(path: str | Path, text_field: str = "text") -> Iterator[str]
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or text_field not in row:
-                raise InputError(f"{path}:{lineno}: no '{text_field}' field (set data.text_field)")
+                raise InputError(f"{path}, line {lineno}: no '{text_field}' field (set data.text_field)")
             text = row[text_field]
             if not isinstance(text, str):
-                raise InputError(f"{path}:{lineno}: field '{text_field}' is not a string")
+                raise InputError(f"{path}, line {lineno}: field '{text_field}' is not a string")
             if text:
                 yield text
 

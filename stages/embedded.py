@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from stages.data import iter_file_texts
 from stages.errors import InputError
 from stages.io import write_json_atomic
 
@@ -323,40 +324,6 @@ def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: in
 # tokenizer
 
 
-def _iter_texts(files: list[Path], text_field: str, lines: dict[Path, int]) -> Iterator[str]:
-    """Stream the non-empty ``text_field`` of each JSONL line; raise ``InputError`` naming file and line when bad.
-
-    Blank lines are skipped. ``lines[file]`` counts the lines read from each file.
-    """
-    for file in files:
-        lines[file] = 0
-        try:
-            f = open(file, "rb")
-        except OSError as e:
-            raise InputError(f"tokenizer corpus file {file}: cannot open ({e.strerror or e})") from e
-        with f:
-            for lineno, raw in enumerate(f, 1):
-                lines[file] = lineno
-                where = f"tokenizer corpus file {file}, line {lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise InputError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-                if not isinstance(obj, dict) or text_field not in obj:
-                    raise InputError(f"{where}: no '{text_field}' field in the JSON object")
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    raise InputError(f"{where}: '{text_field}' is {type(text).__name__}, not a string")
-                if text:
-                    yield text
-
-
 def train_tokenizer(files: list[Path], *, vocab_size: int, out_dir: Path,
                     text_field: str = "text") -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer on the JSONL ``files`` and save it to ``out_dir``.
@@ -382,14 +349,12 @@ def train_tokenizer(files: list[Path], *, vocab_size: int, out_dir: Path,
         vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
         # All 256 byte symbols, even those the corpus lacks, so any input can be encoded.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    lines: dict[Path, int] = {}
-    texts = _iter_texts(files, text_field, lines)
+    texts = (t for f in files for t in iter_file_texts(f, text_field))  # streamed, errors name file and line
     try:
         first = next(texts)
     except StopIteration:
         # Checked before training: the trainer would happily return a vocabulary of bytes only.
-        raise InputError(f"tokenizer corpus has no text in '{text_field}': " +
-                         ", ".join(f"{f} ({n} lines)" for f, n in lines.items())) from None
+        raise InputError(f"tokenizer corpus has no text in '{text_field}': " + ", ".join(map(str, files))) from None
     tok.train_from_iterator(itertools.chain([first], texts), trainer=trainer)
 
     wrapped = PreTrainedTokenizerFast(

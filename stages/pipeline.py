@@ -42,6 +42,20 @@ def preflight(recipe: Recipe) -> None:
     if recipe.models.tokenizer and is_local_ref(recipe.models.tokenizer) and not Path(recipe.models.tokenizer).exists():
         raise InputError(f"models.tokenizer: not found: {recipe.models.tokenizer}")
     check_files(recipe.data)
+    t, st = recipe.models.teacher, recipe.models.student
+    if t != "embedded" and st != "derive" and is_local_ref(t) and is_local_ref(st):
+        tv, sv = _config_vocab(t), _config_vocab(st)
+        if tv is not None and sv is not None and tv != sv:
+            raise InputError(f"vocabulary mismatch: models.teacher has vocab_size {tv}, models.student has "
+                             f"{sv}; teacher and student must share a tokenizer")
+
+
+def _config_vocab(model_dir: str) -> int | None:
+    import json
+
+    cfg = json.loads((Path(model_dir).expanduser() / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM's config inside
+    return cfg.get("vocab_size")
 
 
 @dataclass

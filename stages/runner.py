@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +69,8 @@ def execute(*, stage: str, index: int, key: str, config: Any, inputs: dict[str, 
     if hit is not None:
         return {**hit, "reused": True}
     stage_dir = run_dir / f"{index:02d}-{stage}"
+    for stale in run_dir.glob(f".{stage_dir.name}.*"):  # temp dirs of a killed earlier attempt
+        shutil.rmtree(stale, ignore_errors=True)
     started, t0 = _now(), time.perf_counter()
     with atomic_dir(stage_dir) as tmp:
         result = fn(tmp)

@@ -38,7 +38,16 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_recipe, artifacts):
+def prefect_server():
+    """A temporary Prefect server for the session, stopped while pytest's output is still open."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_server, tiny_recipe, artifacts):
     """The tiny recipe run once end to end through the Prefect flow: (artifacts, run name, report)."""
     from flows.pipeline import compress
 

@@ -257,8 +257,8 @@ def test_tokenizer_empty_corpus(tmp_path):
     empty.write_bytes(b"")
     blank = tmp_path / "blank.jsonl"
     blank.write_text('{"text": ""}\n\n')
-    with pytest.raises(InputError, match=r"no text.*empty\.jsonl \(0 lines\).*blank\.jsonl \(2 lines\)"):
+    with pytest.raises(InputError, match=r"no text.*empty\.jsonl.*blank\.jsonl"):
         train_tokenizer([empty, blank], vocab_size=300, out_dir=tmp_path / "tok")
-    with pytest.raises(InputError, match=r"missing\.jsonl: cannot open"):
+    with pytest.raises(InputError, match=r"data file not found: .*missing\.jsonl"):
         train_tokenizer([tmp_path / "missing.jsonl"], vocab_size=300, out_dir=tmp_path / "tok")
     assert not (tmp_path / "tok").exists()

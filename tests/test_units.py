@@ -186,9 +186,9 @@ def test_data_reads_jsonl_and_text(tmp_path):
 
 
 @pytest.mark.parametrize("content, match", [
-    (b'{"text": "ok"}\n\xff\xfe bad\n', r"bad.jsonl:2: not UTF-8"),
-    (b'{"text": "ok"}\n{not json}\n', r"bad.jsonl:2: not valid JSON"),
-    (b'{"text": "ok"}\n{"body": "x"}\n', r"bad.jsonl:2: no 'text' field"),
+    (b'{"text": "ok"}\n\xff\xfe bad\n', r"bad.jsonl, line 2: not UTF-8"),
+    (b'{"text": "ok"}\n{not json}\n', r"bad.jsonl, line 2: not valid JSON"),
+    (b'{"text": "ok"}\n{"body": "x"}\n', r"bad.jsonl, line 2: no 'text' field"),
 ])
 def test_data_bad_lines_name_file_and_line(tmp_path, content, match):
     p = tmp_path / "bad.jsonl"

@@ -1,0 +1,215 @@
+"""The whole chain through the Prefect flow: manifests, caching, resume after a kill, gates, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.io import digest_path
+from stages.pipeline import STAGES
+
+from tests.conftest import ROOT, TINY
+
+pytestmark = pytest.mark.slow
+RAN = ["bootstrap", "data", "distill", "quantize", "evaluate", "export"]
+
+
+def stage_dir(root: Path, run: str, stage: str) -> Path:
+    return root / run / f"{STAGES.index(stage):02d}-{stage}"
+
+
+def test_tiny_run_completes_and_publishes(tiny_run):
+    root, run, report = tiny_run
+    assert report["status"] == "completed" and report["published"] is True
+    assert [s["stage"] for s in report["stages"]] == RAN
+    assert {e["format"] for e in report["exports"]} == {"safetensors", "bnb-nf4", "bnb-int8", "onnx"}
+    assert all(e["passed"] for e in report["exports"])
+    assert {r["model"] for r in report["evaluation"]} == {"teacher", "distill", "quantize"}
+    on_disk = json.loads((root / run / "report.json").read_text())
+    assert on_disk["status"] == "completed"
+    md = (root / run / "report.md").read_text()
+    assert "## Evaluation" in md and "## Exports" in md and "bnb-nf4" in md
+    for s in RAN:
+        assert (stage_dir(root, run, s) / "manifest.json").is_file()
+    # no temporary or half-written folders left behind
+    assert not [p for p in (root / run).iterdir() if p.name.startswith(".")]
+
+
+def test_manifests_record_config_inputs_outputs_and_environment(tiny_run, tiny_recipe):
+    root, run, _ = tiny_run
+    manifests = {s: json.loads((stage_dir(root, run, s) / "manifest.json").read_text()) for s in RAN}
+    for s, m in manifests.items():
+        for key in ("stage", "cache_key", "config", "inputs", "outputs", "metrics", "seed", "code_version",
+                    "packages", "started_at", "finished_at", "duration_s"):
+            assert key in m, (s, key)
+        assert m["seed"] == tiny_recipe.runtime.seed
+        assert m["packages"]["torch"].startswith("2.") and m["packages"]["prefect"] == "3.8.8"
+        for name, out in m["outputs"].items():
+            assert out["sha256"] == digest_path(out["path"]), (s, name)
+    d = manifests["distill"]
+    assert d["config"]["distill"] == tiny_recipe.distill.model_dump(mode="json")
+    # lineage: distill's inputs are data's outputs, by path and by digest
+    assert d["inputs"]["train"]["ref"] == manifests["data"]["outputs"]["train"]["path"]
+    assert d["inputs"]["train"]["sha256"] == manifests["data"]["outputs"]["train"]["sha256"]
+    assert manifests["quantize"]["inputs"]["model"]["sha256"] == d["outputs"]["model"]["sha256"]
+    assert manifests["export"]["metrics"]["onnx"]["passed"] is True
+
+
+def test_same_recipe_under_another_name_reuses_every_stage(tiny_run, tiny_recipe):
+    from flows.pipeline import compress
+
+    root, first, _ = tiny_run
+    report = compress(recipe=tiny_recipe, run_name="tiny-b", artifacts_dir=str(root))
+    assert [s["state"] for s in report["stages"]] == ["cached"] * len(RAN)
+    m = json.loads((stage_dir(root, "tiny-b", "distill") / "manifest.json").read_text())
+    assert m["reused"] is True and m["reused_from"] == str(stage_dir(root, first, "distill"))
+    assert report["published"] is True
+
+
+def test_changed_config_reruns_only_downstream_stages(tiny_run, tiny_recipe):
+    from flows.pipeline import compress
+
+    root, _, _ = tiny_run
+    recipe = tiny_recipe.model_copy(deep=True)
+    recipe.quantize.scheme.bits = 8
+    recipe.export.formats = ["safetensors"]
+    report = compress(recipe=recipe, run_name="tiny-w8", artifacts_dir=str(root))
+    states = {s["stage"]: s["state"] for s in report["stages"]}
+    assert states == {"bootstrap": "cached", "data": "cached", "distill": "cached", "quantize": "ran",
+                      "evaluate": "ran", "export": "ran"}
+    ev = {r["model"]: r for r in report["evaluation"]}
+    assert ev["quantize"]["kl_to_teacher"] <= ev["distill"]["kl_to_teacher"] * 1.5
+
+
+def test_missed_gate_fails_the_run_and_publishes_nothing(tiny_run, tiny_recipe):
+    from flows.pipeline import compress
+    from stages.errors import GateError
+
+    root, _, _ = tiny_run
+    recipe = tiny_recipe.model_copy(deep=True)
+    recipe.gates.max_ppl_ratio = 0.5
+    recipe.gates.max_kl = 1e-9
+    with pytest.raises(GateError) as e:
+        compress(recipe=recipe, run_name="tiny-gate", artifacts_dir=str(root))
+    msg = str(e.value)
+    assert "gates.max_ppl_ratio" in msg and "limit 0.5" in msg and "gates.max_kl" in msg
+    rep = json.loads((root / "tiny-gate" / "report.json").read_text())
+    assert rep["status"] == "failed_gate" and rep["published"] is False and "max_ppl_ratio" in rep["error"]
+    assert not stage_dir(root, "tiny-gate", "export").exists()
+    assert "gates.max_ppl_ratio" in (root / "tiny-gate" / "report.md").read_text()
+
+
+def _cli(args: list[str], artifacts: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--artifacts", str(artifacts)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_resume_after_a_killed_run(tmp_path):
+    """Kill a run (SIGKILL, whole process group) during export; the rerun reuses every finished stage."""
+    art = tmp_path / "art"
+    proc = _cli(["run", str(TINY), "--run-name", "killed"], art)
+    evaluated = stage_dir(art, "killed", "evaluate") / "manifest.json"
+    deadline = time.time() + 400
+    while not evaluated.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "run did not reach evaluate"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (stage_dir(art, "killed", "export") / "manifest.json").exists()
+
+    proc = _cli(["run", str(TINY), "--run-name", "killed"], art)
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out
+    report = json.loads((art / "killed" / "report.json").read_text())
+    states = {s["stage"]: s["state"] for s in report["stages"]}
+    assert states == {**{s: "cached" for s in RAN[:-1]}, "export": "ran"}, out
+    assert report["published"] is True
+    assert "Cached" in out  # Prefect itself reports the finished stages as Cached
+    assert not [p for p in (art / "killed").iterdir() if p.name.startswith(".")]  # stale temp dirs cleaned
+
+
+def test_cli_runs_show_and_bad_run_names(tiny_run, capsys):
+    from flows.cli import main
+
+    root, run, _ = tiny_run
+    assert main(["runs", "--artifacts", str(root)]) == 0
+    assert run in capsys.readouterr().out
+    assert main(["show", run, "--artifacts", str(root)]) == 0
+    assert "## Evaluation" in capsys.readouterr().out
+    for bad in ("../x", "a/b", ".."):
+        assert main(["run", str(TINY), "--run-name", bad, "--artifacts", str(root)]) == 2
+        assert "not a safe name" in capsys.readouterr().err
+    assert main(["show", "nope", "--artifacts", str(root)]) == 2
+
+
+def test_missing_model_path_fails_before_any_work(tmp_path, capsys):
+    from flows.cli import main
+
+    r = tmp_path / "r.yaml"
+    r.write_text(f"models: {{teacher: {tmp_path / 'no-such-model'}, student: derive}}\n"
+                 f"data: {{source: files, train: [{tmp_path / 'a.jsonl'}], eval: [{tmp_path / 'a.jsonl'}]}}\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    assert main(["run", str(r), "--artifacts", str(tmp_path / "art")]) == 2
+    err = capsys.readouterr().err
+    assert "models.teacher: model directory not found" in err
+    assert not (tmp_path / "art").exists()  # nothing started
+
+
+def _random_llama(path: Path, vocab: int, tokenizer_from: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(path)
+
+
+def test_vocabulary_mismatch_is_refused(tiny_run, tmp_path):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.pipeline import preflight
+
+    root, run, _ = tiny_run
+    tok = stage_dir(root, run, "bootstrap") / "tokenizer"
+    _random_llama(tmp_path / "t", 512, tok)
+    _random_llama(tmp_path / "s", 600, tok)
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    recipe = parse_recipe({"models": {"teacher": str(tmp_path / "t"), "student": str(tmp_path / "s")},
+                           "data": {"source": "files", "train": [str(tmp_path / "d.jsonl")],
+                                    "eval": [str(tmp_path / "d.jsonl")]}})
+    with pytest.raises(InputError, match="vocabulary mismatch: models.teacher has vocab_size 512, models.student has 600"):
+        preflight(recipe)
+    # the stage itself checks too (e.g. a hub student whose config could not be read up front)
+    from stages.modeling import check_same_vocab, load_causal_lm
+
+    with pytest.raises(InputError, match="vocabulary mismatch"):
+        check_same_vocab(load_causal_lm(str(tmp_path / "t")), load_causal_lm(str(tmp_path / "s")))
+
+
+def test_bad_data_fails_in_the_data_stage_and_keeps_earlier_outputs(tiny_run, tmp_path):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.pipeline import run_local
+
+    root, run, _ = tiny_run
+    teacher = stage_dir(root, run, "bootstrap") / "teacher"
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    for name, match in (("empty.jsonl", "empty corpus"), ("bad.jsonl", r"bad.jsonl, line 2: not UTF-8")):
+        recipe = parse_recipe({"models": {"teacher": str(teacher)},
+                               "data": {"source": "files", "train": [str(tmp_path / name)],
+                                        "eval": [str(tmp_path / name)]},
+                               "runtime": {"progress": False}})
+        with pytest.raises(InputError, match=match):
+            run_local(recipe, tmp_path / "art" / "bad", tmp_path / "art")
+        assert not (tmp_path / "art" / "bad" / "02-data").exists()
+    assert (teacher / "model.safetensors").is_file()
