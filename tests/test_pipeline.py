@@ -213,3 +213,23 @@ def test_bad_data_fails_in_the_data_stage_and_keeps_earlier_outputs(tiny_run, tm
             run_local(recipe, tmp_path / "art" / "bad", tmp_path / "art")
         assert not (tmp_path / "art" / "bad" / "02-data").exists()
     assert (teacher / "model.safetensors").is_file()
+
+
+def test_report_and_metrics_are_prefect_artifacts(tiny_run):
+    from prefect.artifacts import Artifact
+
+    report = Artifact.get("report-tiny-a")
+    assert report is not None and "## Evaluation" in report.data
+    table = Artifact.get("metrics-tiny-a")
+    assert table is not None and "quantize" in str(table.data)
+
+
+def test_missing_data_file_fails_before_any_work(tmp_path):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.pipeline import preflight
+
+    recipe = parse_recipe({"data": {"source": "files", "train": [str(tmp_path / "gone.jsonl")],
+                                    "eval": [str(tmp_path / "gone.jsonl")]}})
+    with pytest.raises(InputError, match="data file.*not found.*gone.jsonl"):
+        preflight(recipe)

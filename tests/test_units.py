@@ -232,3 +232,16 @@ def test_digest_path_tracks_content_not_manifest(tmp_path):
     assert digest_path(tmp_path) == d1
     (tmp_path / "a").write_text("y")
     assert digest_path(tmp_path) != d1
+
+
+def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
+    from stages.data import load_hf_texts
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
+    assert load_hf_texts(str(tmp_path), None, "train", "text") == [f"doc {i}" for i in range(5)]
+    assert load_hf_texts(str(tmp_path), None, "validation", "text", max_docs=1) == ["held out"]
+    with pytest.raises(InputError, match="no 'body' column"):
+        load_hf_texts(str(tmp_path), None, "train", "body")
+    with pytest.raises(InputError, match="cannot load dataset"):
+        load_hf_texts(str(tmp_path / "nope"), None, "train", "text")
