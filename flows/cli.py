@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--run-name", help="name of the run folder (default: recipe name + config hash)")
         sp.add_argument("--artifacts", default="artifacts", help="where runs are written (default: artifacts)")
 
-    sp = sub.add_parser("demo", help="build the embedded default (corpus, tokenizer, teacher) and run configs/demo.yaml")
+    sp = sub.add_parser("demo", help="build the embedded default (corpus, tokenizer, teacher) and run "
+                        "configs/demo.yaml")
     common(sp, recipe=False)
     sp.set_defaults(fn=cmd_demo)
     sp = sub.add_parser("run", help="run a recipe")

@@ -12,6 +12,7 @@ stored for the whole eval set (they would be rows x T x V floats).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -58,7 +59,8 @@ def score(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, eval_ids
     out = {}
     for name, a in acc.items():
         nll = a["nll"] / a["n_pred"]
-        out[name] = {"ppl": math.exp(min(nll, 50.0)), "nll": nll, "kl_to_teacher": a["kl"] / a["n_pos"],
+        kl = max(0.0, a["kl"] / a["n_pos"])  # float rounding can give -1e-9 for the teacher itself
+        out[name] = {"ppl": math.exp(min(nll, 50.0)), "nll": nll, "kl_to_teacher": kl,
                      "top1_agreement": a["agree"] / a["n_pos"], "eval_tokens": a["n_pos"]}
     return out
 
@@ -108,8 +110,6 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         s["ppl_ratio"] = s["ppl"] / t["ppl"]
         s["size_ratio"] = s["bytes_on_disk"] / t["bytes_on_disk"] if t["bytes_on_disk"] else None
     rounded = {k: {m: (round(v, 6) if isinstance(v, float) else v) for m, v in s.items()} for k, s in scores.items()}
-    import json
-
     (out_dir / "eval.json").write_text(json.dumps(rounded, indent=2))
     final = list(candidates)[-1] if candidates else "teacher"
     return StageResult(outputs={"eval": "eval.json"}, metrics={"final": final, "models": rounded})
@@ -125,7 +125,8 @@ def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: 
     misses = []
     if gates.max_ppl_ratio is not None and f["ppl_ratio"] > gates.max_ppl_ratio:
         misses.append(f"gates.max_ppl_ratio: final model ({final}) perplexity {f['ppl']:.3f} is "
-                      f"{f['ppl_ratio']:.4f}x the teacher's {models['teacher']['ppl']:.3f} (limit {gates.max_ppl_ratio})")
+                      f"{f['ppl_ratio']:.4f}x the teacher's {models['teacher']['ppl']:.3f} "
+                      f"(limit {gates.max_ppl_ratio})")
     if gates.max_kl is not None and f["kl_to_teacher"] > gates.max_kl:
         misses.append(f"gates.max_kl: KL(teacher || {final}) = {f['kl_to_teacher']:.4f} (limit {gates.max_kl})")
     if gates.min_top1_agreement is not None and f["top1_agreement"] < gates.min_top1_agreement:

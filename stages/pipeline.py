@@ -133,7 +133,8 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     elif stage == "evaluate":
         config = {**dumps("evaluate", "models"), "runtime": runtime}
         cands, _ = candidates(recipe, done)
-        inputs = {"teacher": r["teacher"], "eval": _out(done, "data", "eval"), **{f"model:{k}": v for k, v in cands.items()}}
+        inputs = {"teacher": r["teacher"], "eval": _out(done, "data", "eval"),
+                  **{f"model:{k}": v for k, v in cands.items()}}
     elif stage == "export":
         config = {**dumps("export"), "runtime": runtime}
         inputs = {"model": r["model"], "eval": _out(done, "data", "eval")}
@@ -153,7 +154,10 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path) -> StageResult:
     from stages import bootstrap, data, distill, evaluate, export, quantize
 
     i, m, rt = call.inputs, recipe.models, recipe.runtime
-    tok = lambda: load_tokenizer(i["tokenizer"], trust_remote_code=m.trust_remote_code, revision=m.revision)  # noqa: E731
+
+    def tok():
+        return load_tokenizer(i["tokenizer"], trust_remote_code=m.trust_remote_code, revision=m.revision)
+
     if call.stage == "bootstrap":
         return bootstrap.run(recipe.embedded, rt, train_teacher=call.config["train_teacher"], out_dir=out_dir)
     if call.stage == "data":

@@ -53,10 +53,11 @@ def markdown(report: dict) -> str:
              f"- status: **{report['status']}**", f"- published: **{'yes' if report['published'] else 'no'}**"]
     if report.get("error"):
         lines += ["", "## Error", "", "```", report["error"], "```"]
-    lines += ["", "## Stages", "", "| stage | state | seconds | key | outputs |", "|---|---|---|---|---|"]
+    lines += ["", "## Stages", "", "| stage | state | compute seconds | cache key | outputs |", "|---|---|---|---|---|"]
     for r in report["stages"]:
         outs = ", ".join(f"`{k}`" for k in r.get("outputs", {}))
-        lines.append(f"| {r['stage']} | {r['state']} | {_fmt(r.get('duration_s'))} | `{r.get('cache_key', '')[:12]}` | {outs} |")
+        key = r.get("cache_key", "")[:12]
+        lines.append(f"| {r['stage']} | {r['state']} | {_fmt(r.get('duration_s'))} | `{key}` | {outs} |")
     if report["evaluation"]:
         lines += ["", "## Evaluation (held-out data, vs the teacher)", "",
                   "| " + " | ".join(("model",) + EVAL_COLUMNS) + " |", "|" + "---|" * (len(EVAL_COLUMNS) + 1)]
@@ -64,7 +65,8 @@ def markdown(report: dict) -> str:
             lines.append("| " + " | ".join(_fmt(row[c]) for c in ("model",) + EVAL_COLUMNS) + " |")
     if report["exports"]:
         lines += ["", "## Exports (each reloaded and compared with the source model)", "",
-                  "| format | bytes | max abs logit diff | top-1 agreement | passed | path |", "|---|---|---|---|---|---|"]
+                  "| format | bytes | max abs logit diff | top-1 agreement | passed | path |",
+                  "|---|---|---|---|---|---|"]
         for e in report["exports"]:
             lines.append(f"| {e['format']} | {_fmt(e['bytes'])} | {_fmt(e['max_abs_diff'])} | "
                          f"{_fmt(e['top1_agreement'])} | {e['passed']} | `{e['path']}` |")

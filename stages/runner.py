@@ -81,7 +81,8 @@ def execute(*, stage: str, index: int, key: str, config: Any, inputs: dict[str, 
             produced = tmp / rel
             if not produced.exists():
                 raise RuntimeError(f"stage {stage} declared output '{name}' at {rel} but did not write it")
-            outputs[name] = {"path": str(stage_dir / rel), "sha256": digest_path(produced), "bytes": path_size(produced)}
+            outputs[name] = {"path": str(stage_dir / rel), "sha256": digest_path(produced),
+                             "bytes": path_size(produced)}
         manifest = {
             "stage": stage, "index": index, "cache_key": key, "stage_dir": str(stage_dir), "config": config,
             "inputs": {k: {"ref": v, "sha256": input_digests.get(k)} for k, v in inputs.items()},

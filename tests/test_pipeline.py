@@ -186,7 +186,8 @@ def test_vocabulary_mismatch_is_refused(tiny_run, tmp_path):
     recipe = parse_recipe({"models": {"teacher": str(tmp_path / "t"), "student": str(tmp_path / "s")},
                            "data": {"source": "files", "train": [str(tmp_path / "d.jsonl")],
                                     "eval": [str(tmp_path / "d.jsonl")]}})
-    with pytest.raises(InputError, match="vocabulary mismatch: models.teacher has vocab_size 512, models.student has 600"):
+    with pytest.raises(InputError, match="vocabulary mismatch: models.teacher has vocab_size 512, models.student "
+                                         "has 600"):
         preflight(recipe)
     # the stage itself checks too (e.g. a hub student whose config could not be read up front)
     from stages.modeling import check_same_vocab, load_causal_lm
@@ -233,3 +234,33 @@ def test_missing_data_file_fails_before_any_work(tmp_path):
                                     "eval": [str(tmp_path / "gone.jsonl")]}})
     with pytest.raises(InputError, match="data file.*not found.*gone.jsonl"):
         preflight(recipe)
+
+
+def test_local_checkpoint_and_data_files_run_without_the_embedded_world(tiny_run, tmp_path):
+    """The path real users take: a teacher checkpoint directory and JSONL files (here: the tiny run's)."""
+    from stages.config import parse_recipe
+    from stages.pipeline import enabled, run_local
+
+    root, run, _ = tiny_run
+    boot = stage_dir(root, run, "bootstrap")
+    recipe = parse_recipe({
+        "name": "local", "models": {"teacher": str(boot / "teacher")},
+        "data": {"source": "files", "train": [str(boot / "corpus" / "prose" / "train.jsonl")],
+                 "eval": [str(boot / "corpus" / "code" / "eval.jsonl")], "seq_len": 32},
+        "distill": {"steps": 3, "batch_size": 4, "eval_every": 3, "warmup_steps": 1},
+        "evaluate": {"max_eval_tokens": 256, "latency_new_tokens": 4, "latency_repeats": 1},
+        "export": {"formats": ["safetensors"]}, "runtime": {"progress": False}})
+    assert enabled(recipe)[0] == "data"  # no bootstrap
+    done = run_local(recipe, tmp_path / "local", tmp_path)
+    assert done["data"]["inputs"]["tokenizer"]["ref"] == str(boot / "teacher")
+    assert set(done["evaluate"]["metrics"]["models"]) == {"teacher", "distill", "quantize"}
+    assert done["export"]["metrics"]["safetensors"]["passed"] is True
+
+
+def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
+    from stages.errors import InputError
+    from stages.modeling import load_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"could not load 'no-org/no-model' from the hub \(HF_HUB_OFFLINE=1 is set\)"):
+        load_tokenizer("no-org/no-model")
