@@ -3,6 +3,7 @@
     compress demo                       build the embedded default and run configs/demo.yaml
     compress run RECIPE [--set k=v ...] [--run-name NAME]
     compress validate RECIPE [--set k=v ...]
+    compress select --raw PATH... --target PATH... --out DIR -k N   DSIR data selection on its own
     compress runs                       list runs under the artifacts folder
     compress show RUN                   print a run's report
     compress serve RECIPE [--cron ...]  serve the recipe as a Prefect deployment (UI-triggerable)
@@ -139,6 +140,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    """Standalone DSIR selection: writes selected.jsonl, weights.npy, manifest.json into --out, atomically."""
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    from stages.dsir import DSIRConfig, TargetSpec, run_selection
+    from stages.errors import InputError, RecipeError
+    from stages.io import atomic_dir, code_version, digest_path, package_versions, write_json_atomic
+
+    try:
+        cfg = DSIRConfig(k=args.k, num_buckets=args.buckets, seed=args.seed, min_length=args.min_length,
+                         deterministic=args.deterministic, text_field=args.text_field, processes=args.processes,
+                         laplace=args.laplace, hash="dsir-compat" if args.compat else "fast",
+                         target_proportions=args.proportions)
+    except ValidationError as e:
+        raise RecipeError("; ".join(f"--{'-'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())) from None
+    missing = [p for p in args.raw + [p for t in args.target for p in t] if not Path(p).exists()]
+    if missing:
+        raise InputError(f"not found: {', '.join(missing)}")
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out.with_name(f".{out.name}.dsir-cache")
+    targets = [TargetSpec(paths=t) for t in args.target]
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    with atomic_dir(out) as tmp:
+        res = run_selection(cfg, args.raw, targets, tmp, cache_dir=cache, progress=True)
+        outputs = {k: {"path": str(out / v), "sha256": digest_path(tmp / v)} for k, v in res.outputs.items()}
+        write_json_atomic(tmp / "manifest.json", {
+            "stage": "select", "config": cfg.model_dump(mode="json"), "raw": args.raw, "targets": args.target,
+            "outputs": outputs, "metrics": res.metrics, "code_version": code_version(),
+            "packages": package_versions(), "started_at": started,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+    m = res.metrics
+    print(f"selected {args.k} documents into {out / 'selected.jsonl'}; KL reduction {m.get('kl_reduction')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compress", description="Turn a large language model into a smaller, "
                                 "deployable one: distill, quantize, evaluate, export (Prefect-orchestrated).")
@@ -164,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("recipe")
     sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sp.set_defaults(fn=cmd_validate)
+    sp = sub.add_parser("select", help="DSIR data selection on its own: pick the k raw documents most like the "
+                        "target(s)")
+    sp.add_argument("--raw", nargs="+", required=True, metavar="PATH", help="raw pool: JSONL/.txt/Parquet files "
+                    "or folders")
+    sp.add_argument("--target", nargs="+", action="append", required=True, metavar="PATH",
+                    help="one target's files; repeat --target for several targets")
+    sp.add_argument("--proportions", nargs="+", type=float, help="share of k per target (in --target order)")
+    sp.add_argument("--out", required=True, help="output folder (written atomically)")
+    sp.add_argument("-k", type=int, required=True, help="documents to select")
+    sp.add_argument("--buckets", type=int, default=10_000, help="hash buckets (default 10000)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--min-length", type=int, default=100, help="minimum words per selected document")
+    sp.add_argument("--deterministic", action="store_true", help="top-k by weight instead of Gumbel top-k sampling")
+    sp.add_argument("--laplace", type=float, default=0.0, help="Laplace smoothing of the target counts")
+    sp.add_argument("--text-field", default="text")
+    sp.add_argument("--processes", type=int, help="worker processes (default: all cores)")
+    sp.add_argument("--compat", action="store_true", help="the reference package's tokenizer and hash")
+    sp.add_argument("--cache", help="per-shard cache folder (default: .<out>.dsir-cache beside --out); "
+                    "a rerun resumes from it")
+    sp.set_defaults(fn=cmd_select)
     sp = sub.add_parser("runs", help="list runs")
     sp.add_argument("--artifacts", default="artifacts")
     sp.set_defaults(fn=cmd_runs)

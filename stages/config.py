@@ -17,19 +17,16 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.dsir.core import DSIRConfig, TargetSpec
 from stages.errors import RecipeError
 
 # Methods users may know from the design that are planned but not in this version. Asking for one
 # is an error that says so, rather than "not a valid choice".
 PLANNED = {
-    "select": {"dsir": "DSIR data selection"},
     "quantize": {"gptq": "GPTQ quantization ('gptq')", "ostquant": "OSTQuant quantization ('ostquant')"},
     "kv": {"minicache": "MiniCache cross-layer KV merging", "kvtuner": "KVTuner mixed-precision KV"},
     "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
                 "npo": "NPO unlearning"},
-    "divergence": {name: f"the '{name}' divergence" for name in
-                   ("js", "gjsd", "skew_kl", "skew_reverse_kl", "tvd", "akl", "alpha_beta",
-                    "f_divergence", "sinkhorn", "bdkd")},
 }
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -123,15 +120,28 @@ class EmbeddedConfig(Strict):
 
 
 class SelectConfig(Strict):
+    """Data selection (DSIR): pick the raw documents that best match the target(s); they become the
+    distillation training data (``data.train`` / the embedded training splits are then not used)."""
+
     enabled: bool = False
-    method: str = Field("dsir", description="Data selection method (planned: dsir).")
+    method: Literal["dsir"] = Field("dsir", description="Selection method.")
+    raw: list[str] = Field(
+        default_factory=lambda: ["embedded"],
+        description="The raw pool: JSONL / .txt / Parquet files or folders, saved `datasets` folders; 'embedded' "
+        "means every training split of the embedded corpus, 'embedded:<domain>' one of them.")
+    targets: list[TargetSpec] = Field(
+        default_factory=list, description="Target distribution(s): each a list of paths (same forms as raw), with "
+        "an optional proportion of k.")
+    dsir: DSIRConfig | None = Field(None, description="DSIR settings; dsir.k (documents to select) is required.")
 
     @model_validator(mode="after")
-    def _slot(self) -> "SelectConfig":
-        if self.enabled:
-            raise ValueError(f"the select stage ({self.method}) is not built yet in this version; "
-                             "set select.enabled: false")
+    def _complete(self) -> "SelectConfig":
+        if self.enabled and (not self.targets or self.dsir is None or not self.raw):
+            raise ValueError("an enabled select stage needs select.raw, select.targets and select.dsir.k")
         return self
+
+    def references(self) -> list[str]:
+        return list(self.raw) + [p for t in self.targets for p in t.paths]
 
 
 class DeriveStudent(Strict):
@@ -145,10 +155,18 @@ class DeriveStudent(Strict):
 class DistillConfig(Strict):
     enabled: bool = True
     method: Literal["kd"] = "kd"
-    divergence: Literal["forward_kl", "reverse_kl"] = Field(
-        "forward_kl", description="forward_kl = KL(teacher || student) (mode covering); "
-        "reverse_kl = KL(student || teacher) (mode seeking).")
+    divergence: Literal["forward_kl", "reverse_kl", "js", "gjsd", "tvd", "skew_kl", "skew_reverse_kl", "akl",
+                        "alpha_divergence", "bdkd", "sinkhorn"] = Field(
+        "forward_kl", description="forward_kl = KL(teacher || student) (mode covering); reverse_kl = "
+        "KL(student || teacher) (mode seeking); js, gjsd (beta), tvd, skew_kl / skew_reverse_kl (alpha, DistiLLM), "
+        "akl (mu), alpha_divergence (alpha), bdkd (tau), sinkhorn (batch-wise OT: epsilon, iterations); "
+        "formulas in stages/distill/divergences.py.")
+    divergence_params: dict[str, float | int | bool | str] = Field(
+        default_factory=dict, description="Parameters of the divergence, e.g. {alpha: 0.1} for skew_kl.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature for both distributions.")
+    chunk: Literal["auto", "always", "never"] = Field(
+        "auto", description="Compute token-wise losses in chunks of tokens so memory stays bounded (never "
+        "for sinkhorn); auto: when the vocabulary has 32,768 entries or more.")
     ce_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 - ce_weight) * KD + ce_weight * CE.")
     student: DeriveStudent = Field(default_factory=DeriveStudent)
     steps: int = Field(300, ge=1)
@@ -161,11 +179,18 @@ class DistillConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(100, ge=1, description="Held-out evaluation every N optimiser steps.")
 
-    @field_validator("divergence", mode="before")
-    @classmethod
-    def _planned(cls, v: Any) -> Any:
-        _not_built("divergence", v)
-        return v
+    @model_validator(mode="after")
+    def _params(self) -> "DistillConfig":
+        from stages.distill.divergences import resolve_params
+        from stages.errors import TrainingError
+
+        try:
+            resolve_params(self.divergence, self.divergence_params)
+        except TrainingError as e:
+            raise ValueError(f"divergence_params: {e}") from None
+        if self.divergence == "sinkhorn" and self.chunk == "always":
+            raise ValueError("sinkhorn is batch-wise and cannot be chunked over tokens; use chunk: auto or never")
+        return self
 
 
 class RTNConfig(Strict):
@@ -326,7 +351,8 @@ class Recipe(Strict):
 
     @property
     def uses_embedded(self) -> bool:
-        return self.models.teacher == "embedded" or self.data.source == "embedded"
+        sel = self.select.enabled and any(r.split(":")[0] == "embedded" for r in self.select.references())
+        return self.models.teacher == "embedded" or self.data.source == "embedded" or sel
 
 
 # --------------------------------------------------------------------------------------------

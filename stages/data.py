@@ -138,21 +138,29 @@ def check_files(cfg: DataConfig) -> None:
             raise InputError(f"data file(s) not found: {', '.join(missing)}")
 
 
-def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = None) -> StageResult:
-    """The data stage: read, tokenize and pack train and eval documents."""
+def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = None, *, selected: Path | None = None,
+        selected_text_field: str = "text") -> StageResult:
+    """The data stage: read, tokenize and pack train and eval documents.
+
+    With ``selected`` (the select stage's ``selected.jsonl``) the training documents are the selection;
+    the held-out documents still come from ``cfg``'s source.
+    """
     if cfg.source == "hf":
         assert cfg.hf is not None
-        train = load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.train_split, cfg.text_field, cfg.max_train_docs)
+        train = None if selected else load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.train_split, cfg.text_field,
+                                                    cfg.max_train_docs)
         evals = load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.eval_split, cfg.text_field)
     else:
         train_files, eval_files = resolve_files(cfg, corpus_dir)
-        train = load_texts(train_files, cfg.text_field, cfg.max_train_docs)
+        train = None if selected else load_texts(train_files, cfg.text_field, cfg.max_train_docs)
         evals = load_texts(eval_files, cfg.text_field)
+    if selected is not None:
+        train = load_texts([selected], selected_text_field, cfg.max_train_docs)
     train_ids = pack(train, tokenizer, cfg.seq_len, "training data")
     eval_ids = pack(evals, tokenizer, cfg.seq_len, "eval data")
     save_tokens(train_ids, out_dir / "train.safetensors")
     save_tokens(eval_ids, out_dir / "eval.safetensors")
-    metrics = {"train_docs": len(train), "eval_docs": len(evals), "train_tokens": int(train_ids.numel()),
+    metrics = {"train_source": "select" if selected else cfg.source, "train_docs": len(train), "eval_docs": len(evals), "train_tokens": int(train_ids.numel()),
                "eval_tokens": int(eval_ids.numel()), "seq_len": cfg.seq_len,
                "train_chars": sum(map(len, train)), "eval_chars": sum(map(len, evals))}
     return StageResult(outputs={"train": "train.safetensors", "eval": "eval.safetensors"}, metrics=metrics)

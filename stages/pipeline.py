@@ -42,6 +42,10 @@ def preflight(recipe: Recipe) -> None:
     if recipe.models.tokenizer and is_local_ref(recipe.models.tokenizer) and not Path(recipe.models.tokenizer).exists():
         raise InputError(f"models.tokenizer: not found: {recipe.models.tokenizer}")
     check_files(recipe.data)
+    if recipe.select.enabled:
+        missing = [r for r in recipe.select.references() if r.split(":")[0] != "embedded" and not Path(r).exists()]
+        if missing:
+            raise InputError(f"select: raw/target path(s) not found: {', '.join(missing)}")
     t, st = recipe.models.teacher, recipe.models.student
     if t != "embedded" and st != "derive" and is_local_ref(t) and is_local_ref(st):
         tv, sv = _config_vocab(t), _config_vocab(st)
@@ -105,6 +109,18 @@ def candidates(recipe: Recipe, done: dict[str, dict]) -> tuple[dict[str, str], l
     return cands, chain
 
 
+def _select_paths(ref: str, done: dict[str, dict]) -> list[str]:
+    """Resolve a select.raw / select.targets entry: 'embedded[:domain]' names embedded training splits."""
+    scheme, _, domain = ref.partition(":")
+    if scheme != "embedded":
+        return [ref]
+    corpus = Path(_out(done, "bootstrap", "corpus"))
+    domains = sorted(p.name for p in corpus.iterdir() if (p / "train.jsonl").is_file())
+    if domain and domain not in domains:
+        raise InputError(f"select: unknown embedded domain '{domain}'; the embedded corpus has {domains}")
+    return [str(corpus / d / "train.jsonl") for d in ([domain] if domain else domains)]
+
+
 def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     """Config sections and inputs that define ``stage`` given the finished upstream stages."""
     r = refs(recipe, done) if stage != "bootstrap" else {}
@@ -113,9 +129,18 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     if stage == "bootstrap":
         config = {**dumps("embedded"), "runtime": runtime, "train_teacher": recipe.models.teacher == "embedded"}
         inputs: dict[str, str] = {}
+    elif stage == "select":
+        config = dumps("select")
+        inputs = {f"raw{i}": p for i, p in enumerate(p for ref in recipe.select.raw for p in _select_paths(ref, done))}
+        for t, spec in enumerate(recipe.select.targets):
+            paths = [p for ref in spec.paths for p in _select_paths(ref, done)]
+            inputs.update({f"target{t}.{j}": p for j, p in enumerate(paths)})
     elif stage == "data":
         config = dumps("data")
         inputs = {"tokenizer": r["tokenizer"]}
+        if "select" in done:
+            inputs["selected"] = _out(done, "select", "selected")
+            config["train_text_field"] = recipe.select.dsir.text_field
         if recipe.data.source == "embedded":
             inputs["corpus"] = _out(done, "bootstrap", "corpus")
         elif recipe.data.source == "files":
@@ -138,7 +163,7 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     elif stage == "export":
         config = {**dumps("export"), "runtime": runtime}
         inputs = {"model": r["model"], "eval": _out(done, "data", "eval")}
-    else:  # select, kv, unlearn: validation refuses them while they are not built
+    else:  # kv, unlearn: validation refuses them while they are not built
         raise InputError(f"stage '{stage}' is not built yet in this version")
     digests = {}
     for name, ref in inputs.items():
@@ -149,7 +174,7 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     return call
 
 
-def invoke(recipe: Recipe, call: StageCall, out_dir: Path) -> StageResult:
+def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path) -> StageResult:
     """Run the stage's algorithm, writing into ``out_dir`` (a temporary dir the runner publishes)."""
     from stages import bootstrap, data, distill, evaluate, export, quantize
 
@@ -160,8 +185,22 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path) -> StageResult:
 
     if call.stage == "bootstrap":
         return bootstrap.run(recipe.embedded, rt, train_teacher=call.config["train_teacher"], out_dir=out_dir)
+    if call.stage == "select":
+        from stages.dsir import TargetSpec, run_selection
+
+        sel = recipe.select
+        raw = [v for k, v in i.items() if k.startswith("raw")]
+        targets = [TargetSpec(paths=[v for k, v in i.items() if k.startswith(f"target{t}.")],
+                              proportion=spec.proportion, name=spec.name or f"target{t}")
+                   for t, spec in enumerate(sel.targets)]
+        # Per-shard results live beside the runs, keyed by shard content + settings: an interrupted
+        # selection resumes, and other runs over the same pool reuse the featurized shards.
+        return run_selection(sel.dsir, raw, targets, out_dir, cache_dir=artifacts_root / ".cache" / "dsir",
+                             progress=rt.progress)
     if call.stage == "data":
-        return data.run(recipe.data, tok(), out_dir, Path(i["corpus"]) if "corpus" in i else None)
+        return data.run(recipe.data, tok(), out_dir, Path(i["corpus"]) if "corpus" in i else None,
+                        selected=Path(i["selected"]) if "selected" in i else None,
+                        selected_text_field=call.config.get("train_text_field", "text"))
     if call.stage == "distill":
         return distill.run(recipe.distill, m, rt, teacher_ref=i["teacher"], student_ref=i.get("student", "derive"),
                            tokenizer=tok(), train_path=Path(i["train"]), eval_path=Path(i["eval"]), out_dir=out_dir)
@@ -186,7 +225,7 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path) -> StageResult:
 def run_call(recipe: Recipe, call: StageCall, run_dir: Path, artifacts_root: Path) -> dict:
     return execute(stage=call.stage, index=call.index, key=call.key, config=call.config, inputs=call.inputs,
                    input_digests=call.input_digests, run_dir=run_dir, artifacts_root=artifacts_root,
-                   seed=recipe.runtime.seed, fn=lambda out: invoke(recipe, call, out))
+                   seed=recipe.runtime.seed, fn=lambda out: invoke(recipe, call, out, artifacts_root))
 
 
 def enforce_gates(recipe: Recipe, done: dict[str, dict]) -> None:

@@ -56,16 +56,14 @@ def test_bad_choice_names_allowed_values(tmp_path):
 
 
 def test_unknown_divergence(tmp_path):
-    with pytest.raises(RecipeError, match=r"distill.divergence: Input should be 'forward_kl' or 'reverse_kl'"):
+    with pytest.raises(RecipeError, match=r"distill.divergence: Input should be 'forward_kl', 'reverse_kl', 'js'"):
         load_recipe(write(tmp_path, "distill:\n  divergence: euclid\n"))
 
 
 @pytest.mark.parametrize("text, stage", [
-    ("select:\n  enabled: true\n", "select"),
     ("kv:\n  enabled: true\n", "kv"),
     ("unlearn:\n  enabled: true\n", "unlearn"),
     ("quantize:\n  scheme: {method: ostquant}\n", "OSTQuant"),
-    ("distill:\n  divergence: js\n", "'js' divergence"),
 ])
 def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
     with pytest.raises(RecipeError, match=f"{stage}.*not built yet"):
@@ -85,6 +83,22 @@ def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
 def test_bad_values_name_the_field(tmp_path, text, field):
     with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
         load_recipe(write(tmp_path, text))
+
+
+def test_enabled_select_needs_targets_and_k(tmp_path):
+    with pytest.raises(RecipeError, match="select.raw, select.targets and select.dsir.k"):
+        load_recipe(write(tmp_path, "select:\n  enabled: true\n"))
+    with pytest.raises(RecipeError, match=r"select.dsir.k"):
+        load_recipe(write(tmp_path, "select:\n  enabled: true\n  targets: [{paths: [a]}]\n  dsir: {buckets: 3}\n"))
+
+
+def test_divergence_parameters_are_checked(tmp_path):
+    r = load_recipe(write(tmp_path, "distill:\n  divergence: skew_kl\n  divergence_params: {alpha: 0.2}\n"))
+    assert r.distill.divergence_params == {"alpha": 0.2}
+    with pytest.raises(RecipeError, match=r"distill: divergence_params: .*alpha"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: skew_kl\n  divergence_params: {alpha: 1.5}\n"))
+    with pytest.raises(RecipeError, match=r"has no parameter 'beta'"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: js\n  divergence_params: {beta: 0.5}\n"))
 
 
 def test_derived_student_needs_distillation(tmp_path):

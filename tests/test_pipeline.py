@@ -264,3 +264,43 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match=r"could not load 'no-org/no-model' from the hub \(HF_HUB_OFFLINE=1 is set\)"):
         load_tokenizer("no-org/no-model")
+
+
+def test_select_stage_feeds_distillation(tiny_run, tiny_recipe):
+    """DSIR in the chain: a prose target picks prose from the mixed embedded pool; data trains on the selection."""
+    from stages.config import parse_recipe
+    from stages.pipeline import run_local
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["select"] = {"enabled": True, "raw": ["embedded"], "targets": [{"paths": ["embedded:prose"]}],
+                      "dsir": {"k": 30, "min_length": 10, "processes": 1}}
+    data["export"]["formats"] = ["safetensors"]
+    done = run_local(parse_recipe(data), root / "tiny-select", root)
+    assert done["bootstrap"].get("reused")  # the session's bootstrap, found by its content key
+    sel = done["select"]["metrics"]
+    assert sel["selected"] == 30 and sel["kl_reduction"] > 0
+    rows = [json.loads(line) for line in open(done["select"]["outputs"]["selected"]["path"])]
+    assert sum(r["source"].startswith("pydoc:") for r in rows) / len(rows) >= 0.9
+    assert done["data"]["metrics"]["train_source"] == "select" and done["data"]["metrics"]["train_docs"] == 30
+    assert done["data"]["inputs"]["selected"]["sha256"] == done["select"]["outputs"]["selected"]["sha256"]
+
+
+def test_select_command_writes_selection_and_manifest(tiny_run, tmp_path, capsys):
+    from flows.cli import main
+
+    root, run, _ = tiny_run
+    corpus = stage_dir(root, run, "bootstrap") / "corpus"
+    out = tmp_path / "sel"
+    raw = [str(corpus / d / "train.jsonl") for d in ("code", "docstrings", "prose")]
+    args = ["select", "--raw", *raw, "--target", str(corpus / "prose" / "train.jsonl"), "--out", str(out),
+            "-k", "40", "--min-length", "5", "--processes", "1"]
+    assert main(args) == 0
+    assert {"selected.jsonl", "weights.npy", "manifest.json"} <= {p.name for p in out.iterdir()}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["metrics"]["kl_reduction"] > 0 and m["config"]["k"] == 40
+    assert len((out / "selected.jsonl").read_text().splitlines()) == 40
+    assert main(args[:-4] + ["-k", "0"]) == 2 and "--k" in capsys.readouterr().err
+    assert main(["select", "--raw", str(tmp_path / "none.jsonl"), "--target", str(corpus / "code" / "eval.jsonl"),
+                 "--out", str(tmp_path / "x"), "-k", "3"]) == 2
+    assert "not found" in capsys.readouterr().err

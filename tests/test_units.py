@@ -47,8 +47,8 @@ def test_divergence_bad_inputs():
         forward_kl(torch.randn(2, 10), torch.randn(2, 11))
     with pytest.raises(TrainingError, match="temperature must be > 0"):
         forward_kl(torch.randn(2, 10), torch.randn(2, 10), temperature=-1.0)
-    with pytest.raises(TrainingError, match="unknown divergence 'js'"):
-        get_divergence("js")
+    with pytest.raises(TrainingError, match="unknown divergence 'kl'"):
+        get_divergence("kl")
 
 
 def test_gradient_matches_float64_autograd():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class TrainSpec:
     eval_every: int = 100
     eval_rows: int = 64
     divergence: str | None = None  # None: cross-entropy only
+    divergence_params: dict = field(default_factory=dict)
+    chunk: str = "auto"  # auto | always | never: token-chunked loss (bounded memory)
     temperature: float = 1.0
     ce_weight: float = 0.0
     seed: int = 0
@@ -70,6 +72,13 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def _kd_fn(spec: TrainSpec, vocab: int):
+    """The training divergence: chunked over tokens for large vocabularies (memory bounded by the chunk)."""
+    batchwise = spec.divergence == "sinkhorn"
+    chunked = not batchwise and (spec.chunk == "always" or (spec.chunk == "auto" and vocab >= 32_768))
+    return get_divergence(spec.divergence, chunked=chunked, **spec.divergence_params)
+
+
 def _losses(student, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.device):
     """(total, kd, ce) for a batch of token ids [B, T]."""
     with _autocast(device):
@@ -80,7 +89,7 @@ def _losses(student, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.
         return ce, None, ce
     with torch.no_grad(), _autocast(device):
         t_logits = teacher(input_ids=ids).logits  # [B, T, V]
-    kd = get_divergence(spec.divergence)(logits, t_logits, temperature=spec.temperature)
+    kd = _kd_fn(spec, logits.shape[-1])(logits, t_logits, temperature=spec.temperature)
     del t_logits  # free before backward: the student's activations dominate peak memory
     total = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce
     return total, kd, ce
@@ -88,7 +97,7 @@ def _losses(student, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.
 
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
-                  divergence: str | None = None, temperature: float = 1.0) -> dict:
+                  divergence: str | None = None, temperature: float = 1.0, divergence_params: dict | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T]."""
     was_training = model.training
     model.eval()
@@ -101,7 +110,8 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
         if teacher is not None and divergence is not None:
             with _autocast(device):
                 t_logits = teacher(input_ids=ids).logits
-            kd_sum += get_divergence(divergence)(logits, t_logits, temperature=temperature).item() * ids.numel()
+            kd = get_divergence(divergence, **(divergence_params or {}))(logits, t_logits, temperature=temperature)
+            kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
     model.train(was_training)
     out = {"eval_ce": ce_sum / n, "eval_ppl": math.exp(min(ce_sum / n, 50.0))}
@@ -114,7 +124,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
           device: torch.device = torch.device("cpu")) -> list[dict]:
     """Train ``student`` in place; return the history (one dict per step, evals included)."""
     if spec.divergence is not None:
-        get_divergence(spec.divergence)  # unknown name fails before any work
+        get_divergence(spec.divergence, **spec.divergence_params)  # bad name/parameters fail before any work
     torch.manual_seed(spec.seed)
     student.to(device).train()
     if teacher is not None:
@@ -158,7 +168,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
         rec["tokens_per_s"] = tokens_per_step * (step + 1) / elapsed
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
-                                     spec.temperature))
+                                     spec.temperature, spec.divergence_params))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     student.eval()
