@@ -13,7 +13,8 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     schema = parameter_schema(compress)
     assert list(schema.properties) == ["recipe", "run_name", "artifacts_dir"]
     distill = schema.definitions["DistillConfig"]["properties"]
-    assert distill["divergence"]["enum"] == ["forward_kl", "reverse_kl"]
+    choices = distill["divergence"]["enum"]
+    assert choices[:3] == ["forward_kl", "reverse_kl", "js"] and "sinkhorn" in choices
     assert "KL(teacher || student)" in distill["divergence"]["description"]
     assert schema.definitions["RTNConfig"]["properties"]["bits"]["maximum"] == 8
 
@@ -46,4 +47,4 @@ def test_validate_prints_the_resolved_recipe(capsys):
 
     assert main(["validate", str(ROOT / "configs" / "demo.yaml"), "--set", "distill.steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 7" in out and "stages: bootstrap -> data -> distill -> quantize -> evaluate -> export" in out
+    assert "steps: 7" in out and "stages: bootstrap -> select -> data -> distill -> quantize -> evaluate -> export" in out
