@@ -160,7 +160,8 @@ def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = Non
     eval_ids = pack(evals, tokenizer, cfg.seq_len, "eval data")
     save_tokens(train_ids, out_dir / "train.safetensors")
     save_tokens(eval_ids, out_dir / "eval.safetensors")
-    metrics = {"train_source": "select" if selected else cfg.source, "train_docs": len(train), "eval_docs": len(evals), "train_tokens": int(train_ids.numel()),
+    metrics = {"train_source": "select" if selected else cfg.source, "train_docs": len(train),
+               "eval_docs": len(evals), "train_tokens": int(train_ids.numel()),
                "eval_tokens": int(eval_ids.numel()), "seq_len": cfg.seq_len,
                "train_chars": sum(map(len, train)), "eval_chars": sum(map(len, evals))}
     return StageResult(outputs={"train": "train.safetensors", "eval": "eval.safetensors"}, metrics=metrics)

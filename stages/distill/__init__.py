@@ -74,7 +74,8 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     spec = TrainSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, grad_accum=cfg.grad_accum,
                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
                      max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every, divergence=cfg.divergence,
-                     divergence_params=dict(cfg.divergence_params), chunk=cfg.chunk, temperature=cfg.temperature, ce_weight=cfg.ce_weight, seed=runtime.seed,
+                     divergence_params=dict(cfg.divergence_params), chunk=cfg.chunk, temperature=cfg.temperature,
+                     ce_weight=cfg.ce_weight, seed=runtime.seed,
                      progress=runtime.progress, desc=f"distill ({cfg.divergence})")
     student.to(device)
     before = evaluate_loss(student, eval_ids[: spec.eval_rows], cfg.batch_size, device, teacher, cfg.divergence,

@@ -97,7 +97,8 @@ def _losses(student, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.
 
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
-                  divergence: str | None = None, temperature: float = 1.0, divergence_params: dict | None = None) -> dict:
+                  divergence: str | None = None, temperature: float = 1.0,
+                  divergence_params: dict | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T]."""
     was_training = model.training
     model.eval()
