@@ -178,6 +178,9 @@ class DistillConfig(Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float = Field(1.0, gt=0)
     eval_every: int = Field(100, ge=1, description="Held-out evaluation every N optimiser steps.")
+    checkpoint_every: int = Field(
+        50, ge=0, description="Save the training state every N steps; a killed run resumes from the last "
+        "checkpoint with the same result as an uninterrupted one (0: off).")
 
     @model_validator(mode="after")
     def _params(self) -> "DistillConfig":

@@ -203,7 +203,8 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path)
                         selected_text_field=call.config.get("train_text_field", "text"))
     if call.stage == "distill":
         return distill.run(recipe.distill, m, rt, teacher_ref=i["teacher"], student_ref=i.get("student", "derive"),
-                           tokenizer=tok(), train_path=Path(i["train"]), eval_path=Path(i["eval"]), out_dir=out_dir)
+                           tokenizer=tok(), train_path=Path(i["train"]), eval_path=Path(i["eval"]), out_dir=out_dir,
+                           checkpoint_dir=artifacts_root / ".cache" / "checkpoints" / call.key)
     if call.stage == "quantize":
         return quantize.run(recipe.quantize, m, model_dir=Path(i["model"]), out_dir=out_dir)
     if call.stage == "evaluate":

@@ -245,3 +245,43 @@ def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
         load_hf_texts(str(tmp_path), None, "train", "body")
     with pytest.raises(InputError, match="cannot load dataset"):
         load_hf_texts(str(tmp_path / "nope"), None, "train", "text")
+
+
+def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
+    """Killed during step 10, resumed from the step-8 checkpoint: ends exactly where an uninterrupted run ends."""
+    import dataclasses
+
+    from stages.distill import trainer
+
+    ids = torch.randint(0, 64, (12, 32), generator=torch.Generator().manual_seed(0))  # distinct rows: order matters
+    spec = trainer.TrainSpec(steps=12, batch_size=4, lr=1e-2, eval_every=6, progress=False, grad_accum=2,
+                             checkpoint_every=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    teacher = _tiny_lm()
+    plain = dataclasses.replace(spec, checkpoint_dir=None, divergence="reverse_kl", ce_weight=0.2)
+    full_model = _tiny_lm()
+    full = trainer.train(full_model, ids, ids, plain, teacher=teacher)
+
+    calls = {"n": 0}
+    real = trainer._losses
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 9 * spec.grad_accum:  # killed during step 10
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    spec = dataclasses.replace(spec, divergence="reverse_kl", ce_weight=0.2)
+    monkeypatch.setattr(trainer, "_losses", dying)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(_tiny_lm(), ids, ids, spec, teacher=teacher)
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 8
+    monkeypatch.setattr(trainer, "_losses", real)
+    resumed_model = _tiny_lm()
+    with torch.no_grad():  # a different start: the checkpoint must overwrite it
+        for p in resumed_model.parameters():
+            p.add_(1.0)
+    resumed = trainer.train(resumed_model, ids, ids, spec, teacher=teacher)
+    assert resumed[8]["resumed_from"] == 8 and len(resumed) == len(full) == 12
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -55,7 +56,8 @@ def derive_student(teacher, spec: DeriveStudent, seed: int = 0):
 
 
 def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
-        student_ref: str, tokenizer, train_path: Path, eval_path: Path, out_dir: Path) -> StageResult:
+        student_ref: str, tokenizer, train_path: Path, eval_path: Path, out_dir: Path,
+        checkpoint_dir: Path | None = None) -> StageResult:
     device = resolve_device(runtime.device)
     teacher = load_causal_lm(teacher_ref, dtype=models.dtype, device=device,
                              trust_remote_code=models.trust_remote_code, revision=models.revision, what="teacher")
@@ -76,19 +78,24 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
                      max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every, divergence=cfg.divergence,
                      divergence_params=dict(cfg.divergence_params), chunk=cfg.chunk, temperature=cfg.temperature,
                      ce_weight=cfg.ce_weight, seed=runtime.seed,
-                     progress=runtime.progress, desc=f"distill ({cfg.divergence})")
+                     progress=runtime.progress, desc=f"distill ({cfg.divergence})",
+                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                     checkpoint_every=cfg.checkpoint_every)
     student.to(device)
     before = evaluate_loss(student, eval_ids[: spec.eval_rows], cfg.batch_size, device, teacher, cfg.divergence,
                            cfg.temperature, dict(cfg.divergence_params))
     history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device)
     model_dir = out_dir / "model"
     save_pretrained_atomic_into(student.cpu(), tokenizer, model_dir)
+    resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
+    if checkpoint_dir is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
     outputs = {"model": "model", **save_history(history, out_dir, f"distill: {cfg.divergence}")}
     last = history[-1]
     metrics = {
         "student": origin, "student_params": count_parameters(student), "teacher_params": count_parameters(teacher),
         "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * train_ids.shape[1],
-        "tokens_per_s": round(last["tokens_per_s"], 1),
+        "tokens_per_s": round(last["tokens_per_s"], 1), "resumed_from_step": resumed_from,
         "eval_kd_before": round(before.get("eval_kd", float("nan")), 5), "eval_kd_after": round(last["eval_kd"], 5),
         "eval_ppl_before": round(before["eval_ppl"], 3), "eval_ppl_after": round(last["eval_ppl"], 3),
     }

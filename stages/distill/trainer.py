@@ -41,6 +41,8 @@ class TrainSpec:
     seed: int = 0
     progress: bool = True
     desc: str = "train"
+    checkpoint_dir: str | None = None  # where to save/resume training state (None: no checkpoints)
+    checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none)
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -139,14 +141,20 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
     batches = _batches(len(train_ids), spec.batch_size, spec.seed)
     eval_sub = eval_ids[: spec.eval_rows]
     history: list[dict] = []
+    start = _resume(student, opt, spec, history)
+    for _ in range(start * spec.grad_accum):  # replay the seeded data order up to the checkpoint
+        next(batches)
     tokens_per_step = spec.batch_size * spec.grad_accum * train_ids.shape[1]
-    bar = tqdm(range(spec.steps), desc=spec.desc, disable=not spec.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(range(start, spec.steps), desc=spec.desc, disable=not spec.progress, unit="step", dynamic_ncols=True,
+               initial=start, total=spec.steps)
     t0 = time.perf_counter()
     for step in bar:
         lr = lr_at(step, spec)
         for group in opt.param_groups:
             group["lr"] = lr
         rec = {"step": step + 1, "lr": lr, "loss": 0.0, "ce": 0.0}
+        if step == start and start > 0:
+            rec["resumed_from"] = start  # the steps before came from a checkpoint
         if teacher is not None:
             rec["kd"] = 0.0
         for _ in range(spec.grad_accum):
@@ -166,14 +174,50 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
-        rec["tokens_per_s"] = tokens_per_step * (step + 1) / elapsed
+        rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
                                      spec.temperature, spec.divergence_params))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \
+                and step + 1 < spec.steps:
+            _save_checkpoint(student, opt, step + 1, history, Path(spec.checkpoint_dir))
     student.eval()
     return history
+
+
+def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path) -> None:
+    """Model weights (safetensors), optimiser state, step and history; replaced atomically."""
+    from safetensors.torch import save_file
+
+    from stages.io import atomic_dir
+
+    with atomic_dir(ckpt_dir) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")  # only tensors/numbers: loads with weights_only=True
+        (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
+
+
+def _resume(model, opt, spec: TrainSpec, history: list[dict]) -> int:
+    """Load the checkpoint in ``spec.checkpoint_dir`` if there is one; return the step to start from."""
+    if not spec.checkpoint_dir or not (Path(spec.checkpoint_dir) / "state.json").is_file():
+        return 0
+    from safetensors.torch import load_file
+
+    ckpt = Path(spec.checkpoint_dir)
+    state = json.loads((ckpt / "state.json").read_text())
+    # Tied weights (lm_head = embeddings) appear once in safetensors: strict=False, then check what is missing.
+    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    tie = getattr(model.config, "tie_word_embeddings", False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if tie else set()
+    if set(missing) - tied or unexpected:
+        raise TrainingError(f"checkpoint {ckpt} does not match the model (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]}); delete it to start over")
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    history.extend(state["history"])
+    return int(state["step"])
 
 
 def save_history(history: list[dict], out_dir: Path, title: str) -> dict[str, str]:
