@@ -134,12 +134,12 @@ def test_rtn_model_skips_lm_head_and_rejects_bad_groups():
 
 # ------------------------------------------------------------------ trainer guards
 
-def _tiny_lm(vocab=64):
+def _tiny_lm(vocab=64, tie=False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1))
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie))
 
 
 def test_nan_loss_stops_training_with_the_step():
@@ -285,3 +285,26 @@ def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_pa
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_checkpoint_round_trips_tied_embeddings_and_refuses_another_model(tmp_path):
+    """Tied lm_head/embeddings (Qwen2.5-0.5B, Llama 3.2) share memory: the checkpoint must store and restore them."""
+    from stages.distill import trainer
+
+    model = _tiny_lm(tie=True)
+    opt = torch.optim.AdamW(model.parameters())
+    trainer._save_checkpoint(model, opt, 5, [{"step": 5}], tmp_path / "ck")
+    spec = trainer.TrainSpec(steps=10, batch_size=2, lr=1e-3, checkpoint_dir=str(tmp_path / "ck"))
+    other = _tiny_lm(tie=True)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    history: list = []
+    assert trainer._resume(other, torch.optim.AdamW(other.parameters()), spec, history) == 5
+    assert history == [{"step": 5}]
+    assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()  # still tied
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    bigger = _tiny_lm(vocab=96)
+    with pytest.raises(TrainingError, match="does not match the model"):
+        trainer._resume(bigger, torch.optim.AdamW(bigger.parameters()), spec, [])

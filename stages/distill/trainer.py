@@ -189,13 +189,12 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
 
 def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path) -> None:
     """Model weights (safetensors), optimiser state, step and history; replaced atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_model
 
     from stages.io import atomic_dir
 
     with atomic_dir(ckpt_dir) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"))  # stores tied weights (lm_head = embeddings) once
         torch.save(opt.state_dict(), tmp / "optimizer.pt")  # only tensors/numbers: loads with weights_only=True
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
 
@@ -204,17 +203,15 @@ def _resume(model, opt, spec: TrainSpec, history: list[dict]) -> int:
     """Load the checkpoint in ``spec.checkpoint_dir`` if there is one; return the step to start from."""
     if not spec.checkpoint_dir or not (Path(spec.checkpoint_dir) / "state.json").is_file():
         return 0
-    from safetensors.torch import load_file
+    from safetensors.torch import load_model
 
     ckpt = Path(spec.checkpoint_dir)
     state = json.loads((ckpt / "state.json").read_text())
-    # Tied weights (lm_head = embeddings) appear once in safetensors: strict=False, then check what is missing.
-    missing, unexpected = model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
-    tie = getattr(model.config, "tie_word_embeddings", False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if tie else set()
-    if set(missing) - tied or unexpected:
-        raise TrainingError(f"checkpoint {ckpt} does not match the model (missing {sorted(missing)[:3]}, "
-                            f"unexpected {sorted(unexpected)[:3]}); delete it to start over")
+    try:
+        load_model(model, str(ckpt / "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise TrainingError(f"checkpoint {ckpt} does not match the model ({str(e).strip()[:200]}); "
+                            "delete it to start over") from None
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     history.extend(state["history"])
     return int(state["step"])
