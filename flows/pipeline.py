@@ -12,7 +12,8 @@ import traceback
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
+                               create_table_artifact)
 from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem
 
@@ -52,6 +53,26 @@ def _publish_artifacts(run_name: str, rep: dict, md: str) -> None:
     for e in rep["exports"] if rep["published"] else []:
         create_link_artifact(link=Path(e["path"]).resolve().as_uri(), link_text=f"{e['format']} export",
                              key=_artifact_key(run_name, f"export-{e['format']}"))
+
+
+def _publish_curves(run_name: str, manifest: dict) -> None:
+    """The distillation curves as Prefect artifacts: the PNG (inline, as a data URL) and the eval points."""
+    import base64
+    import json
+
+    outs = manifest["outputs"]
+    if "curves" in outs:
+        png = base64.b64encode(Path(outs["curves"]["path"]).read_bytes()).decode()
+        create_image_artifact(image_url=f"data:image/png;base64,{png}", key=_artifact_key(run_name, "distill-curves"),
+                              description="distillation: train loss, held-out CE and KD vs step")
+    if "history" in outs:
+        rows = [json.loads(line) for line in Path(outs["history"]["path"]).read_text().splitlines() if line]
+        keep = ("step", "loss", "eval_ce", "eval_ppl", "eval_kd", "tokens_per_s")
+        table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
+                 for r in rows if "eval_ce" in r]
+        if table:
+            create_table_artifact(table=table, key=_artifact_key(run_name, "distill-eval"),
+                                  description="distillation: held-out evaluation every distill.eval_every steps")
 
 
 def _result_storage(root: Path) -> LocalFileSystem:
@@ -97,6 +118,11 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
             done[stage] = manifest
             records.append(report_mod.stage_record(manifest, "cached" if reused else "ran"))
             log.info(f"{call.index:02d}-{stage}: {'cached' if reused else 'done'} ({manifest['stage_dir']})")
+            if stage == "distill":
+                try:
+                    _publish_curves(run_name, manifest)
+                except Exception as e:  # artifacts are a view: never fail a run for them
+                    log.warning(f"could not publish the distillation curves: {e}")
             if stage == "evaluate":
                 enforce_gates(recipe, done)
         published = "export" in done

@@ -144,12 +144,53 @@ class SelectConfig(Strict):
         return list(self.raw) + [p for t in self.targets for p in t.paths]
 
 
+STUDENT_CONFIG_KEYS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                       "head_dim"}
+
+
 class DeriveStudent(Strict):
     layers: Literal["every_other"] | list[int] = Field(
         "every_other", description="Teacher layers the student keeps: 'every_other' (0, 2, 4, ...) "
         "or explicit indices.")
     init: Literal["teacher", "random"] = Field(
         "teacher", description="Copy the kept layers' weights from the teacher, or start random.")
+    config: dict[str, int] = Field(
+        default_factory=dict, description="A smaller architecture: overrides of the teacher's config such as "
+        "{hidden_size: 96, intermediate_size: 256, num_attention_heads: 4, num_key_value_heads: 2}. Needs "
+        f"init: random when it changes a shape (only num_hidden_layers follows from layers). Allowed keys: "
+        f"{', '.join(sorted(STUDENT_CONFIG_KEYS))}.")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "DeriveStudent":
+        bad = sorted(set(self.config) - STUDENT_CONFIG_KEYS)
+        if bad:
+            raise ValueError(f"config: unknown key(s) {bad}; allowed: {sorted(STUDENT_CONFIG_KEYS)}")
+        if any(v < 1 for v in self.config.values()):
+            raise ValueError("config: every value must be a positive integer")
+        if self.config and self.init == "teacher":
+            raise ValueError("config: a student with another shape cannot copy the teacher's weights; "
+                             "set init: random")
+        return self
+
+
+class TeacherSignal(Strict):
+    """Where the teacher's distributions come from during training."""
+
+    source: Literal["online", "cached_topk"] = Field(
+        "online", description="online: run the teacher on every batch; cached_topk: run it once over the "
+        "training and held-out rows, keep its top-k log-probs + a tail bucket on disk (reused by any run "
+        "with the same teacher, data, k and temperature), and train without it.")
+    topk: int = Field(32, ge=1, description="Tokens kept per position for cached_topk (clipped to the vocabulary).")
+
+
+class OnPolicy(Strict):
+    """GKD-style on-policy distillation: part of the batches are the student's own continuations."""
+
+    share: float = Field(0.0, ge=0, le=1, description="Fraction of micro-batches replaced by student samples "
+                         "(GKD's lambda); 0 = off-policy only.")
+    prompt_tokens: int = Field(32, ge=1, description="Tokens of each data row kept as the prompt; the student "
+                               "samples the rest of the row and the loss covers only the sampled tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student (full vocabulary).")
 
 
 class DistillConfig(Strict):
@@ -169,6 +210,10 @@ class DistillConfig(Strict):
         "for sinkhorn); auto: when the vocabulary has 32,768 entries or more.")
     ce_weight: float = Field(0.0, ge=0, le=1, description="loss = (1 - ce_weight) * KD + ce_weight * CE.")
     student: DeriveStudent = Field(default_factory=DeriveStudent)
+    teacher: TeacherSignal = Field(default_factory=TeacherSignal)
+    on_policy: OnPolicy = Field(default_factory=OnPolicy)
+    compile: Literal["auto", "always", "never"] = Field(
+        "auto", description="torch.compile the student's forward: auto = on CUDA only.")
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -193,6 +238,9 @@ class DistillConfig(Strict):
             raise ValueError(f"divergence_params: {e}") from None
         if self.divergence == "sinkhorn" and self.chunk == "always":
             raise ValueError("sinkhorn is batch-wise and cannot be chunked over tokens; use chunk: auto or never")
+        if self.divergence == "sinkhorn" and self.teacher.source == "cached_topk":
+            raise ValueError("teacher.source: cached_topk keeps only the teacher's top-k tokens, but sinkhorn "
+                             "needs full distributions; use source: online")
         return self
 
 
@@ -348,8 +396,10 @@ class Recipe(Strict):
                              "student must be distilled (or give a student checkpoint)")
         if self.evaluate.enabled is False and any(v for v in self.gates.model_dump().values()):
             raise ValueError("gates are set but evaluate.enabled is false")
-        if self.data.source == "embedded" and self.models.teacher != "embedded" and self.models.tokenizer is None:
-            pass  # allowed: embedded text tokenized with the given teacher's tokenizer
+        op = self.distill.on_policy
+        if self.distill.enabled and op.share > 0 and op.prompt_tokens >= self.data.seq_len - 1:
+            raise ValueError(f"distill.on_policy.prompt_tokens ({op.prompt_tokens}) must be below data.seq_len - 1 "
+                             f"({self.data.seq_len - 1}): the student needs room to sample")
         return self
 
     @property

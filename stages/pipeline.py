@@ -17,6 +17,7 @@ from pathlib import Path
 from stages.config import Recipe
 from stages.data import check_files
 from stages.errors import InputError
+from stages.io import code_version, stable_hash
 from stages.modeling import check_model_ref, is_local_ref, load_tokenizer
 from stages.result import StageResult
 from stages.runner import execute, ref_digest, stage_key
@@ -174,6 +175,15 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     return call
 
 
+def teacher_cache_key(recipe: Recipe, call: StageCall) -> str:
+    """What cached teacher top-k values depend on: teacher and token digests, k, temperature, device, dtype."""
+    d = recipe.distill
+    return stable_hash({"teacher": call.input_digests["teacher"], "train": call.input_digests["train"],
+                        "eval": call.input_digests["eval"], "k": d.teacher.topk,
+                        "temperature": d.temperature, "dtype": recipe.models.dtype, "device": recipe.runtime.device,
+                        "code": code_version()})[:24]
+
+
 def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path) -> StageResult:
     """Run the stage's algorithm, writing into ``out_dir`` (a temporary dir the runner publishes)."""
     from stages import bootstrap, data, distill, evaluate, export, quantize
@@ -204,7 +214,8 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path)
     if call.stage == "distill":
         return distill.run(recipe.distill, m, rt, teacher_ref=i["teacher"], student_ref=i.get("student", "derive"),
                            tokenizer=tok(), train_path=Path(i["train"]), eval_path=Path(i["eval"]), out_dir=out_dir,
-                           checkpoint_dir=artifacts_root / ".cache" / "checkpoints" / call.key)
+                           checkpoint_dir=artifacts_root / ".cache" / "checkpoints" / call.key,
+                           teacher_cache_dir=artifacts_root / ".cache" / "teacher-topk" / teacher_cache_key(recipe, call))
     if call.stage == "quantize":
         return quantize.run(recipe.quantize, m, model_dir=Path(i["model"]), out_dir=out_dir)
     if call.stage == "evaluate":

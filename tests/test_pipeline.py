@@ -223,6 +223,31 @@ def test_report_and_metrics_are_prefect_artifacts(tiny_run):
     assert report is not None and "## Evaluation" in report.data
     table = Artifact.get("metrics-tiny-a")
     assert table is not None and "quantize" in str(table.data)
+    curves = Artifact.get("distill-curves-tiny-a")
+    assert curves is not None and curves.type == "image" and str(curves.data).startswith("data:image/png;base64,")
+    evals = Artifact.get("distill-eval-tiny-a")
+    assert evals is not None and "eval_kd" in str(evals.data)
+
+
+def test_cached_teacher_top_k_and_on_policy_through_the_pipeline(tiny_run, tiny_recipe):
+    """Cached top-k is computed once per (teacher, data, k, temperature) and reused by a run with another divergence."""
+    from stages.config import parse_recipe
+    from stages.pipeline import run_local
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["distill"].update(teacher={"source": "cached_topk", "topk": 16}, steps=4, eval_every=4)
+    data["quantize"]["enabled"] = False
+    data["evaluate"]["enabled"] = False
+    data["export"]["enabled"] = False
+    first = run_local(parse_recipe(data), root / "tiny-topk-a", root)["distill"]["metrics"]
+    assert first["teacher_signal"] == "cached_topk" and first["teacher_topk"] == 16
+    assert first["teacher_topk_reused"] is False and first["teacher_topk_bytes"] > 0
+    data["distill"]["divergence"] = "js"
+    data["distill"]["on_policy"] = {"share": 0.5, "prompt_tokens": 16}
+    second = run_local(parse_recipe(data), root / "tiny-topk-b", root)["distill"]["metrics"]
+    assert second["teacher_topk_reused"] is True and 0 < second["on_policy_batches"] < 4
+    assert second["eval_kd_after"] < second["eval_kd_before"]
 
 
 def test_missing_data_file_fails_before_any_work(tmp_path):

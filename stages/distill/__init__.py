@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 
 from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
-from stages.distill.trainer import TrainSpec, evaluate_loss, save_history, train
+from stages.distill.chunked import CompressedTeacher
+from stages.distill.trainer import TrainSpec, evaluate_loss, precompute_topk, save_history, train
 from stages.errors import InputError
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, resolve_device,
                              save_pretrained_atomic_into)
@@ -37,6 +39,16 @@ def derive_student(teacher, spec: DeriveStudent, seed: int = 0):
                          f"(the teacher has {n} layers)")
     cfg = copy.deepcopy(teacher.config)
     cfg.num_hidden_layers = len(keep)
+    for key, value in spec.config.items():  # a smaller architecture (validated: only with init random)
+        setattr(cfg, key, value)
+    if spec.config:
+        heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+        head_dim = getattr(cfg, "head_dim", None) if "head_dim" in spec.config else None
+        if heads % kv or (head_dim is None and cfg.hidden_size % heads):
+            raise InputError(f"distill.student.config: num_attention_heads {heads} must be divisible by "
+                             f"num_key_value_heads {kv}, and hidden_size {cfg.hidden_size} by the heads")
+        if head_dim is None and hasattr(cfg, "head_dim"):
+            cfg.head_dim = cfg.hidden_size // heads  # the teacher's head_dim no longer applies
     if getattr(cfg, "layer_types", None):  # per-layer attention types (sliding/full) follow the kept layers
         cfg.layer_types = [cfg.layer_types[i] for i in keep]
     torch.manual_seed(seed)
@@ -55,9 +67,37 @@ def derive_student(teacher, spec: DeriveStudent, seed: int = 0):
     return student, keep
 
 
+def cached_teacher_topk(teacher, ids: torch.Tensor, k: int, temperature: float, cache_dir: Path, name: str,
+                        batch_size: int, device: torch.device, progress: bool) -> tuple[CompressedTeacher, bool]:
+    """The teacher's top-k over ``ids``, loaded from ``cache_dir/name.safetensors`` or computed and saved there.
+
+    The caller names ``cache_dir`` by what the values depend on (teacher, tokens, k, temperature, device,
+    dtype), so any run with the same ones reuses it. Returns (values, reused).
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir / f"{name}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(str(path))
+            c = CompressedTeacher(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"])
+            if tuple(c.tail_logprob.shape) == tuple(ids.shape):
+                return c, True
+        except Exception:  # a corrupt cache file is recomputed, never trusted
+            pass
+    c = precompute_topk(teacher, ids, k, temperature, batch_size, device, progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"topk_ids": c.topk_ids.contiguous(), "topk_logprobs": c.topk_logprobs.contiguous(),
+               "tail_logprob": c.tail_logprob.contiguous()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
+    return c, False
+
+
 def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
         student_ref: str, tokenizer, train_path: Path, eval_path: Path, out_dir: Path,
-        checkpoint_dir: Path | None = None) -> StageResult:
+        checkpoint_dir: Path | None = None, teacher_cache_dir: Path | None = None) -> StageResult:
+    """Distil the teacher into the student; ``teacher_cache_dir`` holds cached top-k (teacher.source cached_topk)."""
     device = resolve_device(runtime.device)
     teacher = load_causal_lm(teacher_ref, dtype=models.dtype, device=device,
                              trust_remote_code=models.trust_remote_code, revision=models.revision, what="teacher")
@@ -70,6 +110,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
                                  what="student")
         origin = {"checkpoint": student_ref}
     check_same_vocab(teacher, student)
+    teacher_params = count_parameters(teacher)
     train_ids, eval_ids = load_tokens(train_path), load_tokens(eval_path)
     if int(train_ids.max()) >= student.get_output_embeddings().weight.shape[0]:
         raise InputError("training tokens exceed the model's vocabulary: data tokenized with another tokenizer?")
@@ -80,11 +121,31 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
                      ce_weight=cfg.ce_weight, seed=runtime.seed,
                      progress=runtime.progress, desc=f"distill ({cfg.divergence})",
                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                     checkpoint_every=cfg.checkpoint_every)
+                     checkpoint_every=cfg.checkpoint_every, on_policy_share=cfg.on_policy.share,
+                     on_policy_prompt=cfg.on_policy.prompt_tokens, on_policy_temperature=cfg.on_policy.temperature,
+                     compile=cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda"))
+    train_topk = eval_topk = None
+    topk_info = {}
+    if cfg.teacher.source == "cached_topk":
+        if teacher_cache_dir is None:
+            raise InputError("distill.teacher.source cached_topk needs a cache folder (run it through the pipeline)")
+        eval_rows = eval_ids[: spec.eval_rows]
+        args = (cfg.teacher.topk, cfg.temperature, teacher_cache_dir)
+        train_topk, reused_t = cached_teacher_topk(teacher, train_ids, *args, "train", cfg.batch_size, device,
+                                                   runtime.progress)
+        eval_topk, reused_e = cached_teacher_topk(teacher, eval_rows, *args, "eval", cfg.batch_size, device, False)
+        topk_info = {"teacher_topk": int(train_topk.topk_ids.shape[-1]), "teacher_topk_reused": reused_t and reused_e,
+                     "teacher_topk_bytes": sum(t.numel() * t.element_size() for t in (*train_topk, *eval_topk))}
+        if cfg.on_policy.share == 0:  # nothing needs the teacher any more: free its memory for the student
+            del teacher
+            teacher = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     student.to(device)
     before = evaluate_loss(student, eval_ids[: spec.eval_rows], cfg.batch_size, device, teacher, cfg.divergence,
-                           cfg.temperature, dict(cfg.divergence_params))
-    history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device)
+                           cfg.temperature, dict(cfg.divergence_params), teacher_topk=eval_topk)
+    history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device, train_topk=train_topk,
+                    eval_topk=eval_topk)
     model_dir = out_dir / "model"
     save_pretrained_atomic_into(student.cpu(), tokenizer, model_dir)
     resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
@@ -93,7 +154,9 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     outputs = {"model": "model", **save_history(history, out_dir, f"distill: {cfg.divergence}")}
     last = history[-1]
     metrics = {
-        "student": origin, "student_params": count_parameters(student), "teacher_params": count_parameters(teacher),
+        "student": origin, "student_params": count_parameters(student), "teacher_params": teacher_params,
+        "teacher_signal": cfg.teacher.source, **topk_info, "on_policy_share": cfg.on_policy.share,
+        "on_policy_batches": sum(r.get("on_policy", 0) for r in history), "compiled": spec.compile,
         "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * train_ids.shape[1],
         "tokens_per_s": round(last["tokens_per_s"], 1), "resumed_from_step": resumed_from,
         "eval_kd_before": round(before.get("eval_kd", float("nan")), 5), "eval_kd_after": round(last["eval_kd"], 5),

@@ -3,12 +3,20 @@
 One loop serves both: with ``teacher=None`` it is next-token cross-entropy (the embedded teacher's
 pretraining); with a teacher the loss is ``(1 - ce_weight) * divergence + ce_weight * CE``.
 Batches are drawn from packed token rows [rows, seq_len] in a seeded order, so a run is repeatable.
+
+The teacher signal is either the teacher itself, run on every batch, or its top-k log-probs computed once
+(``precompute_topk``) and indexed by row, in which case training needs no teacher at all. With
+``on_policy_share > 0`` that share of micro-batches is replaced, as in GKD, by the student's own samples: the
+first ``on_policy_prompt`` tokens of each row are kept as a prompt, the student samples the rest, and the
+divergence to the (online) teacher covers only the sampled tokens. Which micro-batches are on-policy, and the
+sampled tokens, are functions of (seed, micro-batch index), so a resumed run draws the same ones.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stages.distill.chunked import CompressedTeacher, compress_teacher, topk_divergence
 from stages.distill.divergences import get_divergence
 from stages.errors import TrainingError
 
@@ -43,6 +52,10 @@ class TrainSpec:
     desc: str = "train"
     checkpoint_dir: str | None = None  # where to save/resume training state (None: no checkpoints)
     checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none)
+    on_policy_share: float = 0.0  # share of micro-batches replaced by student samples (GKD lambda)
+    on_policy_prompt: int = 32  # prompt tokens kept from each row; the student samples the rest
+    on_policy_temperature: float = 1.0
+    compile: bool = False  # torch.compile the student's training forward
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -81,27 +94,103 @@ def _kd_fn(spec: TrainSpec, vocab: int):
     return get_divergence(spec.divergence, chunked=chunked, **spec.divergence_params)
 
 
-def _losses(student, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.device):
-    """(total, kd, ce) for a batch of token ids [B, T]."""
+def _mix(seed: int, index: int) -> int:
+    """A seed for micro-batch ``index`` of a run seeded ``seed`` (stateless, so resuming replays it)."""
+    return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63)
+
+
+def is_on_policy(spec: TrainSpec, micro_index: int) -> bool:
+    return spec.on_policy_share > 0 and random.Random(_mix(spec.seed, micro_index)).random() < spec.on_policy_share
+
+
+@torch.no_grad()
+def sample_continuations(model, prompt: torch.Tensor, total_len: int, temperature: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """Extend ``prompt`` [B, P] to [B, total_len] with tokens sampled from the model (full vocabulary).
+
+    Plain ancestral sampling with the KV cache, softmax(logits / temperature) in float32, no top-k/top-p and
+    no stop at EOS (rows are packed text, not chat turns), drawn from ``generator`` so it is reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=prompt, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1]  # [B, V]
+    pieces = [prompt]
+    for i in range(total_len - prompt.shape[1]):
+        probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
+        nxt = torch.multinomial(probs, 1, generator=generator)  # [B, 1]
+        pieces.append(nxt)
+        if i + 1 < total_len - prompt.shape[1]:
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+    model.train(was_training)
+    return torch.cat(pieces, dim=1)  # [B, total_len]
+
+
+def _losses(forward, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.device, *,
+            topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
+    """(total, kd, ce) for a batch of token ids [B, T].
+
+    forward: the student's (possibly compiled) forward. The teacher signal is ``topk`` (cached top-k rows
+    for this batch) if given, else the teacher run on ``ids``. ``mask`` [B, T] marks the positions the
+    divergence covers (on-policy batches: the positions that predict sampled tokens); on masked batches the
+    cross-entropy term is dropped, since the targets are the student's own samples.
+    """
     with _autocast(device):
-        logits = student(input_ids=ids).logits  # [B, T, V]
+        logits = forward(input_ids=ids).logits  # [B, T, V]
     # next-token cross-entropy: position t predicts token t+1
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if teacher is None or spec.divergence is None:
+    if spec.divergence is None or (teacher is None and topk is None):
         return ce, None, ce
-    with torch.no_grad(), _autocast(device):
-        t_logits = teacher(input_ids=ids).logits  # [B, T, V]
-    kd = _kd_fn(spec, logits.shape[-1])(logits, t_logits, temperature=spec.temperature)
-    del t_logits  # free before backward: the student's activations dominate peak memory
+    if topk is not None:
+        kd = topk_divergence(spec.divergence, logits, topk, mask=mask, temperature=spec.temperature,
+                             **spec.divergence_params)
+    else:
+        with torch.no_grad(), _autocast(device):
+            t_logits = teacher(input_ids=ids).logits  # [B, T, V]
+        kd = _kd_fn(spec, logits.shape[-1])(logits, t_logits, mask=mask, temperature=spec.temperature)
+        del t_logits  # free before backward: the student's activations dominate peak memory
+    if mask is not None:
+        return (1.0 - spec.ce_weight) * kd, kd, ce
     total = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce
     return total, kd, ce
 
 
 @torch.no_grad()
+def precompute_topk(teacher, ids: torch.Tensor, k: int, temperature: float, batch_size: int,
+                    device: torch.device, progress: bool = False) -> CompressedTeacher:
+    """The teacher's top-k log-probs + tail bucket for every position of ``ids`` [rows, T].
+
+    Returns CompressedTeacher with ids int32 [rows, T, k], log-probs float32 [rows, T, k], tail [rows, T],
+    on the CPU: 8 k + 4 bytes per token instead of the full V-entry distribution.
+    """
+    k = min(k, teacher.get_output_embeddings().weight.shape[0])
+    parts: list[CompressedTeacher] = []
+    teacher.to(device).eval()
+    for i in tqdm(range(0, len(ids), batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
+        with _autocast(device):
+            logits = teacher(input_ids=ids[i:i + batch_size].to(device).long()).logits  # [b, T, V]
+        c = compress_teacher(logits.float(), k, temperature)
+        parts.append(CompressedTeacher(c.topk_ids.int().cpu(), c.topk_logprobs.cpu(), c.tail_logprob.cpu()))
+    return CompressedTeacher(*(torch.cat([p[j] for p in parts]) for j in range(3)))
+
+
+def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.device) -> CompressedTeacher | None:
+    if topk is None:
+        return None
+    return CompressedTeacher(topk.topk_ids[idx].to(device).long(), topk.topk_logprobs[idx].to(device),
+                             topk.tail_logprob[idx].to(device))
+
+
+@torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
                   divergence: str | None = None, temperature: float = 1.0,
-                  divergence_params: dict | None = None) -> dict:
-    """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T]."""
+                  divergence_params: dict | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
+    """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
+
+    The teacher signal is ``teacher_topk`` (cached top-k rows aligned with ``eval_ids``) if given, else
+    ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value.
+    """
     was_training = model.training
     model.eval()
     ce_sum, kd_sum, n = 0.0, 0.0, 0
@@ -110,24 +199,44 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
         with _autocast(device):
             logits = model(input_ids=ids).logits
         ce_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
-        if teacher is not None and divergence is not None:
-            with _autocast(device):
-                t_logits = teacher(input_ids=ids).logits
-            kd = get_divergence(divergence, **(divergence_params or {}))(logits, t_logits, temperature=temperature)
+        has_teacher = teacher is not None or teacher_topk is not None
+        if has_teacher and divergence is not None:
+            if teacher_topk is not None:
+                rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
+                kd = topk_divergence(divergence, logits, rows, temperature=temperature, **(divergence_params or {}))
+            else:
+                with _autocast(device):
+                    t_logits = teacher(input_ids=ids).logits
+                kd = get_divergence(divergence, **(divergence_params or {}))(logits, t_logits,
+                                                                            temperature=temperature)
             kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
     model.train(was_training)
     out = {"eval_ce": ce_sum / n, "eval_ppl": math.exp(min(ce_sum / n, 50.0))}
-    if teacher is not None and divergence is not None:
+    if (teacher is not None or teacher_topk is not None) and divergence is not None:
         out["eval_kd"] = kd_sum / (n + len(eval_ids))  # KD counted over all T positions
     return out
 
 
 def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainSpec, *, teacher=None,
-          device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Train ``student`` in place; return the history (one dict per step, evals included)."""
+          device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
+          eval_topk: CompressedTeacher | None = None) -> list[dict]:
+    """Train ``student`` in place; return the history (one dict per step, evals included).
+
+    train_topk / eval_topk: cached teacher top-k aligned with the rows of train_ids / eval_ids[:eval_rows]
+    (from ``precompute_topk``); when given they replace the online teacher for off-policy batches and evaluation.
+    """
     if spec.divergence is not None:
         get_divergence(spec.divergence, **spec.divergence_params)  # bad name/parameters fail before any work
+    if spec.on_policy_share > 0 and teacher is None:
+        raise TrainingError("on-policy distillation needs the teacher itself (it scores the student's samples)")
+    if spec.on_policy_share > 0 and not 1 <= spec.on_policy_prompt < train_ids.shape[1] - 1:
+        raise TrainingError(f"on-policy prompt of {spec.on_policy_prompt} tokens leaves nothing to sample in rows "
+                            f"of {train_ids.shape[1]} tokens")
+    for name, cache, ids_ in (("train", train_topk, train_ids), ("eval", eval_topk, eval_ids[: spec.eval_rows])):
+        if cache is not None and tuple(cache.tail_logprob.shape) != tuple(ids_.shape):
+            raise TrainingError(f"cached teacher top-k for {name} has shape {tuple(cache.tail_logprob.shape)}, "
+                                f"the {name} tokens {tuple(ids_.shape)}: stale cache?")
     torch.manual_seed(spec.seed)
     student.to(device).train()
     if teacher is not None:
@@ -138,6 +247,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
+    forward = torch.compile(student) if spec.compile else student  # shares the parameters
     batches = _batches(len(train_ids), spec.batch_size, spec.seed)
     eval_sub = eval_ids[: spec.eval_rows]
     history: list[dict] = []
@@ -155,19 +265,35 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
         rec = {"step": step + 1, "lr": lr, "loss": 0.0, "ce": 0.0}
         if step == start and start > 0:
             rec["resumed_from"] = start  # the steps before came from a checkpoint
-        if teacher is not None:
+        if teacher is not None or train_topk is not None:
             rec["kd"] = 0.0
-        for _ in range(spec.grad_accum):
-            ids = train_ids[next(batches)].to(device).long()  # [B, T]
-            total, kd, ce = _losses(student, teacher, ids, spec, device)
+        if spec.on_policy_share > 0:
+            rec["on_policy"] = 0
+        for micro in range(spec.grad_accum):
+            idx = next(batches)
+            ids = train_ids[idx].to(device).long()  # [B, T]
+            micro_index = step * spec.grad_accum + micro
+            if is_on_policy(spec, micro_index):
+                gen = torch.Generator(device=device).manual_seed(_mix(spec.seed, micro_index))
+                p = spec.on_policy_prompt
+                ids = sample_continuations(student, ids[:, :p], ids.shape[1], spec.on_policy_temperature, gen)
+                mask = torch.zeros_like(ids, dtype=torch.bool)
+                mask[:, p - 1:-1] = True  # positions whose next token was sampled
+                total, kd, _ = _losses(forward, teacher, ids, spec, device, mask=mask)
+                ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
+                rec["on_policy"] += 1
+            else:
+                total, kd, ce = _losses(forward, teacher, ids, spec, device, topk=_rows(train_topk, idx, device))
             if not torch.isfinite(total):
                 raise TrainingError(f"{spec.desc}: loss is {total.item()} at step {step + 1} "
                                     f"(lr {lr:.3g}); training diverged - lower the learning rate")
             (total / spec.grad_accum).backward()
             rec["loss"] += total.item() / spec.grad_accum
-            rec["ce"] += ce.item() / spec.grad_accum
+            rec["ce"] += ce.item()  # averaged over the off-policy micro-batches below
             if kd is not None:
                 rec["kd"] += kd.item() / spec.grad_accum
+        off_policy = spec.grad_accum - rec.get("on_policy", 0)
+        rec["ce"] = rec["ce"] / off_policy if off_policy else None
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), spec.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise TrainingError(f"{spec.desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
@@ -177,7 +303,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
-                                     spec.temperature, spec.divergence_params))
+                                     spec.temperature, spec.divergence_params,
+                                     teacher_topk=_rows(eval_topk, torch.arange(len(eval_sub)), torch.device("cpu"))))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \

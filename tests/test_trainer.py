@@ -1,0 +1,204 @@
+"""The distillation trainer's teacher signals: on-policy (GKD) batches, cached top-k teacher, compile, students."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from stages.distill import trainer
+from stages.distill.trainer import TrainSpec, precompute_topk, sample_continuations, train
+from stages.errors import InputError, TrainingError
+
+V = 64
+
+
+def _lm(seed=0, layers=1, hidden=32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=64,
+                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1))
+
+
+def _teacher(seed=2):
+    """A random model with peaked next-token distributions (a random init is nearly uniform)."""
+    m = _lm(seed)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(40.0)
+    return m
+
+
+IDS = torch.randint(0, V, (12, 24), generator=torch.Generator().manual_seed(0))
+BASE = TrainSpec(steps=6, batch_size=4, lr=1e-2, eval_every=3, progress=False, divergence="forward_kl")
+
+
+# ------------------------------------------------------------------ on-policy (GKD)
+
+def test_sampling_keeps_the_prompt_and_is_reproducible():
+    m = _lm()
+    prompt = IDS[:3, :5]
+    a = sample_continuations(m, prompt, 12, 1.0, torch.Generator().manual_seed(1))
+    b = sample_continuations(m, prompt, 12, 1.0, torch.Generator().manual_seed(1))
+    c = sample_continuations(m, prompt, 12, 1.0, torch.Generator().manual_seed(2))
+    assert a.shape == (3, 12) and torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a near-zero temperature is greedy decoding: each sampled token is the argmax given the prefix
+    g = sample_continuations(m, prompt, 9, 1e-4, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        argmax = m(input_ids=g).logits.argmax(-1)  # [3, 9]
+    assert torch.equal(g[:, 5:], argmax[:, 4:-1])
+
+
+def test_on_policy_share_picks_that_share_of_micro_batches_reproducibly():
+    spec = dataclasses.replace(BASE, on_policy_share=0.3)
+    picks = [trainer.is_on_policy(spec, i) for i in range(2000)]
+    assert 0.27 < sum(picks) / len(picks) < 0.33
+    assert picks == [trainer.is_on_policy(spec, i) for i in range(2000)]
+    assert not any(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=0.0), i) for i in range(100))
+    assert all(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=1.0), i) for i in range(100))
+
+
+def test_on_policy_batches_score_only_the_sampled_tokens(monkeypatch):
+    seen = []
+    real = trainer._losses
+
+    def spy(forward, teacher, ids, spec, device, *, topk=None, mask=None):
+        seen.append((ids.clone(), None if mask is None else mask.clone()))
+        return real(forward, teacher, ids, spec, device, topk=topk, mask=mask)
+
+    monkeypatch.setattr(trainer, "_losses", spy)
+    spec = dataclasses.replace(BASE, steps=2, on_policy_share=1.0, on_policy_prompt=7, grad_accum=2)
+    hist = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
+    assert [r["on_policy"] for r in hist] == [2, 2] and all(r["ce"] is None for r in hist)
+    for ids, mask in seen:
+        assert mask is not None and mask.shape == ids.shape
+        assert not mask[:, :6].any() and mask[:, 6:-1].all() and not mask[:, -1].any()
+        assert torch.equal(ids[:, :7], IDS[:, :7][: len(ids)]) or any(  # prompts come from data rows
+            torch.equal(ids[j, :7], IDS[i, :7]) for j in range(len(ids)) for i in range(len(IDS)))
+        assert not any(torch.equal(ids[j], IDS[i]) for j in range(len(ids)) for i in range(len(IDS)))
+
+
+def test_on_policy_training_moves_the_student_towards_the_teacher_and_resumes_identically(tmp_path, monkeypatch):
+    spec = dataclasses.replace(BASE, steps=8, on_policy_share=0.5, on_policy_prompt=4, grad_accum=2, eval_every=8)
+    teacher = _teacher()
+    full_model = _lm(1)
+    full = train(full_model, IDS, IDS, spec, teacher=teacher)
+    assert 0 < sum(r["on_policy"] for r in full) < 16  # both kinds of batches occurred
+    assert full[-1]["eval_kd"] < trainer.evaluate_loss(_lm(1), IDS, 4, torch.device("cpu"), teacher,
+                                                      "forward_kl")["eval_kd"]
+    # killed during step 7, resumed from the step-4 checkpoint: same sampled batches, same result
+    ck = dataclasses.replace(spec, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4)
+    calls, real = {"n": 0}, trainer._losses
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 6 * spec.grad_accum:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "_losses", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(_lm(1), IDS, IDS, ck, teacher=teacher)
+    monkeypatch.setattr(trainer, "_losses", real)
+    resumed_model = _lm(5)
+    resumed = train(resumed_model, IDS, IDS, ck, teacher=teacher)
+    assert resumed[4]["resumed_from"] == 4
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_on_policy_needs_the_teacher_and_room_to_sample():
+    with pytest.raises(TrainingError, match="needs the teacher"):
+        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5))
+    with pytest.raises(TrainingError, match="nothing to sample"):
+        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5, on_policy_prompt=23), teacher=_lm(2))
+
+
+# ------------------------------------------------------------------ cached top-k teacher
+
+def test_cached_full_vocabulary_top_k_trains_exactly_like_the_online_teacher():
+    teacher = _lm(2)
+    spec = dataclasses.replace(BASE, divergence="reverse_kl")
+    online = train(_lm(1), IDS, IDS, spec, teacher=teacher)
+    cache = precompute_topk(teacher, IDS, V, 1.0, 5, torch.device("cpu"))
+    assert cache.topk_ids.shape == (12, 24, V) and cache.topk_ids.dtype == torch.int32
+    cached = train(_lm(1), IDS, IDS, spec, train_topk=cache, eval_topk=cache)
+    for a, b in zip(online, cached):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert online[-1]["eval_kd"] == pytest.approx(cached[-1]["eval_kd"], rel=1e-4)
+
+
+def test_cached_small_top_k_still_distils():
+    teacher = _teacher()
+    cache = precompute_topk(teacher, IDS, 8, 1.0, 4, torch.device("cpu"))
+    student = _lm(1)
+    before = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
+    train(student, IDS, IDS, dataclasses.replace(BASE, steps=15, eval_every=15), train_topk=cache, eval_topk=cache)
+    after = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
+    assert after < 0.7 * before  # measured with the full teacher, not the top-k proxy
+
+
+def test_teacher_top_k_cache_is_reused_and_a_corrupt_file_is_recomputed(tmp_path):
+    from stages.distill import cached_teacher_topk
+
+    teacher = _lm(2)
+    args = (8, 1.0, tmp_path, "train", 4, torch.device("cpu"), False)
+    a, reused = cached_teacher_topk(teacher, IDS, *args)
+    assert not reused and (tmp_path / "train.safetensors").is_file()
+    b, reused = cached_teacher_topk(None, IDS, *args)  # no teacher needed when cached
+    assert reused and all(torch.equal(x, y) for x, y in zip(a, b))
+    (tmp_path / "train.safetensors").write_bytes(b"garbage")
+    c, reused = cached_teacher_topk(teacher, IDS, *args)
+    assert not reused and all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_stale_cache_shape_is_refused():
+    cache = precompute_topk(_lm(2), IDS[:6], 8, 1.0, 4, torch.device("cpu"))
+    with pytest.raises(TrainingError, match="stale cache"):
+        train(_lm(1), IDS, IDS, BASE, train_topk=cache)
+
+
+# ------------------------------------------------------------------ torch.compile
+
+def test_compiled_forward_trains_like_eager():
+    spec = dataclasses.replace(BASE, steps=3, eval_every=3)
+    eager = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
+    compiled = train(_lm(1), IDS, IDS, dataclasses.replace(spec, compile=True), teacher=_lm(2))
+    for a, b in zip(eager, compiled):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------ students
+
+def test_student_from_a_smaller_config():
+    from stages.config import DeriveStudent
+    from stages.distill import derive_student
+
+    teacher = _lm(2, layers=4, hidden=64)
+    small, keep = derive_student(teacher, DeriveStudent(layers=[0, 3], init="random",
+                                                        config={"hidden_size": 32, "intermediate_size": 48}))
+    assert keep == [0, 3] and small.config.hidden_size == 32 and small.config.num_hidden_layers == 2
+    assert small.config.head_dim == 16 and small.model.layers[0].mlp.up_proj.weight.shape == (48, 32)
+    with torch.no_grad():
+        assert small(input_ids=IDS[:2]).logits.shape == (2, 24, V)
+    with pytest.raises(ValueError, match="init: random"):
+        DeriveStudent(config={"hidden_size": 32})
+    with pytest.raises(ValueError, match="unknown key"):
+        DeriveStudent(init="random", config={"vocab_size": 10})
+    with pytest.raises(InputError, match="divisible"):
+        derive_student(teacher, DeriveStudent(init="random", config={"num_attention_heads": 3}))
+
+
+def test_recipe_refuses_impossible_teacher_signals():
+    from stages.config import parse_recipe
+    from stages.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="sinkhorn"):
+        parse_recipe({"name": "x", "distill": {"divergence": "sinkhorn", "teacher": {"source": "cached_topk"}}})
+    with pytest.raises(RecipeError, match="prompt_tokens"):
+        parse_recipe({"name": "x", "data": {"seq_len": 32}, "distill": {"on_policy": {"share": 0.5,
+                                                                                       "prompt_tokens": 31}}})
