@@ -23,7 +23,7 @@ from stages.errors import RecipeError
 # Methods users may know from the design that are planned but not in this version. Asking for one
 # is an error that says so, rather than "not a valid choice".
 PLANNED = {
-    "quantize": {"gptq": "GPTQ quantization ('gptq')", "ostquant": "OSTQuant quantization ('ostquant')"},
+    "quantize": {},
     "kv": {"minicache": "MiniCache cross-layer KV merging", "kvtuner": "KVTuner mixed-precision KV"},
     "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
                 "npo": "NPO unlearning"},
@@ -244,27 +244,108 @@ class DistillConfig(Strict):
         return self
 
 
-class RTNConfig(Strict):
-    """Round-to-nearest weight quantization of every Linear (fake-quantized weights)."""
+class _QuantBase(Strict):
+    """What every quantization method shares: the setting and the weight grid."""
 
-    method: Literal["rtn"] = "rtn"
-    bits: int = Field(4, ge=2, le=8, description="Weight bits.")
+    setting: str = Field(
+        "W4A16", description="Bits as the papers name them: W<weights>A<activations>[KV<kv cache>], e.g. W4A16, "
+        "W8A8, W4A8, W4A4KV4, W4A4KV16 (KV defaults to 16). Activations are fake-quantized per token and KV per "
+        "head (asymmetric) when the model runs; weights are quantized into the checkpoint.")
     group_size: int | None = Field(
-        None, description="Quantization group along the input dimension (e.g. 32, 64, 128); "
+        None, description="Weight quantization group along the input dimension (e.g. 32, 64, 128); "
         "unset = one scale per output channel.")
-    symmetric: bool = Field(True, description="Symmetric (zero point 0) or asymmetric (min/max).")
+    symmetric: bool = Field(True, description="Symmetric weights (zero point 0) or asymmetric (min/max).")
+    clip_search: bool = Field(False, description="Search a per-row (per-group) clipping ratio of the weight range "
+                              "that minimises the quantization error.")
+    a_clip_ratio: float = Field(1.0, gt=0, le=1, description="Clipping ratio of the per-token activation range.")
+    kv_group_size: int | None = Field(None, description="KV quantization group along head_dim (unset: whole head).")
     skip: list[str] = Field(default_factory=lambda: ["lm_head"],
                             description="Linear modules left in full precision (name suffixes).")
 
-    @field_validator("group_size")
+    @field_validator("group_size", "kv_group_size")
     @classmethod
     def _group(cls, v: int | None) -> int | None:
         if v is not None and (v < 2 or v & (v - 1)):
-            raise ValueError("group_size must be a power of two >= 2 (e.g. 32, 64, 128) or unset")
+            raise ValueError("must be a power of two >= 2 (e.g. 32, 64, 128) or unset")
         return v
 
+    @field_validator("setting")
+    @classmethod
+    def _setting(cls, v: str) -> str:
+        from stages.quantize.quantizers import parse_setting
 
-QuantMethod = Annotated[Union[RTNConfig], Field(discriminator="method")]
+        try:
+            s = parse_setting(v)
+        except Exception as e:
+            raise ValueError(str(e)) from None
+        if not 2 <= s.w_bits <= 8:
+            raise ValueError(f"weight bits must be 2-8, got W{s.w_bits}")
+        if s.a_bits < 16 and not 2 <= s.a_bits <= 8 or s.kv_bits < 16 and not 2 <= s.kv_bits <= 8:
+            raise ValueError("activation and KV bits must be 2-8 or 16 (not quantized)")
+        return v.upper()
+
+    def quant_setting(self):
+        from stages.quantize.quantizers import parse_setting
+
+        return parse_setting(self.setting, w_group_size=self.group_size, w_symmetric=self.symmetric)
+
+
+class RTNConfig(_QuantBase):
+    """Round-to-nearest weights (fake-quantized), activations/KV as the setting says."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class Calibration(Strict):
+    samples: int = Field(128, ge=1, description="Calibration rows taken from the data stage's training tokens "
+                         "(the DSIR selection when select is enabled), seeded.")
+
+
+class GPTQConfig(_QuantBase):
+    """GPTQ weights (second-order error compensation, layer by layer on calibration data)."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(False, description="Quantize columns in order of decreasing Hessian diagonal.")
+    percdamp: float = Field(0.01, gt=0, le=1, description="Hessian damping, a fraction of its mean diagonal.")
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
+class OSTTransforms(Strict):
+    rotate_res: bool = Field(True, description="Global orthogonal transform of the residual stream (R_res).")
+    rotate_ov: bool = Field(True, description="Per-head orthogonal transform between v_proj and o_proj.")
+    smooth_norm: bool = Field(True, description="Smoothing scales after the norms (S_attn, S_ffn).")
+    smooth_qk: bool = Field(True, description="Smoothing scales between q and k (equal on RoPE pairs).")
+    smooth_ov: bool = Field(True, description="Smoothing scales between v and o.")
+    smooth_up_down: bool = Field(True, description="Smoothing scales between up and down.")
+
+
+class OSTQuantConfig(_QuantBase):
+    """OSTQuant: learnable orthogonal + scaling transforms, calibrated with KL-Top, fused, then RTN or GPTQ."""
+
+    method: Literal["ostquant"] = "ostquant"
+    weight_quantizer: Literal["rtn", "gptq"] = Field("gptq", description="Quantizer of the fused weights.")
+    act_order: bool = Field(False, description="GPTQ act-order (weight_quantizer gptq).")
+    percdamp: float = Field(0.01, gt=0, le=1)
+    loss: Literal["kl_top", "kl", "mse"] = Field(
+        "kl_top", description="Calibration loss vs the full-precision model: kl_top (KL on its top-k tokens, the "
+        "paper's), kl (full forward KL) or mse (of the logits).")
+    topk: int = Field(1000, ge=1, description="k of kl_top (clipped to the vocabulary).")
+    steps: int = Field(100, ge=0, description="Optimisation steps (0: fixed random-Hadamard rotation only).")
+    batch_size: int = Field(4, ge=1)
+    rotate_lr: float = Field(0.016, gt=0, description="Cayley SGD learning rate of the orthogonal transforms.")
+    smooth_lr: float = Field(0.0018, gt=0, description="Adam learning rate of the log smoothing scales.")
+    train_weight_quant: bool | None = Field(
+        None, description="Fake-quantize weights while learning the transforms (unset: on for A16 settings, off "
+        "otherwise, as the paper's scripts).")
+    online_hadamard: bool = Field(
+        True, description="A fixed Hadamard on every down_proj input (folded into W_down; applied at run time).")
+    init: Literal["hadamard", "klt"] = Field("hadamard", description="Init of R_res: random Hadamard, or KLT of "
+                                             "the weights times a random Hadamard.")
+    transforms: OSTTransforms = Field(default_factory=OSTTransforms)
+    calibration: Calibration = Field(default_factory=Calibration)
+
+
+QuantMethod = Annotated[Union[RTNConfig, GPTQConfig, OSTQuantConfig], Field(discriminator="method")]
 
 
 class QuantizeConfig(Strict):
@@ -396,6 +477,16 @@ class Recipe(Strict):
                              "student must be distilled (or give a student checkpoint)")
         if self.evaluate.enabled is False and any(v for v in self.gates.model_dump().values()):
             raise ValueError("gates are set but evaluate.enabled is false")
+        q = self.quantize.scheme
+        qs = q.quant_setting()
+        runtime_parts = qs.a_bits < 16 or qs.kv_bits < 16 or (q.method == "ostquant" and q.online_hadamard)
+        others = [f for f in self.export.formats if f != "safetensors"]
+        if self.quantize.enabled and self.export.enabled and runtime_parts and others:
+            raise ValueError(f"export.formats {others} load weights only, but quantize.scheme ({q.method}, "
+                             f"{q.setting}{', online_hadamard' if q.method == 'ostquant' and q.online_hadamard else ''}) "
+                             "needs run-time parts (activation/KV fake quantization, online Hadamard) that only "
+                             "safetensors exports keep; export [safetensors] or use a W*A16 setting "
+                             "(and online_hadamard: false)")
         op = self.distill.on_policy
         if self.distill.enabled and op.share > 0 and op.prompt_tokens >= self.data.seq_len - 1:
             raise ValueError(f"distill.on_policy.prompt_tokens ({op.prompt_tokens}) must be below data.seq_len - 1 "

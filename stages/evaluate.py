@@ -26,6 +26,7 @@ from stages.config import EvaluateConfig, GatesConfig, ModelsConfig, RuntimeConf
 from stages.data import load_tokens
 from stages.errors import GateError
 from stages.modeling import count_parameters, load_causal_lm, resolve_device
+from stages.quantize import runtime_needs
 from stages.result import StageResult
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")
@@ -103,6 +104,10 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
     for name, model in models.items():
         scores[name]["params"] = count_parameters(model)
         scores[name]["bytes_on_disk"] = weights_bytes(refs[name])
+        needs = runtime_needs(refs[name]) if Path(refs[name]).is_dir() else {}
+        scores[name]["runtime"] = ", ".join(
+            ([f"online Hadamard ({needs['online_hadamard']['size']})"] if "online_hadamard" in needs else [])
+            + ([needs["simulated"]] if "simulated" in needs else [])) or "standard"
         scores[name]["latency_ms_per_token"] = latency_per_token(model, prompt, cfg.latency_new_tokens,
                                                                  cfg.latency_repeats)
     t = scores["teacher"]

@@ -16,6 +16,7 @@ never published: its temporary directory is removed, so ``out_dir/<format>`` doe
 from __future__ import annotations
 
 import gc
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
 from stages.io import atomic_dir, path_size
 from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
+from stages.quantize import QUANT_FILE, runtime_needs
 from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx")
@@ -98,8 +100,11 @@ def _free(device: torch.device) -> None:
 
 
 def _build_safetensors(src_model, model_dir: Path, dst: Path, device: torch.device):
-    # The source model is already loaded (float32): saving it is the export.
+    # The source model is already loaded (float32): saving it is the export, with the quantization record
+    # that load_causal_lm uses to re-create its run-time parts (online Hadamard, activation/KV bits).
     src_model.save_pretrained(dst, safe_serialization=True)
+    if (model_dir / QUANT_FILE).is_file():
+        shutil.copy2(model_dir / QUANT_FILE, dst / QUANT_FILE)
 
     def load():
         return load_causal_lm(str(dst), device=device, what="exported safetensors model")
@@ -239,6 +244,12 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_ref(str(model_dir), "export: model")
+    needs = runtime_needs(model_dir)
+    others = [f for f in cfg.formats if f != "safetensors"]
+    if needs and others:
+        raise ExportError(f"export {', '.join(others)}: {model_dir} needs at run time {needs}, which only this "
+                          "project's loader re-creates; export it as safetensors only, or quantize without "
+                          "an online Hadamard and with A16/KV16 (see quantize.scheme)")
     dev = resolve_device(device)
     formats = list(dict.fromkeys(cfg.formats))  # keep order, drop repeats
     out_dir.mkdir(parents=True, exist_ok=True)

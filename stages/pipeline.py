@@ -154,8 +154,10 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
         if recipe.models.student == "derive":
             inputs.pop("student")
     elif stage == "quantize":
-        config = {**dumps("quantize"), "dtype": recipe.models.dtype}
+        config = {**dumps("quantize"), "dtype": recipe.models.dtype, "runtime": runtime}
         inputs = {"model": r["model"]}
+        if recipe.quantize.scheme.method != "rtn":  # calibrated methods: the (DSIR-selected) training tokens
+            inputs["calib"] = _out(done, "data", "train")
     elif stage == "evaluate":
         config = {**dumps("evaluate", "models"), "runtime": runtime}
         cands, _ = candidates(recipe, done)
@@ -217,7 +219,8 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path)
                            checkpoint_dir=artifacts_root / ".cache" / "checkpoints" / call.key,
                            teacher_cache_dir=artifacts_root / ".cache" / "teacher-topk" / teacher_cache_key(recipe, call))
     if call.stage == "quantize":
-        return quantize.run(recipe.quantize, m, model_dir=Path(i["model"]), out_dir=out_dir)
+        return quantize.run(recipe.quantize, m, rt, model_dir=Path(i["model"]), out_dir=out_dir,
+                            calib_path=Path(i["calib"]) if "calib" in i else None)
     if call.stage == "evaluate":
         cands = {k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("model:")}
         return evaluate.run(recipe.evaluate, m, rt, teacher_ref=i["teacher"], candidates=cands,

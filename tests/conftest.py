@@ -53,3 +53,14 @@ def tiny_run(prefect_server, tiny_recipe, artifacts):
 
     report = compress(recipe=tiny_recipe, run_name="tiny-a", artifacts_dir=str(artifacts))
     return artifacts, "tiny-a", report
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run ~10-100x slower with 2 intra-op threads (spinning) than with 1."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -73,7 +73,9 @@ def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
 @pytest.mark.parametrize("text, field", [
     ("distill:\n  temperature: -1\n", "distill.temperature"),
     ("distill:\n  ce_weight: 1.5\n", "distill.ce_weight"),
-    ("quantize:\n  scheme: {method: rtn, bits: 9}\n", "bits"),
+    ("quantize:\n  scheme: {method: rtn, setting: W9A16}\n", "setting"),
+    ("quantize:\n  scheme: {method: gptq, setting: W4A5KV}\n", "setting"),
+    ("quantize:\n  scheme: {method: ostquant, loss: l1}\n", "loss"),
     ("quantize:\n  scheme: {method: rtn, group_size: 48}\n", "group_size"),
     ("name: ../escape\n", "name"),
     ("name: a/b\n", "name"),

@@ -16,7 +16,8 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     choices = distill["divergence"]["enum"]
     assert choices[:3] == ["forward_kl", "reverse_kl", "js"] and "sinkhorn" in choices
     assert "KL(teacher || student)" in distill["divergence"]["description"]
-    assert schema.definitions["RTNConfig"]["properties"]["bits"]["maximum"] == 8
+    assert "W4A4KV4" in schema.definitions["RTNConfig"]["properties"]["setting"]["description"]
+    assert "kl_top" in schema.definitions["OSTQuantConfig"]["properties"]["loss"]["enum"]
 
 
 def test_recipe_deployment_with_a_schedule_builds():

@@ -78,7 +78,7 @@ def test_changed_config_reruns_only_downstream_stages(tiny_run, tiny_recipe):
 
     root, _, _ = tiny_run
     recipe = tiny_recipe.model_copy(deep=True)
-    recipe.quantize.scheme.bits = 8
+    recipe.quantize.scheme.setting = "W8A16"
     recipe.export.formats = ["safetensors"]
     report = compress(recipe=recipe, run_name="tiny-w8", artifacts_dir=str(root))
     states = {s["stage"]: s["state"] for s in report["stages"]}
@@ -329,3 +329,31 @@ def test_select_command_writes_selection_and_manifest(tiny_run, tmp_path, capsys
     assert main(["select", "--raw", str(tmp_path / "none.jsonl"), "--target", str(corpus / "code" / "eval.jsonl"),
                  "--out", str(tmp_path / "x"), "-k", "3"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_ostquant_w4a4kv4_through_the_pipeline(tiny_run, tiny_recipe):
+    """OSTQuant in the chain: calibrated on the data stage's rows; evaluate and export run the model as quantized."""
+    from stages.config import parse_recipe
+    from stages.pipeline import run_local
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["quantize"]["scheme"] = {"method": "ostquant", "setting": "W4A4KV4", "steps": 3, "batch_size": 2,
+                                  "calibration": {"samples": 8}}
+    data["export"]["formats"] = ["safetensors"]
+    done = run_local(parse_recipe(data), root / "tiny-ost", root)
+    q = done["quantize"]
+    assert q["inputs"]["calib"]["sha256"] == done["data"]["outputs"]["train"]["sha256"]
+    assert q["metrics"]["scheme"].startswith("W4A4KV4") and q["metrics"]["calibration_rows"] == 8
+    assert 0 < q["metrics"]["qsur_mean_before"] <= 1 and 0 < q["metrics"]["qsur_mean_after"] <= 1
+    rec = json.loads((Path(q["outputs"]["model"]["path"]) / "quantization.json").read_text())
+    assert rec["online_hadamard"]["size"] == 128 and rec["a_bits"] == 4
+    ev = done["evaluate"]["metrics"]["models"]
+    assert ev["quantize"]["runtime"].startswith("online Hadamard") and "A4 KV4" in ev["quantize"]["runtime"]
+    from stages.modeling import load_causal_lm
+    from stages.quantize.transforms import get_online_hadamard
+
+    back = load_causal_lm(q["outputs"]["model"]["path"])  # what evaluate and export loaded
+    assert back._fakequant_handle.setting.a_bits == 4 and get_online_hadamard(back).shape == (128, 128)
+    exp = done["export"]["metrics"]["safetensors"]
+    assert exp["passed"] and exp["max_abs_diff"] < 1e-3

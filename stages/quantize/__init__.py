@@ -1,26 +1,170 @@
-"""Post-training quantization stage (this version: RTN weight quantization)."""
+"""Post-training quantization stage: RTN, GPTQ or OSTQuant (+ RTN/GPTQ) at a W/A/KV setting.
+
+The stage writes a transformers checkpoint whose weights are fake-quantized (quantized, then stored
+dequantized in the model's dtype) and a ``quantization.json`` that records everything the checkpoint needs at
+run time beyond its weights: the setting (activation and KV bits are simulated per token when the model runs)
+and, for OSTQuant, the online Hadamard before down_proj (its size and seed, re-created on load).
+``load_causal_lm`` calls :func:`restore` on every local checkpoint, so evaluation and later stages run the model
+as quantized. Real low-bit files are made by the export stage.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from stages.config import ModelsConfig, QuantizeConfig
-from stages.modeling import load_causal_lm, load_tokenizer, save_pretrained_atomic_into
-from stages.quantize.rtn import quantize_model
+import torch
+
+from stages.config import ModelsConfig, QuantizeConfig, RuntimeConfig
+from stages.errors import InputError
 from stages.result import StageResult
 
+QUANT_FILE = "quantization.json"
 
-def run(cfg: QuantizeConfig, models: ModelsConfig, *, model_dir: Path, out_dir: Path) -> StageResult:
+
+def restore(model, model_dir: str | Path):
+    """Re-create what ``quantization.json`` in ``model_dir`` records on a freshly loaded ``model``; returns it.
+
+    Installs the online Hadamard (same size and seed, so the same matrix) and attaches activation/KV fake
+    quantization when the setting has A or KV bits below 16. A model without the file is returned unchanged.
+    """
+    path = Path(model_dir) / QUANT_FILE
+    if not path.is_file():
+        return model
+    try:
+        q = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    online = q.get("online_hadamard")
+    if online:
+        from stages.quantize.hadamard import random_rotation
+        from stages.quantize.transforms import install_online_hadamard
+
+        install_online_hadamard(model, random_rotation(int(online["size"]), int(online["seed"])).to(torch.float32))
+    a_bits, kv_bits = int(q.get("a_bits", 16)), int(q.get("kv_bits", 16))
+    if a_bits < 16 or kv_bits < 16:
+        from stages.quantize.fakequant import attach_fake_quant
+        from stages.quantize.quantizers import QuantSetting
+
+        attach_fake_quant(model, QuantSetting(w_bits=int(q.get("w_bits", 16)), a_bits=a_bits, kv_bits=kv_bits),
+                          a_clip_ratio=float(q.get("a_clip_ratio", 1.0)), kv_group_size=q.get("kv_group_size"))
+    return model
+
+
+def runtime_needs(model_dir: str | Path) -> dict:
+    """What a checkpoint needs beyond standard transformers (empty dict: nothing)."""
+    path = Path(model_dir) / QUANT_FILE
+    if not path.is_file():
+        return {}
+    q = json.loads(path.read_text())
+    out = {}
+    if q.get("online_hadamard"):
+        out["online_hadamard"] = q["online_hadamard"]
+    if int(q.get("a_bits", 16)) < 16 or int(q.get("kv_bits", 16)) < 16:
+        out["simulated"] = f"A{q.get('a_bits', 16)} KV{q.get('kv_bits', 16)} (fake-quantized at run time)"
+    return out
+
+
+def calibration_rows(train_path: Path, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` seeded rows [n, T] of the data stage's training tokens."""
+    from stages.data import load_tokens
+
+    ids = load_tokens(train_path)
+    g = torch.Generator().manual_seed(seed)
+    return ids[torch.randperm(len(ids), generator=g)[:samples]].long()
+
+
+def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress: bool = False) -> dict:
+    """Quantize ``model`` in place as ``scheme`` (a RTN/GPTQ/OSTQuant config) says; returns the record.
+
+    The record is what ``quantization.json`` holds (setting, weight quantizer, online Hadamard, QSUR, calibration
+    losses, per-layer weight errors) plus "metrics" and "history" entries. Activation/KV fake quantization is
+    attached as the setting says, so the returned model runs as quantized.
+    """
+    s = scheme
+    setting = s.quant_setting()
+    device = model.lm_head.weight.device
+    record: dict = {"method": s.method, "setting": s.setting, "w_bits": setting.w_bits, "a_bits": setting.a_bits,
+                    "kv_bits": setting.kv_bits, "group_size": s.group_size, "symmetric": s.symmetric,
+                    "clip_search": s.clip_search, "a_clip_ratio": s.a_clip_ratio, "kv_group_size": s.kv_group_size,
+                    "skip": s.skip, "online_hadamard": None}
+    metrics: dict = {}
+    history: list[dict] = []
+    if s.method in ("gptq", "ostquant"):
+        if calib is None:
+            raise InputError(f"quantize: {s.method} needs calibration data (the data stage's training tokens)")
+        metrics["calibration_rows"], metrics["calibration_tokens"] = len(calib), int(calib.numel())
+    if s.method == "ostquant":
+        from stages.quantize.ostquant import OSTSpec, calibrate, loss_summary
+        from stages.quantize.qsur import layer_qsur
+
+        probe = calib[: max(1, min(len(calib), 4096 // calib.shape[1] + 1))].to(device)  # > hidden tokens
+        spec = OSTSpec(setting=setting, steps=s.steps, batch_size=s.batch_size, loss=s.loss, topk=s.topk,
+                       rotate_lr=s.rotate_lr, smooth_lr=s.smooth_lr, train_weight_quant=s.train_weight_quant,
+                       online_hadamard=s.online_hadamard, init=s.init, transforms=s.transforms.model_dump(),
+                       a_clip_ratio=s.a_clip_ratio, kv_group_size=s.kv_group_size, seed=seed, progress=progress)
+        with torch.no_grad():
+            qsur_before = layer_qsur(model, probe)  # the model as given
+        res = calibrate(model, calib, spec, qsur_ids=probe)
+        qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
+        history = res["history"]
+        record["online_hadamard"] = res["online_hadamard"]
+        record["ostquant"] = {"loss": s.loss, "topk": s.topk, "steps": s.steps,
+                              "train_weight_quant": res["train_weight_quant"], **loss_summary(history)}
+        record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
+                          for k in qsur_before}
+        metrics.update({f"calib_{k}": v for k, v in loss_summary(history).items()})
+        metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
+        metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
+    wq = s.weight_quantizer if s.method == "ostquant" else s.method
+    if wq == "gptq":
+        from stages.quantize.gptq import gptq_quantize_model
+
+        stats = gptq_quantize_model(model, calib.to(device), setting.w_bits, s.group_size, s.symmetric, s.act_order,
+                                    s.percdamp, s.clip_search, skip=tuple(s.skip))
+    else:
+        from stages.quantize.rtn import quantize_model
+
+        stats = quantize_model(model, setting.w_bits, s.group_size, s.symmetric, s.skip, clip_search=s.clip_search)
+    record.update(weight_quantizer=wq, quantized_params=stats["quantized_params"],
+                  mean_rel_error=stats["mean_rel_error"], layers=stats["layers"])
+    if setting.a_bits < 16 or setting.kv_bits < 16:
+        from stages.quantize.fakequant import attach_fake_quant
+
+        attach_fake_quant(model, setting, a_clip_ratio=s.a_clip_ratio, kv_group_size=s.kv_group_size)
+    label = setting.name + (f" g{s.group_size}" if s.group_size else " per-channel")
+    metrics.update({"scheme": label, "method": s.method, "weight_quantizer": wq, "w_bits": setting.w_bits,
+                    "a_bits": setting.a_bits, "kv_bits": setting.kv_bits, "group_size": s.group_size,
+                    "symmetric": s.symmetric, "quantized_params": stats["quantized_params"],
+                    "mean_rel_error": stats["mean_rel_error"]})
+    return {**record, "metrics": metrics, "history": history}
+
+
+def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None = None, *, model_dir: Path,
+        out_dir: Path, calib_path: Path | None = None) -> StageResult:
+    from stages.modeling import load_causal_lm, load_tokenizer, resolve_device, save_pretrained_atomic_into
+
     s = cfg.scheme
-    model = load_causal_lm(str(model_dir), dtype=models.dtype, what="quantize input")
+    device = resolve_device(runtime.device if runtime else "cpu")
+    seed = runtime.seed if runtime else 0
+    if runtime_needs(model_dir) or (Path(model_dir) / QUANT_FILE).is_file():
+        raise InputError(f"quantize: {model_dir} is already quantized ({QUANT_FILE} is there); quantize the "
+                         "full-precision model instead")
+    dtype = models.dtype if s.method == "rtn" else "float32"  # transforms and GPTQ solve in float32/64
+    model = load_causal_lm(str(model_dir), dtype=dtype, device=device, what="quantize input")
     tok = load_tokenizer(str(model_dir))
-    stats = quantize_model(model, s.bits, s.group_size, s.symmetric, s.skip)
+    calib = calibration_rows(calib_path, s.calibration.samples, seed) if calib_path and s.method != "rtn" else None
+    record = apply(model, s, calib, seed=seed, progress=runtime.progress if runtime else False)
+    metrics, history = record.pop("metrics"), record.pop("history")
+    handle = getattr(model, "_fakequant_handle", None)
+    if handle is not None:
+        handle.remove()  # the weights are what is saved; restore() re-attaches from the record on load
+    model.to(torch.device("cpu"))
     save_pretrained_atomic_into(model, tok, out_dir / "model")
-    # Record the scheme next to the weights: the dequantized values only make sense with it.
-    (out_dir / "model" / "quantization.json").write_text(json.dumps({**s.model_dump(), **stats}, indent=2))
-    label = f"W{s.bits}A16" + (f" g{s.group_size}" if s.group_size else " per-channel")
-    return StageResult(outputs={"model": "model"},
-                       metrics={"scheme": label, "method": s.method, "bits": s.bits, "group_size": s.group_size,
-                                "symmetric": s.symmetric, "quantized_params": stats["quantized_params"],
-                                "mean_rel_error": stats["mean_rel_error"]})
+    # Record the scheme next to the weights: what the model needs at run time besides them.
+    (out_dir / "model" / QUANT_FILE).write_text(json.dumps(record, indent=2))
+    outputs = {"model": "model"}
+    if history:
+        (out_dir / "calibration.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        outputs["calibration"] = "calibration.jsonl"
+    return StageResult(outputs=outputs, metrics=metrics)

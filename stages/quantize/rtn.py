@@ -44,8 +44,11 @@ def quantize_tensor(w: torch.Tensor, bits: int, group_size: int | None = None, s
 
 
 @torch.no_grad()
-def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, skip: list[str]) -> dict:
+def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, skip: list[str],
+                   clip_search: bool = False) -> dict:
     """Fake-quantize every nn.Linear in place except names ending with an entry of ``skip``.
+
+    clip_search: per row (group) clipping ratio minimising the error (``quantizers.search_clip_ratio``).
 
     Returns per-layer relative Frobenius error ||W - Q(W)|| / ||W|| and totals.
     """
@@ -55,7 +58,16 @@ def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, sk
         if not isinstance(mod, torch.nn.Linear) or any(name.endswith(s) for s in skip):
             continue
         w = mod.weight.data
-        q = quantize_tensor(w, bits, group_size, symmetric)
+        if clip_search:
+            from stages.quantize.quantizers import quantize_weight, search_clip_ratio
+
+            if w.shape[1] % (group_size or w.shape[1]):
+                raise InputError(f"quantize.scheme.group_size {group_size} does not divide the input size "
+                                 f"{w.shape[1]} of a layer")
+            ratio = search_clip_ratio(w, bits, group_size, symmetric)
+            q = quantize_weight(w, bits, group_size, symmetric, clip_ratio=ratio)
+        else:
+            q = quantize_tensor(w, bits, group_size, symmetric)
         layers[name] = round(((w.float() - q.float()).norm() / w.float().norm().clamp_min(1e-12)).item(), 6)
         mod.weight.data.copy_(q)
         n_quant += w.numel()

@@ -1,0 +1,174 @@
+"""Post-training quantization methods side by side on models the project trains.
+
+    python bench/bench_quant.py [--model demo|wide] [--settings W4A16 W4A8 W4A4KV4] [--out ...]
+
+Models (trained by the bootstrap stage, cached under artifacts/ like any stage):
+- demo: the demo teacher (configs/demo.yaml: 4 layers, hidden 128, 4 heads / 2 KV heads (GQA), 300 steps);
+- wide: bench/recipes/wide.yaml (6 layers, hidden 256, 8 heads, no GQA, 1,200 steps): a differently-shaped model
+  trained for longer.
+For each W/A/KV setting every method quantizes a fresh copy of the full-precision model; activations and KV are
+fake-quantized per token (KV per head, asymmetric) when it runs. Methods: RTN; GPTQ; OSTQuant (+RTN, +GPTQ); and
+bitsandbytes nf4 weights (blocks of 64, dequantized, with the same A/KV quantizers). Scores on the held-out
+tokens: perplexity ratio to full precision and KL(FP || quantized) per token. Ablation at the lowest setting:
+OSTQuant's calibration loss kl_top vs kl vs mse. Also writes per-layer outlier statistics (max / median |x| of
+the inputs of q/k/v, gate/up and down_proj) of the FP model. Calibration: 128 rows of the recipe's (DSIR-selected)
+training tokens; everything seeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPES = {"demo": ROOT / "configs" / "demo.yaml", "wide": ROOT / "bench" / "recipes" / "wide.yaml"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(RECIPES), default="demo")
+    ap.add_argument("--settings", nargs="*", default=["W4A16", "W4A8", "W4A4KV4"])
+    ap.add_argument("--methods", nargs="*", default=["rtn", "gptq", "ostquant+rtn", "ostquant+gptq", "nf4"])
+    ap.add_argument("--ost-steps", type=int, default=100)
+    ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    import torch.nn.functional as F
+
+    from stages.config import load_recipe, parse_recipe
+    from stages.data import load_tokens
+    from stages.modeling import load_causal_lm
+    from stages.pipeline import make_call, run_call
+    from stages.quantize import apply, calibration_rows
+
+    torch.set_num_threads(2)
+    base = load_recipe(RECIPES[args.model]).model_dump(mode="json")
+    base["runtime"]["progress"] = False
+    root = Path(args.artifacts).resolve()
+    recipe = parse_recipe(base)
+    done: dict = {}
+    t0 = time.perf_counter()
+    for stage in ("bootstrap", "select", "data"):
+        if stage == "select" and not recipe.select.enabled:
+            continue
+        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / f"bench-quant-{args.model}", root)
+    prep_s = time.perf_counter() - t0
+    out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
+    fp = load_causal_lm(out("bootstrap", "teacher"), what="teacher")
+    calib = calibration_rows(Path(out("data", "train")), 128, 0)
+    eval_ids = load_tokens(Path(out("data", "eval"))).long()
+    eval_ids = eval_ids[: max(1, 16384 // eval_ids.shape[1])]
+
+    @torch.no_grad()
+    def logits_of(model) -> torch.Tensor:
+        return torch.cat([model(input_ids=eval_ids[i:i + 8]).logits.float() for i in range(0, len(eval_ids), 8)])
+
+    ref = logits_of(fp)  # [N, T, V]
+    ref_lp = F.log_softmax(ref, -1)
+
+    def score(model) -> dict:
+        lg = logits_of(model)
+        lq = F.log_softmax(lg, -1)
+        nll = F.nll_loss(lq[:, :-1].flatten(0, 1), eval_ids[:, 1:].flatten()).item()
+        kl = (ref_lp.exp() * (ref_lp - lq)).sum(-1).mean().item()
+        return {"ppl": math.exp(nll), "kl": kl}
+
+    fp_score = score(fp)
+    outliers = activation_outliers(fp, calib[:16])
+    print(f"{args.model}: FP ppl {fp_score['ppl']:.3f}  ({sum(p.numel() for p in fp.parameters()):,} params)")
+
+    def scheme(method: str, setting: str, **kw):
+        d = json.loads(json.dumps(base))
+        if method.startswith("ostquant"):
+            cfg = {"method": "ostquant", "weight_quantizer": method.split("+")[1], "steps": args.ost_steps, **kw}
+        else:
+            cfg = {"method": method}
+        d["quantize"]["scheme"] = {**cfg, "setting": setting, "group_size": None}
+        d["export"]["formats"] = ["safetensors"]
+        return parse_recipe(d).quantize.scheme
+
+    def run_one(method: str, setting: str, **kw) -> dict:
+        m = copy.deepcopy(fp)
+        t = time.perf_counter()
+        if method == "nf4":
+            rec = nf4_weights(m, setting, scheme("rtn", setting))
+        else:
+            rec = apply(m, scheme(method, setting, **kw), calib, seed=0)
+        secs = time.perf_counter() - t
+        s = score(m)
+        row = {"setting": setting, "method": method, **kw, "ppl": round(s["ppl"], 3),
+               "ppl_ratio": round(s["ppl"] / fp_score["ppl"], 4), "kl": round(s["kl"], 5), "seconds": round(secs, 1)}
+        met = rec.get("metrics", {})
+        for k in ("qsur_mean_before", "qsur_mean_after", "calib_loss_first", "calib_loss_last"):
+            if k in met:
+                row[k] = met[k]
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = [run_one(m, s) for s in args.settings for m in args.methods]
+    if args.ablation:
+        low = args.settings[-1]
+        rows += [run_one("ostquant+gptq", low, loss=loss) for loss in ("kl", "mse")]
+    meta = {"model": args.model, "fp_ppl": round(fp_score["ppl"], 3), "params": sum(p.numel() for p in fp.parameters()),
+            "config": {k: getattr(fp.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                          "num_attention_heads", "num_key_value_heads", "vocab_size")},
+            "teacher_steps": base["embedded"]["steps"], "eval_tokens": int(eval_ids.numel()),
+            "calibration_rows": len(calib), "ost_steps": args.ost_steps, "prepare_seconds": round(prep_s, 1),
+            "machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": "cpu", "when": time.strftime("%Y-%m-%d %H:%M")}
+    path = Path(args.out or ROOT / "bench" / f"quant_{args.model}.json")
+    path.write_text(json.dumps({"meta": meta, "outliers": outliers, "results": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+def nf4_weights(model, setting: str, scheme) -> dict:
+    """bitsandbytes NF4 (blocks of 64) on every decoder linear, dequantized back; A/KV as the setting says."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    from stages.quantize.fakequant import attach_fake_quant
+
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+                q, state = bnbf.quantize_4bit(mod.weight.data.contiguous(), blocksize=64, quant_type="nf4")
+                mod.weight.data.copy_(bnbf.dequantize_4bit(q, state).to(mod.weight.dtype))
+    qs = scheme.quant_setting()
+    if qs.a_bits < 16 or qs.kv_bits < 16:
+        attach_fake_quant(model, qs)
+    return {}
+
+
+def activation_outliers(model, ids) -> dict:
+    """max |x| / median |x| of the inputs of q/k/v (attn_in), gate/up (mlp_in) and down_proj, per layer."""
+    import torch
+
+    stats, handles = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for site, mod in (("attn_in", layer.self_attn.q_proj), ("mlp_in", layer.mlp.gate_proj),
+                          ("down_in", layer.mlp.down_proj)):
+            def hook(m, a, key=f"layer{i}.{site}"):
+                x = a[0].detach().abs().float()
+                stats[key] = {"max": round(x.max().item(), 3), "median": round(x.median().item(), 4),
+                              "max_over_median": round((x.max() / x.median().clamp_min(1e-12)).item(), 1)}
+            handles.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Uniform integer fake quantizers for weights, activations and the KV cache (OSTQuant/QuaRot conventions).
+
+Every function here *fake*-quantizes: it quantizes to a b-bit integer grid and dequantizes straight back, so
+the result has the input's shape and dtype and only its values are restricted to the grid.
+
+Grids (b = bits, s = scale, z = zero point, r = clip ratio in (0, 1]):
+    symmetric:  q = clamp(round(x / s), -2^(b-1), 2^(b-1) - 1),   s = r * max|x| / (2^(b-1) - 1),   z = 0
+    asymmetric: q = clamp(round(x / s) + z, 0, 2^b - 1),           s = r * (max' - min') / (2^b - 1),
+                z = round(-r * min' / s),  with min' = min(min x, 0), max' = max(max x, 0)  (0 is always on the grid)
+    dequantize: x_hat = (q - z) * s
+A range of zero (an all-zero row/group/token) gets a tiny positive scale, so zeros map to zeros.
+
+Weights, 2-D [out, in]: static, per output channel (one (s, z) per row) or per group of ``group_size`` consecutive
+input columns, i.e. W viewed as [out, in / g, g] with one (s, z) per (row, group). Scales and zeros therefore have
+shape [out, groups, 1]. The default is symmetric per-channel, as OSTQuant/QuaRot use for weights.
+Clip ratios can be searched per row/group (``search_clip_ratio``): GPTQ/QuaRot's ``mse`` option, which shrinks the
+range by 1 - i / grid and keeps the ratio minimising sum |x - x_hat|^norm with norm = 2.4.
+
+Activations, [..., D]: dynamic per token (per row of the last dim, optionally in groups of the last dim), symmetric
+by default. KV cache, [batch, heads, seq, head_dim]: dynamic per (batch, head, token), asymmetric by default, in groups
+along head_dim (one group = the whole head, QuaRot's per-head KV convention). Both use a straight-through estimator:
+the forward value is the quantized tensor, the gradient w.r.t. the input is the identity, so rotations/scalings
+upstream can be trained through the quantizer. ``bits >= 16`` means "not quantized" and returns the input as is.
+
+Settings are named like "W4A4KV4": weight, activation and KV-cache bits (KV defaults to 16), see ``parse_setting``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from stages.errors import InputError
+
+NO_QUANT_BITS = 16  # bits >= this means "leave in floating point"
+_MIN_SCALE = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# grids
+
+
+def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    """The integer range [qmin, qmax] of a b-bit grid."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _check_bits(bits: int, what: str, lo: int = 2, hi: int = 8) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise InputError(f"{what} bits must be an integer in [{lo}, {hi}], got {bits!r}")
+
+
+def _check_clip(clip_ratio: float | torch.Tensor, what: str) -> None:
+    if isinstance(clip_ratio, torch.Tensor):
+        if clip_ratio.numel() and (clip_ratio.min() <= 0 or clip_ratio.max() > 1):
+            raise InputError(f"{what} clip ratios must lie in (0, 1]")
+    elif not 0.0 < float(clip_ratio) <= 1.0:
+        raise InputError(f"{what} clip ratio must lie in (0, 1], got {clip_ratio!r}")
+
+
+def _group_count(n: int, group_size: int | None, what: str) -> int:
+    """Number of groups along a dim of size n (1 when group_size is None)."""
+    if group_size is None:
+        return 1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise InputError(f"{what} group size must be a positive integer or None, got {group_size!r}")
+    if n % group_size:
+        raise InputError(f"{what} group size {group_size} does not divide the dimension {n}")
+    return n // group_size
+
+
+def _minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool,
+                    clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the range of x over its last dim, keepdim; x is float32 [..., n] -> [..., 1] each."""
+    qmin, qmax = quant_range(bits, symmetric)
+    if symmetric:
+        xmax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio  # [..., 1]
+        scale = (xmax / qmax).clamp_min(_MIN_SCALE)
+        zero = torch.zeros_like(scale)
+    else:
+        lo = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * clip_ratio  # [..., 1]
+        hi = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * clip_ratio
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+        zero = torch.round(-lo / scale)
+    return scale, zero
+
+
+def fake_quant_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                            symmetric: bool) -> torch.Tensor:
+    """Quantize-dequantize x with given (broadcastable) scale and zero point; computes in x's dtype."""
+    qmin, qmax = quant_range(bits, symmetric)
+    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
+    return (q - zero) * scale
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weights
+
+
+def _weight_groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """float32 view [out, groups, g] of a 2-D weight [out, in]."""
+    if w.dim() != 2:
+        raise InputError(f"expected a 2-D weight [out, in], got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    n_groups = _group_count(in_f, group_size, "weight")
+    return w.float().reshape(out_f, n_groups, in_f // n_groups)
+
+
+def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                   clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static (scale, zero) of a 2-D weight [out, in], each float32 [out, groups, 1] (groups = 1 per-channel).
+
+    clip_ratio is a float or a tensor broadcastable to [out, groups, 1] (e.g. from ``search_clip_ratio``).
+    """
+    _check_bits(bits, "weight")
+    _check_clip(clip_ratio, "weight")
+    x = _weight_groups(w, group_size)  # [out, groups, g]
+    if isinstance(clip_ratio, torch.Tensor):
+        clip_ratio = clip_ratio.to(device=x.device, dtype=torch.float32)
+    return _minmax_qparams(x, bits, symmetric, clip_ratio)
+
+
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                    clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """RTN fake quantization of a 2-D weight [out, in], per output channel or per group; same shape/dtype back."""
+    scale, zero = weight_qparams(w, bits, group_size, symmetric, clip_ratio)  # [out, groups, 1]
+    x = _weight_groups(w, group_size)  # [out, groups, g]
+    return fake_quant_with_qparams(x, scale, zero, bits, symmetric).reshape(w.shape).to(w.dtype)
+
+
+@torch.no_grad()
+def search_clip_ratio(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                      grid: int = 20, min_ratio: float = 0.5, norm: float = 2.4) -> torch.Tensor:
+    """Per row (or per row-group) clip ratio minimising sum |w - Q_r(w)|^norm; float32 [out, groups, 1].
+
+    Candidates are r = 1 - i (1 - min_ratio) / grid for i = 0..grid; r = 1 is a candidate and wins ties, so the
+    result is never worse than no clipping in that norm (norm=2 gives the MSE; GPTQ/QuaRot use 2.4 with
+    grid=100, min_ratio=0.2).
+    """
+    _check_bits(bits, "weight")
+    if grid < 1 or not 0.0 < min_ratio <= 1.0:
+        raise InputError(f"clip search needs grid >= 1 and min_ratio in (0, 1], got {grid}, {min_ratio}")
+    x = _weight_groups(w, group_size)  # [out, groups, g]
+    best_err = torch.full(x.shape[:2] + (1,), float("inf"), device=x.device)  # [out, groups, 1]
+    best_ratio = torch.ones_like(best_err)
+    for i in range(grid + 1):
+        r = 1.0 - i * (1.0 - min_ratio) / grid
+        scale, zero = _minmax_qparams(x, bits, symmetric, r)
+        err = (fake_quant_with_qparams(x, scale, zero, bits, symmetric) - x).abs_().pow_(norm).sum(-1, keepdim=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+    return best_ratio
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# activations and KV cache (dynamic, straight-through)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the precomputed quantized value q. Backward: the gradient passes to x unchanged."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
+def _dynamic_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
+                        group_size: int | None, what: str) -> torch.Tensor:
+    """Per-row (last dim) dynamic fake quantization with a straight-through gradient."""
+    if bits >= NO_QUANT_BITS:
+        return x
+    _check_bits(bits, what)
+    _check_clip(clip_ratio, what)
+    d = x.shape[-1]
+    n_groups = _group_count(d, group_size, what)
+    with torch.no_grad():
+        xg = x.detach().float().reshape(*x.shape[:-1], n_groups, d // n_groups)  # [..., groups, g]
+        scale, zero = _minmax_qparams(xg, bits, symmetric, clip_ratio)  # [..., groups, 1]
+        q = fake_quant_with_qparams(xg, scale, zero, bits, symmetric).reshape(x.shape).to(x.dtype)
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return q
+    return _StraightThrough.apply(x, q)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0,
+                         group_size: int | None = None) -> torch.Tensor:
+    """Dynamic per-token fake quantization of activations [..., D] over the last dim (optionally in groups); STE."""
+    return _dynamic_fake_quant(x, bits, symmetric, clip_ratio, group_size, "activation")
+
+
+def fake_quant_kv(x: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = False,
+                  clip_ratio: float = 1.0) -> torch.Tensor:
+    """Fake-quantize keys or values [batch, heads, seq, head_dim] per (batch, head, token), groups along head_dim."""
+    if x.dim() != 4:
+        raise InputError(f"KV quantization expects [batch, heads, seq, head_dim], got shape {tuple(x.shape)}")
+    return _dynamic_fake_quant(x, bits, symmetric, clip_ratio, group_size, "KV cache")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class QuantSetting:
+    """Bits of weights, activations (inputs of the decoder Linears) and KV cache; 16 = not quantized."""
+
+    w_bits: int = 16
+    a_bits: int = 16
+    kv_bits: int = 16
+    w_group_size: int | None = None  # None = per output channel
+    w_symmetric: bool = True
+    a_symmetric: bool = True
+    kv_symmetric: bool = False  # per-head asymmetric KV, the QuaRot/OSTQuant convention
+
+    def __post_init__(self) -> None:
+        for what, b in (("weight", self.w_bits), ("activation", self.a_bits), ("KV cache", self.kv_bits)):
+            if b != NO_QUANT_BITS:
+                _check_bits(b, what)
+        g = self.w_group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+            raise InputError(f"weight group size must be a positive integer or None, got {g!r}")
+
+    @property
+    def name(self) -> str:
+        g = f"g{self.w_group_size}" if self.w_group_size else ""
+        return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}{g}"
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.w_bits < NO_QUANT_BITS
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits < NO_QUANT_BITS or self.kv_bits < NO_QUANT_BITS
+
+
+_SETTING_RE = re.compile(r"^W(\d+)[-_]?A(\d+)(?:[-_]?KV(\d+))?(?:[-_]?G(\d+))?$", re.IGNORECASE)
+
+
+def parse_setting(name: str, *, w_group_size: int | None = None, w_symmetric: bool = True,
+                  a_symmetric: bool = True, kv_symmetric: bool = False) -> QuantSetting:
+    """Parse "W4A16", "W4A4KV4", "W4A16g128" (group size suffix) ... into a QuantSetting; KV defaults to 16."""
+    expected = "expected W<bits>A<bits>[KV<bits>][g<group>], e.g. W4A16, W8A8, W4A4KV4, W4A16g128, with bits 2-8 or 16"
+    m = _SETTING_RE.match(name.strip()) if isinstance(name, str) else None
+    if m is None:
+        raise InputError(f"bad quantization setting {name!r}: {expected}")
+    w, a, kv, g = m.groups()
+    if g is not None and w_group_size is not None and int(g) != w_group_size:
+        raise InputError(f"setting {name!r} names group size {g} but w_group_size={w_group_size} was also given")
+    group = int(g) if g is not None else w_group_size
+    try:
+        return QuantSetting(int(w), int(a), int(kv) if kv is not None else NO_QUANT_BITS, group, w_symmetric,
+                            a_symmetric, kv_symmetric)
+    except InputError as e:
+        raise InputError(f"bad quantization setting {name!r} ({e}): {expected}") from None

@@ -1,0 +1,190 @@
+"""OSTQuant calibration and the quantize stage: KL-Top, exact fusion, learning, settings, restore on load, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from stages.errors import ExportError, InputError
+from stages.quantize.ostquant import OSTSpec, calibrate, calibration_loss, kl_top
+from stages.quantize.quantizers import parse_setting
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model(model_type="llama"):
+    """A tiny model with what makes W4A4 hard: outlier channels in the residual stream and peaked outputs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    m = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, :3] *= 30  # outlier channels
+        for layer in m.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+        m.lm_head.weight.mul_(30)
+    return m
+
+
+IDS = torch.randint(0, 256, (48, 32), generator=torch.Generator().manual_seed(1))
+EVAL = torch.randint(0, 256, (16, 32), generator=torch.Generator().manual_seed(2))
+
+
+def _kl(model, ref):
+    with torch.no_grad():
+        return kl_top(model(input_ids=EVAL).logits, ref, 256).item()
+
+
+# ------------------------------------------------------------------ KL-Top
+
+def test_kl_top_on_a_hand_made_example():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.full((4,), 0.25)
+    t, s = p.log()[None], q.log()[None]  # logits = log-probs (softmax leaves them unchanged)
+    want = 0.5 * math.log(0.5 / 0.25) + 0.3 * math.log(0.3 / 0.25)  # top-2 of the teacher, not renormalised
+    assert kl_top(s, t, 2).item() == pytest.approx(want, rel=1e-6)
+    full = (p * (p / q).log()).sum().item()
+    assert kl_top(s, t, 4).item() == pytest.approx(full, rel=1e-6)
+    assert kl_top(s, t, 10_000).item() == pytest.approx(full, rel=1e-6)  # k clipped to V
+    assert calibration_loss("kl", s, t).item() == pytest.approx(full, rel=1e-6)
+    assert kl_top(t, t, 2).item() == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(Exception, match="unknown calibration loss"):
+        calibration_loss("l1", s, t)
+
+
+# ------------------------------------------------------------------ calibration
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
+def test_fused_transforms_leave_the_full_precision_model_unchanged(model_type):
+    m = _model(model_type)
+    with torch.no_grad():
+        ref = m(input_ids=EVAL).logits
+    res = calibrate(m, IDS, OSTSpec(setting=parse_setting("W4A4KV4"), steps=3, batch_size=2))
+    assert res["online_hadamard"] == {"size": 128, "seed": 7} and len(res["history"]) == 3
+    with torch.no_grad():
+        out = m(input_ids=EVAL).logits  # fused, no quantizer attached: the original function
+    assert torch.allclose(out, ref, atol=2e-3, rtol=1e-4)
+    assert _kl(m, ref) < 1e-5
+
+
+def test_rotation_closes_most_of_rtns_w4a4kv4_gap_and_calibration_lowers_the_loss():
+    from stages.quantize.fakequant import attach_fake_quant
+    from stages.quantize.rtn import quantize_model
+
+    m = _model()
+    with torch.no_grad():
+        ref = m(input_ids=EVAL).logits
+    setting = parse_setting("W4A4KV4")
+    rtn = copy.deepcopy(m)
+    quantize_model(rtn, 4, None, True, ["lm_head"])
+    attach_fake_quant(rtn, setting)
+    ost = copy.deepcopy(m)
+    res = calibrate(ost, IDS, OSTSpec(setting=setting, steps=40, batch_size=4, rotate_lr=1e-3, smooth_lr=1e-3))
+    quantize_model(ost, 4, None, True, ["lm_head"])
+    attach_fake_quant(ost, setting)
+    assert _kl(ost, ref) < 0.7 * _kl(rtn, ref)
+    h = [r["loss"] for r in res["history"]]
+    assert all(math.isfinite(x) for x in h)
+
+
+def test_unsupported_architecture_is_refused_by_name():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(InputError, match="llama"):
+        calibrate(m, IDS % 64, OSTSpec(setting=parse_setting("W4A16"), steps=1))
+
+
+# ------------------------------------------------------------------ the stage: settings, record, restore, export
+
+def _save(model, tmp_path, name="fp"):
+    d = tmp_path / name
+    model.save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@pytest.mark.parametrize("scheme", [
+    {"method": "rtn", "setting": "W4A8", "clip_search": True},
+    {"method": "gptq", "setting": "W4A4KV4", "act_order": True, "calibration": {"samples": 16}},
+    {"method": "ostquant", "setting": "W4A4KV4", "steps": 4, "batch_size": 2, "weight_quantizer": "rtn",
+     "calibration": {"samples": 16}},
+])
+def test_quantized_checkpoint_reloads_as_it_ran(tmp_path, scheme):
+    """apply() + save + load_causal_lm (restore from quantization.json) gives the same logits as in memory."""
+    from stages.config import parse_recipe
+    from stages.modeling import load_causal_lm
+    from stages.quantize import apply, runtime_needs
+
+    recipe = parse_recipe({"name": "t", "quantize": {"scheme": scheme}, "export": {"formats": ["safetensors"]}})
+    m = _model()
+    rec = apply(m, recipe.quantize.scheme, IDS[:16], seed=0)
+    with torch.no_grad():
+        live = m(input_ids=EVAL).logits
+    rec.pop("metrics"), rec.pop("history")
+    m._fakequant_handle.remove()
+    d = _save(m, tmp_path)
+    (d / "quantization.json").write_text(json.dumps(rec))
+    back = load_causal_lm(str(d))
+    with torch.no_grad():
+        again = back(input_ids=EVAL).logits
+    assert torch.allclose(live, again, atol=1e-4, rtol=1e-4)
+    needs = runtime_needs(d)
+    assert "simulated" in needs and (("online_hadamard" in needs) == (scheme["method"] == "ostquant"))
+    if scheme["method"] == "ostquant":
+        q = rec["qsur"]
+        assert set(q) == {f"model.layers.{i}.{s}" for i in range(2) for s in ("attn_in", "mlp_in", "down_in")}
+        # the outlier channels make the residual stream badly shaped; the rotation spreads them
+        assert q["model.layers.0.attn_in"]["after"] > 2 * q["model.layers.0.attn_in"]["before"]
+
+
+def test_weight_only_setting_changes_weights_only(tmp_path):
+    from stages.config import parse_recipe
+    from stages.quantize import apply, runtime_needs
+
+    recipe = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "gptq", "setting": "W4A16",
+                                                                "calibration": {"samples": 8}}}})
+    m = _model()
+    rec = apply(m, recipe.quantize.scheme, IDS[:8])
+    assert rec["a_bits"] == rec["kv_bits"] == 16 and getattr(m, "_fakequant_handle", None) is None
+    rec.pop("metrics"), rec.pop("history")
+    d = _save(m, tmp_path)
+    (d / "quantization.json").write_text(json.dumps(rec))
+    assert runtime_needs(d) == {}
+
+
+def test_exports_that_drop_run_time_parts_are_refused(tmp_path):
+    from stages.config import ExportConfig, parse_recipe
+    from stages.errors import RecipeError
+    from stages.export import run_export
+
+    with pytest.raises(RecipeError, match="safetensors"):
+        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "W4A4KV4"}}})
+    with pytest.raises(RecipeError, match="online_hadamard"):
+        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16"}}})
+    parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16",
+                                                       "online_hadamard": False}}})  # standard model: all formats
+    d = _save(_model(), tmp_path)
+    (d / "quantization.json").write_text(json.dumps({"a_bits": 8, "kv_bits": 16, "w_bits": 4}))
+    with pytest.raises(ExportError, match="safetensors only"):
+        run_export(ExportConfig(formats=["safetensors", "onnx"]), d, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "safetensors").exists()
+
+
+def test_setting_names():
+    from stages.config import parse_recipe
+    from stages.errors import RecipeError
+
+    s = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "w4a4kv4"}},
+                      "export": {"formats": ["safetensors"]}}).quantize.scheme
+    assert s.setting == "W4A4KV4" and (s.quant_setting().a_bits, s.quant_setting().kv_bits) == (4, 4)
+    with pytest.raises(RecipeError, match="setting"):
+        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "W1A16"}}})
+    with pytest.raises(RecipeError, match="setting"):
+        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "int4"}}})
