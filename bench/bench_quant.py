@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--settings", nargs="*", default=["W4A16", "W4A8", "W4A4KV4"])
     ap.add_argument("--methods", nargs="*", default=["rtn", "gptq", "ostquant+rtn", "ostquant+gptq", "nf4"])
     ap.add_argument("--ost-steps", type=int, default=100)
+    ap.add_argument("--ost-lr", type=float, nargs=2, default=None, metavar=("ROTATE", "SMOOTH"),
+                    help="OSTQuant learning rates (default: the recipe defaults)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
     ap.add_argument("--out", default=None)
@@ -92,6 +94,8 @@ def main() -> None:
         d = json.loads(json.dumps(base))
         if method.startswith("ostquant"):
             cfg = {"method": "ostquant", "weight_quantizer": method.split("+")[1], "steps": args.ost_steps, **kw}
+            if args.ost_lr:
+                cfg.update(rotate_lr=args.ost_lr[0], smooth_lr=args.ost_lr[1])
         else:
             cfg = {"method": method}
         d["quantize"]["scheme"] = {**cfg, "setting": setting, "group_size": None}
@@ -124,7 +128,8 @@ def main() -> None:
             "config": {k: getattr(fp.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                                           "num_attention_heads", "num_key_value_heads", "vocab_size")},
             "teacher_steps": base["embedded"]["steps"], "eval_tokens": int(eval_ids.numel()),
-            "calibration_rows": len(calib), "ost_steps": args.ost_steps, "prepare_seconds": round(prep_s, 1),
+            "calibration_rows": len(calib), "ost_steps": args.ost_steps, "ost_lr": args.ost_lr,
+            "prepare_seconds": round(prep_s, 1),
             "machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "device": "cpu", "when": time.strftime("%Y-%m-%d %H:%M")}
     path = Path(args.out or ROOT / "bench" / f"quant_{args.model}.json")

@@ -406,7 +406,7 @@ class GatesConfig(Strict):
         "perplexity of its input (e.g. quantize: 1.02).")
 
 
-ExportFormat = Literal["safetensors", "bnb-nf4", "bnb-int8", "onnx"]
+ExportFormat = Literal["safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4"]
 
 
 class ExportCheck(Strict):
@@ -420,6 +420,8 @@ def _default_checks() -> dict[str, ExportCheck]:
         "onnx": ExportCheck(max_abs_diff=1e-2, min_top1_agreement=0.99),
         "bnb-int8": ExportCheck(min_top1_agreement=0.80),
         "bnb-nf4": ExportCheck(min_top1_agreement=0.50),
+        "onnx-int8": ExportCheck(min_top1_agreement=0.80),
+        "onnx-int4": ExportCheck(min_top1_agreement=0.50),
     }
 
 

@@ -6,6 +6,8 @@ Formats (each in ``out_dir/<format>/`` with the tokenizer beside it):
 - ``bnb-nf4``: bitsandbytes 4-bit NormalFloat weights with double-quantized scales (QLoRA's format).
 - ``bnb-int8``: bitsandbytes LLM.int8() weights (row-wise absmax int8, outlier columns in 16 bit).
 - ``onnx``: an ONNX graph exported by optimum, run with onnxruntime (with past key values inputs).
+- ``onnx-int4`` / ``onnx-int8``: that graph with 4-bit (MatMulNBits, blocks of 32) or int8 (MatMulInteger)
+  weights, made by onnxruntime's quantizers.
 
 Every format is built in a temporary sibling directory, then loaded back *from disk* in a fresh
 object and run on a fixed batch of token ids; its logits are compared with the source model's. A
@@ -33,7 +35,7 @@ from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, res
 from stages.quantize import QUANT_FILE, runtime_needs
 from stages.result import StageResult
 
-FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx")
+FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,11 +187,58 @@ def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device):
     return load, logits, {"onnx_files": files, "provider": provider, "with_past": use_cache}
 
 
+def _build_onnx_quantized(bits: int):
+    """ONNX with really low-bit weights, made from the float32 ONNX export by onnxruntime's quantizers.
+
+    int4: ``MatMulNBitsQuantizer`` (blockwise symmetric 4-bit, blocks of 32 along the input dimension, MatMulNBits
+    ops). int8: ``quantize_dynamic`` (int8 weights per output channel, activations quantized dynamically at run
+    time, MatMulInteger ops). Embedding gathers stay float32.
+    """
+    def build(src_model, model_dir: Path, dst: Path, device: torch.device):
+        import tempfile
+
+        import onnx
+
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".onnx-fp32-") as tmp:
+            load, logits, extra = _build_onnx(src_model, model_dir, Path(tmp), device)
+            for f in Path(tmp).iterdir():  # config, generation config: everything but the float32 graph
+                if ".onnx" not in f.name:
+                    shutil.copy2(f, dst / f.name)
+            src = Path(tmp) / "model.onnx"
+            big = path_size(Path(tmp)) > 1.8e9  # protobuf's 2 GB limit: keep weights in a side file
+            if bits == 4:
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
+                q.process()
+                q.model.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=big)
+            else:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantize_dynamic(src, dst / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
+                                 use_external_data_format=big)
+        ops = sorted({n.op_type for n in onnx.load(str(dst / "model.onnx"), load_external_data=False).graph.node
+                      if n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear")})
+        files = sorted(f.name for f in dst.iterdir() if ".onnx" in f.name)
+        provider = _ort_provider(device)
+
+        def load_q():
+            from optimum.onnxruntime import ORTModelForCausalLM
+
+            return ORTModelForCausalLM.from_pretrained(str(dst), provider=provider, use_cache=True)
+
+        return load_q, logits, {**extra, "onnx_files": files, "quantized_ops": ops, "weight_bits": bits}
+
+    return build
+
+
 BUILDERS: dict[str, Callable] = {
     "safetensors": _build_safetensors,
     "bnb-nf4": _build_bnb("bnb-nf4"),
     "bnb-int8": _build_bnb("bnb-int8"),
     "onnx": _build_onnx,
+    "onnx-int8": _build_onnx_quantized(8),
+    "onnx-int4": _build_onnx_quantized(4),
 }
 
 
