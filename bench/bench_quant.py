@@ -4,15 +4,16 @@
 
 Models (trained by the bootstrap stage, cached under artifacts/ like any stage):
 - demo: the demo teacher (configs/demo.yaml: 4 layers, hidden 128, 4 heads / 2 KV heads (GQA), 300 steps);
-- wide: bench/recipes/wide.yaml (6 layers, hidden 256, 8 heads, no GQA, 1,200 steps): a differently-shaped model
+- wide: bench/recipes/wide.yaml (6 layers, hidden 192, 6 heads, no GQA, 900 steps): a differently-shaped model
   trained for longer.
 For each W/A/KV setting every method quantizes a fresh copy of the full-precision model; activations and KV are
-fake-quantized per token (KV per head, asymmetric) when it runs. Methods: RTN; GPTQ; OSTQuant (+RTN, +GPTQ); and
-bitsandbytes nf4 weights (blocks of 64, dequantized, with the same A/KV quantizers). Scores on the held-out
-tokens: perplexity ratio to full precision and KL(FP || quantized) per token. Ablation at the lowest setting:
-OSTQuant's calibration loss kl_top vs kl vs mse. Also writes per-layer outlier statistics (max / median |x| of
-the inputs of q/k/v, gate/up and down_proj) of the FP model. Calibration: 128 rows of the recipe's (DSIR-selected)
-training tokens; everything seeded.
+fake-quantized per token (KV per head, asymmetric) when it runs. Methods: RTN; GPTQ; bitsandbytes nf4 weights
+(blocks of 64, dequantized, with the same A/KV quantizers); hadamard+gptq, OSTQuant's initial random-Hadamard
+rotations with nothing learnt (QuaRot-like), to show what the learning adds; OSTQuant (+RTN, +GPTQ). Scores on
+the held-out tokens: perplexity ratio to full precision and KL(FP || quantized) per token. Ablation at the last
+setting: OSTQuant's calibration loss kl_top vs kl vs mse. Also writes per-layer outlier statistics (max / median
+|x| of the inputs of q/k/v, gate/up and down_proj) of the FP model. Calibration: 128 rows of the recipe's
+(DSIR-selected) training tokens; everything seeded.
 """
 
 from __future__ import annotations
@@ -36,13 +37,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(RECIPES), default="demo")
     ap.add_argument("--settings", nargs="*", default=["W4A16", "W4A8", "W4A4KV4"])
-    ap.add_argument("--methods", nargs="*", default=["rtn", "gptq", "ostquant+rtn", "ostquant+gptq", "nf4"])
+    ap.add_argument("--methods", nargs="*",
+                    default=["rtn", "gptq", "nf4", "hadamard+gptq", "ostquant+rtn", "ostquant+gptq"])
     ap.add_argument("--ost-steps", type=int, default=100)
     ap.add_argument("--ost-lr", type=float, nargs=2, default=None, metavar=("ROTATE", "SMOOTH"),
                     help="OSTQuant learning rates (default: the recipe defaults)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
     import torch
@@ -54,7 +57,7 @@ def main() -> None:
     from stages.pipeline import make_call, run_call
     from stages.quantize import apply, calibration_rows
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     base = load_recipe(RECIPES[args.model]).model_dump(mode="json")
     base["runtime"]["progress"] = False
     root = Path(args.artifacts).resolve()
@@ -92,7 +95,9 @@ def main() -> None:
 
     def scheme(method: str, setting: str, **kw):
         d = json.loads(json.dumps(base))
-        if method.startswith("ostquant"):
+        if method.startswith("hadamard"):  # OSTQuant's fixed random-Hadamard init, nothing learnt (QuaRot-like)
+            cfg = {"method": "ostquant", "weight_quantizer": method.split("+")[1], "steps": 0, **kw}
+        elif method.startswith("ostquant"):
             cfg = {"method": "ostquant", "weight_quantizer": method.split("+")[1], "steps": args.ost_steps, **kw}
             if args.ost_lr:
                 cfg.update(rotate_lr=args.ost_lr[0], smooth_lr=args.ost_lr[1])

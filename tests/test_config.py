@@ -63,7 +63,6 @@ def test_unknown_divergence(tmp_path):
 @pytest.mark.parametrize("text, stage", [
     ("kv:\n  enabled: true\n", "kv"),
     ("unlearn:\n  enabled: true\n", "unlearn"),
-    ("quantize:\n  scheme: {method: ostquant}\n", "OSTQuant"),
 ])
 def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
     with pytest.raises(RecipeError, match=f"{stage}.*not built yet"):

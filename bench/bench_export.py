@@ -1,0 +1,119 @@
+"""Size on disk and latency of every export format against PyTorch eager, on the same model and tokens.
+
+    python bench/bench_export.py [--model demo|wide] [--out bench/export_<model>.json]
+
+Takes the full-precision teacher of a bench model (see bench_quant.py), exports it in every format through the
+export stage (each reloaded from disk and checked against the source), then times each reloaded artifact on the
+same held-out rows: one forward pass over [1, 128] tokens (median of 20, after 3 warm-ups) and greedy generation of
+32 tokens with the KV cache (ms per new token, median of 5). PyTorch eager (float32) is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_quant import RECIPES  # noqa: E402
+
+
+def timed(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", choices=sorted(RECIPES), default="demo")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from stages.config import ExportConfig, load_recipe
+    from stages.data import load_tokens
+    from stages.export import FORMATS, run_export
+    from stages.modeling import load_causal_lm
+    from stages.pipeline import make_call, run_call
+
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(RECIPES[args.model])
+    root = Path(args.artifacts).resolve()
+    done: dict = {}
+    for stage in ("bootstrap", "select", "data"):
+        if stage == "select" and not recipe.select.enabled:
+            continue
+        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / f"bench-export-{args.model}", root)
+    teacher_dir = Path(done["bootstrap"]["outputs"]["teacher"]["path"])
+    ids = load_tokens(Path(done["data"]["outputs"]["eval"]["path"]))[:1].long()  # [1, 128]
+    prompt = ids[:, :16]
+
+    def measure(model, is_ort: bool) -> dict:
+        kw = {"attention_mask": torch.ones_like(ids), "use_cache": False} if is_ort else {}
+
+        @torch.no_grad()
+        def fwd():
+            model(input_ids=ids, **kw)
+
+        @torch.no_grad()
+        def gen():
+            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                           min_new_tokens=32, do_sample=False, pad_token_id=0)
+
+        return {"forward_ms": round(1000 * timed(fwd, 20, 3), 2),
+                "generate_ms_per_token": round(1000 * timed(gen, 5, 1) / 32, 2)}
+
+    rows = []
+    eager = load_causal_lm(str(teacher_dir))
+    base = measure(eager, False)
+    weights = sum(f.stat().st_size for f in teacher_dir.glob("*.safetensors"))
+    rows.append({"format": "pytorch eager (float32)", "bytes": weights, **base})
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run_export(ExportConfig(formats=list(FORMATS)), teacher_dir, Path(tmp), progress=False)
+        for fmt in FORMATS:
+            d = Path(tmp) / fmt
+            m = res.metrics[fmt]
+            if fmt.startswith("onnx"):
+                from optimum.onnxruntime import ORTModelForCausalLM
+
+                model, ort = ORTModelForCausalLM.from_pretrained(str(d), use_cache=True), True
+            elif fmt.startswith("bnb"):
+                model, ort = AutoModelForCausalLM.from_pretrained(str(d), device_map="cpu", dtype=torch.float32,
+                                                                  use_safetensors=True).eval(), False
+            else:
+                model, ort = load_causal_lm(str(d)), False
+            t = measure(model, ort)
+            rows.append({"format": fmt, "bytes": m["bytes"], **t,
+                         "forward_vs_eager": round(t["forward_ms"] / base["forward_ms"], 3),
+                         "generate_vs_eager": round(t["generate_ms_per_token"] / base["generate_ms_per_token"], 3),
+                         "max_abs_diff": m["max_abs_diff"], "top1_agreement": m["top1_agreement"],
+                         **({"quantized_ops": m["quantized_ops"]} if "quantized_ops" in m else {})})
+            print(json.dumps(rows[-1]), flush=True)
+            del model
+    meta = {"model": args.model, "params": sum(p.numel() for p in eager.parameters()), "tokens": list(ids.shape),
+            "machine": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M")}
+    path = Path(args.out or ROOT / "bench" / f"export_{args.model}.json")
+    path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
