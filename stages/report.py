@@ -8,7 +8,7 @@ from pathlib import Path
 from stages.io import write_json_atomic, write_text_atomic
 
 EVAL_COLUMNS = ("ppl", "ppl_ratio", "kl_to_teacher", "top1_agreement", "params", "bytes_on_disk",
-                "size_ratio", "latency_ms_per_token")
+                "size_ratio", "latency_ms_per_token", "runtime")
 
 
 def _fmt(v) -> str:
