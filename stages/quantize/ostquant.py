@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from stages.errors import TrainingError
 from stages.quantize.fakequant import attach_fake_quant
 from stages.quantize.hadamard import random_rotation
-from stages.quantize.quantizers import QuantSetting, quantize_weight
+from stages.quantize.quantizers import QuantSetting, fake_quant_round_ste
 from stages.quantize.transforms import (OSTParams, build_optimizers, check_supported, fold_rmsnorm,
                                         fuse_transforms_, install_online_hadamard, transformed_weights)
 
@@ -94,12 +94,18 @@ class OSTSpec:
 
 
 def _ste_weight_quant(weights: dict[str, torch.Tensor], setting: QuantSetting) -> dict[str, torch.Tensor]:
-    """Round-to-nearest fake quantization of the decoder linears' weights with a straight-through gradient."""
+    """Round-to-nearest fake quantization of the decoder linears' weights, rounding passed straight through.
+
+    Per output row (or row group), scales differentiable: the gradient sees how a transform changes the weights'
+    ranges and so their rounding error (a whole-quantizer straight-through gradient would not).
+    """
     out = dict(weights)
     for name, w in weights.items():
         if ".layers." in name and name.endswith("_proj.weight"):
-            q = quantize_weight(w.detach(), setting.w_bits, setting.w_group_size, setting.w_symmetric)
-            out[name] = w + (q - w).detach()
+            rows, cols = w.shape
+            g = setting.w_group_size or cols
+            q = fake_quant_round_ste(w.float().reshape(rows, cols // g, g), setting.w_bits, setting.w_symmetric)
+            out[name] = q.reshape(rows, cols).to(w.dtype)
     return out
 
 

@@ -175,20 +175,38 @@ class _StraightThrough(torch.autograd.Function):
 
 def _dynamic_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
                         group_size: int | None, what: str) -> torch.Tensor:
-    """Per-row (last dim) dynamic fake quantization with a straight-through gradient."""
+    """Per-row (last dim) dynamic fake quantization; gradients pass the rounding straight through."""
     if bits >= NO_QUANT_BITS:
         return x
     _check_bits(bits, what)
     _check_clip(clip_ratio, what)
     d = x.shape[-1]
     n_groups = _group_count(d, group_size, what)
-    with torch.no_grad():
-        xg = x.detach().float().reshape(*x.shape[:-1], n_groups, d // n_groups)  # [..., groups, g]
-        scale, zero = _minmax_qparams(xg, bits, symmetric, clip_ratio)  # [..., groups, 1]
-        q = fake_quant_with_qparams(xg, scale, zero, bits, symmetric).reshape(x.shape).to(x.dtype)
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return q
-    return _StraightThrough.apply(x, q)
+        with torch.no_grad():
+            xg = x.float().reshape(*x.shape[:-1], n_groups, d // n_groups)  # [..., groups, g]
+            scale, zero = _minmax_qparams(xg, bits, symmetric, clip_ratio)  # [..., groups, 1]
+            return fake_quant_with_qparams(xg, scale, zero, bits, symmetric).reshape(x.shape).to(x.dtype)
+    # Training through the quantizer (e.g. OSTQuant's transforms): straight-through on the rounding only, with the
+    # scale a differentiable function of x (its absmax / range), as QuaRot/SpinQuant's activation quantizers do.
+    # A whole-quantizer STE (gradient of the identity) would make the gradient blind to the quantization error:
+    # for function-preserving transforms it is the full-precision gradient, which is zero.
+    xg = x.float().reshape(*x.shape[:-1], n_groups, d // n_groups)  # [..., groups, g]
+    return fake_quant_round_ste(xg, bits, symmetric, clip_ratio).reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_round_ste(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float = 1.0) -> torch.Tensor:
+    """Min/max fake quantization over the last dim of float x [..., n], differentiable for training transforms.
+
+    The scale is computed from x with gradient; only the rounding passes its gradient straight through (the zero
+    point is held constant), and values clipped by the range get none.
+    """
+    scale, zero = _minmax_qparams(x, bits, symmetric, clip_ratio)  # [..., 1] each, scale differentiable
+    zero = zero.detach()
+    qmin, qmax = quant_range(bits, symmetric)
+    v = x / scale
+    v = v + (torch.round(v) - v).detach()  # round with an identity gradient
+    return (torch.clamp(v + zero, qmin, qmax) - zero) * scale
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = True, clip_ratio: float = 1.0,
