@@ -4,7 +4,9 @@
 (fake-)quantized or not:
 - Activations: the input of every nn.Linear inside the decoder layers (q/k/v/o/gate/up/down_proj; never lm_head)
   is fake-quantized per token over the hidden dim, ``setting.a_bits``, by a forward pre-hook. Optionally the o_proj
-  input (the P·V output, [.., heads * head_dim]) uses groups, e.g. one per head as QuaRot does.
+  input (the P·V output, [.., heads * head_dim]) uses groups, e.g. one per head as QuaRot does. A down_proj with an
+  online Hadamard (``transforms.HadamardInputLinear``) multiplies x @ H: there the Hadamard's output is quantized
+  (a forward hook on the OnlineHadamard module all layers share), i.e. what the matmul sees.
 - KV cache: keys (after RoPE) and values [batch, n_kv_heads, seq, head_dim] are fake-quantized per (batch, head,
   token), asymmetric by default, in groups along head_dim (default: one group = the whole head), right before the
   attention product. This is done by an attention function registered with transformers' AttentionInterface that
@@ -26,6 +28,7 @@ All quantizers use straight-through gradients, so transforms can be trained with
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 
@@ -137,13 +140,21 @@ def attach_fake_quant(model: nn.Module, setting: QuantSetting, *, a_clip_ratio: 
     handle = FakeQuantHandle(model, setting)
 
     if setting.a_bits < NO_QUANT_BITS:
+        quant = functools.partial(_act_quant, handle, setting.a_bits, setting.a_symmetric, a_clip_ratio)
+        onlines: dict[int, nn.Module] = {}
         for layer in layers:
             for name, mod in layer.named_modules():
                 if not isinstance(mod, nn.Linear):
                     continue
-                group = o_proj_group_size if name.endswith("o_proj") else None
-                handle._hooks.append(mod.register_forward_pre_hook(
-                    _act_hook(handle, setting.a_bits, setting.a_symmetric, a_clip_ratio, group)))
+                online = getattr(mod, "online_hadamard", None)
+                if online is not None:  # the matmul sees x @ H: quantize the online Hadamard's output (below)
+                    onlines[id(online)] = online
+                    continue
+                q = quant(o_proj_group_size if name.endswith("o_proj") else None)
+                handle._hooks.append(mod.register_forward_pre_hook(lambda m, args, q=q: (q(args[0]), *args[1:])))
+        # One OnlineHadamard module is shared by every layer's down_proj, so its hook is registered once.
+        for online in onlines.values():
+            handle._hooks.append(online.register_forward_hook(lambda m, args, out, q=quant(None): q(out)))
 
     if setting.kv_bits < NO_QUANT_BITS:
         name = _register_kv_attention(model.config._attn_implementation or "eager")
@@ -159,16 +170,8 @@ def attach_fake_quant(model: nn.Module, setting: QuantSetting, *, a_clip_ratio: 
     return handle
 
 
-def _act_hook(handle: FakeQuantHandle, bits: int, symmetric: bool, clip_ratio: float, group_size: int | None):
-    def hook(module: nn.Module, args: tuple):
-        if not handle.active:
-            return None
-        x = args[0]  # the Linear's input [..., in_features]
-        online = getattr(module, "online_hadamard", None)
-        if online is not None:
-            # A down_proj with an online Hadamard multiplies its input by H itself: quantize what its matmul
-            # sees, Q(x H), and hand back Q(x H) H^T so that its own "@ H" yields Q(x H) again (H orthogonal).
-            h = online.matrix.to(x.dtype)  # [I, I]
-            return (fake_quant_per_token(x @ h, bits, symmetric, clip_ratio, group_size) @ h.T, *args[1:])
-        return (fake_quant_per_token(x, bits, symmetric, clip_ratio, group_size), *args[1:])
-    return hook
+def _act_quant(handle: FakeQuantHandle, bits: int, symmetric: bool, clip_ratio: float, group_size: int | None):
+    """Per-token fake quantization of a matmul input [..., in_features], a pass-through while the handle is paused."""
+    def quant(x: torch.Tensor) -> torch.Tensor:
+        return fake_quant_per_token(x, bits, symmetric, clip_ratio, group_size) if handle.active else x
+    return quant
