@@ -126,10 +126,10 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
                      compile=cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda"))
     train_topk = eval_topk = None
     topk_info = {}
+    eval_rows = eval_ids[: spec.eval_rows]  # what every held-out evaluation during training scores
     if cfg.teacher.source == "cached_topk":
         if teacher_cache_dir is None:
             raise InputError("distill.teacher.source cached_topk needs a cache folder (run it through the pipeline)")
-        eval_rows = eval_ids[: spec.eval_rows]
         args = (cfg.teacher.topk, cfg.temperature, teacher_cache_dir)
         train_topk, reused_t = cached_teacher_topk(teacher, train_ids, *args, "train", cfg.batch_size, device,
                                                    runtime.progress)
@@ -142,7 +142,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     student.to(device)
-    before = evaluate_loss(student, eval_ids[: spec.eval_rows], cfg.batch_size, device, teacher, cfg.divergence,
+    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg.divergence,
                            cfg.temperature, dict(cfg.divergence_params), teacher_topk=eval_topk)
     history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device, train_topk=train_topk,
                     eval_topk=eval_topk)

@@ -303,8 +303,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
             rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
-                                     spec.temperature, spec.divergence_params,
-                                     teacher_topk=_rows(eval_topk, torch.arange(len(eval_sub)), torch.device("cpu"))))
+                                     spec.temperature, spec.divergence_params, teacher_topk=eval_topk))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \

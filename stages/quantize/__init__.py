@@ -108,12 +108,13 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         res = calibrate(model, calib, spec, qsur_ids=probe)
         qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
         history = res["history"]
+        summary = loss_summary(history)
         record["online_hadamard"] = res["online_hadamard"]
         record["ostquant"] = {"loss": s.loss, "topk": s.topk, "steps": s.steps,
-                              "train_weight_quant": res["train_weight_quant"], **loss_summary(history)}
+                              "train_weight_quant": res["train_weight_quant"], **summary}
         record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
                           for k in qsur_before}
-        metrics.update({f"calib_{k}": v for k, v in loss_summary(history).items()})
+        metrics.update({f"calib_{k}": v for k, v in summary.items()})
         metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
         metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
     wq = s.weight_quantizer if s.method == "ostquant" else s.method
@@ -147,7 +148,7 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     s = cfg.scheme
     device = resolve_device(runtime.device if runtime else "cpu")
     seed = runtime.seed if runtime else 0
-    if runtime_needs(model_dir) or (Path(model_dir) / QUANT_FILE).is_file():
+    if (Path(model_dir) / QUANT_FILE).is_file():
         raise InputError(f"quantize: {model_dir} is already quantized ({QUANT_FILE} is there); quantize the "
                          "full-precision model instead")
     dtype = models.dtype if s.method == "rtn" else "float32"  # transforms and GPTQ solve in float32/64
