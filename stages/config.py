@@ -105,6 +105,9 @@ class EmbeddedConfig(Strict):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-3, gt=0)
     max_corpus_mb: float = Field(6.0, gt=0, description="Cap on corpus size built from the stdlib.")
+    site_packages: bool = Field(
+        False, description="Also read the installed third-party packages (their .py files, docstrings, long "
+        "descriptions and .md/.rst documents: hundreds of MB with this project's dependencies), for a larger corpus.")
     eval_fraction: float = Field(0.05, gt=0, lt=0.5)
     seed: int = 0
 
@@ -297,8 +300,12 @@ class RTNConfig(_QuantBase):
 
 
 class Calibration(Strict):
-    samples: int = Field(128, ge=1, description="Calibration rows taken from the data stage's training tokens "
-                         "(the DSIR selection when select is enabled), seeded.")
+    samples: int = Field(128, ge=1, description="Calibration rows (seeded draw) of data.seq_len tokens.")
+    file: str | None = Field(
+        None, description="Where the rows come from. Unset: the data stage's training tokens (the DSIR selection "
+        "when select is enabled). Else a file: JSONL (field text_field) or .txt text, tokenized with the model's "
+        "tokenizer and packed into rows of data.seq_len; or a .safetensors token file written by the data stage.")
+    text_field: str = Field("text", description="Field holding the text in a JSONL calibration file.")
 
 
 class GPTQConfig(_QuantBase):

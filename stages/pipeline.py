@@ -43,6 +43,10 @@ def preflight(recipe: Recipe) -> None:
     if recipe.models.tokenizer and is_local_ref(recipe.models.tokenizer) and not Path(recipe.models.tokenizer).exists():
         raise InputError(f"models.tokenizer: not found: {recipe.models.tokenizer}")
     check_files(recipe.data)
+    q = recipe.quantize
+    if q.enabled and q.scheme.method != "rtn" and q.scheme.calibration.file \
+            and not Path(q.scheme.calibration.file).is_file():
+        raise InputError(f"quantize.scheme.calibration.file: not found: {q.scheme.calibration.file}")
     if recipe.select.enabled:
         missing = [r for r in recipe.select.references() if r.split(":")[0] != "embedded" and not Path(r).exists()]
         if missing:
@@ -129,6 +133,10 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     runtime = {"seed": recipe.runtime.seed, "device": recipe.runtime.device}
     if stage == "bootstrap":
         config = {**dumps("embedded"), "runtime": runtime, "train_teacher": recipe.models.teacher == "embedded"}
+        if recipe.embedded.site_packages:  # that corpus is read from whatever is installed: part of the key
+            from stages.embedded import installed_distributions
+
+            config["distributions"] = stable_hash(installed_distributions())
         inputs: dict[str, str] = {}
     elif stage == "select":
         config = dumps("select")
@@ -156,8 +164,11 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict]) -> StageCall:
     elif stage == "quantize":
         config = {**dumps("quantize"), "dtype": recipe.models.dtype, "runtime": runtime}
         inputs = {"model": r["model"]}
-        if recipe.quantize.scheme.method != "rtn":  # calibrated methods: the (DSIR-selected) training tokens
-            inputs["calib"] = _out(done, "data", "train")
+        s = recipe.quantize.scheme
+        if s.method != "rtn":  # calibrated methods: a given file, or the (DSIR-selected) training tokens
+            inputs["calib"] = s.calibration.file or _out(done, "data", "train")
+            if s.calibration.file:
+                config["calib_seq_len"] = recipe.data.seq_len
     elif stage == "evaluate":
         config = {**dumps("evaluate", "models"), "runtime": runtime}
         cands, _ = candidates(recipe, done)
@@ -220,7 +231,8 @@ def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path)
                            teacher_cache_dir=artifacts_root / ".cache" / "teacher-topk" / teacher_cache_key(recipe, call))
     if call.stage == "quantize":
         return quantize.run(recipe.quantize, m, rt, model_dir=Path(i["model"]), out_dir=out_dir,
-                            calib_path=Path(i["calib"]) if "calib" in i else None)
+                            calib_path=Path(i["calib"]) if "calib" in i else None,
+                            calib_seq_len=call.config.get("calib_seq_len"))
     if call.stage == "evaluate":
         cands = {k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("model:")}
         return evaluate.run(recipe.evaluate, m, rt, teacher_ref=i["teacher"], candidates=cands,

@@ -226,3 +226,26 @@ def test_learning_the_transforms_lowers_the_quantized_loss_on_a_fixed_batch():
             o.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.8 * losses[0], losses
+
+
+def test_calibration_rows_from_a_text_file_and_a_token_file(tmp_path):
+    """Text is tokenized and packed into seq_len rows; token ids the model cannot embed are refused by name."""
+    from stages.data import save_tokens
+    from stages.embedded import train_tokenizer
+    from stages.quantize import calibration_rows
+
+    text = tmp_path / "calib.jsonl"
+    text.write_text("".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(200)))
+    tok = train_tokenizer([text], vocab_size=300, out_dir=tmp_path / "tok", text_field="body")
+    rows = calibration_rows(text, 8, 0, tokenizer=tok, seq_len=16, text_field="body", vocab_size=300)
+    assert rows.shape == (8, 16) and rows.dtype == torch.long
+    whole = calibration_rows(text, 10**6, 0, tokenizer=tok, seq_len=16, text_field="body")
+    assert set(map(tuple, rows.tolist())) <= set(map(tuple, whole.tolist()))  # a seeded draw of the packed rows
+    assert torch.equal(rows, calibration_rows(text, 8, 0, tokenizer=tok, seq_len=16, text_field="body"))
+    with pytest.raises(InputError, match="no 'text' field"):
+        calibration_rows(text, 8, 0, tokenizer=tok, seq_len=16)
+    ids = tmp_path / "ids.safetensors"
+    save_tokens(torch.arange(96, dtype=torch.int32).reshape(6, 16) * 5, ids)  # ids 0..475
+    assert calibration_rows(ids, 4, 0, vocab_size=500).shape == (4, 16)
+    with pytest.raises(InputError, match=r"outside the model's vocabulary \(256\); they were tokenized for another"):
+        calibration_rows(ids, 4, 0, vocab_size=256)

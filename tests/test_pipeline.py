@@ -261,6 +261,35 @@ def test_missing_data_file_fails_before_any_work(tmp_path):
         preflight(recipe)
 
 
+def test_missing_calibration_file_fails_before_any_work(tmp_path):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.pipeline import preflight
+
+    recipe = parse_recipe({"quantize": {"scheme": {"method": "gptq", "calibration": {"file": str(tmp_path / "c.txt")}}}})
+    with pytest.raises(InputError, match=r"quantize\.scheme\.calibration\.file: not found: .*c\.txt"):
+        preflight(recipe)
+
+
+def test_gptq_calibrates_on_a_given_text_file(tiny_run, tiny_recipe, tmp_path):
+    """calibration.file: text tokenized with the model's tokenizer into data.seq_len rows, instead of data's tokens."""
+    from stages.config import parse_recipe
+    from stages.pipeline import run_local
+
+    root, run, _ = tiny_run
+    corpus = stage_dir(root, run, "bootstrap") / "corpus"
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text((corpus / "prose" / "eval.jsonl").read_text())
+    data = tiny_recipe.model_dump(mode="json")
+    data["quantize"]["scheme"] = {"method": "gptq", "setting": "W4A16", "calibration": {"samples": 4, "file": str(calib)}}
+    data["export"]["formats"] = ["safetensors"]
+    done = run_local(parse_recipe(data), root / "tiny-calib-file", root)
+    q = done["quantize"]
+    assert q["inputs"]["calib"]["ref"] == str(calib) and q["config"]["calib_seq_len"] == tiny_recipe.data.seq_len
+    assert q["metrics"]["calibration_rows"] == 4
+    assert done["export"]["metrics"]["safetensors"]["passed"]
+
+
 def test_local_checkpoint_and_data_files_run_without_the_embedded_world(tiny_run, tmp_path):
     """The path real users take: a teacher checkpoint directory and JSONL files (here: the tiny run's)."""
     from stages.config import parse_recipe

@@ -65,11 +65,24 @@ def runtime_needs(model_dir: str | Path) -> dict:
     return out
 
 
-def calibration_rows(train_path: Path, samples: int, seed: int) -> torch.Tensor:
-    """``samples`` seeded rows [n, T] of the data stage's training tokens."""
-    from stages.data import load_tokens
+def calibration_rows(path: Path, samples: int, seed: int, *, tokenizer=None, seq_len: int | None = None,
+                     text_field: str = "text", vocab_size: int | None = None) -> torch.Tensor:
+    """``samples`` seeded rows [n, T] of calibration tokens.
 
-    ids = load_tokens(train_path)
+    ``path`` is a token file written by the data stage (.safetensors), or, with ``tokenizer`` and ``seq_len``, a
+    JSONL / .txt text file that is tokenized and packed into rows of ``seq_len`` (documents joined by EOS). With
+    ``vocab_size``, token ids the model cannot embed are refused: they mean the file was tokenized for another model.
+    """
+    from stages.data import load_texts, load_tokens, pack
+
+    path = Path(path)
+    if path.suffix == ".safetensors" or tokenizer is None:
+        ids = load_tokens(path)
+    else:
+        ids = pack(load_texts([path], text_field), tokenizer, seq_len, what=f"calibration file {path}")
+    if vocab_size is not None and ids.numel() and int(ids.max()) >= vocab_size:
+        raise InputError(f"calibration tokens {path}: id {int(ids.max())} is outside the model's vocabulary "
+                         f"({vocab_size}); they were tokenized for another model")
     g = torch.Generator().manual_seed(seed)
     return ids[torch.randperm(len(ids), generator=g)[:samples]].long()
 
@@ -142,7 +155,12 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
 
 
 def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None = None, *, model_dir: Path,
-        out_dir: Path, calib_path: Path | None = None) -> StageResult:
+        out_dir: Path, calib_path: Path | None = None, calib_seq_len: int | None = None) -> StageResult:
+    """Quantize the model at ``model_dir`` into ``out_dir/model`` (+ ``quantization.json``).
+
+    ``calib_path``: the data stage's token file, or (with ``calib_seq_len``) a text file to tokenize; only the
+    calibrated methods (GPTQ, OSTQuant) read it.
+    """
     from stages.modeling import load_causal_lm, load_tokenizer, resolve_device, save_pretrained_atomic_into
 
     s = cfg.scheme
@@ -154,7 +172,11 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     dtype = models.dtype if s.method == "rtn" else "float32"  # transforms and GPTQ solve in float32/64
     model = load_causal_lm(str(model_dir), dtype=dtype, device=device, what="quantize input")
     tok = load_tokenizer(str(model_dir))
-    calib = calibration_rows(calib_path, s.calibration.samples, seed) if calib_path and s.method != "rtn" else None
+    calib = None
+    if calib_path and s.method != "rtn":
+        calib = calibration_rows(calib_path, s.calibration.samples, seed, tokenizer=tok if calib_seq_len else None,
+                                 seq_len=calib_seq_len, text_field=s.calibration.text_field,
+                                 vocab_size=model.get_input_embeddings().num_embeddings)
     record = apply(model, s, calib, seed=seed, progress=runtime.progress if runtime else False)
     metrics, history = record.pop("metrics"), record.pop("history")
     handle = getattr(model, "_fakequant_handle", None)
