@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N: where the models are quantized and scored")
     args = ap.parse_args()
 
     import torch
@@ -73,10 +74,10 @@ def main() -> None:
         done[stage] = run_call(recipe, make_call(recipe, stage, done), root / f"bench-quant-{args.model}", root)
     prep_s = time.perf_counter() - t0
     out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
-    fp = load_causal_lm(out("bootstrap", "teacher"), what="teacher")
+    fp = load_causal_lm(out("bootstrap", "teacher"), what="teacher").to(args.device)
     calib = calibration_rows(Path(out("data", "train")), 128, 0)
     eval_ids = load_tokens(Path(out("data", "eval"))).long()
-    eval_ids = eval_ids[: max(1, 16384 // eval_ids.shape[1])]
+    eval_ids = eval_ids[: max(1, 16384 // eval_ids.shape[1])].to(args.device)
 
     @torch.no_grad()
     def logits_of(model) -> torch.Tensor:
@@ -93,7 +94,7 @@ def main() -> None:
         return {"ppl": math.exp(nll), "kl": kl}
 
     fp_score = score(fp)
-    outliers = activation_outliers(fp, calib[:16])
+    outliers = activation_outliers(fp, calib[:16].to(args.device))
     print(f"{args.model}: FP ppl {fp_score['ppl']:.3f}  ({sum(p.numel() for p in fp.parameters()):,} params)")
 
     def scheme(method: str, setting: str, **kw):
@@ -147,7 +148,8 @@ def main() -> None:
             "ost_lr": args.ost_lr,
             "prepare_seconds": round(prep_s, 1),
             "machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "device": "cpu", "when": time.strftime("%Y-%m-%d %H:%M")}
+            "device": args.device + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda")
+                                     else ""), "when": time.strftime("%Y-%m-%d %H:%M")}
     path = Path(args.out or ROOT / "bench" / f"quant_{args.model}.json")
     path.write_text(json.dumps({"meta": meta, "outliers": outliers, "results": rows}, indent=2))
     print(f"wrote {path}")

@@ -37,7 +37,7 @@ def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out
 
     (out_dir / "corpus").mkdir()
     splits = build_corpus(out_dir / "corpus", max_mb=cfg.max_corpus_mb, eval_fraction=cfg.eval_fraction,
-                          seed=cfg.seed)
+                          seed=cfg.seed, site_packages=cfg.site_packages)
     train_files = [Path(s["train"]) for s in splits.values()]
     eval_files = [Path(s["eval"]) for s in splits.values()]
     tok = train_tokenizer(train_files, vocab_size=cfg.vocab_size, out_dir=out_dir / "tokenizer")

@@ -8,6 +8,7 @@ and cutting the stream into rows. Later stages read these files, so tokenization
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Iterator
@@ -88,17 +89,16 @@ def pack(texts: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("the tokenizer has no EOS token; it is needed to separate documents")
-    stream: list[int] = []
+    parts: list[np.ndarray] = []  # int32 per batch of documents: a large corpus never sits in Python ints
     batch = 256
     for i in range(0, len(texts), batch):
-        for ids in tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
+        enc = tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
+        parts.append(np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids in enc), dtype=np.int32))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     rows = len(stream) // seq_len
     if rows == 0:
         raise InputError(f"{what}: only {len(stream)} tokens, fewer than one sequence of {seq_len}")
-    arr = np.asarray(stream[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
-    return torch.from_numpy(arr)
+    return torch.from_numpy(stream[: rows * seq_len].reshape(rows, seq_len).copy())
 
 
 def save_tokens(ids: torch.Tensor, path: Path) -> None:

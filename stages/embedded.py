@@ -8,6 +8,11 @@ Domains (one folder each, ``train.jsonl`` and ``eval.jsonl`` of ``{"text", "sour
 - ``prose``: the reference documentation in ``pydoc_data.topics``, in paragraph groups.
 - ``code``: standard-library source, cut at top-level ``def``/``class`` boundaries.
 - ``docstrings``: module, class and function docstrings found with ``ast`` (nothing is imported).
+
+With ``site_packages`` the installed third-party packages are read too (hundreds of MB once the project's
+dependencies are installed): their ``.py`` files feed ``code`` and ``docstrings``, and their long descriptions
+(``*.dist-info/METADATA`` bodies) and ``.md`` / ``.rst`` files feed ``prose``. That corpus depends on what is
+installed, so ``corpus.json`` records every distribution's name and version.
 """
 
 from __future__ import annotations
@@ -117,21 +122,61 @@ def _prose_docs() -> list[_Doc]:
     return docs
 
 
-def _stdlib_files() -> list[tuple[str, Path]]:
-    """(relative posix path, path) of the stdlib's own modules, in a stable shuffled order.
+def _site_roots() -> list[Path]:
+    """The interpreter's site-packages folders (purelib, and platlib where it differs)."""
+    paths = sysconfig.get_paths()
+    return [Path(p) for p in dict.fromkeys((paths["purelib"], paths["platlib"])) if Path(p).is_dir()]
 
-    Shuffled by a seed-independent hash of the path so a small cap samples many packages rather
+
+def _source_files(site_packages: bool = False) -> list[tuple[str, Path]]:
+    """(label, path) of the stdlib's own modules (``stdlib:<rel>``), and with ``site_packages`` those of the
+    installed packages (``site:<rel>``), in a stable shuffled order.
+
+    Shuffled by a seed-independent hash of the label so a small cap samples many packages rather
     than the alphabetically first ones, while the seed changes only the split, not the content.
+    Files over 1 MB (generated tables, vendored bundles) are left out.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
+    roots = [("stdlib", Path(sysconfig.get_paths()["stdlib"]))]
+    if site_packages:
+        roots += [("site", r) for r in _site_roots()]
     files = []
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).parts
-        if _SKIP_DIRS.intersection(parts[:-1]) or parts[0].startswith("config-"):
-            continue
-        files.append((path.relative_to(root).as_posix(), path))
-    files.sort(key=lambda rp: (_unit_float("order", rp[0]), rp[0]))
+    for label, root in roots:
+        for path in root.rglob("*.py"):
+            parts = path.relative_to(root).parts
+            if _SKIP_DIRS.intersection(parts[:-1]) or parts[0].startswith("config-") or \
+                    parts[0].endswith((".dist-info", ".egg-info")) or path.stat().st_size > MB:
+                continue
+            files.append((f"{label}:{path.relative_to(root).as_posix()}", path))
+    files.sort(key=lambda lp: (_unit_float("order", lp[0].removeprefix("stdlib:")), lp[0]))
     return files
+
+
+def installed_distributions() -> list[str]:
+    """``name==version`` of every installed distribution, sorted: what a site-packages corpus was read from."""
+    from importlib.metadata import distributions
+
+    return sorted({f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]})
+
+
+def _package_prose() -> list[_Doc]:
+    """Long descriptions (METADATA bodies) and .md / .rst files of the installed packages, in paragraph groups."""
+    texts: list[tuple[str, str]] = []
+    for root in _site_roots():
+        for path in sorted(root.glob("*.dist-info/METADATA")):
+            head, _, body = path.read_bytes().decode("utf-8", "replace").partition("\n\n")
+            texts.append((f"site:{path.relative_to(root).as_posix()}", body))
+        for path in sorted(p for ext in ("*.md", "*.rst") for p in root.rglob(ext)):
+            if path.stat().st_size <= MB:
+                try:
+                    texts.append((f"site:{path.relative_to(root).as_posix()}", path.read_bytes().decode("utf-8")))
+                except UnicodeDecodeError:
+                    continue
+    docs = []
+    for label, text in sorted(texts, key=lambda t: (_unit_float("order", t[0]), t[0])):
+        paragraphs = [p + "\n\n" for p in re.split(r"\n\s*\n", text) if p.strip()]
+        for i, chunk in enumerate(c for c in map(_clean, _pack(paragraphs)) if len(c) >= _MIN_PROSE_CHARS):
+            docs.append(_Doc(chunk, f"{label}#{i}", f"{label}#{i}"))
+    return docs
 
 
 def _module_name(rel: str) -> str:
@@ -177,8 +222,8 @@ def _docstrings(tree: ast.Module, module: str) -> Iterator[tuple[int, str, str]]
         stack.extend(reversed(children))  # depth-first in source order
 
 
-def _stdlib_docs(code_cap: int, doc_cap: int) -> tuple[list[_Doc], list[_Doc]]:
-    """Code and docstring documents from the stdlib, read until both domains are full.
+def _code_docs(code_cap: int, doc_cap: int, site_packages: bool = False) -> tuple[list[_Doc], list[_Doc]]:
+    """Code and docstring documents from the stdlib (and installed packages), read until both domains are full.
 
     A docstring's split key is the key of the code chunk that contains it, so a docstring in the
     eval split never appears verbatim inside a code document of the train split.
@@ -188,9 +233,10 @@ def _stdlib_docs(code_cap: int, doc_cap: int) -> tuple[list[_Doc], list[_Doc]]:
     seen: set[tuple[str, bytes]] = set()  # (domain, text digest): identical texts are kept once
     code_bytes = doc_bytes = 0
     code_full = doc_full = False
-    for rel, path in _stdlib_files():
+    for label, path in _source_files(site_packages):
         if code_full and doc_full:
             break
+        rel = label.split(":", 1)[1]
         try:
             source = path.read_bytes().decode("utf-8")
         except (UnicodeDecodeError, OSError):
@@ -202,13 +248,13 @@ def _stdlib_docs(code_cap: int, doc_cap: int) -> tuple[list[_Doc], list[_Doc]]:
         except (SyntaxError, ValueError):
             tree = None
         chunks = _code_chunks(source, tree)
-        keys = [f"stdlib:{rel}#{i}" for i in range(len(chunks))]
+        keys = [f"{label}#{i}" for i in range(len(chunks))]
         if not code_full:
             for (a, b, text), key in zip(chunks, keys):
                 text = _clean(text)
                 if not text:
                     continue
-                d = _Doc(text, f"stdlib:{rel}:L{a}-L{b}", key)
+                d = _Doc(text, f"{label}:L{a}-L{b}", key)
                 if not _first_time(seen, "code", text):
                     continue
                 code_bytes += _line_bytes(d)
@@ -221,7 +267,7 @@ def _stdlib_docs(code_cap: int, doc_cap: int) -> tuple[list[_Doc], list[_Doc]]:
                 if len(text) < _MIN_DOCSTRING_CHARS:
                     continue
                 i = next((i for i, (a, b, _) in enumerate(chunks) if a <= line <= b), len(chunks) - 1)
-                d = _Doc(f"{qualname}\n{text}", f"stdlib:{rel}:L{line}:{qualname}", keys[i])
+                d = _Doc(f"{qualname}\n{text}", f"{label}:L{line}:{qualname}", keys[i])
                 if not _first_time(seen, "docstrings", text):
                     continue
                 doc_bytes += _line_bytes(d)
@@ -266,11 +312,12 @@ def _cap(docs: list[_Doc], cap: int) -> list[_Doc]:
     return out
 
 
-def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: int) -> dict[str, dict[str, str]]:
+def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: int,
+                 site_packages: bool = False) -> dict[str, dict[str, str]]:
     """Write the embedded corpus into the empty directory ``out_dir``; return ``{domain: {split: path}}``.
 
     Each domain holds at most ``max_mb / 3`` MB (10^6 bytes) of JSONL, taken in a fixed order, so
-    the content depends only on the interpreter and the cap. A document goes to eval when a sha256
+    the content depends only on the interpreter (and, with ``site_packages``, what is installed) and the cap. A document goes to eval when a sha256
     of (seed, split key) falls below ``eval_fraction``; if a domain would get no eval document, its
     lowest-scoring key goes to eval. ``out_dir/corpus.json`` records document and byte counts.
     """
@@ -281,9 +328,12 @@ def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: in
     out_dir = Path(out_dir)
     cap = int(max_mb * MB / len(DOMAINS))
 
-    code_docs, doc_docs = _stdlib_docs(code_cap=cap, doc_cap=cap)
+    code_docs, doc_docs = _code_docs(code_cap=cap, doc_cap=cap, site_packages=site_packages)
     seen: set[tuple[str, bytes]] = set()
-    prose_docs = [d for d in _prose_docs() if _first_time(seen, "prose", d.text)]
+    prose = _prose_docs()
+    if site_packages:  # interleaved in a stable hashed order, so a cap takes some of each source
+        prose = sorted(prose + _package_prose(), key=lambda d: (_unit_float("order", d.key), d.key))
+    prose_docs = [d for d in prose if _first_time(seen, "prose", d.text)]
     docs = {"prose": _cap(prose_docs, cap), "code": code_docs, "docstrings": doc_docs}
 
     score = {d.key: _unit_float(seed, d.key) for ds in docs.values() for d in ds}
@@ -315,6 +365,7 @@ def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: in
     write_json_atomic(out_dir / "corpus.json", {
         "python": sys.version.split()[0],
         "max_mb": max_mb, "cap_bytes_per_domain": cap, "eval_fraction": eval_fraction, "seed": seed,
+        "site_packages": site_packages, "distributions": installed_distributions() if site_packages else None,
         "domains": stats,
     })
     return paths

@@ -262,3 +262,55 @@ def test_tokenizer_empty_corpus(tmp_path):
     with pytest.raises(InputError, match=r"data file not found: .*missing\.jsonl"):
         train_tokenizer([tmp_path / "missing.jsonl"], vocab_size=300, out_dir=tmp_path / "tok")
     assert not (tmp_path / "tok").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# site-packages: a larger corpus from the installed packages
+
+
+@pytest.fixture
+def fake_site(tmp_path, monkeypatch):
+    """A site-packages folder with one package (300 modules, a test folder, a README) and its dist-info."""
+    import stages.embedded as emb
+
+    site = tmp_path / "site"
+    pkg = site / "fakepkg"
+    (pkg / "tests").mkdir(parents=True)
+    for i in range(300):
+        (pkg / f"mod{i}.py").write_text(f'"""Module {i} of the fake package, with a docstring long enough to be kept '
+                                        f'as a document of its own."""\n\n\ndef f{i}(x):\n    return x + {i}\n')
+    (pkg / "tests" / "test_mod.py").write_text("def test_x():\n    assert True\n")
+    para = "The fake package does one thing well, and this paragraph says so at length. " * 8
+    for i in range(40):
+        (pkg / f"guide{i}.md").write_text(f"# Guide {i}\n\n{para}\n\n{i} {para}\n")
+    meta = site / "fakepkg-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fakepkg\nVersion: 1.0\n\nLong description. {para}\n")
+    monkeypatch.setattr(emb, "_site_roots", lambda: [site])
+    return site
+
+
+def test_site_packages_sources(fake_site):
+    import stages.embedded as emb
+
+    files = [label for label, _ in emb._source_files(site_packages=True)]
+    site = {f for f in files if f.startswith("site:")}
+    assert len(site) == 300 and "site:fakepkg/mod0.py" in site and not any("tests/" in f for f in site)
+    # The stdlib part keeps its order, so switching site_packages on does not reshuffle it.
+    assert [f for f in files if f.startswith("stdlib:")] == [label for label, _ in emb._source_files()]
+    prose = emb._package_prose()
+    sources = {d.source.split("#")[0] for d in prose}
+    assert "site:fakepkg-1.0.dist-info/METADATA" in sources and "site:fakepkg/guide3.md" in sources
+    meta = next(d for d in prose if "METADATA" in d.source)
+    assert meta.text.startswith("Long description.") and "Metadata-Version" not in meta.text
+
+
+def test_site_packages_corpus(fake_site, tmp_path):
+    out, paths = _build(tmp_path, "corpus", site_packages=True)
+    info = json.loads((out / "corpus.json").read_text())
+    assert info["site_packages"] is True and info["distributions"] and all("==" in d for d in info["distributions"])
+    rows = {d: _read(paths[d]["train"]) + _read(paths[d]["eval"]) for d in DOMAINS}
+    for domain in DOMAINS:  # the cap takes some of each source
+        assert any(r["source"].startswith("site:") for r in rows[domain]), domain
+        assert any(not r["source"].startswith("site:") for r in rows[domain]), domain
+    assert _files(_build(tmp_path, "again", site_packages=True)[0]) == _files(out)
