@@ -1,6 +1,7 @@
 """Post-training quantization methods side by side on models the project trains.
 
-    python bench/bench_quant.py [--model demo|wide] [--settings W4A16 W4A8 W4A4KV4] [--out ...]
+    python bench/bench_quant.py [--model demo|wide] [--settings W4A16 W4A8 W4A4KV4] [--methods ...] [--seeds 0 1 2]
+                                [--threads N] [--device cpu|cuda] [--out ...]
 
 Models (trained by the bootstrap stage, cached under artifacts/ like any stage):
 - demo: the demo teacher (configs/demo.yaml: 4 layers, hidden 128, 4 heads / 2 KV heads (GQA), 300 steps);
@@ -11,9 +12,9 @@ fake-quantized per token (KV per head, asymmetric) when it runs. Methods: RTN; G
 (blocks of 64, dequantized, with the same A/KV quantizers); hadamard+gptq, OSTQuant's initial random-Hadamard
 rotations with nothing learnt (QuaRot-like), to show what the learning adds; OSTQuant (+RTN, +GPTQ). Scores on
 the held-out tokens: perplexity ratio to full precision and KL(FP || quantized) per token. Ablation at the last
-setting: OSTQuant's calibration loss kl_top vs kl vs mse. Also writes per-layer outlier statistics (max / median
-|x| of the inputs of q/k/v, gate/up and down_proj) of the FP model. Calibration: 128 rows of the recipe's
-(DSIR-selected) training tokens; everything seeded.
+setting: OSTQuant's calibration loss kl_top vs kl vs mse, and the fixed rotation, for each of ``--seeds``. Also
+writes per-layer outlier statistics (max / median |x| of the inputs of q/k/v, gate/up and down_proj) of the FP
+model. Calibration: 128 rows of the recipe's (DSIR-selected) training tokens; everything seeded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def main() -> None:
     ap.add_argument("--ost-steps", type=int, default=100)
     ap.add_argument("--ost-lr", type=float, nargs=2, default=None, metavar=("ROTATE", "SMOOTH"),
                     help="OSTQuant learning rates (default: the recipe defaults)")
+    ap.add_argument("--train-weight-quant", action=argparse.BooleanOptionalAction, default=None,
+                    help="OSTQuant: fake-quantize weights while learning (default: the recipe's rule)")
     ap.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="seeds of the loss ablation (calibration batch order, random Hadamard init); the main "
@@ -105,6 +108,8 @@ def main() -> None:
             cfg = {"method": "ostquant", "weight_quantizer": method.split("+")[1], "steps": args.ost_steps, **kw}
             if args.ost_lr:
                 cfg.update(rotate_lr=args.ost_lr[0], smooth_lr=args.ost_lr[1])
+            if args.train_weight_quant is not None:
+                cfg["train_weight_quant"] = args.train_weight_quant
         else:
             cfg = {"method": method}
         d["quantize"]["scheme"] = {**cfg, "setting": setting, "group_size": None}
@@ -145,6 +150,7 @@ def main() -> None:
                                                           "num_attention_heads", "num_key_value_heads", "vocab_size")},
             "teacher_steps": base["embedded"]["steps"], "eval_tokens": int(eval_ids.numel()),
             "calibration_rows": len(calib), "ost_steps": args.ost_steps, "ablation_seeds": args.seeds,
+            "train_weight_quant": args.train_weight_quant,
             "ost_lr": args.ost_lr,
             "prepare_seconds": round(prep_s, 1),
             "machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
