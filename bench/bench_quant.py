@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RECIPES = {"demo": ROOT / "configs" / "demo.yaml", "wide": ROOT / "bench" / "recipes" / "wide.yaml"}
+RECIPES = {"demo": ROOT / "configs" / "demo.yaml", "wide": ROOT / "bench" / "recipes" / "wide.yaml",
+           "long": ROOT / "bench" / "recipes" / "long.yaml"}
 
 
 def main() -> None:
