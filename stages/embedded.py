@@ -163,7 +163,7 @@ def _package_prose() -> list[_Doc]:
     texts: list[tuple[str, str]] = []
     for root in _site_roots():
         for path in sorted(root.glob("*.dist-info/METADATA")):
-            head, _, body = path.read_bytes().decode("utf-8", "replace").partition("\n\n")
+            body = path.read_bytes().decode("utf-8", "replace").partition("\n\n")[2]  # after the headers
             texts.append((f"site:{path.relative_to(root).as_posix()}", body))
         for path in sorted(p for ext in ("*.md", "*.rst") for p in root.rglob(ext)):
             if path.stat().st_size <= MB:
@@ -317,9 +317,10 @@ def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: in
     """Write the embedded corpus into the empty directory ``out_dir``; return ``{domain: {split: path}}``.
 
     Each domain holds at most ``max_mb / 3`` MB (10^6 bytes) of JSONL, taken in a fixed order, so
-    the content depends only on the interpreter (and, with ``site_packages``, what is installed) and the cap. A document goes to eval when a sha256
-    of (seed, split key) falls below ``eval_fraction``; if a domain would get no eval document, its
-    lowest-scoring key goes to eval. ``out_dir/corpus.json`` records document and byte counts.
+    the content depends only on the interpreter (with ``site_packages``, also on what is installed) and
+    the cap. A document goes to eval when a sha256 of (seed, split key) falls below ``eval_fraction``;
+    if a domain would get no eval document, its lowest-scoring key goes to eval.
+    ``out_dir/corpus.json`` records document and byte counts.
     """
     if not 0 < eval_fraction < 1:
         raise InputError(f"embedded corpus: eval_fraction must be in (0, 1), got {eval_fraction}")
