@@ -281,10 +281,8 @@ class _QuantBase(Strict):
             s = parse_setting(v)
         except Exception as e:
             raise ValueError(str(e)) from None
-        if not 2 <= s.w_bits <= 8:
+        if not 2 <= s.w_bits <= 8:  # parse_setting allows W16; A and KV are 2-8 or 16 there already
             raise ValueError(f"weight bits must be 2-8, got W{s.w_bits}")
-        if s.a_bits < 16 and not 2 <= s.a_bits <= 8 or s.kv_bits < 16 and not 2 <= s.kv_bits <= 8:
-            raise ValueError("activation and KV bits must be 2-8 or 16 (not quantized)")
         return v.upper()
 
     def quant_setting(self):
@@ -339,7 +337,7 @@ class OSTQuantConfig(_QuantBase):
     topk: int = Field(1000, ge=1, description="k of kl_top (clipped to the vocabulary).")
     steps: int = Field(100, ge=0, description="Optimisation steps (0: fixed random-Hadamard rotation only).")
     batch_size: int = Field(4, ge=1)
-    rotate_lr: float = Field(0.016, gt=0, description="Cayley SGD learning rate of the orthogonal transforms.")
+    rotate_lr: float = Field(0.016, gt=0, description="Cayley Adam learning rate of the orthogonal transforms.")
     smooth_lr: float = Field(0.0018, gt=0, description="Adam learning rate of the log smoothing scales.")
     train_weight_quant: bool | None = Field(
         None, description="Fake-quantize weights while learning the transforms (unset: on for A16 settings, off "

@@ -193,14 +193,14 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
     """
     was_training = model.training
     model.eval()
+    score_kd = divergence is not None and (teacher is not None or teacher_topk is not None)
     ce_sum, kd_sum, n = 0.0, 0.0, 0
     for i in range(0, len(eval_ids), batch_size):
         ids = eval_ids[i:i + batch_size].to(device).long()
         with _autocast(device):
             logits = model(input_ids=ids).logits
         ce_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
-        has_teacher = teacher is not None or teacher_topk is not None
-        if has_teacher and divergence is not None:
+        if score_kd:
             if teacher_topk is not None:
                 rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
                 kd = topk_divergence(divergence, logits, rows, temperature=temperature, **(divergence_params or {}))
@@ -213,7 +213,7 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
         n += ids[:, 1:].numel()
     model.train(was_training)
     out = {"eval_ce": ce_sum / n, "eval_ppl": math.exp(min(ce_sum / n, 50.0))}
-    if (teacher is not None or teacher_topk is not None) and divergence is not None:
+    if score_kd:
         out["eval_kd"] = kd_sum / (n + len(eval_ids))  # KD counted over all T positions
     return out
 

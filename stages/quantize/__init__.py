@@ -22,19 +22,26 @@ from stages.result import StageResult
 QUANT_FILE = "quantization.json"
 
 
+def _record(model_dir: str | Path) -> dict | None:
+    """The ``quantization.json`` of a checkpoint folder, or None when it has none."""
+    path = Path(model_dir) / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+
+
 def restore(model, model_dir: str | Path):
     """Re-create what ``quantization.json`` in ``model_dir`` records on a freshly loaded ``model``; returns it.
 
     Installs the online Hadamard (same size and seed, so the same matrix) and attaches activation/KV fake
     quantization when the setting has A or KV bits below 16. A model without the file is returned unchanged.
     """
-    path = Path(model_dir) / QUANT_FILE
-    if not path.is_file():
+    q = _record(model_dir)
+    if q is None:
         return model
-    try:
-        q = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
     online = q.get("online_hadamard")
     if online:
         from stages.quantize.hadamard import random_rotation
@@ -53,10 +60,9 @@ def restore(model, model_dir: str | Path):
 
 def runtime_needs(model_dir: str | Path) -> dict:
     """What a checkpoint needs beyond standard transformers (empty dict: nothing)."""
-    path = Path(model_dir) / QUANT_FILE
-    if not path.is_file():
+    q = _record(model_dir)
+    if q is None:
         return {}
-    q = json.loads(path.read_text())
     out = {}
     if q.get("online_hadamard"):
         out["online_hadamard"] = q["online_hadamard"]

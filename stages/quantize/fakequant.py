@@ -21,7 +21,8 @@ which looks the same name up in ``ALL_MASK_ATTENTION_FUNCTIONS`` and, for a name
 2-D mask (or None) unprocessed. So a new name needs both an attention function and a mask function (the original
 implementation's) registered. The modules share ``model.config``; setting it switches every layer.
 
-All quantizers use straight-through gradients, so transforms can be trained with the hooks attached.
+With gradients on, the quantizers pass the rounding straight through (``quantizers.fake_quant_round_ste``), so
+transforms can be trained with the hooks attached.
 ``remove()`` on the returned handle (or leaving its ``with`` block) undoes everything.
 """
 
@@ -37,8 +38,7 @@ from torch import nn
 
 from stages.errors import InputError
 from stages.quantize.quantizers import NO_QUANT_BITS, QuantSetting, fake_quant_kv, fake_quant_per_token
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from stages.quantize.transforms import SUPPORTED_MODEL_TYPES
 _KV_ATTR = "_fakequant_kv"  # on attention modules: (bits, group_size, symmetric) while attached
 _ATTN_PREFIX = "fakequant_kv_"
 

@@ -8,7 +8,7 @@ Better Distribution Fitting" (ICLR 2025). The steps, on a Llama-family model (``
 3. learn the transforms (``transforms.OSTParams``: global residual rotation, per-head v/o rotations, smoothing
    scales) with the quantizers switched on: activations and KV fake-quantized per token with straight-through
    gradients, weights too when ``train_weight_quant`` (round-to-nearest with STE). Rotations are optimised on
-   the orthogonal group (``CayleySGD``), log-scales with Adam. The loss compares the quantized model's next-token
+   the orthogonal group (``CayleyAdam``), log-scales with Adam. The loss compares the quantized model's next-token
    distributions with the full-precision model's on calibration rows (``calibration_loss``);
 4. fuse the transforms into the weights (float64), after which the model is a standard transformers model plus
    the online Hadamard, and computes the original function until its weights are quantized.
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from stages.errors import TrainingError
 from stages.quantize.fakequant import attach_fake_quant
 from stages.quantize.hadamard import random_rotation
-from stages.quantize.quantizers import QuantSetting, fake_quant_round_ste
+from stages.quantize.quantizers import QuantSetting, _weight_groups, fake_quant_round_ste
 from stages.quantize.transforms import (OSTParams, build_optimizers, check_supported, fold_rmsnorm,
                                         fuse_transforms_, install_online_hadamard, transformed_weights)
 
@@ -102,10 +102,8 @@ def _ste_weight_quant(weights: dict[str, torch.Tensor], setting: QuantSetting) -
     out = dict(weights)
     for name, w in weights.items():
         if ".layers." in name and name.endswith("_proj.weight"):
-            rows, cols = w.shape
-            g = setting.w_group_size or cols
-            q = fake_quant_round_ste(w.float().reshape(rows, cols // g, g), setting.w_bits, setting.w_symmetric)
-            out[name] = q.reshape(rows, cols).to(w.dtype)
+            x = _weight_groups(w, setting.w_group_size)  # [out, groups, g] float32
+            out[name] = fake_quant_round_ste(x, setting.w_bits, setting.w_symmetric).reshape(w.shape).to(w.dtype)
     return out
 
 

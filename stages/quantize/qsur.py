@@ -114,8 +114,8 @@ def layer_qsur(model: nn.Module, input_ids: torch.Tensor, params=None,
         for suffix, p in passes:
             grabbed.clear()
             after_hadamard[0] = p is not None
-            # the original function needs W_down to absorb an installed H even without params
-            weights = transformed_weights(model, p, online) if (p is not None or online is not None) else {}
+            # without params this is only W_down absorbing an installed H (the original function), else nothing
+            weights = transformed_weights(model, p, online)
             functional_call(model, {**named, **weights}, (input_ids,))
             for key, xs in grabbed.items():
                 out[key + suffix] = qsur(torch.cat(xs), radius)

@@ -18,9 +18,10 @@ range by 1 - i / grid and keeps the ratio minimising sum |x - x_hat|^norm with n
 
 Activations, [..., D]: dynamic per token (per row of the last dim, optionally in groups of the last dim), symmetric
 by default. KV cache, [batch, heads, seq, head_dim]: dynamic per (batch, head, token), asymmetric by default, in groups
-along head_dim (one group = the whole head, QuaRot's per-head KV convention). Both use a straight-through estimator:
-the forward value is the quantized tensor, the gradient w.r.t. the input is the identity, so rotations/scalings
-upstream can be trained through the quantizer. ``bits >= 16`` means "not quantized" and returns the input as is.
+along head_dim (one group = the whole head, QuaRot's per-head KV convention). When gradients are needed they pass
+the rounding straight through while the scale stays a differentiable function of the input
+(``fake_quant_round_ste``), so rotations/scalings upstream can be trained through the quantizer and see its error.
+``bits >= 16`` means "not quantized" and returns the input as is.
 
 Settings are named like "W4A4KV4": weight, activation and KV-cache bits (KV defaults to 16), see ``parse_setting``.
 """
@@ -161,18 +162,6 @@ def search_clip_ratio(w: torch.Tensor, bits: int, group_size: int | None = None,
 # activations and KV cache (dynamic, straight-through)
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the precomputed quantized value q. Backward: the gradient passes to x unchanged."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
-        return q
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
-        return grad, None
-
-
 def _dynamic_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
                         group_size: int | None, what: str) -> torch.Tensor:
     """Per-row (last dim) dynamic fake quantization; gradients pass the rounding straight through."""
@@ -251,14 +240,6 @@ class QuantSetting:
     def name(self) -> str:
         g = f"g{self.w_group_size}" if self.w_group_size else ""
         return f"W{self.w_bits}A{self.a_bits}KV{self.kv_bits}{g}"
-
-    @property
-    def quantizes_weights(self) -> bool:
-        return self.w_bits < NO_QUANT_BITS
-
-    @property
-    def quantizes_activations(self) -> bool:
-        return self.a_bits < NO_QUANT_BITS or self.kv_bits < NO_QUANT_BITS
 
 
 _SETTING_RE = re.compile(r"^W(\d+)[-_]?A(\d+)(?:[-_]?KV(\d+))?(?:[-_]?G(\d+))?$", re.IGNORECASE)

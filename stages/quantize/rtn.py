@@ -53,7 +53,7 @@ def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, sk
         w = mod.weight.data
         _check_layer(w, group_size)  # before the search, so a bad group size is named in the recipe's terms
         ratio = search_clip_ratio(w, bits, group_size, symmetric) if clip_search else 1.0
-        q = quantize_tensor(w, bits, group_size, symmetric, ratio)
+        q = quantize_weight(w, bits, group_size, symmetric, ratio)
         layers[name] = round(((w.float() - q.float()).norm() / w.float().norm().clamp_min(1e-12)).item(), 6)
         mod.weight.data.copy_(q)
         n_quant += w.numel()

@@ -35,7 +35,7 @@ Online Hadamard installation: ``install_online_hadamard`` swaps each ``mlp.down_
 ``...mlp.down_proj.weight``/``bias``, so state_dicts, ``functional_call`` and RTN (``isinstance(m, nn.Linear)``) keep
 working, and it exports to ONNX as an extra MatMul. H is a non-persistent buffer shared by all layers: it is NOT
 saved by ``save_pretrained`` and a stock ``from_pretrained`` gives a plain Linear, i.e. a wrong model. After loading,
-call ``install_online_hadamard(model, random_hadamard(I, seed))`` with the same (I, seed), recorded next to the
+call ``install_online_hadamard(model, random_rotation(I, seed))`` with the same (I, seed), recorded next to the
 weights. Forward hooks on down_proj see the input *before* H (use ``.online_hadamard`` for the matmul's input).
 """
 
@@ -223,7 +223,7 @@ class OSTParams(nn.Module):
     """Learnable OSTQuant transforms for one model (notes section 2.1).
 
     Parameters (absent ones are None; L layers):
-      r_res            [D, D]             global residual rotation (orthogonal; optimise with CayleySGD)
+      r_res            [D, D]             global residual rotation (orthogonal; optimise with CayleyAdam)
       r_ov             [L, Hkv, d, d]     per layer, per KV head value/output rotation (orthogonal)
       log_s_norm_qkv   [L, D]             log S_norm_qkv  (S_attn in the paper)
       log_s_norm_upgate[L, D]             log S_norm_upgate (S_ffn)
@@ -266,7 +266,7 @@ class OSTParams(nn.Module):
         self.log_s_up_down = par(torch.zeros(L, I) if smooth_up_down else None)
 
     def rotations(self) -> list[nn.Parameter]:
-        """The orthogonal parameters (for CayleySGD)."""
+        """The orthogonal parameters (for CayleyAdam / CayleySGD)."""
         return [p for p in (self.r_res, self.r_ov) if p is not None]
 
     def scales(self) -> list[nn.Parameter]:
