@@ -49,6 +49,7 @@ def main() -> None:
 
     from stages.config import ExportConfig, load_recipe
     from stages.data import load_tokens
+    from stages.evaluate import latency_per_token
     from stages.export import FORMATS, run_export
     from stages.modeling import load_causal_lm
     from stages.pipeline import make_call, run_call
@@ -72,13 +73,9 @@ def main() -> None:
         def fwd():
             model(input_ids=ids, **kw)
 
-        @torch.no_grad()
-        def gen():
-            model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
-                           min_new_tokens=32, do_sample=False, pad_token_id=0)
-
-        return {"forward_ms": round(1000 * timed(fwd, 20, 3), 2),
-                "generate_ms_per_token": round(1000 * timed(gen, 5, 1) / 32, 2)}
+        with torch.no_grad():  # generation timed as the evaluate stage times it (1 warm-up, median of 5)
+            per_token = latency_per_token(model, prompt, 32, 5)
+        return {"forward_ms": round(1000 * timed(fwd, 20, 3), 2), "generate_ms_per_token": round(per_token, 2)}
 
     rows = []
     eager = load_causal_lm(str(teacher_dir))
