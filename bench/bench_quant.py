@@ -63,7 +63,7 @@ def main() -> None:
     from stages.data import load_tokens
     from stages.modeling import load_causal_lm
     from stages.pipeline import make_call, run_call
-    from stages.quantize import apply, calibration_rows
+    from stages.quantize.apply import apply, calibration_rows
 
     torch.set_num_threads(args.threads)
     base = load_recipe(RECIPES[args.model]).model_dump(mode="json")

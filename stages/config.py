@@ -196,17 +196,108 @@ class OnPolicy(Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student (full vocabulary).")
 
 
+# One model per divergence, keyed on ``name``: the recipe and the Prefect form show which parameters exist.
+# The loss functions (stages/distill/divergences.py) check their parameters through these same models.
+
+
+class ForwardKL(Strict):
+    """KL(teacher || student): mode covering."""
+
+    name: Literal["forward_kl"] = "forward_kl"
+
+
+class ReverseKL(Strict):
+    """KL(student || teacher): mode seeking."""
+
+    name: Literal["reverse_kl"] = "reverse_kl"
+
+
+class JS(Strict):
+    """Jensen-Shannon divergence (generalised JSD at beta 0.5)."""
+
+    name: Literal["js"] = "js"
+
+
+class GJSD(Strict):
+    """Generalised JSD (GKD): beta * KL(p || m) + (1 - beta) * KL(q || m), m = beta * p + (1 - beta) * q."""
+
+    name: Literal["gjsd"] = "gjsd"
+    beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the teacher in m.")
+
+
+class TVD(Strict):
+    """Total variation distance."""
+
+    name: Literal["tvd"] = "tvd"
+
+
+class SkewKL(Strict):
+    """Skew KL (DistiLLM): KL(p || alpha * p + (1 - alpha) * q)."""
+
+    name: Literal["skew_kl"] = "skew_kl"
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew; alpha = 1 would make the loss identically 0.")
+
+
+class SkewReverseKL(Strict):
+    """Skew reverse KL (DistiLLM): KL(q || alpha * q + (1 - alpha) * p)."""
+
+    name: Literal["skew_reverse_kl"] = "skew_reverse_kl"
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew; alpha = 1 would make the loss identically 0.")
+
+
+class AKL(Strict):
+    """Adaptive KL (Wu et al.): forward and reverse KL weighted by head / tail gaps."""
+
+    name: Literal["akl"] = "akl"
+    mu: float = Field(0.5, ge=0, le=1, description="Share of the teacher's probability mass that makes the head.")
+
+
+class AlphaDivergence(Strict):
+    """Amari alpha divergence."""
+
+    name: Literal["alpha_divergence"] = "alpha_divergence"
+    alpha: float = Field(0.5, ge=0, le=1, description="0 and 1 are the KL limits.")
+
+
+class BDKD(Strict):
+    """Entropy-weighted mix of forward and reverse KL (BD-KD)."""
+
+    name: Literal["bdkd"] = "bdkd"
+    tau: float = Field(1.0, gt=0, description="Temperature of the sigmoid of the entropy gap.")
+
+
+class Sinkhorn(Strict):
+    """SinKD: batch-wise optimal transport between the distributions (needs full distributions)."""
+
+    name: Literal["sinkhorn"] = "sinkhorn"
+    epsilon: float = Field(0.1, gt=0, description="Entropic regularisation.")
+    iterations: int = Field(20, ge=1, description="Sinkhorn iterations.")
+    debias: bool = Field(True, description="Subtract the self-transport terms (Sinkhorn divergence).")
+    reduction: Literal["mean", "sum"] = "mean"
+
+
+DIVERGENCE_MODELS: dict[str, type[Strict]] = {
+    m.model_fields["name"].default: m
+    for m in (ForwardKL, ReverseKL, JS, GJSD, TVD, SkewKL, SkewReverseKL, AKL, AlphaDivergence, BDKD, Sinkhorn)}
+Divergence = Annotated[Union[ForwardKL, ReverseKL, JS, GJSD, TVD, SkewKL, SkewReverseKL, AKL, AlphaDivergence, BDKD,
+                             Sinkhorn], Field(discriminator="name")]
+
+
+def divergence_params(d: BaseModel) -> dict[str, Any]:
+    """The parameters of a divergence model, without its name: what the loss functions take as keywords."""
+    return d.model_dump(exclude={"name"})
+
+
 class DistillConfig(Strict):
     enabled: bool = True
     method: Literal["kd"] = "kd"
-    divergence: Literal["forward_kl", "reverse_kl", "js", "gjsd", "tvd", "skew_kl", "skew_reverse_kl", "akl",
-                        "alpha_divergence", "bdkd", "sinkhorn"] = Field(
-        "forward_kl", description="forward_kl = KL(teacher || student) (mode covering); reverse_kl = "
+    divergence: Divergence = Field(
+        default_factory=ForwardKL,
+        description="The divergence and its parameters, keyed on name: a name alone ('forward_kl') or a mapping "
+        "such as {name: skew_kl, alpha: 0.1}. forward_kl = KL(teacher || student) (mode covering); reverse_kl = "
         "KL(student || teacher) (mode seeking); js, gjsd (beta), tvd, skew_kl / skew_reverse_kl (alpha, DistiLLM), "
-        "akl (mu), alpha_divergence (alpha), bdkd (tau), sinkhorn (batch-wise OT: epsilon, iterations); "
-        "formulas in stages/distill/divergences.py.")
-    divergence_params: dict[str, float | int | bool | str] = Field(
-        default_factory=dict, description="Parameters of the divergence, e.g. {alpha: 0.1} for skew_kl.")
+        "akl (mu), alpha_divergence (alpha), bdkd (tau), sinkhorn (batch-wise OT: epsilon, iterations, debias, "
+        "reduction); formulas in stages/distill/divergences.py.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature for both distributions.")
     chunk: Literal["auto", "always", "never"] = Field(
         "auto", description="Compute token-wise losses in chunks of tokens so memory stays bounded (never "
@@ -230,18 +321,23 @@ class DistillConfig(Strict):
         50, ge=0, description="Save the training state every N steps; a killed run resumes from the last "
         "checkpoint with the same result as an uninterrupted one (0: off).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "divergence_params" in data:
+                raise ValueError("divergence_params was replaced by typed fields next to the name: write "
+                                 "divergence: {name: <divergence>, <parameter>: <value>}, e.g. "
+                                 "{name: skew_kl, alpha: 0.1}")
+            if isinstance(data.get("divergence"), str):  # 'forward_kl' = {name: forward_kl} with its defaults
+                data = {**data, "divergence": {"name": data["divergence"]}}
+        return data
+
     @model_validator(mode="after")
     def _params(self) -> "DistillConfig":
-        from stages.distill.divergences import resolve_params
-        from stages.errors import TrainingError
-
-        try:
-            resolve_params(self.divergence, self.divergence_params)
-        except TrainingError as e:
-            raise ValueError(f"divergence_params: {e}") from None
-        if self.divergence == "sinkhorn" and self.chunk == "always":
+        if self.divergence.name == "sinkhorn" and self.chunk == "always":
             raise ValueError("sinkhorn is batch-wise and cannot be chunked over tokens; use chunk: auto or never")
-        if self.divergence == "sinkhorn" and self.teacher.source == "cached_topk":
+        if self.divergence.name == "sinkhorn" and self.teacher.source == "cached_topk":
             raise ValueError("teacher.source: cached_topk keeps only the teacher's top-k tokens, but sinkhorn "
                              "needs full distributions; use source: online")
         return self
@@ -275,7 +371,7 @@ class _QuantBase(Strict):
     @field_validator("setting")
     @classmethod
     def _setting(cls, v: str) -> str:
-        from stages.quantize.quantizers import parse_setting
+        from stages.quantize.setting import parse_setting
 
         try:
             s = parse_setting(v)
@@ -285,8 +381,26 @@ class _QuantBase(Strict):
             raise ValueError(f"weight bits must be 2-8, got W{s.w_bits}")
         return v.upper()
 
+    @model_validator(mode="after")
+    def _one_group_size(self) -> "_QuantBase":
+        # A group suffix in the setting ("W4A16g128") and group_size are one fact: keep it in group_size only,
+        # so every quantizer reads the same value (a suffix the weight quantizer ignored gave per-channel
+        # weights under a g128 label).
+        from stages.quantize.setting import parse_setting
+
+        g = parse_setting(self.setting).w_group_size
+        if g is not None:
+            if self.group_size is not None and self.group_size != g:
+                raise ValueError(f"setting {self.setting} names group size {g} but group_size is {self.group_size}")
+            if g < 2 or g & (g - 1):
+                raise ValueError(f"setting {self.setting}: group size must be a power of two >= 2")
+            s = parse_setting(self.setting)
+            kv = f"KV{s.kv_bits}" if s.kv_bits < 16 else ""
+            self.setting, self.group_size = f"W{s.w_bits}A{s.a_bits}{kv}", g
+        return self
+
     def quant_setting(self):
-        from stages.quantize.quantizers import parse_setting
+        from stages.quantize.setting import parse_setting
 
         return parse_setting(self.setting, w_group_size=self.group_size, w_symmetric=self.symmetric)
 

@@ -26,7 +26,7 @@ from stages.config import EvaluateConfig, GatesConfig, ModelsConfig, RuntimeConf
 from stages.data import load_tokens
 from stages.errors import GateError
 from stages.modeling import count_parameters, load_causal_lm, resolve_device
-from stages.quantize import runtime_needs
+from stages.quantize.record import runtime_needs
 from stages.result import StageResult
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")

@@ -32,7 +32,7 @@ from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
 from stages.io import atomic_dir, path_size
 from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
-from stages.quantize import QUANT_FILE, runtime_needs
+from stages.quantize.record import QUANT_FILE, runtime_needs
 from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")

@@ -83,7 +83,7 @@ def load_causal_lm(ref: str, *, dtype: str = "float32", device: str | torch.devi
             raise InputError(f"{what}: cannot load {ref}: {e}") from None
         raise _hub_error(ref, what, e) from None
     if is_local_ref(ref):  # a quantized checkpoint: re-create its run-time parts (online Hadamard, A/KV bits)
-        from stages.quantize import restore
+        from stages.quantize.record import restore
 
         restore(model, Path(ref).expanduser())
     return model.to(device).eval()

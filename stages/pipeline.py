@@ -199,7 +199,8 @@ def teacher_cache_key(recipe: Recipe, call: StageCall) -> str:
 
 def invoke(recipe: Recipe, call: StageCall, out_dir: Path, artifacts_root: Path) -> StageResult:
     """Run the stage's algorithm, writing into ``out_dir`` (a temporary dir the runner publishes)."""
-    from stages import bootstrap, data, distill, evaluate, export, quantize
+    from stages import bootstrap, data, distill, evaluate, export
+    from stages.quantize import apply as quantize
 
     i, m, rt = call.inputs, recipe.models, recipe.runtime
 

@@ -24,7 +24,7 @@ def test_demo_and_example_recipes_validate():
 def test_defaults_are_the_embedded_demo():
     r = parse_recipe({})
     assert r.models.teacher == "embedded" and r.data.source == "embedded" and r.uses_embedded
-    assert r.distill.divergence == "forward_kl" and r.quantize.scheme.method == "rtn"
+    assert r.distill.divergence.name == "forward_kl" and r.quantize.scheme.method == "rtn"
 
 
 def test_malformed_yaml_names_line(tmp_path):
@@ -56,7 +56,7 @@ def test_bad_choice_names_allowed_values(tmp_path):
 
 
 def test_unknown_divergence(tmp_path):
-    with pytest.raises(RecipeError, match=r"distill.divergence: Input should be 'forward_kl', 'reverse_kl', 'js'"):
+    with pytest.raises(RecipeError, match=r"distill.divergence: Input tag 'euclid' .* expected tags: 'forward_kl', 'reverse_kl', 'js'"):
         load_recipe(write(tmp_path, "distill:\n  divergence: euclid\n"))
 
 
@@ -93,13 +93,16 @@ def test_enabled_select_needs_targets_and_k(tmp_path):
         load_recipe(write(tmp_path, "select:\n  enabled: true\n  targets: [{paths: [a]}]\n  dsir: {buckets: 3}\n"))
 
 
-def test_divergence_parameters_are_checked(tmp_path):
-    r = load_recipe(write(tmp_path, "distill:\n  divergence: skew_kl\n  divergence_params: {alpha: 0.2}\n"))
-    assert r.distill.divergence_params == {"alpha": 0.2}
-    with pytest.raises(RecipeError, match=r"distill: divergence_params: .*alpha"):
-        load_recipe(write(tmp_path, "distill:\n  divergence: skew_kl\n  divergence_params: {alpha: 1.5}\n"))
-    with pytest.raises(RecipeError, match=r"has no parameter 'beta'"):
-        load_recipe(write(tmp_path, "distill:\n  divergence: js\n  divergence_params: {beta: 0.5}\n"))
+def test_divergence_parameters_are_typed_per_divergence(tmp_path):
+    r = load_recipe(write(tmp_path, "distill:\n  divergence: {name: skew_kl, alpha: 0.2}\n"))
+    assert r.distill.divergence.name == "skew_kl" and r.distill.divergence.alpha == 0.2
+    assert load_recipe(write(tmp_path, "distill:\n  divergence: gjsd\n")).distill.divergence.beta == 0.5  # shorthand
+    with pytest.raises(RecipeError, match=r"distill.divergence.skew_kl.alpha: Input should be less than 1"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: {name: skew_kl, alpha: 1.5}\n"))
+    with pytest.raises(RecipeError, match=r"distill.divergence.js.beta: unknown field"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: {name: js, beta: 0.5}\n"))
+    with pytest.raises(RecipeError, match=r"divergence_params was replaced by typed fields"):
+        load_recipe(write(tmp_path, "distill:\n  divergence: skew_kl\n  divergence_params: {alpha: 0.2}\n"))
 
 
 def test_derived_student_needs_distillation(tmp_path):

@@ -120,7 +120,8 @@ def test_quantized_checkpoint_reloads_as_it_ran(tmp_path, scheme):
     """apply() + save + load_causal_lm (restore from quantization.json) gives the same logits as in memory."""
     from stages.config import parse_recipe
     from stages.modeling import load_causal_lm
-    from stages.quantize import apply, runtime_needs
+    from stages.quantize.apply import apply
+    from stages.quantize.record import runtime_needs
 
     recipe = parse_recipe({"name": "t", "quantize": {"scheme": scheme}, "export": {"formats": ["safetensors"]}})
     m = _model()
@@ -146,7 +147,8 @@ def test_quantized_checkpoint_reloads_as_it_ran(tmp_path, scheme):
 
 def test_weight_only_setting_changes_weights_only(tmp_path):
     from stages.config import parse_recipe
-    from stages.quantize import apply, runtime_needs
+    from stages.quantize.apply import apply
+    from stages.quantize.record import runtime_needs
 
     recipe = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "gptq", "setting": "W4A16",
                                                                 "calibration": {"samples": 8}}}})
@@ -232,7 +234,7 @@ def test_calibration_rows_from_a_text_file_and_a_token_file(tmp_path):
     """Text is tokenized and packed into seq_len rows; token ids the model cannot embed are refused by name."""
     from stages.data import save_tokens
     from stages.embedded import train_tokenizer
-    from stages.quantize import calibration_rows
+    from stages.quantize.apply import calibration_rows
 
     text = tmp_path / "calib.jsonl"
     text.write_text("".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(200)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig
+from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig, divergence_params
 from stages.data import load_tokens
 from stages.distill.chunked import CompressedTeacher
 from stages.distill.trainer import TrainSpec, evaluate_loss, precompute_topk, save_history, train
@@ -116,10 +116,10 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
         raise InputError("training tokens exceed the model's vocabulary: data tokenized with another tokenizer?")
     spec = TrainSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, grad_accum=cfg.grad_accum,
                      weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                     max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every, divergence=cfg.divergence,
-                     divergence_params=dict(cfg.divergence_params), chunk=cfg.chunk, temperature=cfg.temperature,
+                     max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every, divergence=cfg.divergence.name,
+                     divergence_params=divergence_params(cfg.divergence), chunk=cfg.chunk, temperature=cfg.temperature,
                      ce_weight=cfg.ce_weight, seed=runtime.seed,
-                     progress=runtime.progress, desc=f"distill ({cfg.divergence})",
+                     progress=runtime.progress, desc=f"distill ({cfg.divergence.name})",
                      checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                      checkpoint_every=cfg.checkpoint_every, on_policy_share=cfg.on_policy.share,
                      on_policy_prompt=cfg.on_policy.prompt_tokens, on_policy_temperature=cfg.on_policy.temperature,
@@ -142,8 +142,8 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     student.to(device)
-    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg.divergence,
-                           cfg.temperature, dict(cfg.divergence_params), teacher_topk=eval_topk)
+    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg.divergence.name,
+                           cfg.temperature, divergence_params(cfg.divergence), teacher_topk=eval_topk)
     history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device, train_topk=train_topk,
                     eval_topk=eval_topk)
     model_dir = out_dir / "model"
@@ -151,7 +151,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
-    outputs = {"model": "model", **save_history(history, out_dir, f"distill: {cfg.divergence}")}
+    outputs = {"model": "model", **save_history(history, out_dir, f"distill: {cfg.divergence.name}")}
     last = history[-1]
     metrics = {
         "student": origin, "student_params": count_parameters(student), "teacher_params": teacher_params,

@@ -53,7 +53,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from stages.config import DIVERGENCE_MODELS, divergence_params
 from stages.errors import TrainingError
 
 LOG_FLOOR = -1e4  # teacher log-probabilities are clamped here: exp(-1e4) == 0 in float32 and float64
@@ -187,57 +189,17 @@ def _bdkd_tok(log_q, log_p, tau: float = 1.0):
     return (1.0 - w_rev) * _kl(log_p, log_q) + w_rev * _kl(log_q, log_p)
 
 
-# ------------------------------------------------------------------ parameter validation
-
-def _unit(name: str, lo_open: bool = False, hi_open: bool = False, why: str = ""):
-    """A check that a parameter is a real number in [0, 1] (ends open as asked)."""
-    def check(div: str, v: Any) -> None:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        ok = ok and (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)
-        if not ok:
-            rng = f"{'(' if lo_open else '['}0, 1{')' if hi_open else ']'}"
-            raise TrainingError(f"divergence '{div}': {name} must be in {rng}, got {v!r}{why}")
-    return check
-
-
-def _positive(name: str):
-    def check(div: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-            raise TrainingError(f"divergence '{div}': {name} must be > 0 and finite, got {v!r}")
-    return check
-
-
-def _positive_int(name: str):
-    def check(div: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise TrainingError(f"divergence '{div}': {name} must be an integer >= 1, got {v!r}")
-    return check
-
-
-def _boolean(name: str):
-    def check(div: str, v: Any) -> None:
-        if not isinstance(v, bool):
-            raise TrainingError(f"divergence '{div}': {name} must be true or false, got {v!r}")
-    return check
-
-
-def _choice(name: str, options: tuple[str, ...]):
-    def check(div: str, v: Any) -> None:
-        if v not in options:
-            raise TrainingError(f"divergence '{div}': {name} must be one of {', '.join(options)}, got {v!r}")
-    return check
-
+# ------------------------------------------------------------------ registry of the token-wise parts
 
 @dataclass(frozen=True)
 class Spec:
-    """What the registry knows about one divergence.
+    """What the registry knows about one divergence besides its parameters.
 
-    ``per_token`` is None for batch-wise divergences (sinkhorn). ``params`` maps each parameter to
-    (default, check); ``check(divergence_name, value)`` raises ``TrainingError``.
+    ``per_token`` is None for batch-wise divergences (sinkhorn). The parameters, their defaults and ranges are the
+    divergence's model in :mod:`stages.config` (``DIVERGENCE_MODELS``), which the recipe uses too.
     """
 
     per_token: Callable[..., torch.Tensor] | None
-    params: dict[str, tuple[Any, Callable[[str, Any], None]]]
 
     @property
     def tokenwise(self) -> bool:
@@ -245,23 +207,12 @@ class Spec:
 
 
 SPECS: dict[str, Spec] = {
-    "forward_kl": Spec(_forward_kl_tok, {}),
-    "reverse_kl": Spec(_reverse_kl_tok, {}),
-    "js": Spec(_js_tok, {}),
-    "gjsd": Spec(_gjsd_tok, {"beta": (0.5, _unit("beta"))}),
-    "tvd": Spec(_tvd_tok, {}),
-    "skew_kl": Spec(_skew_kl_tok, {"alpha": (0.1, _unit("alpha", hi_open=True,
-                                                         why=" (alpha = 1 makes the loss identically 0)"))}),
-    "skew_reverse_kl": Spec(_skew_reverse_kl_tok, {"alpha": (0.1, _unit("alpha", hi_open=True,
-                                                                         why=" (alpha = 1 makes the loss "
-                                                                             "identically 0)"))}),
-    "akl": Spec(_akl_tok, {"mu": (0.5, _unit("mu"))}),
-    "alpha_divergence": Spec(_alpha_divergence_tok, {"alpha": (0.5, _unit("alpha"))}),
-    "bdkd": Spec(_bdkd_tok, {"tau": (1.0, _positive("tau"))}),
-    "sinkhorn": Spec(None, {"epsilon": (0.1, _positive("epsilon")), "iterations": (20, _positive_int("iterations")),
-                            "debias": (True, _boolean("debias")),
-                            "reduction": ("mean", _choice("reduction", ("mean", "sum")))}),
+    "forward_kl": Spec(_forward_kl_tok), "reverse_kl": Spec(_reverse_kl_tok), "js": Spec(_js_tok),
+    "gjsd": Spec(_gjsd_tok), "tvd": Spec(_tvd_tok), "skew_kl": Spec(_skew_kl_tok),
+    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok), "alpha_divergence": Spec(_alpha_divergence_tok),
+    "bdkd": Spec(_bdkd_tok), "sinkhorn": Spec(None),
 }
+assert set(SPECS) == set(DIVERGENCE_MODELS)
 
 
 def spec_of(name: str) -> Spec:
@@ -273,19 +224,21 @@ def spec_of(name: str) -> Spec:
 
 
 def resolve_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """``params`` with defaults filled in, each checked; ``TrainingError`` for unknown or bad ones."""
-    spec = spec_of(name)
-    unknown = sorted(set(params) - set(spec.params))
+    """``params`` with defaults filled in, checked by the divergence's config model (strictly: no strings for
+    numbers); ``TrainingError`` naming the parameter for unknown or bad ones."""
+    spec_of(name)
+    model = DIVERGENCE_MODELS[name]
+    known = [k for k in model.model_fields if k != "name"]
+    unknown = sorted(set(params) - set(known))
     if unknown:
-        known = ", ".join(spec.params) or "none"
         raise TrainingError(f"divergence '{name}' has no parameter {', '.join(map(repr, unknown))}; "
-                            f"its parameters: {known}")
-    out = {}
-    for key, (default, check) in spec.params.items():
-        value = params.get(key, default)
-        check(name, value)
-        out[key] = value
-    return out
+                            f"its parameters: {', '.join(known) or 'none'}")
+    try:
+        return divergence_params(model.model_validate({"name": name, **params}, strict=True))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise TrainingError(f"divergence '{name}': {'.'.join(map(str, err['loc']))}: {err['msg']}, "
+                            f"got {err.get('input')!r}") from None
 
 
 def _tokenwise(name: str, student_logits, teacher_logits, mask, temperature, scale_by_t2, params):
