@@ -121,3 +121,14 @@ def test_overrides_are_parsed_as_yaml():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_group_suffix_of_the_setting_is_the_group_size(tmp_path):
+    # "W4A16g128" used to keep group_size unset, so RTN and GPTQ quantized per channel under a g128 label.
+    for method in ("rtn", "gptq", "ostquant"):
+        text = f"quantize:\n  scheme: {{method: {method}, setting: W4A16g128}}\nexport: {{enabled: false}}\n"
+        r = load_recipe(write(tmp_path, text))
+        s = r.quantize.scheme
+        assert (s.setting, s.group_size, s.quant_setting().w_group_size) == ("W4A16", 128, 128)
+    with pytest.raises(RecipeError, match="names group size 64 but group_size is 128"):
+        load_recipe(write(tmp_path, "quantize:\n  scheme: {setting: W4A16g64, group_size: 128}\n"))
