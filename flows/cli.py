@@ -48,9 +48,10 @@ def _load(path: str, overrides: list[str]):
 def cmd_validate(args) -> int:
     import yaml
 
-    from stages.pipeline import enabled
+    from stages.pipeline import enabled, preflight
 
     recipe = _load(args.recipe, args.set)
+    preflight(recipe)  # the same checks of paths, models and vocabularies as `compress run` makes before work
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid recipe; stages: {' -> '.join(enabled(recipe))}; default run name: {default_run_name(recipe)}")
     return 0

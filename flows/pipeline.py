@@ -21,8 +21,9 @@ from stages import report as report_mod
 from stages.config import Recipe, check_run_name
 from stages.errors import CompressError, GateError
 from stages.io import stable_hash
-from stages.pipeline import StageCall, enabled, enforce_gates, make_call, preflight, run_call
+from stages.pipeline import after, enabled, make_call, preflight, run_call
 from stages.runner import link_reused, outputs_exist
+from stages.stage import Call, Env
 
 
 class StageKey(CachePolicy):
@@ -35,7 +36,7 @@ class StageKey(CachePolicy):
 @task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
 def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
     """Run one stage (or reuse its finished outputs); returns its manifest."""
-    return run_call(Recipe.model_validate(recipe), StageCall(**call), Path(run_dir), Path(artifacts_root))
+    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root))
 
 
 def _artifact_key(run_name: str, what: str) -> str:
@@ -55,24 +56,24 @@ def _publish_artifacts(run_name: str, rep: dict, md: str) -> None:
                              key=_artifact_key(run_name, f"export-{e['format']}"))
 
 
-def _publish_curves(run_name: str, manifest: dict) -> None:
-    """The distillation curves as Prefect artifacts: the PNG (inline, as a data URL) and the eval points."""
+def _publish_curves(run_name: str, stage: str, manifest: dict) -> None:
+    """A training stage's curves as Prefect artifacts: the PNG (inline, as a data URL) and the eval points."""
     import base64
     import json
 
     outs = manifest["outputs"]
     if "curves" in outs:
         png = base64.b64encode(Path(outs["curves"]["path"]).read_bytes()).decode()
-        create_image_artifact(image_url=f"data:image/png;base64,{png}", key=_artifact_key(run_name, "distill-curves"),
-                              description="distillation: train loss, held-out CE and KD vs step")
+        create_image_artifact(image_url=f"data:image/png;base64,{png}", key=_artifact_key(run_name, f"{stage}-curves"),
+                              description=f"{stage}: train loss, held-out CE and KD vs step")
     if "history" in outs:
         rows = [json.loads(line) for line in Path(outs["history"]["path"]).read_text().splitlines() if line]
         keep = ("step", "loss", "eval_ce", "eval_ppl", "eval_kd", "tokens_per_s")
         table = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k in keep}
                  for r in rows if "eval_ce" in r]
         if table:
-            create_table_artifact(table=table, key=_artifact_key(run_name, "distill-eval"),
-                                  description="distillation: held-out evaluation every distill.eval_every steps")
+            create_table_artifact(table=table, key=_artifact_key(run_name, f"{stage}-eval"),
+                                  description=f"{stage}: held-out evaluation during training")
 
 
 def _result_storage(root: Path) -> LocalFileSystem:
@@ -101,8 +102,9 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
     records: list[dict] = []
     status, error, published = "completed", None, False
     try:
+        env = Env.resolve(recipe)
         for stage in enabled(recipe):
-            call = make_call(recipe, stage, done)
+            call = make_call(recipe, stage, done, env, root / ".cache" / "digests")
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
                                              result_storage=storage)
             args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
@@ -118,13 +120,12 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
             done[stage] = manifest
             records.append(report_mod.stage_record(manifest, "cached" if reused else "ran"))
             log.info(f"{call.index:02d}-{stage}: {'cached' if reused else 'done'} ({manifest['stage_dir']})")
-            if stage == "distill":
+            if "curves" in manifest["outputs"] or "history" in manifest["outputs"]:
                 try:
-                    _publish_curves(run_name, manifest)
+                    _publish_curves(run_name, stage, manifest)
                 except Exception as e:  # artifacts are a view: never fail a run for them
-                    log.warning(f"could not publish the distillation curves: {e}")
-            if stage == "evaluate":
-                enforce_gates(recipe, done)
+                    log.warning(f"could not publish the {stage} curves: {e}")
+            after(recipe, stage, done)
         published = "export" in done
     except GateError as e:
         status, error = "failed_gate", str(e)

@@ -63,6 +63,8 @@ class ModelsConfig(Strict):
 
 class HFDataset(Strict):
     name: str = Field(description="A `datasets` dataset: hub id or local path (e.g. a folder of JSONL).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); the run is keyed by the "
+                                 "commit it resolves to.")
     config: str | None = None
     train_split: str = "train"
     eval_split: str = "validation"

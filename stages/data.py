@@ -68,12 +68,13 @@ def load_texts(paths: list[str | Path], text_field: str = "text", max_docs: int 
     return texts
 
 
-def load_hf_texts(name: str, config: str | None, split: str, text_field: str, max_docs: int | None = None) -> list[str]:
-    """Documents from a `datasets` dataset (a hub id, or a local folder / data files)."""
+def load_hf_texts(name: str, config: str | None, split: str, text_field: str, max_docs: int | None = None,
+                  revision: str | None = None) -> list[str]:
+    """Documents from a `datasets` dataset (a hub id at ``revision``, or a local folder / data files)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split, revision=revision)
     except Exception as e:  # datasets raises many types; all mean "cannot read this input"
         raise InputError(f"data.hf: cannot load dataset '{name}' split '{split}': {type(e).__name__}: {e}") from None
     if text_field not in ds.column_names:
@@ -130,14 +131,6 @@ def resolve_files(cfg: DataConfig, corpus_dir: Path | None) -> tuple[list[Path],
     return [Path(p) for p in cfg.train], [Path(p) for p in cfg.eval]
 
 
-def check_files(cfg: DataConfig) -> None:
-    """Pre-flight: every user data file exists (cheap, before any work starts)."""
-    if cfg.source == "files":
-        missing = [p for p in cfg.train + cfg.eval if not Path(p).is_file()]
-        if missing:
-            raise InputError(f"data file(s) not found: {', '.join(missing)}")
-
-
 def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = None, *, selected: Path | None = None,
         selected_text_field: str = "text") -> StageResult:
     """The data stage: read, tokenize and pack train and eval documents.
@@ -147,9 +140,10 @@ def run(cfg: DataConfig, tokenizer, out_dir: Path, corpus_dir: Path | None = Non
     """
     if cfg.source == "hf":
         assert cfg.hf is not None
-        train = None if selected else load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.train_split, cfg.text_field,
-                                                    cfg.max_train_docs)
-        evals = load_hf_texts(cfg.hf.name, cfg.hf.config, cfg.hf.eval_split, cfg.text_field)
+        h = cfg.hf
+        train = None if selected else load_hf_texts(h.name, h.config, h.train_split, cfg.text_field,
+                                                    cfg.max_train_docs, h.revision)
+        evals = load_hf_texts(h.name, h.config, h.eval_split, cfg.text_field, revision=h.revision)
     else:
         train_files, eval_files = resolve_files(cfg, corpus_dir)
         train = None if selected else load_texts(train_files, cfg.text_field, cfg.max_train_docs)

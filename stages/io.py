@@ -110,9 +110,9 @@ _PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "optimum", "o
              "onnxruntime", "bitsandbytes", "prefect", "pydantic", "numpy", "datasets")
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names: tuple[str, ...] | list[str] = _PACKAGES) -> dict[str, str]:
     out = {}
-    for name in _PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -120,26 +120,88 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+_ROOT = Path(__file__).resolve().parent  # the stages package
 _CODE_VERSION: str | None = None
+# Modules whose edits never change what a stage computes: the schema (its resolved values are in the key
+# already), the interface, the registry and the report. They are left out of every stage's code version.
+_NOT_CODE = ("stages.config", "stages.stage", "stages.pipeline", "stages.report", "stages.runner")
 
 
 def code_version() -> str:
-    """Content hash of the ``stages`` package sources (plus its version string).
-
-    Part of every stage's cache key: editing any algorithm invalidates cached stages, which a
-    hash of the Prefect task's own source would not (it sees only the thin wrapper).
-    """
+    """Content hash of the whole ``stages`` package (plus its version string), recorded in manifests."""
     global _CODE_VERSION
     if _CODE_VERSION is None:
         from stages import __version__
 
-        root = Path(__file__).resolve().parent
         h = hashlib.sha256(__version__.encode())
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.relative_to(root).as_posix().encode())
+        for f in sorted(_ROOT.rglob("*.py")):
+            h.update(f.relative_to(_ROOT).as_posix().encode())
             h.update(f.read_bytes())
         _CODE_VERSION = f"{__version__}+{h.hexdigest()[:12]}"
     return _CODE_VERSION
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of a ``stages.*`` module or package, or None if there is none."""
+    rel = Path(*name.split(".")[1:])
+    for cand in (_ROOT / rel.with_suffix(".py"), _ROOT / rel / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imported(path: Path) -> set[str]:
+    """Every ``stages.*`` module a file imports, at any depth in it (lazy imports inside functions too)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # `from pkg import module`
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "stages":  # a module also runs its packages' __init__
+                found.update(".".join(parts[:i]) for i in range(2, len(parts) + 1))
+    return found
+
+
+def module_closure(root: str) -> list[Path]:
+    """Source files of ``root`` and of every ``stages`` module it can import, transitively (sorted)."""
+    seen: set[str] = set()
+    todo = [root]
+    files: set[Path] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        f = _module_file(name)
+        if f is None:
+            continue
+        files.add(f)
+        todo.extend(m for m in _imported(f) if m not in seen
+                    and not any(m == x or m.startswith(x + ".") for x in _NOT_CODE if x != root))
+    return sorted(files)
+
+
+_STAGE_CODE: dict[str, str] = {}
+
+
+def stage_code_version(module: str) -> str:
+    """Content hash of the code one stage runs: its module and what it imports from ``stages``, transitively.
+
+    Part of the stage's cache key: editing the export code invalidates exports, not a finished distillation
+    (whose code never imports the export module).
+    """
+    if module not in _STAGE_CODE:
+        h = hashlib.sha256()
+        for f in module_closure(module):
+            h.update(f.relative_to(_ROOT).as_posix().encode() + b"\0" + f.read_bytes())
+        _STAGE_CODE[module] = h.hexdigest()[:16]
+    return _STAGE_CODE[module]
 
 
 def git_commit() -> str | None:

@@ -11,29 +11,14 @@
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
 from stages.errors import InputError
+from stages.refs import check_model_ref, is_local_ref  # noqa: F401  (re-exported: the loaders' callers use them)
 
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def is_local_ref(ref: str) -> bool:
-    return Path(ref).expanduser().exists() or ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref)
-
-
-def check_model_ref(ref: str, what: str) -> None:
-    """Cheap pre-flight check: a local model directory must exist and hold a config.json."""
-    if is_local_ref(ref):
-        p = Path(ref).expanduser()
-        if not p.is_dir():
-            raise InputError(f"{what}: model directory not found: {ref}")
-        if not (p / "config.json").is_file():
-            raise InputError(f"{what}: {ref} has no config.json (not a transformers checkpoint)")
 
 
 def resolve_device(device: str) -> torch.device:

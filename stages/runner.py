@@ -1,7 +1,8 @@
-"""Run one stage: content-addressed cache key, atomic output directory, manifest.
+"""Run one stage: atomic output directory, manifest, and the index of finished stages by cache key.
 
-Olive-style: a stage's identity is ``sha256(stage name, its resolved config, the digests of its
-inputs, the code version)``, not the run id. The same recipe on the same inputs gives the same
+Olive-style: a stage's identity is its cache key (:func:`stages.pipeline.make_call`: the stage's name, its
+resolved config, the digests of its inputs, its code version and the versions of the libraries it runs on),
+not the run id. The same recipe on the same inputs gives the same
 key, whichever run asks, so finished stages are found again after a crash, a rerun or a second
 run name. The orchestrator (Prefect) uses the same key for its own cache; this module does not
 need it.
@@ -15,23 +16,12 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from stages.io import (atomic_dir, code_version, digest_path, git_commit, package_versions, path_size,
-                       stable_hash, write_json_atomic)
+                       write_json_atomic)
 from stages.result import StageResult
-
-
-def stage_key(stage: str, config: Any, input_digests: dict[str, str]) -> str:
-    return stable_hash({"stage": stage, "config": config, "inputs": input_digests, "code": code_version()})
-
-
-def ref_digest(ref: str, revision: str | None = None) -> str:
-    """Digest of an input: file/dir content if local, else the hub reference itself."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        return digest_path(p)
-    return f"hub:{ref}@{revision or 'default'}"
+from stages.stage import Call
 
 
 def _now() -> str:
@@ -59,16 +49,17 @@ def lookup(artifacts_root: Path, key: str) -> dict | None:
     return manifest if manifest.get("cache_key") == key and outputs_exist(manifest) else None
 
 
-def execute(*, stage: str, index: int, key: str, config: Any, inputs: dict[str, str], input_digests: dict[str, str],
-            run_dir: Path, artifacts_root: Path, seed: int, fn: Callable[[Path], StageResult]) -> dict:
+def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, libraries: tuple[str, ...] = (),
+            fn: Callable[[Path], StageResult]) -> dict:
     """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
 
     If a finished stage with the same key exists (any run), return its manifest without running.
     """
+    stage, key = call.stage, call.key
     hit = lookup(artifacts_root, key)
     if hit is not None:
         return {**hit, "reused": True}
-    stage_dir = run_dir / f"{index:02d}-{stage}"
+    stage_dir = run_dir / f"{call.index:02d}-{stage}"
     for stale in run_dir.glob(f".{stage_dir.name}.*"):  # temp dirs of a killed earlier attempt
         shutil.rmtree(stale, ignore_errors=True)
     started, t0 = _now(), time.perf_counter()
@@ -84,10 +75,12 @@ def execute(*, stage: str, index: int, key: str, config: Any, inputs: dict[str, 
             outputs[name] = {"path": str(stage_dir / rel), "sha256": digest_path(produced),
                              "bytes": path_size(produced)}
         manifest = {
-            "stage": stage, "index": index, "cache_key": key, "stage_dir": str(stage_dir), "config": config,
-            "inputs": {k: {"ref": v, "sha256": input_digests.get(k)} for k, v in inputs.items()},
+            "stage": stage, "index": call.index, "cache_key": key, "stage_dir": str(stage_dir),
+            "config": call.config, "device": call.device,
+            "inputs": {k: {"ref": v, "sha256": call.input_digests.get(k)} for k, v in call.inputs.items()},
             "outputs": outputs, "metrics": result.metrics, "seed": seed,
-            "code_version": code_version(), "git_commit": git_commit(), "packages": package_versions(),
+            "code_version": code_version(), "stage_code_version": call.code, "git_commit": git_commit(),
+            "packages": package_versions(), "libraries": package_versions(libraries),
             "python": platform.python_version(), "host": platform.node(),
             "started_at": started, "finished_at": _now(), "duration_s": round(time.perf_counter() - t0, 2),
         }

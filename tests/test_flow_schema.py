@@ -13,9 +13,13 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     schema = parameter_schema(compress)
     assert list(schema.properties) == ["recipe", "run_name", "artifacts_dir"]
     distill = schema.definitions["DistillConfig"]["properties"]
-    choices = distill["divergence"]["enum"]
-    assert choices[:3] == ["forward_kl", "reverse_kl", "js"] and "sinkhorn" in choices
+    # the divergence is a union keyed on its name: each choice shows its own parameters with their ranges
+    choices = distill["divergence"]["discriminator"]["mapping"]
+    assert {"forward_kl", "reverse_kl", "js", "sinkhorn"} <= set(choices)
     assert "KL(teacher || student)" in distill["divergence"]["description"]
+    alpha = schema.definitions["SkewKL"]["properties"]["alpha"]
+    assert (alpha["default"], alpha["minimum"], alpha["exclusiveMaximum"]) == (0.1, 0, 1)
+    assert set(schema.definitions["Sinkhorn"]["properties"]) == {"name", "epsilon", "iterations", "debias", "reduction"}
     assert "W4A4KV4" in schema.definitions["RTNConfig"]["properties"]["setting"]["description"]
     assert "kl_top" in schema.definitions["OSTQuantConfig"]["properties"]["loss"]["enum"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages.io import digest_path
-from stages.pipeline import STAGES
+from stages.pipeline import BY_NAME
 
 from tests.conftest import ROOT, TINY
 
@@ -22,7 +22,7 @@ RAN = ["bootstrap", "data", "distill", "quantize", "evaluate", "export"]
 
 
 def stage_dir(root: Path, run: str, stage: str) -> Path:
-    return root / run / f"{STAGES.index(stage):02d}-{stage}"
+    return root / run / f"{BY_NAME[stage].index:02d}-{stage}"
 
 
 def test_tiny_run_completes_and_publishes(tiny_run):

@@ -59,6 +59,10 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
                     "skip": s.skip, "online_hadamard": None}
     metrics: dict = {}
     history: list[dict] = []
+    if setting.a_bits < 16 or setting.kv_bits < 16:  # run-time fake quantization hooks Llama-style layers
+        from stages.quantize.transforms import check_supported
+
+        check_supported(model)
     if s.method in ("gptq", "ostquant"):
         if calib is None:
             raise InputError(f"quantize: {s.method} needs calibration data (the data stage's training tokens)")
@@ -66,7 +70,9 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
     if s.method == "ostquant":
         from stages.quantize.ostquant import OSTSpec, calibrate, loss_summary
         from stages.quantize.qsur import layer_qsur
+        from stages.quantize.transforms import check_supported
 
+        check_supported(model)  # before QSUR, which walks the same Llama-style layers
         probe = calib[: max(1, min(len(calib), 4096 // calib.shape[1] + 1))].to(device)  # > hidden tokens
         spec = OSTSpec(setting=setting, steps=s.steps, batch_size=s.batch_size, loss=s.loss, topk=s.topk,
                        rotate_lr=s.rotate_lr, smooth_lr=s.smooth_lr, train_weight_quant=s.train_weight_quant,

@@ -38,7 +38,7 @@ from torch import nn
 
 from stages.errors import InputError
 from stages.quantize.quantizers import NO_QUANT_BITS, QuantSetting, fake_quant_kv, fake_quant_per_token
-from stages.quantize.transforms import SUPPORTED_MODEL_TYPES
+from stages.quantize.support import SUPPORTED_MODEL_TYPES
 _KV_ATTR = "_fakequant_kv"  # on attention modules: (bits, group_size, symmetric) while attached
 _ATTN_PREFIX = "fakequant_kv_"
 

@@ -49,8 +49,7 @@ from torch import nn
 
 from stages.errors import InputError
 from stages.quantize.hadamard import OnlineHadamard, random_rotation
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from stages.quantize.support import SUPPORTED_MODEL_TYPES
 
 
 # ------------------------------------------------------------------ model checks

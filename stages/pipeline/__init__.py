@@ -1,0 +1,108 @@
+"""How the stages chain: the registry, which stages a recipe runs, and how each is keyed and called.
+
+Kept free of Prefect (and of torch at import) so the wiring is testable and readable on its own. The Prefect
+flow (:mod:`flows.pipeline`) walks :func:`enabled` and runs each stage's :class:`~stages.stage.Call` as a task;
+tests and benches walk it with :func:`run_local` and no orchestrator at all.
+
+Order (fixed numbering, so ``NN-stage`` folders line up across runs):
+00 bootstrap -> 01 select -> 02 data -> 03 distill -> 04 quantize -> 05 kv -> 06 unlearn -> 07 evaluate
+-> 08 export. Each stage is one module in this package (see :mod:`stages.stage` for the interface).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.config import Recipe
+from stages.pipeline import bootstrap, data, distill, evaluate, export, quantize, select
+from stages.errors import InputError
+from stages.refs import HUB_ID_RE
+from stages.result import StageResult
+from stages.stage import Call, Context, Env, Stage, Upstream
+
+# The registry: one line per stage, in run order. 05 kv and 06 unlearn are not built yet (the schema refuses them).
+STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, quantize.STAGE,
+                             evaluate.STAGE, export.STAGE)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+MODEL_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.makes_model)
+assert [s.index for s in STAGES] == sorted({s.index for s in STAGES}), "stage numbers must be unique and ordered"
+
+
+def enabled(recipe: Recipe) -> list[str]:
+    return [s.name for s in STAGES if s.enabled(recipe)]
+
+
+def preflight(recipe: Recipe) -> None:
+    """Every enabled stage's checks of user input, before any work: the same for ``compress validate`` and ``run``.
+
+    Cheap and torch-free: paths exist, local models hold a config.json, vocabularies match, the model type suits
+    the method. Raises InputError naming the field.
+    """
+    for s in STAGES:
+        if s.enabled(recipe):
+            s.check(recipe)
+
+
+def _digest(name: str, ref: str, recipe: Recipe, memo_dir: Path | None) -> str:
+    """A local file or folder by content; a hub model or dataset by the commit it resolves to."""
+    from stages.io import digest_path
+
+    path = Path(ref).expanduser()
+    if path.exists():
+        return digest_path(path)
+    if ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref.split("/")[-1] if "/" not in ref else ref):
+        raise InputError(f"input '{name}' of the stage: not found: {ref}")
+    from stages.refs import hub_commit
+
+    repo_type = "dataset" if name.startswith("dataset") else "model"
+    revision = recipe.data.hf.revision if repo_type == "dataset" and recipe.data.hf else recipe.models.revision
+    return f"hub:{repo_type}:{ref}@{hub_commit(ref, revision, repo_type)}"
+
+
+def make_call(recipe: Recipe, stage: str, done: dict[str, dict], env: Env | None = None,
+              memo_dir: Path | None = None) -> Call:
+    """The call that defines ``stage`` given the finished upstream stages: config, inputs, digests and key."""
+    from stages.io import package_versions, stable_hash, stage_code_version
+
+    s = BY_NAME[stage]
+    env = env or Env.resolve(recipe)
+    up = Upstream(recipe, done, MODEL_STAGES)
+    inputs = s.inputs(recipe, up)
+    digests = {}
+    for name, ref in inputs.items():  # an upstream output's digest is in its manifest already
+        upstream = next((o["sha256"] for d in done.values() for o in d["outputs"].values() if o["path"] == ref), None)
+        digests[name] = upstream or _digest(name, ref, recipe, memo_dir)
+    config = s.config(recipe, up, env)
+    code = stage_code_version(type(s).__module__)
+    key = stable_hash({"stage": stage, "config": config, "inputs": digests, "code": code,
+                       "libraries": package_versions(s.libraries)})
+    return Call(stage=stage, index=s.index, config=config, inputs=inputs, input_digests=digests, key=key,
+                device=env.device, code=code)
+
+
+def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path) -> dict:
+    """Run (or reuse) one stage and return its manifest; see :func:`stages.runner.execute`."""
+    from stages.runner import execute
+
+    def fn(out: Path) -> StageResult:
+        return BY_NAME[call.stage].run(Context(recipe, call, out, artifacts_root))
+
+    return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed,
+                   libraries=BY_NAME[call.stage].libraries, fn=fn)
+
+
+def after(recipe: Recipe, stage: str, done: dict[str, dict]) -> None:
+    """The stage's checks of its own finished result (the evaluate stage's quality gates)."""
+    BY_NAME[stage].after(recipe, Upstream(recipe, done, MODEL_STAGES))
+
+
+def run_local(recipe: Recipe, run_dir: Path, artifacts_root: Path) -> dict[str, dict]:
+    """Run every enabled stage in order without an orchestrator; returns the manifests."""
+    preflight(recipe)
+    env = Env.resolve(recipe)
+    done: dict[str, dict] = {}
+    for stage in enabled(recipe):
+        done[stage] = run_call(recipe, make_call(recipe, stage, done, env, artifacts_root / ".cache" / "digests"),
+                               run_dir, artifacts_root)
+        after(recipe, stage, done)
+    return done

@@ -1,0 +1,46 @@
+"""07-evaluate: quality against the teacher, size and speed of every model of the run; then the quality gates.
+Algorithm: :mod:`stages.evaluate`.
+
+The models are the student checkpoint (if one is given) and each model-making stage's output, in pipeline order;
+``gates.stage_ppl_ratio`` compares each with the one before it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.stage import Context, Stage, Upstream
+
+
+def gate_chain(up: Upstream) -> list[tuple[str, str]]:
+    """(model, the model it was made from) for every model of the run, in order: what stage gates compare."""
+    names = ["teacher", *up.models()]
+    return [(b, a) for a, b in zip(names, names[1:])]
+
+
+class Evaluate(Stage):
+    name, index = "evaluate", 7
+    sections = ("evaluate", "models")
+    libraries = ("torch", "transformers", "safetensors")
+
+    def inputs(self, recipe, up: Upstream) -> dict[str, str]:
+        return {"teacher": up.teacher, "eval": up.out("data", "eval"),
+                **{f"model:{k}": v for k, v in up.models().items()}}
+
+    def run(self, ctx: Context):
+        from stages import evaluate
+
+        r, i = ctx.recipe, ctx.inputs
+        models = {k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("model:")}
+        return evaluate.run(r.evaluate, r.models, r.runtime, teacher_ref=i["teacher"], candidates=models,
+                            eval_path=Path(i["eval"]), out_dir=ctx.out_dir)
+
+    def after(self, recipe, up: Upstream) -> None:
+        """Raise GateError naming every missed gate (nothing is exported then)."""
+        from stages.evaluate import enforce_gates
+
+        ev = up.done["evaluate"]["metrics"]
+        enforce_gates(recipe.gates, ev["models"], ev["final"], gate_chain(up))
+
+
+STAGE = Evaluate()

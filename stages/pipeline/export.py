@@ -1,0 +1,31 @@
+"""08-export: write the final model in each requested format, load it back and compare its logits with the source's
+before publishing. Algorithm: :mod:`stages.export`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.stage import Context, Stage, Upstream
+
+
+class Export(Stage):
+    name, index = "export", 8
+    sections = ("export",)
+    libraries = ("torch", "transformers", "safetensors", "optimum", "optimum-onnx", "onnx", "onnxruntime",
+                 "onnx-ir", "bitsandbytes")
+
+    def inputs(self, recipe, up: Upstream) -> dict[str, str]:
+        return {"model": up.model, "eval": up.out("data", "eval")}
+
+    def run(self, ctx: Context):
+        from stages import export
+        from stages.data import load_tokens
+
+        e, i = ctx.recipe.export, ctx.inputs
+        ids = load_tokens(i["eval"])[: e.check_batch_size, : e.check_seq_len]
+        return export.run_export(e, Path(i["model"]), ctx.out_dir, check_ids=ids, seed=ctx.recipe.runtime.seed,
+                                 device=ctx.device, progress=ctx.recipe.runtime.progress)
+
+
+STAGE = Export()

@@ -1,0 +1,67 @@
+"""04-quantize: post-training quantization (RTN, GPTQ, OSTQuant) at a W/A/KV setting. Algorithm:
+:mod:`stages.quantize.apply`.
+
+Calibrated methods read rows of the data stage's training tokens (the DSIR selection when select ran), or
+``calibration.file``. Checked before any work: the file exists, and the model type can take OSTQuant's transforms
+or run-time activation / KV quantization (Llama, Mistral, Qwen2 layouts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages.errors import InputError
+from stages.quantize.support import SUPPORTED_MODEL_TYPES
+from stages.refs import model_config
+from stages.stage import Context, Env, Stage, Upstream
+
+
+def quantize_input_type(recipe) -> str | None:
+    """model_type of the model the quantize stage will receive, when it can be read without a download."""
+    m = recipe.models
+    if m.student == "derive":  # derived from the teacher: same layout
+        return "llama" if m.teacher == "embedded" else (model_config(m.teacher, m.revision) or {}).get("model_type")
+    return (model_config(m.student, m.revision) or {}).get("model_type")
+
+
+class Quantize(Stage):
+    name, index = "quantize", 4
+    sections = ("quantize",)
+    makes_model = True
+    libraries = ("torch", "transformers", "safetensors")
+
+    def check(self, recipe) -> None:
+        s = recipe.quantize.scheme
+        if s.method != "rtn" and s.calibration.file and not Path(s.calibration.file).is_file():
+            raise InputError(f"quantize.scheme.calibration.file: not found: {s.calibration.file}")
+        qs = s.quant_setting()
+        needs_layout = s.method == "ostquant" or qs.a_bits < 16 or qs.kv_bits < 16
+        mt = quantize_input_type(recipe)
+        if needs_layout and mt is not None and mt not in SUPPORTED_MODEL_TYPES:
+            what = "OSTQuant" if s.method == "ostquant" else f"{qs.name}'s activation/KV quantization"
+            raise InputError(f"quantize.scheme: {what} supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                             f"the model to quantize is a '{mt}' (use rtn or gptq at a W*A16 setting)")
+
+    def inputs(self, recipe, up: Upstream) -> dict[str, str]:
+        inputs = {"model": up.model}
+        s = recipe.quantize.scheme
+        if s.method != "rtn":  # calibrated methods: a given file, or the (DSIR-selected) training tokens
+            inputs["calib"] = s.calibration.file or up.out("data", "train")
+        return inputs
+
+    def config(self, recipe, up: Upstream, env: Env) -> dict:
+        cfg = {**super().config(recipe, up, env), "dtype": recipe.models.dtype}
+        if recipe.quantize.scheme.method != "rtn" and recipe.quantize.scheme.calibration.file:
+            cfg["calib_seq_len"] = recipe.data.seq_len  # a text file is packed into rows of this length
+        return cfg
+
+    def run(self, ctx: Context):
+        from stages.quantize.apply import run
+
+        r, i = ctx.recipe, ctx.inputs
+        return run(r.quantize, r.models, r.runtime, model_dir=Path(i["model"]), out_dir=ctx.out_dir,
+                   calib_path=Path(i["calib"]) if "calib" in i else None,
+                   calib_seq_len=ctx.call.config.get("calib_seq_len"))
+
+
+STAGE = Quantize()
