@@ -60,7 +60,8 @@ def main() -> None:
     from stages.config import load_recipe, parse_recipe
     from stages.data import load_tokens
     from stages.modeling import load_causal_lm, load_tokenizer
-    from stages.pipeline import make_call, run_call, teacher_cache_key
+    from stages.pipeline import make_call, run_call
+    from stages.pipeline.distill import teacher_topk_key
 
     torch.set_num_threads(args.threads)
     base = load_recipe(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
@@ -90,7 +91,7 @@ def main() -> None:
             res = distill.run(r.distill, r.models, r.runtime, teacher_ref=teacher_ref, student_ref="derive",
                               tokenizer=load_tokenizer(tok_ref), train_path=Path(out("data", "train")),
                               eval_path=Path(out("data", "eval")), out_dir=Path(tmp),
-                              teacher_cache_dir=root / ".cache" / "teacher-topk" / teacher_cache_key(r, call))
+                              teacher_cache_dir=root / ".cache" / "teacher-topk" / teacher_topk_key(r, call))
             secs = time.perf_counter() - t0
             student = load_causal_lm(str(Path(tmp) / "model"), what="student")
             with torch.no_grad():

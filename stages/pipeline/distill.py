@@ -14,6 +14,17 @@ from stages.refs import check_model_ref, model_config
 from stages.stage import Context, Stage, Upstream
 
 
+def teacher_topk_key(recipe, call) -> str:
+    """What cached teacher top-k values depend on: the teacher and token digests, k, temperature, dtype, resolved
+    device and the stage's code; not the student or the divergence, so runs that differ only in those share it."""
+    from stages.io import stable_hash
+
+    d, dc = call.input_digests, recipe.distill
+    return stable_hash({"teacher": d["teacher"], "train": d["train"], "eval": d["eval"], "k": dc.teacher.topk,
+                        "temperature": dc.temperature, "dtype": recipe.models.dtype, "device": call.device,
+                        "code": call.code})[:24]
+
+
 class Distill(Stage):
     name, index = "distill", 3
     sections = ("distill", "models")
@@ -47,22 +58,15 @@ class Distill(Stage):
 
     def run(self, ctx: Context):
         from stages import distill
-        from stages.io import stable_hash
         from stages.modeling import load_tokenizer
 
-        r, i, d = ctx.recipe, ctx.inputs, ctx.call.input_digests
-        # What cached teacher top-k values depend on; not the student or the divergence, so runs that differ only
-        # in those share the cache.
-        topk_key = stable_hash({"teacher": d["teacher"], "train": d["train"], "eval": d["eval"],
-                                "k": r.distill.teacher.topk, "temperature": r.distill.temperature,
-                                "dtype": r.models.dtype, "device": ctx.device,
-                                "code": ctx.call.code})[:24]
+        r, i = ctx.recipe, ctx.inputs
         tok = load_tokenizer(i["tokenizer"], trust_remote_code=r.models.trust_remote_code, revision=r.models.revision)
         return distill.run(r.distill, r.models, r.runtime, teacher_ref=i["teacher"],
                            student_ref=i.get("student", "derive"), tokenizer=tok, train_path=Path(i["train"]),
                            eval_path=Path(i["eval"]), out_dir=ctx.out_dir,
                            checkpoint_dir=ctx.cache_dir("checkpoints") / ctx.call.key,
-                           teacher_cache_dir=ctx.cache_dir("teacher-topk") / topk_key)
+                           teacher_cache_dir=ctx.cache_dir("teacher-topk") / teacher_topk_key(r, ctx.call))
 
 
 STAGE = Distill()
