@@ -14,6 +14,7 @@ Errors caused by input (recipe, paths, data, gates) print one clear message and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -76,10 +77,61 @@ def _run(recipe, run_name: str | None, artifacts: str) -> int:
     _prefect_env()
     from flows.pipeline import compress
 
-    rep = compress(recipe=recipe, run_name=name, artifacts_dir=artifacts)
+    from stages.errors import CompressError
+
+    log = Path(artifacts).resolve() / name / "run.log"
+    try:
+        with _tracebacks_to(log):
+            rep = compress(recipe=recipe, run_name=name, artifacts_dir=artifacts)
+    except CompressError as e:
+        e.log_path = log  # main() names it under the one-line message
+        raise
     print(f"\nrun '{name}': {rep['status']}, published: {rep['published']}")
     print(f"report: {Path(artifacts).resolve() / name / 'report.md'}")
     return 0
+
+
+@contextlib.contextmanager
+def _tracebacks_to(log_path: Path):
+    """Prefect's whole log, tracebacks included, into ``log_path``; on the console an input error is one line.
+
+    Prefect logs a failed task and flow with the exception's traceback (70-250 lines for a missing file). For
+    errors caused by input (CompressError) the message names the cause, so the console shows the message only; the
+    traceback stays in the run's log file. Any other exception is a bug and keeps its traceback on the console too.
+    """
+    import logging
+
+    from stages.errors import CompressError
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(file_handler)
+    patched = []
+    for logger in [logging.getLogger()] + [v for k, v in logging.Logger.manager.loggerDict.items()
+                                           if k.startswith("prefect") and isinstance(v, logging.Logger)]:
+        for h in logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                patched.append((h, h.emit))
+                h.emit = _without_input_tracebacks(h.emit, CompressError)
+    try:
+        yield
+    finally:
+        for h, emit in patched:
+            h.emit = emit
+        prefect_logger.removeHandler(file_handler)
+        file_handler.close()
+
+
+def _without_input_tracebacks(emit, kind):
+    import logging
+
+    def quiet(record):
+        if record.exc_info and isinstance(record.exc_info[1], kind):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return emit(record)
+    return quiet
 
 
 def cmd_run(args) -> int:
@@ -246,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except CompressError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log = getattr(e, "log_path", None)
+        print(f"error: {e}" + (f"\n(traceback and full log: {log})" if log else ""), file=sys.stderr)
         return 2
 
 

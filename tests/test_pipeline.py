@@ -216,6 +216,21 @@ def test_bad_data_fails_in_the_data_stage_and_keeps_earlier_outputs(tiny_run, tm
     assert (teacher / "model.safetensors").is_file()
 
 
+def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in_the_run_log(tiny_run, tmp_path):
+    root, run, _ = tiny_run
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "\xff"}\n')
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"models: {{teacher: {stage_dir(root, run, 'bootstrap') / 'teacher'}}}\n"
+                      f"data: {{source: files, train: [{tmp_path / 'bad.jsonl'}], eval: [{tmp_path / 'bad.jsonl'}]}}\n"
+                      "runtime: {progress: false}\n")
+    out, _ = _cli(["run", str(recipe), "--run-name", "bad-data"], tmp_path / "art").communicate(timeout=300)
+    assert "error: " in out and "bad.jsonl, line 2: not UTF-8" in out, out
+    assert "Traceback" not in out and len(out.splitlines()) < 20, out
+    log = (tmp_path / "art" / "bad-data" / "run.log").read_text()
+    assert "Traceback" in log and "stages/data.py" in log
+    assert f"full log: {tmp_path / 'art' / 'bad-data' / 'run.log'}" in out
+
+
 def test_report_and_metrics_are_prefect_artifacts(tiny_run):
     from prefect.artifacts import Artifact
 
