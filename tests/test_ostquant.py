@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from stages.config import OSTQuantConfig
 from stages.errors import ExportError, InputError
-from stages.quantize.ostquant import OSTSpec, calibrate, calibration_loss, kl_top
+from stages.quantize.ostquant import calibrate, calibration_loss, kl_top
 from stages.quantize.quantizers import parse_setting
 
 
@@ -66,7 +67,7 @@ def test_fused_transforms_leave_the_full_precision_model_unchanged(model_type):
     m = _model(model_type)
     with torch.no_grad():
         ref = m(input_ids=EVAL).logits
-    res = calibrate(m, IDS, OSTSpec(setting=parse_setting("W4A4KV4"), steps=3, batch_size=2))
+    res = calibrate(m, IDS, OSTQuantConfig(setting="W4A4KV4", steps=3, batch_size=2))
     assert res["online_hadamard"] == {"size": 128, "seed": 7} and len(res["history"]) == 3
     with torch.no_grad():
         out = m(input_ids=EVAL).logits  # fused, no quantizer attached: the original function
@@ -86,7 +87,8 @@ def test_rotation_closes_most_of_rtns_w4a4kv4_gap_and_calibration_lowers_the_los
     quantize_model(rtn, 4, None, True, ["lm_head"])
     attach_fake_quant(rtn, setting)
     ost = copy.deepcopy(m)
-    res = calibrate(ost, IDS, OSTSpec(setting=setting, steps=40, batch_size=4, rotate_lr=1e-3, smooth_lr=1e-3))
+    res = calibrate(ost, IDS, OSTQuantConfig(setting="W4A4KV4", steps=40, batch_size=4, rotate_lr=1e-3,
+                                                  smooth_lr=1e-3))
     quantize_model(ost, 4, None, True, ["lm_head"])
     attach_fake_quant(ost, setting)
     assert _kl(ost, ref) < 0.7 * _kl(rtn, ref)
@@ -99,7 +101,7 @@ def test_unsupported_architecture_is_refused_by_name():
 
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(InputError, match="llama"):
-        calibrate(m, IDS % 64, OSTSpec(setting=parse_setting("W4A16"), steps=1))
+        calibrate(m, IDS % 64, OSTQuantConfig(setting="W4A16", steps=1))
 
 
 # ------------------------------------------------------------------ the stage: settings, record, restore, export

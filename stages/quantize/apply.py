@@ -68,19 +68,15 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
             raise InputError(f"quantize: {s.method} needs calibration data (the data stage's training tokens)")
         metrics["calibration_rows"], metrics["calibration_tokens"] = len(calib), int(calib.numel())
     if s.method == "ostquant":
-        from stages.quantize.ostquant import OSTSpec, calibrate, loss_summary
+        from stages.quantize.ostquant import calibrate, loss_summary
         from stages.quantize.qsur import layer_qsur
         from stages.quantize.transforms import check_supported
 
         check_supported(model)  # before QSUR, which walks the same Llama-style layers
         probe = calib[: max(1, min(len(calib), 4096 // calib.shape[1] + 1))].to(device)  # > hidden tokens
-        spec = OSTSpec(setting=setting, steps=s.steps, batch_size=s.batch_size, loss=s.loss, topk=s.topk,
-                       rotate_lr=s.rotate_lr, smooth_lr=s.smooth_lr, train_weight_quant=s.train_weight_quant,
-                       online_hadamard=s.online_hadamard, init=s.init, transforms=s.transforms.model_dump(),
-                       a_clip_ratio=s.a_clip_ratio, kv_group_size=s.kv_group_size, seed=seed, progress=progress)
         with torch.no_grad():
             qsur_before = layer_qsur(model, probe)  # the model as given
-        res = calibrate(model, calib, spec, qsur_ids=probe)
+        res = calibrate(model, calib, s, seed=seed, progress=progress, qsur_ids=probe)
         qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
         history = res["history"]
         summary = loss_summary(history)

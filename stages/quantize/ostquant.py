@@ -20,7 +20,7 @@ full-precision copy of the model is kept.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from stages.quantize.hadamard import random_rotation
 from stages.quantize.quantizers import QuantSetting, _weight_groups, fake_quant_round_ste
 from stages.quantize.transforms import (OSTParams, build_optimizers, check_supported, fold_rmsnorm,
                                         fuse_transforms_, install_online_hadamard, transformed_weights)
+
+if TYPE_CHECKING:
+    from stages.config import OSTQuantConfig
 
 LOSSES = ("kl_top", "kl", "mse")
 
@@ -72,27 +75,6 @@ def calibration_loss(name: str, student_logits: torch.Tensor, teacher_logits: to
     raise TrainingError(f"unknown calibration loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
-@dataclass
-class OSTSpec:
-    """What ``calibrate`` needs (the recipe's ostquant section, flattened)."""
-
-    setting: QuantSetting
-    steps: int = 100
-    batch_size: int = 4
-    loss: str = "kl_top"
-    topk: int = 1000
-    rotate_lr: float = 0.016
-    smooth_lr: float = 0.0018
-    train_weight_quant: bool | None = None  # None: as the paper's scripts (on for A16 settings, off otherwise)
-    online_hadamard: bool = True
-    init: str = "hadamard"
-    transforms: dict = field(default_factory=dict)  # OSTParams switches: rotate_res, rotate_ov, smooth_*
-    a_clip_ratio: float = 1.0
-    kv_group_size: int | None = None
-    seed: int = 0
-    progress: bool = False
-
-
 def _ste_weight_quant(weights: dict[str, torch.Tensor], setting: QuantSetting) -> dict[str, torch.Tensor]:
     """Round-to-nearest fake quantization of the decoder linears' weights, rounding passed straight through.
 
@@ -107,47 +89,49 @@ def _ste_weight_quant(weights: dict[str, torch.Tensor], setting: QuantSetting) -
     return out
 
 
-def calibrate(model: torch.nn.Module, calib_ids: torch.Tensor, spec: OSTSpec,
-              qsur_ids: torch.Tensor | None = None) -> dict:
+def calibrate(model: torch.nn.Module, calib_ids: torch.Tensor, cfg: OSTQuantConfig, *, seed: int = 0,
+              progress: bool = False, qsur_ids: torch.Tensor | None = None) -> dict:
     """Learn and fuse OSTQuant transforms into ``model`` in place; returns the history and the online Hadamard.
 
+    cfg: the recipe's ``quantize.scheme`` (method ostquant); its weight quantizer is not run here.
     calib_ids: [rows, T] token ids. The model must be in float32 or float64 (the transforms are learnt in float32).
     Returns {"history": [...], "train_weight_quant": bool, "online_hadamard": {"size", "seed"} | None,
     "qsur_after": {site: QSUR of what the quantizer sees with the learnt transforms} (if ``qsur_ids`` given)}.
     """
+    setting = cfg.quant_setting()
     dims = check_supported(model)
     device = model.lm_head.weight.device
     fold_rmsnorm(model)
     H = None
-    if spec.online_hadamard:
-        H = random_rotation(dims.intermediate, spec.seed + 7).to(torch.float32)  # [I, I]
+    if cfg.online_hadamard:
+        H = random_rotation(dims.intermediate, seed + 7).to(torch.float32)  # [I, I]
         install_online_hadamard(model, H)
     model.requires_grad_(False)
-    params = OSTParams(model, init=spec.init, seed=spec.seed, **spec.transforms)
-    opts = build_optimizers(params, rotate_lr=spec.rotate_lr, smooth_lr=spec.smooth_lr)
-    wquant = spec.train_weight_quant
+    params = OSTParams(model, init=cfg.init, seed=seed, **cfg.transforms.model_dump())
+    opts = build_optimizers(params, rotate_lr=cfg.rotate_lr, smooth_lr=cfg.smooth_lr)
+    wquant = cfg.train_weight_quant
     if wquant is None:
-        wquant = spec.setting.a_bits >= 16 and spec.setting.w_bits < 16
+        wquant = setting.a_bits >= 16 and setting.w_bits < 16
     named = dict(model.named_parameters())
     teacher_weights = transformed_weights(model, None, H) if H is not None else {}  # the original function
-    gen = torch.Generator().manual_seed(spec.seed)
+    gen = torch.Generator().manual_seed(seed)
     history: list[dict] = []
-    bar = tqdm(range(spec.steps), desc="ostquant", disable=not spec.progress, unit="step")
-    handle = attach_fake_quant(model, QuantSetting(a_bits=spec.setting.a_bits, kv_bits=spec.setting.kv_bits,
-                                                   a_symmetric=spec.setting.a_symmetric,
-                                                   kv_symmetric=spec.setting.kv_symmetric),
-                               a_clip_ratio=spec.a_clip_ratio, kv_group_size=spec.kv_group_size)
+    bar = tqdm(range(cfg.steps), desc="ostquant", disable=not progress, unit="step")
+    handle = attach_fake_quant(model, QuantSetting(a_bits=setting.a_bits, kv_bits=setting.kv_bits,
+                                                   a_symmetric=setting.a_symmetric,
+                                                   kv_symmetric=setting.kv_symmetric),
+                               a_clip_ratio=cfg.a_clip_ratio, kv_group_size=cfg.kv_group_size)
     try:
         for step in bar:
-            rows = torch.randint(0, len(calib_ids), (spec.batch_size,), generator=gen)
+            rows = torch.randint(0, len(calib_ids), (cfg.batch_size,), generator=gen)
             ids = calib_ids[rows].to(device).long()  # [B, T]
             with torch.no_grad(), handle.paused():  # the full-precision model is the teacher
                 t_logits = functional_call(model, {**named, **teacher_weights}, (ids,)).logits  # [B, T, V]
             w = transformed_weights(model, params, H)
             if wquant:
-                w = _ste_weight_quant(w, spec.setting)
+                w = _ste_weight_quant(w, setting)
             s_logits = functional_call(model, {**named, **w}, (ids,)).logits  # [B, T, V]
-            loss = calibration_loss(spec.loss, s_logits, t_logits, spec.topk)
+            loss = calibration_loss(cfg.loss, s_logits, t_logits, cfg.topk)
             if not torch.isfinite(loss):
                 raise TrainingError(f"ostquant: calibration loss is {loss.item()} at step {step + 1}; lower "
                                     "quantize.scheme.rotate_lr / smooth_lr")
@@ -170,7 +154,7 @@ def calibrate(model: torch.nn.Module, calib_ids: torch.Tensor, spec: OSTSpec,
     with torch.no_grad():
         fuse_transforms_(model, params, H)
     return {"history": history, "train_weight_quant": wquant, "qsur_after": qsur_after,
-            "online_hadamard": None if H is None else {"size": dims.intermediate, "seed": spec.seed + 7}}
+            "online_hadamard": None if H is None else {"size": dims.intermediate, "seed": seed + 7}}
 
 
 def loss_summary(history: list[dict], window: int = 10) -> dict:
