@@ -1,8 +1,8 @@
 """Quantization Space Utilization Rate (QSUR), after OSTQuant (Hu et al., ICLR 2025).
 
-SOURCE / CAVEAT: the paper text (arXiv 2501.13987) could not be retrieved here, so the section/equation numbers are
-not cited; this implements the definition recorded in ../shared/notes/methods.md section 2.5 (itself marked
-"recalled, not read"): QSUR = V_data / V_quant, with
+SOURCE / CAVEAT: the paper text (arXiv 2501.13987) could not be retrieved when this was written, so the
+section/equation numbers are not cited and the definition below is as recalled, not read from the paper:
+QSUR = V_data / V_quant, with
   V_data  = volume of the data ellipsoid E = {x : (x - mu)^T Sigma^-1 (x - mu) <= c^2}
           = [pi^(d/2) / Gamma(d/2 + 1)] * c^d * prod_i sqrt(lambda_i)      (lambda = eigenvalues of Sigma)
   V_quant = volume of the smallest origin-centred axis-aligned hypercube holding E (a symmetric quantiser's grid)
