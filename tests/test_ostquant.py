@@ -102,6 +102,12 @@ def test_unsupported_architecture_is_refused_by_name():
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(InputError, match="llama"):
         calibrate(m, IDS % 64, OSTQuantConfig(setting="W4A16", steps=1))
+    from stages.quantize.apply import apply
+
+    # the quantize stage's entry point too: before QSUR, which used to hit a raw AttributeError on GPT-2
+    for scheme in (OSTQuantConfig(setting="W4A16", steps=1), OSTQuantConfig(setting="W4A4KV4", steps=1)):
+        with pytest.raises(InputError, match="support model types llama, mistral, qwen2"):
+            apply(m, scheme, IDS % 64)
 
 
 # ------------------------------------------------------------------ the stage: settings, record, restore, export
