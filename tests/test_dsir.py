@@ -114,6 +114,19 @@ def test_tokenizer_is_wordpunct_and_batch_hash_matches_scalar_reference():
     assert sorted(zip(compat.doc.tolist(), compat.bucket.tolist())) == sorted(expected)
 
 
+
+def test_config_module_is_light():
+    # A recipe's schema (stages.config) imports stages.dsir.config: it must not pull numpy or the selection code.
+    code = ("import sys, stages.dsir.config, stages.dsir; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('stages.dsir.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['stages.dsir.config']"]
+    import stages.dsir
+
+    assert stages.dsir.DSIRConfig is core.DSIRConfig and stages.dsir.run_selection is core.run_selection
+    with pytest.raises(AttributeError):
+        stages.dsir.no_such_name  # noqa: B018
+
 # -- weights and resampling -----------------------------------------------------------------
 
 

@@ -56,9 +56,18 @@ shards. Without Prefect, the default executor is a local ``ProcessPoolExecutor``
 workers.
 """
 
-from stages.dsir.core import (DSIRConfig, ShardTask, TargetSpec, gumbel_top_k, inline_map, kl_div, run_selection,
-                              run_shard)
-from stages.dsir.features import Featurizer, fast_key, sha256_bucket, tokenize
+# Exports load on first use (PEP 562), so ``import stages.dsir.config`` (a recipe's schema) stays free of numpy and of
+# the selection code, and a command pays for what it touches only.
+_EXPORTS = {"DSIRConfig": "config", "TargetSpec": "config", "run_selection": "core", "run_shard": "core",
+            "ShardTask": "core", "inline_map": "core", "gumbel_top_k": "core", "kl_div": "core",
+            "Featurizer": "features", "fast_key": "features", "sha256_bucket": "features", "tokenize": "features"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["DSIRConfig", "TargetSpec", "run_selection", "run_shard", "ShardTask", "inline_map", "gumbel_top_k",
-           "kl_div", "Featurizer", "fast_key", "sha256_bucket", "tokenize"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    return value
