@@ -127,6 +127,24 @@ def test_config_module_is_light():
     with pytest.raises(AttributeError):
         stages.dsir.no_such_name  # noqa: B018
 
+
+def test_char_classes_filled_block_by_block_match_the_engine_on_every_code_point():
+    regex = pytest.importorskip("regex")
+    from stages.dsir import features
+
+    # A fresh process classifies only the blocks its texts touch.
+    code = ("from stages.dsir import features as f; import numpy as np; f.Featurizer(10).featurize(['héllo 日本']); "
+            "print(int((f._CLASS[::f._BLOCK] != f._UNKNOWN).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 3  # U+0000-U+00FF (ASCII, é), and the blocks of 日 (U+65E5) and 本 (U+672C)
+    # Every code point (surrogates aside) against the engine's own classes over one string.
+    every = "".join(chr(c) if not 0xD800 <= c < 0xE000 else "x" for c in range(0x110000))
+    expected = np.full(0x110000, features.PUNCT, dtype=np.uint8)
+    for pattern, cls in ((r"\s", features.SPACE), (r"\w", features.WORD)):
+        expected[[m.start() for m in regex.finditer(pattern, every)]] = cls
+    expected[0xD800:0xE000] = features.PUNCT
+    np.testing.assert_array_equal(features.char_classes(), expected)
+
 # -- weights and resampling -----------------------------------------------------------------
 
 
