@@ -291,12 +291,27 @@ def test_formats_txt_gz_parquet_dataset_agree(corpus, tmp_path):
 
 
 def test_worker_processes_match_inline(corpus, tmp_path):
-    run_selection(_cfg(), [corpus["pool"]], [corpus["prose"]], tmp_path / "inline", progress=False)
+    # In-process, the fit keeps the raw features for the weights pass; workers (and keep_features_bytes=0) read twice.
+    inline = run_selection(_cfg(), [corpus["pool"]], [corpus["prose"]], tmp_path / "inline", progress=False)
+    assert inline.metrics["executor"] == "inline" and inline.metrics["features_kept_shards"] == inline.metrics["shards"]
     res = run_selection(_cfg(processes=2), [corpus["pool"]], [corpus["prose"]], tmp_path / "pool", progress=False)
-    assert res.metrics["executor"] == "pool" and res.metrics["shards"] > 2
-    assert np.array_equal(np.load(tmp_path / "inline" / "weights.npy"), np.load(tmp_path / "pool" / "weights.npy"))
-    assert np.array_equal(np.load(tmp_path / "inline" / "selected_ids.npy"),
-                          np.load(tmp_path / "pool" / "selected_ids.npy"))
+    assert res.metrics["executor"] == "pool" and res.metrics["shards"] > 2 and res.metrics["features_kept_shards"] == 0
+    twice = run_selection(_cfg(keep_features_bytes=0), [corpus["pool"]], [corpus["prose"]], tmp_path / "twice",
+                          progress=False)
+    assert twice.metrics["features_kept_shards"] == 0
+    for other in ("pool", "twice"):
+        for name in ("weights.npy", "selected_ids.npy"):
+            assert np.array_equal(np.load(tmp_path / "inline" / name), np.load(tmp_path / other / name))
+
+
+def test_automatic_processes_stay_in_process_for_a_small_input(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "usable_cores", lambda: 2)
+    res = run_selection(_cfg(processes=None), [corpus["pool"]], [corpus["prose"]], tmp_path / "small", progress=False)
+    assert (res.metrics["executor"], res.metrics["processes"]) == ("inline", 1)
+    monkeypatch.setattr(core, "POOL_MIN_BYTES", 20_000)  # about one test shard beside the largest: workers pay
+    res = run_selection(_cfg(processes=None), [corpus["pool"]], [corpus["prose"]], tmp_path / "large", progress=False)
+    assert (res.metrics["executor"], res.metrics["processes"]) == ("pool", 2)
+    assert np.array_equal(np.load(tmp_path / "small" / "weights.npy"), np.load(tmp_path / "large" / "weights.npy"))
 
 
 def test_interrupted_run_resumes_from_cached_shards(corpus, tmp_path, monkeypatch):

@@ -53,7 +53,8 @@ that holds the GIL between calls, so use ``threads_per_worker=1``); pass ``addre
 instead to use an existing cluster, whose workers must see the same input and cache paths. Prefect's task
 retries then retry a failed shard, and the on-disk cache still makes a rerun of the whole flow skip finished
 shards. Without Prefect, the default executor is a local ``ProcessPoolExecutor`` (spawn) of ``processes``
-workers.
+workers; with ``processes=None`` a small input (under ``core.POOL_MIN_BYTES`` beside its largest shard, e.g. a
+pool of one shard) runs in-process instead, where starting workers would cost more than they save.
 """
 
 # Exports load on first use (PEP 562), so ``import stages.dsir.config`` (a recipe's schema) stays free of numpy and of

@@ -37,7 +37,9 @@ class DSIRConfig(BaseModel):
     pool_targets: bool = Field(False, description="Treat all target inputs as one target distribution.")
     raw_sample_docs: int | None = Field(None, ge=1, description="Fit the raw distribution on about this many raw "
                                         "documents, spread over the shards by size; None: the whole pool.")
-    processes: int | None = Field(None, ge=1, description="Worker processes (spawned); None: all usable cores.")
+    processes: int | None = Field(None, ge=1, description="Worker processes (spawned); 1: in-process; None: all "
+                                  "usable cores, for inputs large enough to pay for starting them (in-process below "
+                                  "32 MiB beside the largest shard).")
     shard_bytes: int = Field(64 << 20, ge=1, description="Bytes of input per shard (the unit of parallelism, caching "
                              "and resume).")
     max_doc_bytes: int = Field(4 << 20, ge=1, description="Longer documents/lines are skipped as 'oversized' "
@@ -46,6 +48,10 @@ class DSIRConfig(BaseModel):
         "fast", description="'fast': vectorised 64-bit polynomial hash; 'dsir-compat': the reference package's "
         "sha256 buckets (same tokenizer), for weights that match it.")
     batch_chars: int = Field(1 << 18, ge=1, description="Characters featurized per vectorised batch (speed only).")
+    keep_features_bytes: int = Field(
+        64 << 20, ge=0, description="In-process runs: up to this many bytes of plain (not gzipped) JSONL/.txt raw "
+        "input keep their n-gram features in memory from the fit to the weights pass, which then neither reads nor "
+        "featurizes them again (about 4 bytes of memory per input byte; speed only). 0: read twice.")
 
     @model_validator(mode="after")
     def _proportions_positive(self) -> "DSIRConfig":
