@@ -78,7 +78,8 @@ def classes_of(cp: np.ndarray) -> np.ndarray:
     """[N] uint8 class of every code point in ``cp`` [N], classifying the blocks not seen before in this process."""
     cls = _CLASS[cp]
     if (cls == _UNKNOWN).any():  # one pass over N bytes; rare after the first batches of a script
-        _classify_blocks(np.unique(cp[cls == _UNKNOWN] // _BLOCK).tolist())
+        # bincount, not np.unique: this runs in every process's first batches and np.unique imports numpy.ma (12 ms).
+        _classify_blocks(np.flatnonzero(np.bincount(cp[cls == _UNKNOWN] // _BLOCK)).tolist())
         cls = _CLASS[cp]
     return cls
 
