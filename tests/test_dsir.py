@@ -186,6 +186,23 @@ def test_gumbel_top_k_seeded_without_replacement_and_proportional():
     assert abs(hits / 4000 - 0.75) < 0.03
 
 
+def test_weights_histogram_panels_and_ticks(tmp_path):
+    from PIL import Image
+
+    from stages.dsir.plot import H, W, nice_ticks, weights_histogram
+
+    assert nice_ticks(-4200, 300) == [-4000, -3000, -2000, -1000, 0]
+    assert nice_ticks(0, 0.0094) == pytest.approx([0, 0.002, 0.004, 0.006, 0.008])
+    assert nice_ticks(3.0, 3.0) == [3.0]
+    w = np.random.default_rng(0).normal(size=500)
+    # Two targets; the second has one distinct value and nothing selected (k split 100/0).
+    weights_histogram(tmp_path / "h.png", [("target 'a'", [("all", w), ("selected", w[w > 1])]),
+                                           ("target 'Σ'", [("all", np.full(5, 3.0)), ("selected", np.zeros(0))])])
+    with Image.open(tmp_path / "h.png") as im:
+        assert im.format == "PNG" and im.size == (W, 2 * H)
+        assert len(im.getcolors(1 << 16)) > 10  # bars, axes and text were drawn
+    assert [f.name for f in tmp_path.iterdir()] == ["h.png"]  # no temporary file left
+
 def test_selection_is_seeded(corpus, tmp_path):
     runs = {}
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):

@@ -682,26 +682,9 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _histogram(path: Path, logw: np.ndarray, eligible: np.ndarray, assigned: np.ndarray, names: list[str]) -> None:
-    """Histogram of log weights, all eligible vs selected, one panel per target (Agg canvas, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Histogram of log weights, all eligible vs selected, one panel per target (:mod:`stages.dsir.plot`)."""
+    from stages.dsir.plot import weights_histogram
 
-    n_t = logw.shape[1]
-    fig = Figure(figsize=(6.4, 3.2 * n_t))
-    FigureCanvasAgg(fig)
-    for ti in range(n_t):
-        ax = fig.add_subplot(n_t, 1, ti + 1)
-        all_w = logw[eligible, ti]
-        sel_w = logw[assigned == ti, ti]
-        bins = np.histogram_bin_edges(all_w, bins=60)
-        # One filled step outline per series: ax.hist would draw 60 bar patches each (3x the drawing time).
-        for w, label in ((all_w, "all eligible"), (sel_w, "selected")):
-            ax.stairs(np.histogram(w, bins=bins, density=True)[0], bins, fill=True, alpha=0.6,
-                      label=f"{label} ({len(w)})")
-        ax.set_xlabel(f"log importance weight (target '{names[ti]}')")
-        ax.set_ylabel("density")
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    weights_histogram(path, [(f"log importance weight (target '{name}')",
+                              [("all eligible", logw[eligible, ti]), ("selected", logw[assigned == ti, ti])])
+                             for ti, name in enumerate(names)])
