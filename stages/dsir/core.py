@@ -40,9 +40,9 @@ _SRC = Path(__file__).resolve().parent
 # Cache keys include the feature code itself, so editing the tokenizer/hash/readers invalidates old entries.
 CODE_DIGEST = hashlib.sha256(b"".join((_SRC / f).read_bytes() for f in ("features.py", "sources.py"))).hexdigest()[:16]
 # processes=None (automatic): worker processes only when this many input bytes could run beside the largest shard.
-# A spawned worker costs about 0.3 s before its first shard (interpreter, numpy, this package), the time one core
-# featurizes ~13 MB, and one shard's bytes run on one core however many workers there are: below this, workers
-# would save less than they cost (a pool of one shard, a small pool with a small target).
+# Spawned workers take 0.3-0.7 s to their first shard (interpreter, numpy, this package; measured on 2 cores), the
+# time one core featurizes 13-30 MB, and one shard's bytes run on one core however many workers there are: below
+# this, workers would save less than they cost (a pool of one shard, a small pool with a small target).
 POOL_MIN_BYTES = 32 << 20
 
 
