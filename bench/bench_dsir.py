@@ -1,7 +1,8 @@
 """DSIR: this project's ``stages.dsir`` against the reference package ``data-selection`` 1.0.3, side by side.
 
     python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python [--k 5000] [--buckets 10000] [--write-results]
-    python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python --e2e [--e2e-docs 30000] [--repeats 5]
+    python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python --e2e [--e2e-docs 30000] [--repeats 5] \
+        [--before DIR]
 
 The reference package needs nltk, so it runs in its own virtualenv (``--ref-python``; made with
 ``python -m venv V && V/bin/pip install data-selection==1.0.3``) through a subprocess; without it only this
@@ -22,8 +23,9 @@ reference package.
 ``--e2e`` measures whole commands instead, each a fresh process pinned to one core (``sched_setaffinity``, as
 ``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m flows.cli select`` against
 a minimal script that does the same with the reference package's ``HashedNgramDSIR`` (``num_proc=1``: fit, weigh,
-resample), on the first ``--e2e-docs`` documents of the pool; the two alternate, after one unmeasured run each
-(page cache), ``--repeats`` times; medians.
+resample), and with ``--before DIR`` the same command in another source tree (an earlier commit), on the first
+``--e2e-docs`` documents of the pool; the commands alternate, after one unmeasured run each (page cache),
+``--repeats`` times; medians.
 """
 
 from __future__ import annotations
@@ -209,11 +211,10 @@ def run_reference(ref_python: str, work: Path, name: str, k: int, buckets: int, 
             "processes": processes}
 
 
-def _timed(cmd: list[str], cpu: int) -> float:
+def _timed(cmd: list[str], cpu: int, cwd: Path = ROOT) -> float:
     """Wall seconds of ``cmd`` as a fresh process pinned to core ``cpu``, from start to exit."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{p.stderr[-3000:]}")
@@ -221,7 +222,8 @@ def _timed(cmd: list[str], cpu: int) -> float:
 
 
 def run_e2e(args: argparse.Namespace, work: Path) -> dict:
-    """Alternate `compress select` and the reference script on one core, ``args.repeats`` times after a warm-up."""
+    """Alternate `compress select` (this tree, and ``--before``'s if given) and the reference script on one core,
+    ``args.repeats`` times after a warm-up round."""
     pool, target = work / "pool_e2e.jsonl", work / "target.jsonl"
     docs = 0
     with open(work / "pool.jsonl", "rb") as f, open(pool, "wb") as out:
@@ -231,60 +233,69 @@ def run_e2e(args: argparse.Namespace, work: Path) -> dict:
             out.write(line)
             docs += 1
     cpu = min(os.sched_getaffinity(0))
-    common = [str(args.k), str(args.buckets), str(MIN_LENGTH), str(args.seed)]
 
-    def ours(out: Path) -> list[str]:
+    def select(out: Path) -> list[str]:
         return [sys.executable, "-m", "flows.cli", "select", "--raw", str(pool), "--target", str(target), "--out",
                 str(out), "-k", str(args.k), "--buckets", str(args.buckets), "--min-length", str(MIN_LENGTH),
                 "--seed", str(args.seed), "--cache", str(out.with_name(out.name + "-cache"))]
 
     def reference(out: Path) -> list[str]:
         return [args.ref_python, "-c", _REFERENCE_E2E, str(pool), str(target), str(out.with_name(out.name + "-cache")),
-                str(out), *common]
+                str(out), str(args.k), str(args.buckets), str(MIN_LENGTH), str(args.seed)]
 
-    times: dict[str, list[float]] = {"ours": [], "reference": []}
+    runs = [("ours", select, ROOT), ("reference", reference, ROOT)]
+    if args.before:
+        runs.insert(1, ("before", select, Path(args.before).resolve()))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    inside: list[dict[str, float]] = []  # ours: selection.json timings, and the wall time around them
     for rep in range(args.repeats + 1):  # round 0 warms the page cache and is not counted
-        walls = {}
-        for name, make in (("ours", ours), ("reference", reference)):
+        for name, make, cwd in runs:
             out = work / f"e2e-{name}-{rep}"
-            wall = walls[name] = _timed(make(out), cpu)
-            if name == "ours":
-                timings = json.loads((out / "selection.json").read_text())["timings"]
-                selected = sum(1 for _ in open(out / "selected.jsonl", "rb"))
-            else:
+            wall = _timed(make(out), cpu, cwd)
+            if name == "reference":
                 selected = sum(1 for f in out.glob("*.jsonl") for _ in open(f, "rb"))
+            else:
+                selected = sum(1 for _ in open(out / "selected.jsonl", "rb"))
+                if name == "ours" and rep:
+                    inside.append({**json.loads((out / "selection.json").read_text())["timings"], "wall": wall})
             assert selected == args.k, (name, selected)
             for d in (out, out.with_name(out.name + "-cache")):
                 shutil.rmtree(d, ignore_errors=True)
             if rep:
                 times[name].append(wall)
-        print(f"round {rep}{' (warm-up)' if not rep else ''}: ours {walls['ours']:.2f} s, reference "
-              f"{walls['reference']:.2f} s", flush=True)
-    return {"docs": docs, "mb": pool.stat().st_size / 1e6, "times": times, "timings": timings, "cpu": cpu}
+            print(f"round {rep}{' (warm-up)' if not rep else ''}: {name} {wall:.2f} s", flush=True)
+    return {"docs": docs, "mb": pool.stat().st_size / 1e6, "times": times, "inside": inside, "cpu": cpu}
 
 
 def e2e_report(res: dict, args: argparse.Namespace) -> str:
-    """Markdown: the command, machine, the two medians and their ratio."""
+    """Markdown: a row per command (median, min, max, speed-up = reference median / its median), and where ours
+    spends its time."""
     med = {k: statistics.median(v) for k, v in res["times"].items()}
-    rows = [("`python -m flows.cli select` (this project, defaults: automatic processes)", "ours"),
-            ("data-selection 1.0.3 `HashedNgramDSIR`, `num_proc=1` (fit, weigh, resample)", "reference")]
-    lines = ["| command (one core, fresh process, start to exit) | median s | min s | max s | runs |",
-             "|---|---|---|---|---|"]
-    for label, key in rows:
-        t = res["times"][key]
-        lines.append(f"| {label} | {med[key]:.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)} |")
-    tm = res["timings"]
-    inside = tm["fit_s"] + tm["weights_s"] + tm["select_s"] + tm["write_s"]
+    labels = {"ours": "`python -m flows.cli select` (this tree; defaults, so automatic processes)",
+              "before": f"the same command in `--before` ({args.before})",
+              "reference": "data-selection 1.0.3 `HashedNgramDSIR`, `num_proc=1` (fit, weigh, resample)"}
+    lines = ["| command (one core, fresh process, start to exit) | median s | min s | max s | runs | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for key, t in res["times"].items():
+        lines.append(f"| {labels[key]} | {med[key]:.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)} | "
+                     f"{med['reference'] / med[key]:.1f}x |")
+
+    def part(fn) -> float:
+        return statistics.median(fn(r) for r in res["inside"])
+
+    phases = part(lambda r: r["fit_s"] + r["weights_s"] + r["select_s"] + r["write_s"])
     return "\n".join([
-        lines[0], *lines[1:],
+        *lines,
         "",
-        f"- end to end, **{med['reference'] / med['ours']:.1f}x** the reference package (median / median) on a "
+        f"- end to end, `compress select` takes **{med['ours']:.2f} s** against the reference package's "
+        f"{med['reference']:.1f} s: **{med['reference'] / med['ours']:.1f}x** (median / median) on a "
         f"{res['docs']:,}-document pool ({res['mb']:.1f} MB JSONL, the first documents of the pool above), k={args.k}, "
         f"buckets={args.buckets}, min_length={MIN_LENGTH}, seed {args.seed}, a fresh cache folder per run.",
-        f"- inside the last run of ours (selection.json): fit {tm['fit_s']:.2f} s, weights {tm['weights_s']:.2f} s, "
-        f"select + write {tm['select_s'] + tm['write_s']:.2f} s, then {tm['total_s'] - inside:.2f} s for "
-        f"weights.npy and the histogram; the other {med['ours'] - tm['total_s']:.2f} s of the median are the "
-        "interpreter, imports, argument checks and the manifest.",
+        f"- where ours spends it (medians over its runs, from selection.json): fit {part(lambda r: r['fit_s']):.2f} s "
+        f"(the one pass that reads and featurizes the pool), weights {part(lambda r: r['weights_s']):.2f} s (from "
+        f"the fit's features), select + write {part(lambda r: r['select_s'] + r['write_s']):.2f} s, weights.npy + "
+        f"histogram {part(lambda r: r['total_s']) - phases:.2f} s; outside the selection (interpreter, imports, "
+        f"argument checks, manifest) {part(lambda r: r['wall'] - r['total_s']):.2f} s.",
     ])
 
 
@@ -299,6 +310,8 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true", help="time whole commands (ours vs the reference), one core")
     ap.add_argument("--e2e-docs", type=int, default=30_000, help="--e2e: pool documents (the first ones)")
     ap.add_argument("--repeats", type=int, default=5, help="--e2e: measured runs of each command")
+    ap.add_argument("--before", help="--e2e: also time `python -m flows.cli select` in this source tree (e.g. an "
+                    "earlier commit: git archive REV | tar -x -C DIR)")
     args = ap.parse_args()
     if args.e2e and not args.ref_python:
         ap.error("--e2e needs --ref-python")
@@ -318,7 +331,7 @@ def main() -> None:
                 E2E_HEADING, "",
                 f"Command: `{cmd}`. {_machine(cores, load_before)} Each command is a fresh process pinned to core "
                 f"{res['cpu']} (`os.sched_setaffinity`, as `taskset -c {res['cpu']}`), timed from start to exit "
-                "(`selected.jsonl` written); the two alternate, after one unmeasured run of each.", "",
+                "(`selected.jsonl` written); the commands alternate, after one unmeasured run of each.", "",
                 text, ""]), E2E_HEADING)
         return
     pool = load_texts(work / "pool.jsonl")
