@@ -1,6 +1,8 @@
 """DSIR: this project's ``stages.dsir`` against the reference package ``data-selection`` 1.0.3, side by side.
 
     python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python [--k 5000] [--buckets 10000] [--write-results]
+    python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python --e2e [--e2e-docs 30000] [--repeats 5] \
+        [--before DIR]
 
 The reference package needs nltk, so it runs in its own virtualenv (``--ref-python``; made with
 ``python -m venv V && V/bin/pip install data-selection==1.0.3``) through a subprocess; without it only this
@@ -17,6 +19,13 @@ bag-of-n-grams) and the featurize+weight pass over the pool, each as documents/s
 process), plus wall time with all cores; the KL reduction of each tool's selection, computed by one function in
 both hashed feature spaces; and the largest |difference| of log weights between ``hash="dsir-compat"`` and the
 reference package.
+
+``--e2e`` measures whole commands instead, each a fresh process pinned to one core (``sched_setaffinity``, as
+``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m flows.cli select`` against
+a minimal script that does the same with the reference package's ``HashedNgramDSIR`` (``num_proc=1``: fit, weigh,
+resample), and with ``--before DIR`` the same command in another source tree (an earlier commit), on the first
+``--e2e-docs`` documents of the pool; the commands alternate, after one unmeasured run each (page cache),
+``--repeats`` times; medians.
 """
 
 from __future__ import annotations
@@ -27,6 +36,8 @@ import json
 import os
 import platform
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -66,6 +77,19 @@ res = time.perf_counter() - t0
 ids = sorted(json.loads(line)["i"] for f in sorted(Path(out, "sel").glob("*.jsonl")) for line in open(f))
 np.save(out + "/weights.npy", w); np.save(out + "/ids.npy", np.asarray(ids, dtype=np.int64))
 print(json.dumps({"fit_s": fit, "weights_s": weigh, "resample_s": res}))
+'''
+
+# End to end: what a user of the reference package runs to get a selection (the same settings as `compress select`).
+_REFERENCE_E2E = r'''
+import sys
+import numpy as np
+from data_selection import HashedNgramDSIR
+pool, target, cache, out, k, buckets, min_len, seed = sys.argv[1:9]
+d = HashedNgramDSIR([pool], [target], cache, num_proc=1, num_buckets=int(buckets), min_example_length=int(min_len))
+d.fit_importance_estimator(num_tokens_to_fit="all")
+d.compute_importance_weights()
+np.random.seed(int(seed))
+d.resample(out_dir=out, num_to_sample=int(k))
 '''
 
 
@@ -158,8 +182,10 @@ def _dist(fz: Featurizer, texts: list[str]) -> np.ndarray:
 
 
 def run_ours(work: Path, name: str, k: int, buckets: int, processes: int, mode: str, seed: int) -> dict:
+    # keep_features_bytes=0: the weights pass featurizes the pool again, as the reference does, so 'weigh' times
+    # the same work on both sides (in-process runs otherwise reuse the fit's features; see --e2e).
     cfg = DSIRConfig(k=k, num_buckets=buckets, min_length=MIN_LENGTH, processes=processes, hash=mode, seed=seed,
-                     shard_bytes=4 << 20)
+                     shard_bytes=4 << 20, keep_features_bytes=0)
     out = work / f"ours-{name}"
     t0 = time.perf_counter()
     res = run_selection(cfg, [work / "pool.jsonl"], [work / "target.jsonl"], out, cache_dir=None, progress=False)
@@ -185,6 +211,94 @@ def run_reference(ref_python: str, work: Path, name: str, k: int, buckets: int, 
             "processes": processes}
 
 
+def _timed(cmd: list[str], cpu: int, cwd: Path = ROOT) -> float:
+    """Wall seconds of ``cmd`` as a fresh process pinned to core ``cpu``, from start to exit."""
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{p.stderr[-3000:]}")
+    return wall
+
+
+def run_e2e(args: argparse.Namespace, work: Path) -> dict:
+    """Alternate `compress select` (this tree, and ``--before``'s if given) and the reference script on one core,
+    ``args.repeats`` times after a warm-up round."""
+    pool, target = work / "pool_e2e.jsonl", work / "target.jsonl"
+    docs = 0
+    with open(work / "pool.jsonl", "rb") as f, open(pool, "wb") as out:
+        for line in f:
+            if docs == args.e2e_docs:
+                break
+            out.write(line)
+            docs += 1
+    cpu = min(os.sched_getaffinity(0))
+
+    def select(out: Path) -> list[str]:
+        return [sys.executable, "-m", "flows.cli", "select", "--raw", str(pool), "--target", str(target), "--out",
+                str(out), "-k", str(args.k), "--buckets", str(args.buckets), "--min-length", str(MIN_LENGTH),
+                "--seed", str(args.seed), "--cache", str(out.with_name(out.name + "-cache"))]
+
+    def reference(out: Path) -> list[str]:
+        return [args.ref_python, "-c", _REFERENCE_E2E, str(pool), str(target), str(out.with_name(out.name + "-cache")),
+                str(out), str(args.k), str(args.buckets), str(MIN_LENGTH), str(args.seed)]
+
+    runs = [("ours", select, ROOT), ("reference", reference, ROOT)]
+    if args.before:
+        runs.insert(1, ("before", select, Path(args.before).resolve()))
+    times: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    inside: list[dict[str, float]] = []  # ours: selection.json timings, and the wall time around them
+    for rep in range(args.repeats + 1):  # round 0 warms the page cache and is not counted
+        for name, make, cwd in runs:
+            out = work / f"e2e-{name}-{rep}"
+            wall = _timed(make(out), cpu, cwd)
+            if name == "reference":
+                selected = sum(1 for f in out.glob("*.jsonl") for _ in open(f, "rb"))
+            else:
+                selected = sum(1 for _ in open(out / "selected.jsonl", "rb"))
+                if name == "ours" and rep:
+                    inside.append({**json.loads((out / "selection.json").read_text())["timings"], "wall": wall})
+            assert selected == args.k, (name, selected)
+            for d in (out, out.with_name(out.name + "-cache")):
+                shutil.rmtree(d, ignore_errors=True)
+            if rep:
+                times[name].append(wall)
+            print(f"round {rep}{' (warm-up)' if not rep else ''}: {name} {wall:.2f} s", flush=True)
+    return {"docs": docs, "mb": pool.stat().st_size / 1e6, "times": times, "inside": inside, "cpu": cpu}
+
+
+def e2e_report(res: dict, args: argparse.Namespace) -> str:
+    """Markdown: a row per command (median, min, max, speed-up = reference median / its median), and where ours
+    spends its time."""
+    med = {k: statistics.median(v) for k, v in res["times"].items()}
+    labels = {"ours": "`python -m flows.cli select` (this tree; defaults, so automatic processes)",
+              "before": f"the same command in `--before` ({args.before})",
+              "reference": "data-selection 1.0.3 `HashedNgramDSIR`, `num_proc=1` (fit, weigh, resample)"}
+    lines = ["| command (one core, fresh process, start to exit) | median s | min s | max s | runs | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for key, t in res["times"].items():
+        lines.append(f"| {labels[key]} | {med[key]:.2f} | {min(t):.2f} | {max(t):.2f} | {len(t)} | "
+                     f"{med['reference'] / med[key]:.1f}x |")
+
+    def part(fn) -> float:
+        return statistics.median(fn(r) for r in res["inside"])
+
+    phases = part(lambda r: r["fit_s"] + r["weights_s"] + r["select_s"] + r["write_s"])
+    return "\n".join([
+        *lines,
+        "",
+        f"- end to end, `compress select` takes **{med['ours']:.2f} s** against the reference package's "
+        f"{med['reference']:.1f} s: **{med['reference'] / med['ours']:.1f}x** (median / median) on a "
+        f"{res['docs']:,}-document pool ({res['mb']:.1f} MB JSONL, the first documents of the pool above), k={args.k}, "
+        f"buckets={args.buckets}, min_length={MIN_LENGTH}, seed {args.seed}, a fresh cache folder per run.",
+        f"- where ours spends it (medians over its runs, from selection.json): fit {part(lambda r: r['fit_s']):.2f} s "
+        f"(the one pass that reads and featurizes the pool), weights {part(lambda r: r['weights_s']):.2f} s (from "
+        f"the fit's features), select + write {part(lambda r: r['select_s'] + r['write_s']):.2f} s, weights.npy + "
+        f"histogram {part(lambda r: r['total_s']) - phases:.2f} s; outside the selection (interpreter, imports, "
+        f"argument checks, manifest) {part(lambda r: r['wall'] - r['total_s']):.2f} s.",
+    ])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ref-python", default=None, help="python of a venv with data-selection==1.0.3 installed")
@@ -193,13 +307,33 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="folder for the corpus and outputs (default: a temporary one)")
     ap.add_argument("--write-results", action="store_true", help="write the DSIR section of bench/RESULTS.md")
+    ap.add_argument("--e2e", action="store_true", help="time whole commands (ours vs the reference), one core")
+    ap.add_argument("--e2e-docs", type=int, default=30_000, help="--e2e: pool documents (the first ones)")
+    ap.add_argument("--repeats", type=int, default=5, help="--e2e: measured runs of each command")
+    ap.add_argument("--before", help="--e2e: also time `python -m flows.cli select` in this source tree (e.g. an "
+                    "earlier commit: git archive REV | tar -x -C DIR)")
     args = ap.parse_args()
+    if args.e2e and not args.ref_python:
+        ap.error("--e2e needs --ref-python")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-dsir-"))
     work.mkdir(parents=True, exist_ok=True)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load_before = os.getloadavg()[0]
     corpus = build_corpus(work)
     print(f"corpus: {corpus}", flush=True)
+    if args.e2e:
+        res = run_e2e(args, work)
+        text = e2e_report(res, args)
+        print(text)
+        if args.write_results:
+            cmd = "python bench/bench_dsir.py " + " ".join(sys.argv[1:])
+            _write_section(ROOT / "bench" / "RESULTS.md", "\n".join([
+                E2E_HEADING, "",
+                f"Command: `{cmd}`. {_machine(cores, load_before)} Each command is a fresh process pinned to core "
+                f"{res['cpu']} (`os.sched_setaffinity`, as `taskset -c {res['cpu']}`), timed from start to exit "
+                "(`selected.jsonl` written); the commands alternate, after one unmeasured run of each.", "",
+                text, ""]), E2E_HEADING)
+        return
     pool = load_texts(work / "pool.jsonl")
     target = load_texts(work / "target.jsonl")
     domain = np.array([json.loads(line)["domain"] == "docstring" for line in open(work / "pool.jsonl")])
@@ -262,10 +396,7 @@ def main() -> None:
             f"Command: `{cmd}` (the reference package in its own virtualenv: `python -m venv V && "
             "V/bin/pip install data-selection==1.0.3`, which brings nltk 3.10).",
             "",
-            f"Machine: {platform.processor() or platform.machine()}, {cores} cores, Python "
-            f"{platform.python_version()}, numpy {np.__version__}; 1-minute load average {load_before:.1f} before "
-            f"and {os.getloadavg()[0]:.1f} after the runs (other jobs shared the machine). Corpus from this Python's "
-            "stdlib: pool "
+            f"{_machine(cores, load_before)} Corpus from this Python's stdlib: pool "
             f"{n:,} documents ({mb:.1f} MB JSONL; {corpus['docstring_docs']:,} docstrings, the rest 20-line code "
             f"chunks), target {corpus['target_docs']:,} reference-manual paragraph groups ({corpus['target_mb']:.2f}"
             f" MB). k={args.k}, buckets={args.buckets}, unigrams+bigrams, min_length={MIN_LENGTH} tokens, no "
@@ -279,15 +410,35 @@ def main() -> None:
             *summary,
             "",
         ])
-        _write_section(ROOT / "bench" / "RESULTS.md", text)
+        _write_section(ROOT / "bench" / "RESULTS.md", text, "## DSIR")
 
 
-def _write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's own '## DSIR' section, or append it; other sections are left as they are."""
+def _machine(cores: int, load_before: float) -> str:
+    return (f"Machine: {platform.processor() or platform.machine()}, {cores} cores, Python "
+            f"{platform.python_version()}, numpy {np.__version__}; 1-minute load average {load_before:.1f} before "
+            f"and {os.getloadavg()[0]:.1f} after the runs (other jobs shared the machine).")
+
+
+E2E_HEADING = "### DSIR end to end: `compress select` vs the reference package"
+
+
+def _write_section(path: Path, section: str, heading: str) -> None:
+    """Replace the part of ``path`` under ``heading`` (up to the next heading of its level or above), or add it: a
+    '##' section at the end, the '###' end-to-end subsection at the end of the '## DSIR' section. Other parts are
+    left as they are, and rewriting '## DSIR' keeps its end-to-end subsection."""
     old = path.read_text() if path.exists() else ""
-    m = re.search(r"^## DSIR\n.*?(?=^## |\Z)", old, flags=re.S | re.M)
+
+    def find(head: str) -> re.Match | None:
+        level = len(head.split(" ")[0])
+        return re.search(rf"^{re.escape(head)}\n.*?(?=^#{{2,{level}}} |\Z)", old, flags=re.S | re.M)
+
+    m = find(heading)
+    if heading == "## DSIR" and (sub := find(E2E_HEADING)):
+        section = section.rstrip("\n") + "\n\n" + sub.group(0).rstrip("\n") + "\n"
     if m:
         new = old[:m.start()] + section + ("\n" if old[m.end():] else "") + old[m.end():]
+    elif heading == E2E_HEADING and (top := find("## DSIR")):
+        new = old[:top.end()].rstrip("\n") + "\n\n" + section + ("\n" if old[top.end():] else "") + old[top.end():]
     else:
         new = (old.rstrip("\n") + "\n\n" if old.strip() else "# Benchmark results\n\n") + section
     path.write_text(new)

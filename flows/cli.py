@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--deterministic", action="store_true", help="top-k by weight instead of Gumbel top-k sampling")
     sp.add_argument("--laplace", type=float, default=0.0, help="Laplace smoothing of the target counts")
     sp.add_argument("--text-field", default="text")
-    sp.add_argument("--processes", type=int, help="worker processes (default: all cores)")
+    sp.add_argument("--processes", type=int, help="worker processes (default: all cores for a large pool, "
+                    "in-process for a small one)")
     sp.add_argument("--compat", action="store_true", help="the reference package's tokenizer and hash")
     sp.add_argument("--cache", help="per-shard cache folder (default: .<out>.dsir-cache beside --out); "
                     "a rerun resumes from it")

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from stages.dsir.core import DSIRConfig, TargetSpec
+from stages.dsir.config import DSIRConfig, TargetSpec
 from stages.errors import RecipeError
 
 # Methods users may know from the design that are planned but not in this version. Asking for one

@@ -13,12 +13,15 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 _CHUNK = 1 << 20
+# A file modified less than this long ago gets no memo entry: a second write within the filesystem's timestamp
+# granularity could leave size and mtime as they were (git's "racily clean" entries); the next digest stores it.
+MEMO_MIN_AGE_S = 2.0
 
 
 def sha256_file(path: str | Path) -> str:
@@ -29,21 +32,50 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def digest_path(path: str | Path) -> str:
+def memo_sha256(path: str | Path, memo_dir: str | Path) -> str:
+    """sha256 of a file, reusing the digest stored in ``memo_dir`` while the file's (resolved path, size, mtime_ns,
+    inode) are what they were when it was computed, so an unchanged multi-GB input is not read again.
+
+    One small JSON file per resolved path (named by its hash), written atomically (temp file + ``os.replace``); a
+    missing, corrupt or stale entry is recomputed and rewritten. Not stored: a digest of a file that changed while
+    it was read, or that was modified less than :data:`MEMO_MIN_AGE_S` ago. An edit that keeps size, mtime_ns and
+    inode alike (e.g. an mtime set back on purpose) goes unseen: the price of not reading the file.
+    """
+    p = Path(path).resolve()
+    st = p.stat()
+    key = {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    entry = Path(memo_dir) / f"{hashlib.sha256(str(p).encode()).hexdigest()[:32]}.json"
+    try:
+        rec = json.loads(entry.read_text())
+        if rec["key"] == key and isinstance(rec["sha256"], str) and len(rec["sha256"]) == 64:
+            return rec["sha256"]
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # no entry, or a corrupt one: recompute
+    digest = sha256_file(p)
+    after = p.stat()
+    unchanged = (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    if unchanged and time.time_ns() - st.st_mtime_ns >= MEMO_MIN_AGE_S * 1e9:
+        write_json_atomic(entry, {"key": key, "sha256": digest})
+    return digest
+
+
+def digest_path(path: str | Path, memo_dir: str | Path | None = None) -> str:
     """sha256 of a file, or of a directory's (relative path, file digest) list, sorted.
 
-    Ignores ``manifest.json`` so a stage folder's digest names its outputs only.
+    Ignores ``manifest.json`` so a stage folder's digest names its outputs only. ``memo_dir`` (outside ``path``):
+    reuse each file's digest while the file is unchanged (:func:`memo_sha256`); the result is the same as without.
     """
     p = Path(path)
+    file_digest: Callable[[Path], str] = sha256_file if memo_dir is None else (lambda f: memo_sha256(f, memo_dir))
     if p.is_file():
-        return sha256_file(p)
+        return file_digest(p)
     if not p.is_dir():
         raise FileNotFoundError(p)
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file() and q.name != "manifest.json"):
         h.update(f.relative_to(p).as_posix().encode())
         h.update(b"\0")
-        h.update(sha256_file(f).encode())
+        h.update(file_digest(f).encode())
         h.update(b"\n")
     return h.hexdigest()
 
@@ -111,6 +143,8 @@ _PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "optimum", "o
 
 
 def package_versions(names: tuple[str, ...] | list[str] = _PACKAGES) -> dict[str, str]:
+    from importlib import metadata  # here: importing it costs ~20 ms that only keys and manifests need
+
     out = {}
     for name in names:
         try:

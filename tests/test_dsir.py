@@ -114,6 +114,37 @@ def test_tokenizer_is_wordpunct_and_batch_hash_matches_scalar_reference():
     assert sorted(zip(compat.doc.tolist(), compat.bucket.tolist())) == sorted(expected)
 
 
+
+def test_config_module_is_light():
+    # A recipe's schema (stages.config) imports stages.dsir.config: it must not pull numpy or the selection code.
+    code = ("import sys, stages.dsir.config, stages.dsir; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('stages.dsir.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["['stages.dsir.config']"]
+    import stages.dsir
+
+    assert stages.dsir.DSIRConfig is core.DSIRConfig and stages.dsir.run_selection is core.run_selection
+    with pytest.raises(AttributeError):
+        stages.dsir.no_such_name  # noqa: B018
+
+
+def test_char_classes_filled_block_by_block_match_the_engine_on_every_code_point():
+    regex = pytest.importorskip("regex")
+    from stages.dsir import features
+
+    # A fresh process classifies only the blocks its texts touch.
+    code = ("from stages.dsir import features as f; import numpy as np; f.Featurizer(10).featurize(['héllo 日本']); "
+            "print(int((f._CLASS[::f._BLOCK] != f._UNKNOWN).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == 3  # U+0000-U+00FF (ASCII, é), and the blocks of 日 (U+65E5) and 本 (U+672C)
+    # Every code point (surrogates aside) against the engine's own classes over one string.
+    every = "".join(chr(c) if not 0xD800 <= c < 0xE000 else "x" for c in range(0x110000))
+    expected = np.full(0x110000, features.PUNCT, dtype=np.uint8)
+    for pattern, cls in ((r"\s", features.SPACE), (r"\w", features.WORD)):
+        expected[[m.start() for m in regex.finditer(pattern, every)]] = cls
+    expected[0xD800:0xE000] = features.PUNCT
+    np.testing.assert_array_equal(features.char_classes(), expected)
+
 # -- weights and resampling -----------------------------------------------------------------
 
 
@@ -154,6 +185,23 @@ def test_gumbel_top_k_seeded_without_replacement_and_proportional():
     hits = sum(gumbel_top_k(np.log([1.0, 3.0]), 1, rng)[0] for _ in range(4000))
     assert abs(hits / 4000 - 0.75) < 0.03
 
+
+def test_weights_histogram_panels_and_ticks(tmp_path):
+    from PIL import Image
+
+    from stages.dsir.plot import H, W, nice_ticks, weights_histogram
+
+    assert nice_ticks(-4200, 300) == [-4000, -3000, -2000, -1000, 0]
+    assert nice_ticks(0, 0.0094) == pytest.approx([0, 0.002, 0.004, 0.006, 0.008])
+    assert nice_ticks(3.0, 3.0) == [3.0]
+    w = np.random.default_rng(0).normal(size=500)
+    # Two targets; the second has one distinct value and nothing selected (k split 100/0).
+    weights_histogram(tmp_path / "h.png", [("target 'a'", [("all", w), ("selected", w[w > 1])]),
+                                           ("target 'Σ'", [("all", np.full(5, 3.0)), ("selected", np.zeros(0))])])
+    with Image.open(tmp_path / "h.png") as im:
+        assert im.format == "PNG" and im.size == (W, 2 * H)
+        assert len(im.getcolors(1 << 16)) > 10  # bars, axes and text were drawn
+    assert [f.name for f in tmp_path.iterdir()] == ["h.png"]  # no temporary file left
 
 def test_selection_is_seeded(corpus, tmp_path):
     runs = {}
@@ -260,12 +308,27 @@ def test_formats_txt_gz_parquet_dataset_agree(corpus, tmp_path):
 
 
 def test_worker_processes_match_inline(corpus, tmp_path):
-    run_selection(_cfg(), [corpus["pool"]], [corpus["prose"]], tmp_path / "inline", progress=False)
+    # In-process, the fit keeps the raw features for the weights pass; workers (and keep_features_bytes=0) read twice.
+    inline = run_selection(_cfg(), [corpus["pool"]], [corpus["prose"]], tmp_path / "inline", progress=False)
+    assert inline.metrics["executor"] == "inline" and inline.metrics["features_kept_shards"] == inline.metrics["shards"]
     res = run_selection(_cfg(processes=2), [corpus["pool"]], [corpus["prose"]], tmp_path / "pool", progress=False)
-    assert res.metrics["executor"] == "pool" and res.metrics["shards"] > 2
-    assert np.array_equal(np.load(tmp_path / "inline" / "weights.npy"), np.load(tmp_path / "pool" / "weights.npy"))
-    assert np.array_equal(np.load(tmp_path / "inline" / "selected_ids.npy"),
-                          np.load(tmp_path / "pool" / "selected_ids.npy"))
+    assert res.metrics["executor"] == "pool" and res.metrics["shards"] > 2 and res.metrics["features_kept_shards"] == 0
+    twice = run_selection(_cfg(keep_features_bytes=0), [corpus["pool"]], [corpus["prose"]], tmp_path / "twice",
+                          progress=False)
+    assert twice.metrics["features_kept_shards"] == 0
+    for other in ("pool", "twice"):
+        for name in ("weights.npy", "selected_ids.npy"):
+            assert np.array_equal(np.load(tmp_path / "inline" / name), np.load(tmp_path / other / name))
+
+
+def test_automatic_processes_stay_in_process_for_a_small_input(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "usable_cores", lambda: 2)
+    res = run_selection(_cfg(processes=None), [corpus["pool"]], [corpus["prose"]], tmp_path / "small", progress=False)
+    assert (res.metrics["executor"], res.metrics["processes"]) == ("inline", 1)
+    monkeypatch.setattr(core, "POOL_MIN_BYTES", 20_000)  # about one test shard beside the largest: workers pay
+    res = run_selection(_cfg(processes=None), [corpus["pool"]], [corpus["prose"]], tmp_path / "large", progress=False)
+    assert (res.metrics["executor"], res.metrics["processes"]) == ("pool", 2)
+    assert np.array_equal(np.load(tmp_path / "small" / "weights.npy"), np.load(tmp_path / "large" / "weights.npy"))
 
 
 def test_interrupted_run_resumes_from_cached_shards(corpus, tmp_path, monkeypatch):

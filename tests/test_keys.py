@@ -187,3 +187,31 @@ def test_validation_and_the_prefect_form_import_no_torch():
             "parameter_schema(compress); " + heavy.replace(", 'prefect'", ""))
     out = subprocess.run([sys.executable, "-c", form], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_raw_pool_is_not_re_read_to_key_the_selection(tmp_path, monkeypatch):
+    import os
+    import time
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        (pool / f"{i}.jsonl").write_text(f'{{"text": "document {i}"}}\n' * 100)
+        os.utime(pool / f"{i}.jsonl", (time.time() - 60, time.time() - 60))  # settled files get memo entries
+    target = tmp_path / "target.jsonl"
+    target.write_text('{"text": "document"}\n')
+    os.utime(target, (time.time() - 60, time.time() - 60))
+    recipe = parse_recipe({"select": {"enabled": True, "raw": [str(pool)], "targets": [{"paths": [str(target)]}],
+                                      "dsir": {"k": 2}}, "data": {"source": "files", "train": [str(target)],
+                                                                  "eval": [str(target)]}})
+    reads = []
+    real = sio.sha256_file
+    monkeypatch.setattr(sio, "sha256_file", lambda p: reads.append(Path(p).name) or real(p))
+    memo = tmp_path / "memo"
+    first = make_call(recipe, "select", {}, CPU, memo)
+    assert sorted(reads) == ["0.jsonl", "1.jsonl", "2.jsonl", "target.jsonl"]
+    reads.clear()
+    assert make_call(recipe, "select", {}, CPU, memo).key == first.key and reads == []
+    (pool / "1.jsonl").write_text('{"text": "changed"}\n')
+    os.utime(pool / "1.jsonl", (time.time() - 30, time.time() - 30))
+    assert make_call(recipe, "select", {}, CPU, memo).key != first.key and reads == ["1.jsonl"]

@@ -53,12 +53,22 @@ that holds the GIL between calls, so use ``threads_per_worker=1``); pass ``addre
 instead to use an existing cluster, whose workers must see the same input and cache paths. Prefect's task
 retries then retry a failed shard, and the on-disk cache still makes a rerun of the whole flow skip finished
 shards. Without Prefect, the default executor is a local ``ProcessPoolExecutor`` (spawn) of ``processes``
-workers.
+workers; with ``processes=None`` a small input (under ``core.POOL_MIN_BYTES`` beside its largest shard, e.g. a
+pool of one shard) runs in-process instead, where starting workers would cost more than they save.
 """
 
-from stages.dsir.core import (DSIRConfig, ShardTask, TargetSpec, gumbel_top_k, inline_map, kl_div, run_selection,
-                              run_shard)
-from stages.dsir.features import Featurizer, fast_key, sha256_bucket, tokenize
+# Exports load on first use (PEP 562), so ``import stages.dsir.config`` (a recipe's schema) stays free of numpy and of
+# the selection code, and a command pays for what it touches only.
+_EXPORTS = {"DSIRConfig": "config", "TargetSpec": "config", "run_selection": "core", "run_shard": "core",
+            "ShardTask": "core", "inline_map": "core", "gumbel_top_k": "core", "kl_div": "core",
+            "Featurizer": "features", "fast_key": "features", "sha256_bucket": "features", "tokenize": "features"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["DSIRConfig", "TargetSpec", "run_selection", "run_shard", "ShardTask", "inline_map", "gumbel_top_k",
-           "kl_div", "Featurizer", "fast_key", "sha256_bucket", "tokenize"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = globals()[name] = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    return value

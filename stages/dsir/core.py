@@ -20,18 +20,15 @@ import shutil
 import tempfile
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stages.dsir import sources
-from stages.dsir.features import ENGINE, Featurizer
+from stages.dsir.config import DSIRConfig, TargetSpec
+from stages.dsir.features import ENGINE, Batch, Featurizer
 from stages.dsir.sources import OK, REASONS, TOO_SHORT, Shard
 from stages.errors import InputError
 from stages.io import stable_hash, write_json_atomic
@@ -42,56 +39,11 @@ FORMAT_VERSION = 1  # bump when a cached shard result's layout or meaning change
 _SRC = Path(__file__).resolve().parent
 # Cache keys include the feature code itself, so editing the tokenizer/hash/readers invalidates old entries.
 CODE_DIGEST = hashlib.sha256(b"".join((_SRC / f).read_bytes() for f in ("features.py", "sources.py"))).hexdigest()[:16]
-
-
-# -- configuration ----------------------------------------------------------------------------
-
-
-class TargetSpec(BaseModel):
-    """One target distribution: one or more inputs, with an optional share of k."""
-
-    model_config = ConfigDict(extra="forbid")
-    paths: list[str] = Field(min_length=1, description="Files, folders or saved-dataset folders of this target.")
-    proportion: float | None = Field(None, gt=0, description="Share of k for this target (normalised over targets).")
-    name: str | None = Field(None, description="Label in metrics; defaults to the first path's stem.")
-
-
-class DSIRConfig(BaseModel):
-    """DSIR data selection settings (Xie et al. 2023). Defaults follow the reference package where it has one."""
-
-    model_config = ConfigDict(extra="forbid")
-    k: int = Field(ge=1, description="Number of raw documents to select.")
-    num_buckets: int = Field(10_000, ge=2, le=2**31 - 1, description="Hash buckets of the n-gram features.")
-    ngrams: int = Field(2, ge=1, le=5, description="Largest n-gram order: 2 means unigrams and bigrams.")
-    laplace: float = Field(0.0, ge=0.0, description="Laplace pseudo-count added to every target bucket before "
-                           "normalising (0: none, as in the reference package).")
-    seed: int = Field(0, description="Seed of the Gumbel noise (selection is reproducible for a fixed seed).")
-    deterministic: bool = Field(False, description="Take the k highest weights instead of Gumbel top-k sampling.")
-    min_length: int = Field(100, ge=0, description="Minimum document length in word/punctuation tokens; shorter "
-                            "documents are never selected (the reference package's min_example_length).")
-    text_field: str = Field("text", min_length=1, description="Field holding the text in JSONL/Parquet/dataset rows.")
-    target_proportions: list[float] | None = Field(
-        None, description="Share of k per target, in the order targets are given (normalised). Default: each "
-        "target's share of all target n-grams, as in the reference package.")
-    pool_targets: bool = Field(False, description="Treat all target inputs as one target distribution.")
-    raw_sample_docs: int | None = Field(None, ge=1, description="Fit the raw distribution on about this many raw "
-                                        "documents, spread over the shards by size; None: the whole pool.")
-    processes: int | None = Field(None, ge=1, description="Worker processes (spawned); None: all usable cores.")
-    shard_bytes: int = Field(64 << 20, ge=1, description="Bytes of input per shard (the unit of parallelism, caching "
-                             "and resume).")
-    max_doc_bytes: int = Field(4 << 20, ge=1, description="Longer documents/lines are skipped as 'oversized' "
-                               "(bounds memory per document).")
-    hash: Literal["fast", "dsir-compat"] = Field(
-        "fast", description="'fast': vectorised 64-bit polynomial hash; 'dsir-compat': the reference package's "
-        "sha256 buckets (same tokenizer), for weights that match it.")
-    batch_chars: int = Field(1 << 18, ge=1, description="Characters featurized per vectorised batch (speed only).")
-
-    @model_validator(mode="after")
-    def _proportions_positive(self) -> "DSIRConfig":
-        if self.target_proportions is not None and (not self.target_proportions
-                                                     or any(not p > 0 for p in self.target_proportions)):
-            raise ValueError("target_proportions must be positive numbers, one per target")
-        return self
+# processes=None (automatic): worker processes only when this many input bytes could run beside the largest shard.
+# Spawned workers take 0.3-0.7 s to their first shard (interpreter, numpy, this package; measured on 2 cores), the
+# time one core featurizes 13-30 MB, and one shard's bytes run on one core however many workers there are: below
+# this, workers would save less than they cost (a pool of one shard, a small pool with a small target).
+POOL_MIN_BYTES = 32 << 20
 
 
 # -- shard jobs -------------------------------------------------------------------------------
@@ -111,6 +63,9 @@ class ShardTask:
     n_targets: int = 1
     dataset: Any = None  # the datasets.Dataset of an "hf" shard made from an in-memory object
     index: int = 0  # position in its phase, to put results back in order
+    # In-process runs only (never sent to a worker): a "counts" task appends every batch's (statuses, positions of
+    # the readable records, features or None) here, and the "weights" task of the same shard reads them back.
+    kept: list[tuple[list[int], list[int], Batch | None]] | None = None
 
 
 _FEATURIZERS: dict[tuple, Featurizer] = {}  # per process: the dsir-compat sha256 cache lives on across shards
@@ -172,10 +127,15 @@ def _count_shard(task: ShardTask, fz: Featurizer) -> dict[str, np.ndarray]:
     """n-gram counts [B] of the shard's readable records (the first ``quota`` of them) and status counts."""
     counts = np.zeros(fz.num_buckets, dtype=np.int64)
     status_hist = np.zeros(len(REASONS) + 1, dtype=np.int64)  # [status codes] records per status
-    for status, texts, _ in _batched(_blocks(task), task.feat["batch_chars"], task.quota):
+    for status, texts, where in _batched(_blocks(task), task.feat["batch_chars"], task.quota):
         status_hist += np.bincount(status, minlength=len(status_hist))
-        if texts:
-            counts += np.bincount(fz.featurize(texts).bucket, minlength=fz.num_buckets)
+        batch = fz.featurize(texts) if texts else None
+        if batch is not None:
+            counts += np.bincount(batch.bucket, minlength=fz.num_buckets)
+        if task.kept is not None:  # int32 halves the memory; the weights come out the same
+            small = None if batch is None else Batch(batch.doc.astype(np.int32), batch.bucket.astype(np.int32),
+                                                     batch.n_words)
+            task.kept.append((status, where, small))
     return {"counts": counts, "status_hist": status_hist}
 
 
@@ -184,14 +144,16 @@ def _weigh_shard(task: ShardTask, fz: Featurizer) -> dict[str, np.ndarray]:
     assert task.log_diff is not None
     n_t = task.log_diff.shape[0]
     st_parts, nw_parts, lw_parts = [np.zeros(0, np.uint8)], [np.zeros(0, np.int64)], [np.zeros((0, n_t))]
-    for status, texts, where in _batched(_blocks(task), task.feat["batch_chars"]):
+    batches = task.kept if task.kept is not None else (
+        (status, where, fz.featurize(texts) if texts else None)
+        for status, texts, where in _batched(_blocks(task), task.feat["batch_chars"]))
+    for status, where, batch in batches:
         st = np.asarray(status, dtype=np.uint8)
         nw = np.zeros(len(st), dtype=np.int64)
         lw = np.full((len(st), n_t), np.nan)
-        if texts:
-            batch = fz.featurize(texts)
+        if batch is not None:
             nw[where] = batch.n_words
-            lw[where] = fz.log_weights(batch, task.log_diff, len(texts))
+            lw[where] = fz.log_weights(batch, task.log_diff, len(where))
         st_parts.append(st)
         nw_parts.append(nw)
         lw_parts.append(lw)
@@ -256,15 +218,22 @@ class _PoolMap:
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self.pool: ProcessPoolExecutor | None = None
+        self.pool = None  # a ProcessPoolExecutor once started
 
     def __call__(self, fn, tasks: list[ShardTask]) -> Iterator[dict]:
         if len(tasks) <= 1:
             yield from inline_map(fn, tasks)
             return
+        # Imported here: a run that stays in-process never pays for the multiprocessing machinery.
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
         if self.pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
             self.pool = ProcessPoolExecutor(max_workers=self.processes, mp_context=get_context("spawn"))
-        pending: set[Future] = {self.pool.submit(fn, t) for t in tasks}
+        pending = {self.pool.submit(fn, t) for t in tasks}
         try:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -371,7 +340,8 @@ def gumbel_top_k(logw: np.ndarray, k: int, rng: np.random.Generator | None) -> n
 @dataclass
 class _Fit:
     """Phase 1 output: target counts [T, B], their status counts [T, S], raw counts [B], raw status counts [S],
-    the distributions p_tgt [T, B] (smoothed) and p_raw [B], and log_diff = log p_tgt - log p_raw [T, B]."""
+    the distributions p_tgt [T, B] (smoothed) and p_raw [B], log_diff = log p_tgt - log p_raw [T, B], and the raw
+    shards' kept features."""
 
     tgt_counts: np.ndarray
     tgt_hist: np.ndarray
@@ -380,6 +350,7 @@ class _Fit:
     p_tgt: np.ndarray
     p_raw: np.ndarray
     log_diff: np.ndarray
+    kept: list[list | None]  # [raw shards] the features a raw shard's counts task kept (ShardTask.kept), or None
 
 
 @dataclass
@@ -425,7 +396,9 @@ def run_selection(cfg: DSIRConfig, raw: list[str | Path], targets: list[Any], ou
     or ``datasets.Dataset`` objects. ``targets``: one entry per target: a path, a list of paths, a
     :class:`TargetSpec` (or its dict). ``cache_dir``: per-shard results, reused by a rerun (resume); ``None`` uses
     a temporary folder removed at the end. ``executor``: ``map(fn, tasks)`` replacement (e.g. Prefect + Dask);
-    default: a spawned process pool of ``cfg.processes`` workers (in-process when that is 1).
+    default: a spawned process pool of ``cfg.processes`` workers (in-process when that is 1); with
+    ``cfg.processes=None``, all usable cores when the input is large enough to pay for starting them
+    (:data:`POOL_MIN_BYTES`), in-process otherwise.
 
     Writes ``selected.jsonl`` (original rows, in pool order), ``selected_ids.npy`` ([k] int64 record indices),
     ``weights.npy`` ([N] float64, or [N, T] for several targets; NaN for unreadable records),
@@ -455,6 +428,8 @@ def run_selection(cfg: DSIRConfig, raw: list[str | Path], targets: list[Any], ou
     root = Path(tempfile.mkdtemp(prefix="dsir-cache-")) if own_cache else Path(cache_dir)
     pool = None
     if executor is None:
+        if cfg.processes is None and _spare_bytes(raw_shards, tgts) < POOL_MIN_BYTES:
+            processes = 1  # automatic: too little input beside the largest shard to pay for starting workers
         pool = _PoolMap(processes) if processes > 1 else None
         executor = pool or inline_map
     run = _Run(cfg, feat, feat_key, raw_items, raw_shards, tgts, root, executor, progress)
@@ -463,7 +438,9 @@ def run_selection(cfg: DSIRConfig, raw: list[str | Path], targets: list[Any], ou
         fit = _fit(run)
         timings["fit_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        wts = _weigh(run, fit.log_diff)
+        wts = _weigh(run, fit.log_diff, fit.kept)
+        kept_shards = sum(k is not None for k in fit.kept)
+        fit.kept = []  # free the features
         timings["weights_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         assigned, k_per, props, raw_hist = _select(run, fit, wts)
@@ -513,6 +490,7 @@ def run_selection(cfg: DSIRConfig, raw: list[str | Path], targets: list[Any], ou
         "executor": "pool" if pool is not None else ("inline" if executor is inline_map else "custom"),
         "processes": processes if pool is not None else (1 if executor is inline_map else None),
         "cache": run.cache, "cache_dir": None if own_cache else str(root),
+        "features_kept_shards": kept_shards,  # raw shards read and featurized once, not twice (in-process)
         "timings": timings,
         "weights_docs_per_s": wts.computed_docs / wsec if wts.computed_docs and wsec > 0 else None,
         "weights_mb_per_s": wts.computed_bytes / 1e6 / wsec if wts.computed_docs and wsec > 0 else None,
@@ -531,6 +509,12 @@ def _shards(items: list[Any], shard_bytes: int) -> list[tuple[Shard, Any]]:
             for i in items for s in sources.plan_shards(i, shard_bytes)]
 
 
+def _spare_bytes(raw_shards: list[tuple[Shard, Any]], tgts: list[_Target]) -> int:
+    """Input bytes of the largest phase (the fit: targets and raw) that could run beside its largest shard."""
+    sizes = [s.size for s, _ in raw_shards] + [s.size for t in tgts for s, _ in t.shards]
+    return sum(sizes) - max(sizes, default=0)
+
+
 def _fit(run: _Run) -> _Fit:
     """Phase 1: n-gram counts of every target shard and of the raw shards (or a size-proportional sample)."""
     cfg = run.cfg
@@ -543,7 +527,17 @@ def _fit(run: _Run) -> _Fit:
         jobs.append((-1, s, ds, quota))
     tasks = [ShardTask("counts", s, run.feat, run.path("counts", shard=s.ident, quota=q), quota=q, dataset=ds, index=j)
              for j, (_, s, ds, q) in enumerate(jobs)]
+    # In-process, the whole raw pool fitted: keep the features of the first shards (plain text, whose size bounds
+    # the memory) for the weights pass, so those are read and featurized once.
+    budget = cfg.keep_features_bytes if run.executor is inline_map and cfg.raw_sample_docs is None else 0
+    first_raw = len(tasks) - len(run.raw_shards)
+    raw_tasks = tasks[first_raw:]
+    for t in raw_tasks:
+        if t.shard.kind == "lines" and not t.shard.gz and t.shard.size <= budget:
+            t.kept, budget = [], budget - t.shard.size
     results = _run_phase("counts", tasks, run)
+    # A shard loaded from the cache filled nothing: its weights pass reads the input.
+    kept = [None if r.get("_cached") else t.kept for t, r in zip(raw_tasks, results[first_raw:])]
     n_t, n_s = len(run.targets), len(REASONS) + 1
     tgt_counts = np.zeros((n_t, cfg.num_buckets), dtype=np.int64)
     tgt_hist = np.zeros((n_t, n_s), dtype=np.int64)
@@ -567,14 +561,15 @@ def _fit(run: _Run) -> _Fit:
     smoothed = tgt_counts + cfg.laplace  # [T, B]
     p_tgt = smoothed / smoothed.sum(axis=1, keepdims=True)
     log_diff = np.log(p_tgt + EPS) - np.log(p_raw + EPS)  # [T, B]
-    return _Fit(tgt_counts, tgt_hist, raw_counts, raw_hist, p_tgt, p_raw, log_diff)
+    return _Fit(tgt_counts, tgt_hist, raw_counts, raw_hist, p_tgt, p_raw, log_diff, kept)
 
 
-def _weigh(run: _Run, log_diff: np.ndarray) -> _Weights:
-    """Phase 2: status, token count and log weight of every raw record, shard by shard."""
+def _weigh(run: _Run, log_diff: np.ndarray, kept: list[list | None]) -> _Weights:
+    """Phase 2: status, token count and log weight of every raw record, shard by shard (from the features the fit
+    kept, where it kept them)."""
     digest = hashlib.sha256(np.ascontiguousarray(log_diff).tobytes()).hexdigest()
     tasks = [ShardTask("weights", s, run.feat, run.path("weights", shard=s.ident, log_diff=digest), log_diff=log_diff,
-                       dataset=ds, index=j) for j, (s, ds) in enumerate(run.raw_shards)]
+                       dataset=ds, index=j, kept=kept[j]) for j, (s, ds) in enumerate(run.raw_shards)]
     results = _run_phase("weights", tasks, run)
     fresh = [(t, r) for t, r in zip(tasks, results) if not r.get("_cached")]
     return _Weights(status=np.concatenate([r["status"] for r in results]),
@@ -687,24 +682,9 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _histogram(path: Path, logw: np.ndarray, eligible: np.ndarray, assigned: np.ndarray, names: list[str]) -> None:
-    """Histogram of log weights, all eligible vs selected, one panel per target (Agg canvas, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Histogram of log weights, all eligible vs selected, one panel per target (:mod:`stages.dsir.plot`)."""
+    from stages.dsir.plot import weights_histogram
 
-    n_t = logw.shape[1]
-    fig = Figure(figsize=(6.4, 3.2 * n_t))
-    FigureCanvasAgg(fig)
-    for ti in range(n_t):
-        ax = fig.add_subplot(n_t, 1, ti + 1)
-        all_w = logw[eligible, ti]
-        sel_w = logw[assigned == ti, ti]
-        bins = np.histogram_bin_edges(all_w, bins=60)
-        ax.hist(all_w, bins=bins, alpha=0.6, label=f"all eligible ({len(all_w)})", density=True)
-        ax.hist(sel_w, bins=bins, alpha=0.6, label=f"selected ({len(sel_w)})", density=True)
-        ax.set_xlabel(f"log importance weight (target '{names[ti]}')")
-        ax.set_ylabel("density")
-        ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    weights_histogram(path, [(f"log importance weight (target '{name}')",
+                              [("all eligible", logw[eligible, ti]), ("selected", logw[assigned == ti, ti])])
+                             for ti, name in enumerate(names)])

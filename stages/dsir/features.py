@@ -5,10 +5,12 @@ Tokenizer
     (neither ``\\w`` nor ``\\s``); whitespace separates tokens. This is ``findall(r"\\w+|[^\\w\\s]+", text.lower())``,
     i.e. nltk's ``WordPunctTokenizer`` as the reference package uses it. nltk >= 3.10 runs that pattern on the
     ``regex`` engine (whose ``\\w`` also covers combining marks), so the character classes come from ``regex`` (a
-    transformers dependency; ``re`` if it is missing): a table of every code point's class is built once per
-    process by running the engine itself, and tokenizing is then one table lookup per code point. Tokens are
-    therefore the same on every machine with the same ``regex`` version (newer Unicode versions only add classes
-    for newly assigned code points); :data:`ENGINE` names it and is part of every cache key.
+    transformers dependency; ``re`` if it is missing): a table of every code point's class is filled by running the
+    engine itself, one block of 256 code points the first time a text holds one of them (a process that sees
+    ASCII and a few scripts classifies a few blocks, not all 1.1M code points), and tokenizing is then one table
+    lookup per code point. Tokens are therefore the same on every machine with the same ``regex`` version (newer
+    Unicode versions only add classes for newly assigned code points); :data:`ENGINE` names it and is part of
+    every cache key.
 
 Hashes (``hash_mode``)
     ``"fast"``: each token's code points ``c_0..c_{L-1}`` give ``poly = sum_i c_i * P**i mod 2**64`` and
@@ -52,23 +54,39 @@ _F2 = 0xC4CEB9FE1A85EC53
 
 SPACE, WORD, PUNCT = 0, 1, 2
 
-_CLASS: np.ndarray | None = None  # [0x110000] uint8: code point -> SPACE / WORD / PUNCT
+_UNKNOWN = 255  # a code point whose block has not been classified yet
+_BLOCK = 256  # code points classified together
+_CLASS = np.full(0x110000, _UNKNOWN, dtype=np.uint8)  # [0x110000] code point -> SPACE / WORD / PUNCT, filled lazily
 _POW = np.ones(1, dtype=np.uint64)  # [n] P**i mod 2**64, grown on demand to the longest batch seen
 _INV = np.ones(1, dtype=np.uint64)  # [n] P**-i mod 2**64
 
 
+def _classify_blocks(blocks: list[int]) -> None:
+    """Fill ``_CLASS`` for these blocks of ``_BLOCK`` code points from the engine's own ``\\w`` and ``\\s``."""
+    for b in blocks:
+        lo = b * _BLOCK
+        cls = np.full(_BLOCK, PUNCT, dtype=np.uint8)
+        if not 0xD800 <= lo < 0xE000:  # surrogates cannot occur in text decoded from UTF-8: they stay PUNCT
+            chunk = "".join(map(chr, range(lo, lo + _BLOCK)))
+            # SPACE first, WORD second: in ``\\w+|[^\\w\\s]+`` a character in both classes starts a word.
+            for pattern, c in ((r"\s", SPACE), (r"\w", WORD)):
+                cls[[m.start() for m in _engine.finditer(pattern, chunk)]] = c
+        _CLASS[lo:lo + _BLOCK] = cls
+
+
+def classes_of(cp: np.ndarray) -> np.ndarray:
+    """[N] uint8 class of every code point in ``cp`` [N], classifying the blocks not seen before in this process."""
+    cls = _CLASS[cp]
+    if (cls == _UNKNOWN).any():  # one pass over N bytes; rare after the first batches of a script
+        # bincount, not np.unique: this runs in every process's first batches and np.unique imports numpy.ma (12 ms).
+        _classify_blocks(np.flatnonzero(np.bincount(cp[cls == _UNKNOWN] // _BLOCK)).tolist())
+        cls = _CLASS[cp]
+    return cls
+
+
 def char_classes() -> np.ndarray:
-    """[0x110000] uint8 class of every code point, taken from ``re``'s own ``\\w`` and ``\\s`` (built once)."""
-    global _CLASS
-    if _CLASS is None:
-        # Surrogates cannot occur in text decoded from UTF-8; they stand in as 'x' only to fill the string.
-        every = "".join(map(chr, range(0xD800))) + "x" * 0x800 + "".join(map(chr, range(0xE000, 0x110000)))
-        table = np.full(0x110000, PUNCT, dtype=np.uint8)
-        # SPACE first, WORD second: in ``\w+|[^\w\s]+`` a character in both classes starts a word.
-        for pattern, cls in ((r"\s", SPACE), (r"\w", WORD)):
-            table[np.fromiter((m.start() for m in _engine.finditer(pattern, every)), dtype=np.int64)] = cls
-        table[0xD800:0xE000] = PUNCT
-        _CLASS = table
+    """[0x110000] uint8 class of every code point (classifies all blocks not seen yet: about 0.2 s)."""
+    _classify_blocks(np.flatnonzero(_CLASS[::_BLOCK] == _UNKNOWN).tolist())
     return _CLASS
 
 
@@ -154,8 +172,7 @@ class Featurizer:
         self.num_buckets = int(num_buckets)
         self.ngrams = int(ngrams)
         self.hash_mode = hash_mode
-        self._classes = char_classes()
-        self._ascii_classes = np.ascontiguousarray(self._classes[:256])
+        self._ascii_classes = classes_of(np.arange(256))  # [256]: the ASCII fast path's table
         # dsir-compat cache: sorted fast keys [C] uint64 -> sha256 buckets [C] int64.
         self._cache_keys = np.empty(0, dtype=np.uint64)
         self._cache_buckets = np.empty(0, dtype=np.int64)
@@ -171,7 +188,7 @@ class Featurizer:
             cls = self._ascii_classes[cp]  # [N] uint8; a 128-entry table stays in L1
         else:
             cp = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32)
-            cls = self._classes[cp]
+            cls = classes_of(cp)
         n = len(cls)
         # A token starts where a non-space class begins and ends where that class stops.
         change = np.empty(n + 1, dtype=bool)  # change[i]: class differs between i-1 and i (edges count)

@@ -48,8 +48,8 @@ def _digest(name: str, ref: str, recipe: Recipe, memo_dir: Path | None) -> str:
     from stages.io import digest_path
 
     path = Path(ref).expanduser()
-    if path.exists():
-        return digest_path(path)
+    if path.exists():  # memoised per file on (path, size, mtime, inode): a multi-GB pool is not re-read per run
+        return digest_path(path, memo_dir)
     if ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref.split("/")[-1] if "/" not in ref else ref):
         raise InputError(f"input '{name}' of the stage: not found: {ref}")
     from stages.refs import hub_commit
