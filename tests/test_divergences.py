@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from stages.distill.chunked import chunked_divergence, compress_teacher, topk_divergence
-from stages.distill.divergences import DIVERGENCES, SPECS, TOKENWISE, get_divergence
+from stages.distill.chunked import chunked_divergence, compress_teacher, get_divergence, topk_divergence
+from stages.distill.divergences import DIVERGENCES, SPECS, TOKENWISE
 from stages.errors import TrainingError
 
 # (name, params) pairs covering every token-wise divergence, the endpoints included

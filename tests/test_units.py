@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from stages.distill.divergences import DIVERGENCES, forward_kl, get_divergence, reverse_kl
+from stages.distill.chunked import get_divergence
+from stages.distill.divergences import DIVERGENCES, forward_kl, reverse_kl
 from stages.errors import InputError, TrainingError
 
 

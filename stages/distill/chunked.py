@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from stages.distill.divergences import LOG_FLOOR, TOKENWISE, _check_inputs, _prep, resolve_params, spec_of
+from stages.distill.divergences import (DIVERGENCES, LOG_FLOOR, TOKENWISE, Divergence, _check_inputs, _prep,
+                                        resolve_params, spec_of)
 from stages.errors import TrainingError
 
 # chunk_tokens=None picks the chunk from a budget of float32 elements per [chunk, V] intermediate:
@@ -197,6 +198,37 @@ def chunked_divergence(name: str, student_logits: torch.Tensor, teacher_logits: 
     return _chunked_sum(per_chunk, rows, weights, scale, chunk, s, t)
 
 
+def get_divergence(name: str, *, chunked: bool = False, chunk_tokens: int | None = None, **params) -> Divergence:
+    """The divergence ``name`` as ``fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False)``.
+
+    With no keywords this is the registered function itself, ``DIVERGENCES[name]`` (its parameters can still be
+    passed per call). ``params`` (e.g. ``beta=0.9``) are checked now and bound. ``chunked=True`` (or an explicit
+    ``chunk_tokens``) returns the memory-bounded ``chunked_divergence`` with ``chunk_tokens`` tokens per chunk
+    (None: chosen from the vocabulary size and device).
+
+    Raises:
+        TrainingError: unknown name (the message lists the available ones), unknown or out-of-range
+            parameter, bad chunk_tokens, or chunking asked for the batch-wise sinkhorn.
+    """
+    spec_of(name)  # unknown name -> TrainingError listing all names
+    fn = DIVERGENCES[name]
+    chunked = chunked or chunk_tokens is not None
+    if not chunked and not params:
+        return fn
+    bound = resolve_params(name, params)
+    if not chunked:
+        def with_params(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
+            return fn(student_logits, teacher_logits, mask, temperature, scale_by_t2, **bound)
+        return with_params
+    check_chunk_tokens(chunk_tokens)
+    _tokenwise_spec(name)
+
+    def chunked_fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
+        return chunked_divergence(name, student_logits, teacher_logits, mask, temperature, scale_by_t2,
+                                  chunk_tokens=chunk_tokens, **bound)
+    return chunked_fn
+
+
 # ------------------------------------------------------------------ top-k + tail-bucket teacher
 
 class CompressedTeacher(NamedTuple):
@@ -332,4 +364,4 @@ def topk_divergence(name: str, student_logits: torch.Tensor, teacher: Compressed
 
 
 __all__ = ["auto_chunk_tokens", "CompressedTeacher", "check_chunk_tokens", "chunked_divergence",
-           "compress_teacher", "topk_divergence"]
+           "compress_teacher", "get_divergence", "topk_divergence"]

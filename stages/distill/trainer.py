@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.distill.chunked import CompressedTeacher, compress_teacher, topk_divergence
-from stages.distill.divergences import get_divergence
+from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence, topk_divergence
 from stages.errors import TrainingError
 
 
