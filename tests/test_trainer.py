@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
+from stages.config import DistillConfig
 from stages.distill import trainer
-from stages.distill.trainer import TrainSpec, precompute_topk, sample_continuations, train
+from stages.distill.trainer import precompute_topk, sample_continuations
 from stages.errors import InputError, TrainingError
 
 V = 64
@@ -31,7 +30,17 @@ def _teacher(seed=2):
 
 
 IDS = torch.randint(0, V, (12, 24), generator=torch.Generator().manual_seed(0))
-BASE = TrainSpec(steps=6, batch_size=4, lr=1e-2, eval_every=3, progress=False, divergence="forward_kl")
+
+
+def _cfg(**kw) -> DistillConfig:
+    """Short runs: 6 steps of 4 rows, no warmup, no checkpoints, forward KL unless overridden."""
+    base = dict(steps=6, batch_size=4, lr=1e-2, eval_every=3, warmup_steps=0, checkpoint_every=0,
+                divergence="forward_kl")
+    return DistillConfig(**{**base, **kw})
+
+
+def train(model, cfg: DistillConfig, **kw):
+    return trainer.train(model, IDS, IDS, cfg, progress=False, **kw)
 
 
 # ------------------------------------------------------------------ on-policy (GKD)
@@ -52,25 +61,25 @@ def test_sampling_keeps_the_prompt_and_is_reproducible():
 
 
 def test_on_policy_share_picks_that_share_of_micro_batches_reproducibly():
-    spec = dataclasses.replace(BASE, on_policy_share=0.3)
-    picks = [trainer.is_on_policy(spec, i) for i in range(2000)]
+    picks = [trainer.is_on_policy(0.3, 0, i) for i in range(2000)]
     assert 0.27 < sum(picks) / len(picks) < 0.33
-    assert picks == [trainer.is_on_policy(spec, i) for i in range(2000)]
-    assert not any(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=0.0), i) for i in range(100))
-    assert all(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=1.0), i) for i in range(100))
+    assert picks == [trainer.is_on_policy(0.3, 0, i) for i in range(2000)]
+    assert picks != [trainer.is_on_policy(0.3, 1, i) for i in range(2000)]  # the seed matters
+    assert not any(trainer.is_on_policy(0.0, 0, i) for i in range(100))
+    assert all(trainer.is_on_policy(1.0, 0, i) for i in range(100))
 
 
 def test_on_policy_batches_score_only_the_sampled_tokens(monkeypatch):
     seen = []
     real = trainer._losses
 
-    def spy(forward, teacher, ids, spec, device, *, topk=None, mask=None):
+    def spy(forward, teacher, ids, cfg, device, *, topk=None, mask=None):
         seen.append((ids.clone(), None if mask is None else mask.clone()))
-        return real(forward, teacher, ids, spec, device, topk=topk, mask=mask)
+        return real(forward, teacher, ids, cfg, device, topk=topk, mask=mask)
 
     monkeypatch.setattr(trainer, "_losses", spy)
-    spec = dataclasses.replace(BASE, steps=2, on_policy_share=1.0, on_policy_prompt=7, grad_accum=2)
-    hist = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
+    cfg = _cfg(steps=2, on_policy={"share": 1.0, "prompt_tokens": 7}, grad_accum=2)
+    hist = train(_lm(1), cfg, teacher=_lm(2))
     assert [r["on_policy"] for r in hist] == [2, 2] and all(r["ce"] is None for r in hist)
     for ids, mask in seen:
         assert mask is not None and mask.shape == ids.shape
@@ -81,29 +90,28 @@ def test_on_policy_batches_score_only_the_sampled_tokens(monkeypatch):
 
 
 def test_on_policy_training_moves_the_student_towards_the_teacher_and_resumes_identically(tmp_path, monkeypatch):
-    spec = dataclasses.replace(BASE, steps=8, on_policy_share=0.5, on_policy_prompt=4, grad_accum=2, eval_every=8)
+    cfg = _cfg(steps=8, on_policy={"share": 0.5, "prompt_tokens": 4}, grad_accum=2, eval_every=8, checkpoint_every=4)
     teacher = _teacher()
     full_model = _lm(1)
-    full = train(full_model, IDS, IDS, spec, teacher=teacher)
+    full = train(full_model, cfg, teacher=teacher)
     assert 0 < sum(r["on_policy"] for r in full) < 16  # both kinds of batches occurred
     assert full[-1]["eval_kd"] < trainer.evaluate_loss(_lm(1), IDS, 4, torch.device("cpu"), teacher,
                                                       "forward_kl")["eval_kd"]
     # killed during step 7, resumed from the step-4 checkpoint: same sampled batches, same result
-    ck = dataclasses.replace(spec, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4)
     calls, real = {"n": 0}, trainer._losses
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 6 * spec.grad_accum:
+        if calls["n"] > 6 * cfg.grad_accum:
             raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "_losses", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(_lm(1), IDS, IDS, ck, teacher=teacher)
+        train(_lm(1), cfg, teacher=teacher, checkpoint_dir=tmp_path / "ck")
     monkeypatch.setattr(trainer, "_losses", real)
     resumed_model = _lm(5)
-    resumed = train(resumed_model, IDS, IDS, ck, teacher=teacher)
+    resumed = train(resumed_model, cfg, teacher=teacher, checkpoint_dir=tmp_path / "ck")
     assert resumed[4]["resumed_from"] == 4
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
@@ -112,20 +120,20 @@ def test_on_policy_training_moves_the_student_towards_the_teacher_and_resumes_id
 
 def test_on_policy_needs_the_teacher_and_room_to_sample():
     with pytest.raises(TrainingError, match="needs the teacher"):
-        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5))
+        train(_lm(), _cfg(on_policy={"share": 0.5}))
     with pytest.raises(TrainingError, match="nothing to sample"):
-        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5, on_policy_prompt=23), teacher=_lm(2))
+        train(_lm(), _cfg(on_policy={"share": 0.5, "prompt_tokens": 23}), teacher=_lm(2))
 
 
 # ------------------------------------------------------------------ cached top-k teacher
 
 def test_cached_full_vocabulary_top_k_trains_exactly_like_the_online_teacher():
     teacher = _lm(2)
-    spec = dataclasses.replace(BASE, divergence="reverse_kl")
-    online = train(_lm(1), IDS, IDS, spec, teacher=teacher)
+    cfg = _cfg(divergence="reverse_kl")
+    online = train(_lm(1), cfg, teacher=teacher)
     cache = precompute_topk(teacher, IDS, V, 1.0, 5, torch.device("cpu"))
     assert cache.topk_ids.shape == (12, 24, V) and cache.topk_ids.dtype == torch.int32
-    cached = train(_lm(1), IDS, IDS, spec, train_topk=cache, eval_topk=cache)
+    cached = train(_lm(1), cfg, train_topk=cache, eval_topk=cache)
     for a, b in zip(online, cached):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert online[-1]["eval_kd"] == pytest.approx(cached[-1]["eval_kd"], rel=1e-4)
@@ -136,7 +144,7 @@ def test_cached_small_top_k_still_distils():
     cache = precompute_topk(teacher, IDS, 8, 1.0, 4, torch.device("cpu"))
     student = _lm(1)
     before = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
-    train(student, IDS, IDS, dataclasses.replace(BASE, steps=15, eval_every=15), train_topk=cache, eval_topk=cache)
+    train(student, _cfg(steps=15, eval_every=15), train_topk=cache, eval_topk=cache)
     after = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
     assert after < 0.7 * before  # measured with the full teacher, not the top-k proxy
 
@@ -159,15 +167,15 @@ def test_teacher_top_k_cache_is_reused_and_a_corrupt_file_is_recomputed(tmp_path
 def test_stale_cache_shape_is_refused():
     cache = precompute_topk(_lm(2), IDS[:6], 8, 1.0, 4, torch.device("cpu"))
     with pytest.raises(TrainingError, match="stale cache"):
-        train(_lm(1), IDS, IDS, BASE, train_topk=cache)
+        train(_lm(1), _cfg(), train_topk=cache)
 
 
 # ------------------------------------------------------------------ torch.compile
 
 def test_compiled_forward_trains_like_eager():
-    spec = dataclasses.replace(BASE, steps=3, eval_every=3)
-    eager = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
-    compiled = train(_lm(1), IDS, IDS, dataclasses.replace(spec, compile=True), teacher=_lm(2))
+    cfg = _cfg(steps=3, eval_every=3)
+    eager = train(_lm(1), cfg, teacher=_lm(2))
+    compiled = train(_lm(1), cfg, teacher=_lm(2), compile=True)
     for a, b in zip(eager, compiled):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 

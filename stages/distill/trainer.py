@@ -18,55 +18,27 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stages.config import DistillConfig, divergence_params
 from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence, topk_divergence
 from stages.errors import TrainingError
 
 
-@dataclass
-class TrainSpec:
-    steps: int
-    batch_size: int
-    lr: float
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup
-    max_grad_norm: float = 1.0
-    eval_every: int = 100
-    eval_rows: int = 64
-    divergence: str | None = None  # None: cross-entropy only
-    divergence_params: dict = field(default_factory=dict)
-    chunk: str = "auto"  # auto | always | never: token-chunked loss (bounded memory)
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    seed: int = 0
-    progress: bool = True
-    desc: str = "train"
-    checkpoint_dir: str | None = None  # where to save/resume training state (None: no checkpoints)
-    checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none)
-    on_policy_share: float = 0.0  # share of micro-batches replaced by student samples (GKD lambda)
-    on_policy_prompt: int = 32  # prompt tokens kept from each row; the student samples the rest
-    on_policy_temperature: float = 1.0
-    compile: bool = False  # torch.compile the student's training forward
-
-
-def lr_at(step: int, spec: TrainSpec) -> float:
-    """Learning rate for optimiser step ``step`` (0-based)."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    if spec.schedule == "constant":
-        return spec.lr
-    frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    if spec.schedule == "linear":
-        return spec.lr * (1.0 - frac)
-    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine to 0
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cfg.schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine to 0
 
 
 def _batches(rows: int, batch_size: int, seed: int):
@@ -86,11 +58,11 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def _kd_fn(spec: TrainSpec, vocab: int):
+def _kd_fn(cfg: DistillConfig, vocab: int):
     """The training divergence: chunked over tokens for large vocabularies (memory bounded by the chunk)."""
-    batchwise = spec.divergence == "sinkhorn"
-    chunked = not batchwise and (spec.chunk == "always" or (spec.chunk == "auto" and vocab >= 32_768))
-    return get_divergence(spec.divergence, chunked=chunked, **spec.divergence_params)
+    batchwise = cfg.divergence.name == "sinkhorn"
+    chunked = not batchwise and (cfg.chunk == "always" or (cfg.chunk == "auto" and vocab >= 32_768))
+    return get_divergence(cfg.divergence.name, chunked=chunked, **divergence_params(cfg.divergence))
 
 
 def _mix(seed: int, index: int) -> int:
@@ -98,8 +70,9 @@ def _mix(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63)
 
 
-def is_on_policy(spec: TrainSpec, micro_index: int) -> bool:
-    return spec.on_policy_share > 0 and random.Random(_mix(spec.seed, micro_index)).random() < spec.on_policy_share
+def is_on_policy(share: float, seed: int, micro_index: int) -> bool:
+    """Whether micro-batch ``micro_index`` of a run seeded ``seed`` is on-policy (drawn with probability share)."""
+    return share > 0 and random.Random(_mix(seed, micro_index)).random() < share
 
 
 @torch.no_grad()
@@ -126,7 +99,7 @@ def sample_continuations(model, prompt: torch.Tensor, total_len: int, temperatur
     return torch.cat(pieces, dim=1)  # [B, total_len]
 
 
-def _losses(forward, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.device, *,
+def _losses(forward, teacher, ids: torch.Tensor, cfg: DistillConfig, device: torch.device, *,
             topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
     """(total, kd, ce) for a batch of token ids [B, T].
 
@@ -139,19 +112,19 @@ def _losses(forward, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.
         logits = forward(input_ids=ids).logits  # [B, T, V]
     # next-token cross-entropy: position t predicts token t+1
     ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if spec.divergence is None or (teacher is None and topk is None):
+    if teacher is None and topk is None:
         return ce, None, ce
     if topk is not None:
-        kd = topk_divergence(spec.divergence, logits, topk, mask=mask, temperature=spec.temperature,
-                             **spec.divergence_params)
+        kd = topk_divergence(cfg.divergence.name, logits, topk, mask=mask, temperature=cfg.temperature,
+                             **divergence_params(cfg.divergence))
     else:
         with torch.no_grad(), _autocast(device):
             t_logits = teacher(input_ids=ids).logits  # [B, T, V]
-        kd = _kd_fn(spec, logits.shape[-1])(logits, t_logits, mask=mask, temperature=spec.temperature)
+        kd = _kd_fn(cfg, logits.shape[-1])(logits, t_logits, mask=mask, temperature=cfg.temperature)
         del t_logits  # free before backward: the student's activations dominate peak memory
     if mask is not None:
-        return (1.0 - spec.ce_weight) * kd, kd, ce
-    total = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce
+        return (1.0 - cfg.ce_weight) * kd, kd, ce
+    total = (1.0 - cfg.ce_weight) * kd + cfg.ce_weight * ce
     return total, kd, ce
 
 
@@ -217,26 +190,35 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
     return out
 
 
-def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainSpec, *, teacher=None,
+def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: DistillConfig, *, teacher=None,
           device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
-          eval_topk: CompressedTeacher | None = None) -> list[dict]:
-    """Train ``student`` in place; return the history (one dict per step, evals included).
+          eval_topk: CompressedTeacher | None = None, seed: int = 0, progress: bool = True, desc: str = "train",
+          checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False) -> list[dict]:
+    """Train ``student`` in place on packed token rows [rows, T]; return the history (one dict per step, evals included).
 
+    cfg: the validated distillation settings (optimiser, schedule, divergence, temperature, ce_weight, chunking,
+        on-policy share, checkpoint_every). Without a teacher signal (``teacher`` and ``train_topk`` both None)
+        the loss is next-token cross-entropy alone, whatever cfg.divergence and cfg.ce_weight say.
     train_topk / eval_topk: cached teacher top-k aligned with the rows of train_ids / eval_ids[:eval_rows]
-    (from ``precompute_topk``); when given they replace the online teacher for off-policy batches and evaluation.
+        (from ``precompute_topk``); when given they replace the online teacher for off-policy batches and evaluation.
+    seed: data order, on-policy draws and sampling; progress / desc: the progress bar.
+    checkpoint_dir: where the state is saved every cfg.checkpoint_every steps and resumed from (None: no checkpoints).
+    eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
+        forward (already resolved from cfg.compile and the device by the caller).
     """
-    if spec.divergence is not None:
-        get_divergence(spec.divergence, **spec.divergence_params)  # bad name/parameters fail before any work
-    if spec.on_policy_share > 0 and teacher is None:
+    params = divergence_params(cfg.divergence)
+    get_divergence(cfg.divergence.name, **params)  # bad name/parameters fail before any work
+    share, prompt = cfg.on_policy.share, cfg.on_policy.prompt_tokens
+    if share > 0 and teacher is None:
         raise TrainingError("on-policy distillation needs the teacher itself (it scores the student's samples)")
-    if spec.on_policy_share > 0 and not 1 <= spec.on_policy_prompt < train_ids.shape[1] - 1:
-        raise TrainingError(f"on-policy prompt of {spec.on_policy_prompt} tokens leaves nothing to sample in rows "
+    if share > 0 and not 1 <= prompt < train_ids.shape[1] - 1:
+        raise TrainingError(f"on-policy prompt of {prompt} tokens leaves nothing to sample in rows "
                             f"of {train_ids.shape[1]} tokens")
-    for name, cache, ids_ in (("train", train_topk, train_ids), ("eval", eval_topk, eval_ids[: spec.eval_rows])):
+    for name, cache, ids_ in (("train", train_topk, train_ids), ("eval", eval_topk, eval_ids[:eval_rows])):
         if cache is not None and tuple(cache.tail_logprob.shape) != tuple(ids_.shape):
             raise TrainingError(f"cached teacher top-k for {name} has shape {tuple(cache.tail_logprob.shape)}, "
                                 f"the {name} tokens {tuple(ids_.shape)}: stale cache?")
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -244,21 +226,21 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
             p.requires_grad_(False)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
-    forward = torch.compile(student) if spec.compile else student  # shares the parameters
-    batches = _batches(len(train_ids), spec.batch_size, spec.seed)
-    eval_sub = eval_ids[: spec.eval_rows]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    forward = torch.compile(student) if compile else student  # shares the parameters
+    batches = _batches(len(train_ids), cfg.batch_size, seed)
+    eval_sub = eval_ids[:eval_rows]
     history: list[dict] = []
-    start = _resume(student, opt, spec, history)
-    for _ in range(start * spec.grad_accum):  # replay the seeded data order up to the checkpoint
+    start = _resume(student, opt, checkpoint_dir, history)
+    for _ in range(start * cfg.grad_accum):  # replay the seeded data order up to the checkpoint
         next(batches)
-    tokens_per_step = spec.batch_size * spec.grad_accum * train_ids.shape[1]
-    bar = tqdm(range(start, spec.steps), desc=spec.desc, disable=not spec.progress, unit="step", dynamic_ncols=True,
-               initial=start, total=spec.steps)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     t0 = time.perf_counter()
     for step in bar:
-        lr = lr_at(step, spec)
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         rec = {"step": step + 1, "lr": lr, "loss": 0.0, "ce": 0.0}
@@ -266,48 +248,47 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
             rec["resumed_from"] = start  # the steps before came from a checkpoint
         if teacher is not None or train_topk is not None:
             rec["kd"] = 0.0
-        if spec.on_policy_share > 0:
+        if share > 0:
             rec["on_policy"] = 0
-        for micro in range(spec.grad_accum):
+        for micro in range(cfg.grad_accum):
             idx = next(batches)
             ids = train_ids[idx].to(device).long()  # [B, T]
-            micro_index = step * spec.grad_accum + micro
-            if is_on_policy(spec, micro_index):
-                gen = torch.Generator(device=device).manual_seed(_mix(spec.seed, micro_index))
-                p = spec.on_policy_prompt
-                ids = sample_continuations(student, ids[:, :p], ids.shape[1], spec.on_policy_temperature, gen)
+            micro_index = step * cfg.grad_accum + micro
+            if is_on_policy(share, seed, micro_index):
+                gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index))
+                ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
                 mask = torch.zeros_like(ids, dtype=torch.bool)
-                mask[:, p - 1:-1] = True  # positions whose next token was sampled
-                total, kd, _ = _losses(forward, teacher, ids, spec, device, mask=mask)
+                mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
+                total, kd, _ = _losses(forward, teacher, ids, cfg, device, mask=mask)
                 ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
                 rec["on_policy"] += 1
             else:
-                total, kd, ce = _losses(forward, teacher, ids, spec, device, topk=_rows(train_topk, idx, device))
+                total, kd, ce = _losses(forward, teacher, ids, cfg, device, topk=_rows(train_topk, idx, device))
             if not torch.isfinite(total):
-                raise TrainingError(f"{spec.desc}: loss is {total.item()} at step {step + 1} "
+                raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
                                     f"(lr {lr:.3g}); training diverged - lower the learning rate")
-            (total / spec.grad_accum).backward()
-            rec["loss"] += total.item() / spec.grad_accum
+            (total / cfg.grad_accum).backward()
+            rec["loss"] += total.item() / cfg.grad_accum
             rec["ce"] += ce.item()  # averaged over the off-policy micro-batches below
             if kd is not None:
-                rec["kd"] += kd.item() / spec.grad_accum
-        off_policy = spec.grad_accum - rec.get("on_policy", 0)
+                rec["kd"] += kd.item() / cfg.grad_accum
+        off_policy = cfg.grad_accum - rec.get("on_policy", 0)
         rec["ce"] = rec["ce"] / off_policy if off_policy else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), spec.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise TrainingError(f"{spec.desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
+            raise TrainingError(f"{desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
-        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
-            rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
-                                     spec.temperature, spec.divergence_params, teacher_topk=eval_topk))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg.divergence.name,
+                                     cfg.temperature, params, teacher_topk=eval_topk))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \
-                and step + 1 < spec.steps:
-            _save_checkpoint(student, opt, step + 1, history, Path(spec.checkpoint_dir))
+        if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir))
     student.eval()
     return history
 
@@ -324,13 +305,13 @@ def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path)
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
 
 
-def _resume(model, opt, spec: TrainSpec, history: list[dict]) -> int:
-    """Load the checkpoint in ``spec.checkpoint_dir`` if there is one; return the step to start from."""
-    if not spec.checkpoint_dir or not (Path(spec.checkpoint_dir) / "state.json").is_file():
+def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict]) -> int:
+    """Load the checkpoint in ``checkpoint_dir`` if there is one; return the step to start from."""
+    if not checkpoint_dir or not (Path(checkpoint_dir) / "state.json").is_file():
         return 0
     from safetensors.torch import load_model
 
-    ckpt = Path(spec.checkpoint_dir)
+    ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / "state.json").read_text())
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
@@ -364,6 +345,3 @@ def save_history(history: list[dict], out_dir: Path, title: str) -> dict[str, st
     plt.close(fig)
     return {"history": "history.jsonl", "curves": "curves.png"}
 
-
-def spec_dict(spec: TrainSpec) -> dict:
-    return asdict(spec)
