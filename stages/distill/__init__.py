@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig, divergence_params
+from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
 from stages.distill.chunked import CompressedTeacher
 from stages.distill.trainer import evaluate_loss, precompute_topk, save_history, train
@@ -135,8 +135,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     student.to(device)
-    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg.divergence.name,
-                           cfg.temperature, divergence_params(cfg.divergence), teacher_topk=eval_topk)
+    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk)
     history = train(student, train_ids, eval_ids, cfg, teacher=teacher, device=device, train_topk=train_topk,
                     eval_topk=eval_topk, seed=runtime.seed, progress=runtime.progress,
                     desc=f"distill ({cfg.divergence.name})", checkpoint_dir=checkpoint_dir, eval_rows=EVAL_ROWS,

@@ -1,13 +1,16 @@
 """A plain training loop for causal LMs: cross-entropy pretraining and teacher->student distillation.
 
 One loop serves both: with ``teacher=None`` it is next-token cross-entropy (the embedded teacher's
-pretraining); with a teacher the loss is ``(1 - ce_weight) * divergence + ce_weight * CE``.
-Batches are drawn from packed token rows [rows, seq_len] in a seeded order, so a run is repeatable.
+pretraining); with a teacher the loss is ``(1 - ce_weight) * divergence + ce_weight * CE``, computed by
+``stages.distill.step.StepLoss`` (plain for small vocabularies; for large ones over token chunks with the
+student's lm_head fused in, so a step never holds a [tokens, V] tensor). The settings are the recipe's
+validated ``DistillConfig``. Batches are drawn from packed token rows [rows, seq_len] in a seeded order, so a
+run is repeatable.
 
 The teacher signal is either the teacher itself, run on every batch, or its top-k log-probs computed once
 (``precompute_topk``) and indexed by row, in which case training needs no teacher at all. With
-``on_policy_share > 0`` that share of micro-batches is replaced, as in GKD, by the student's own samples: the
-first ``on_policy_prompt`` tokens of each row are kept as a prompt, the student samples the rest, and the
+``on_policy.share > 0`` that share of micro-batches is replaced, as in GKD, by the student's own samples: the
+first ``on_policy.prompt_tokens`` tokens of each row are kept as a prompt, the student samples the rest, and the
 divergence to the (online) teacher covers only the sampled tokens. Which micro-batches are on-policy, and the
 sampled tokens, are functions of (seed, micro-batch index), so a resumed run draws the same ones.
 """
@@ -21,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stages.config import DistillConfig, divergence_params
-from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence, topk_divergence
+from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
+from stages.distill.step import StepLoss, _autocast
 from stages.errors import TrainingError
 
 
@@ -50,19 +53,6 @@ def _batches(rows: int, batch_size: int, seed: int):
             yield perm[i:i + batch_size]
         if rows < batch_size:  # tiny data: sample with replacement
             yield torch.randint(0, rows, (batch_size,), generator=g)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _kd_fn(cfg: DistillConfig, vocab: int):
-    """The training divergence: chunked over tokens for large vocabularies (memory bounded by the chunk)."""
-    batchwise = cfg.divergence.name == "sinkhorn"
-    chunked = not batchwise and (cfg.chunk == "always" or (cfg.chunk == "auto" and vocab >= 32_768))
-    return get_divergence(cfg.divergence.name, chunked=chunked, **divergence_params(cfg.divergence))
 
 
 def _mix(seed: int, index: int) -> int:
@@ -99,33 +89,13 @@ def sample_continuations(model, prompt: torch.Tensor, total_len: int, temperatur
     return torch.cat(pieces, dim=1)  # [B, total_len]
 
 
-def _losses(forward, teacher, ids: torch.Tensor, cfg: DistillConfig, device: torch.device, *,
-            topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
-    """(total, kd, ce) for a batch of token ids [B, T].
+def _losses(step: StepLoss, ids: torch.Tensor, *, topk: CompressedTeacher | None = None,
+            mask: torch.Tensor | None = None):
+    """(total, kd, ce) of one training micro-batch [B, T]: ``step`` (see ``StepLoss.__call__``).
 
-    forward: the student's (possibly compiled) forward. The teacher signal is ``topk`` (cached top-k rows
-    for this batch) if given, else the teacher run on ``ids``. ``mask`` [B, T] marks the positions the
-    divergence covers (on-policy batches: the positions that predict sampled tokens); on masked batches the
-    cross-entropy term is dropped, since the targets are the student's own samples.
+    The loop's single call per micro-batch, so tests can watch the batches or stop a run at a given one.
     """
-    with _autocast(device):
-        logits = forward(input_ids=ids).logits  # [B, T, V]
-    # next-token cross-entropy: position t predicts token t+1
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if teacher is None and topk is None:
-        return ce, None, ce
-    if topk is not None:
-        kd = topk_divergence(cfg.divergence.name, logits, topk, mask=mask, temperature=cfg.temperature,
-                             **divergence_params(cfg.divergence))
-    else:
-        with torch.no_grad(), _autocast(device):
-            t_logits = teacher(input_ids=ids).logits  # [B, T, V]
-        kd = _kd_fn(cfg, logits.shape[-1])(logits, t_logits, mask=mask, temperature=cfg.temperature)
-        del t_logits  # free before backward: the student's activations dominate peak memory
-    if mask is not None:
-        return (1.0 - cfg.ce_weight) * kd, kd, ce
-    total = (1.0 - cfg.ce_weight) * kd + cfg.ce_weight * ce
-    return total, kd, ce
+    return step(ids, topk=topk, mask=mask)
 
 
 @torch.no_grad()
@@ -156,31 +126,25 @@ def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.devic
 
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
-                  divergence: str | None = None, temperature: float = 1.0,
-                  divergence_params: dict | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
+                  cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
 
+    cfg: the divergence, its parameters, temperature and chunking (default: forward KL at T = 1, chunk auto):
+        the loss is computed as in training (plain, chunked or fused; see ``StepLoss``).
     The teacher signal is ``teacher_topk`` (cached top-k rows aligned with ``eval_ids``) if given, else
     ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value.
     """
+    step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device)
     was_training = model.training
     model.eval()
-    score_kd = divergence is not None and (teacher is not None or teacher_topk is not None)
+    score_kd = teacher is not None or teacher_topk is not None
     ce_sum, kd_sum, n = 0.0, 0.0, 0
     for i in range(0, len(eval_ids), batch_size):
         ids = eval_ids[i:i + batch_size].to(device).long()
-        with _autocast(device):
-            logits = model(input_ids=ids).logits
-        ce_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+        rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
+        _, kd, ce = step(ids, topk=rows, ce_reduction="sum")
+        ce_sum += ce.item()
         if score_kd:
-            if teacher_topk is not None:
-                rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
-                kd = topk_divergence(divergence, logits, rows, temperature=temperature, **(divergence_params or {}))
-            else:
-                with _autocast(device):
-                    t_logits = teacher(input_ids=ids).logits
-                kd = get_divergence(divergence, **(divergence_params or {}))(logits, t_logits,
-                                                                            temperature=temperature)
             kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
     model.train(was_training)
@@ -206,8 +170,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
         forward (already resolved from cfg.compile and the device by the caller).
     """
-    params = divergence_params(cfg.divergence)
-    get_divergence(cfg.divergence.name, **params)  # bad name/parameters fail before any work
+    get_divergence(cfg.divergence.name, **divergence_params(cfg.divergence))  # bad name/parameters fail before any work
     share, prompt = cfg.on_policy.share, cfg.on_policy.prompt_tokens
     if share > 0 and teacher is None:
         raise TrainingError("on-policy distillation needs the teacher itself (it scores the student's samples)")
@@ -228,7 +191,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    forward = torch.compile(student) if compile else student  # shares the parameters
+    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile)
     batches = _batches(len(train_ids), cfg.batch_size, seed)
     eval_sub = eval_ids[:eval_rows]
     history: list[dict] = []
@@ -259,11 +222,11 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
                 ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
                 mask = torch.zeros_like(ids, dtype=torch.bool)
                 mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
-                total, kd, _ = _losses(forward, teacher, ids, cfg, device, mask=mask)
+                total, kd, _ = _losses(step_loss, ids, mask=mask)
                 ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
                 rec["on_policy"] += 1
             else:
-                total, kd, ce = _losses(forward, teacher, ids, cfg, device, topk=_rows(train_topk, idx, device))
+                total, kd, ce = _losses(step_loss, ids, topk=_rows(train_topk, idx, device))
             if not torch.isfinite(total):
                 raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
                                     f"(lr {lr:.3g}); training diverged - lower the learning rate")
@@ -282,8 +245,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         elapsed = time.perf_counter() - t0
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg.divergence.name,
-                                     cfg.temperature, params, teacher_topk=eval_topk))
+            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
