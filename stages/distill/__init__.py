@@ -12,6 +12,7 @@ import torch
 from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
 from stages.distill.chunked import CompressedTeacher
+from stages.distill.step import loss_path
 from stages.distill.trainer import evaluate_loss, precompute_topk, save_history, train
 from stages.errors import InputError
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, resolve_device,
@@ -135,6 +136,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     student.to(device)
+    path, why = loss_path(cfg, student)  # plain, chunked or fused (stages/distill/step.py), for the metrics
     before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk)
     history = train(student, train_ids, eval_ids, cfg, teacher=teacher, device=device, train_topk=train_topk,
                     eval_topk=eval_topk, seed=runtime.seed, progress=runtime.progress,
@@ -151,7 +153,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
         "student": origin, "student_params": count_parameters(student), "teacher_params": teacher_params,
         "teacher_signal": cfg.teacher.source, **topk_info, "on_policy_share": cfg.on_policy.share,
         "on_policy_batches": sum(r.get("on_policy", 0) for r in history), "compiled": compile_,
-        "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * train_ids.shape[1],
+        "loss_path": path, **({"loss_path_note": why} if why else {}), "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * train_ids.shape[1],
         "tokens_per_s": round(last["tokens_per_s"], 1), "resumed_from_step": resumed_from,
         "eval_kd_before": round(before.get("eval_kd", float("nan")), 5), "eval_kd_after": round(last["eval_kd"], 5),
         "eval_ppl_before": round(before["eval_ppl"], 3), "eval_ppl_after": round(last["eval_ppl"], 3),

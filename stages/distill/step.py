@@ -98,6 +98,19 @@ def fused_head(model):
     return decoder, head.weight, head.bias
 
 
+def _wanted_path(cfg: DistillConfig, vocab: int) -> str:
+    """plain or fused, from the config and the vocabulary alone (fused may still be refused by the model)."""
+    chunk = cfg.chunk == "always" or (cfg.chunk == "auto" and vocab >= CHUNK_MIN_VOCAB)
+    return "fused" if chunk and spec_of(cfg.divergence.name).tokenwise else "plain"
+
+
+def loss_path(cfg: DistillConfig, student) -> tuple[str, str]:
+    """(path, note): the path ``StepLoss`` takes for this config and student, and why fused was refused ("" if not)."""
+    path = _wanted_path(cfg, vocab_size(student))
+    reason = fused_head(student) if path == "fused" else None
+    return ("chunked", reason) if isinstance(reason, str) else (path, "")
+
+
 class StepLoss:
     """(total, kd, ce) of a batch for one student, teacher and config, by the plain, chunked or fused path.
 
@@ -122,7 +135,7 @@ class StepLoss:
         self.cfg, self.teacher, self.device = cfg, teacher, device
         self.name, self.params = cfg.divergence.name, divergence_params(cfg.divergence)
         self.vocab = vocab_size(student)
-        self.path, self.note = path or self._choose(), ""
+        self.path, self.note = path or _wanted_path(cfg, self.vocab), ""
         self.head = self.t_head = None  # (weight, bias) of the fused lm_heads
         forward, self.t_forward = student, teacher
         if self.path == "fused":
@@ -143,10 +156,6 @@ class StepLoss:
                 self.t_head = (weight, bias)
         self.forward = torch.compile(forward) if compile else forward  # shares the parameters
         self.chunk_tokens = chunk_tokens or auto_chunk_tokens(self.vocab, device)
-
-    def _choose(self) -> str:
-        chunk = self.cfg.chunk == "always" or (self.cfg.chunk == "auto" and self.vocab >= CHUNK_MIN_VOCAB)
-        return "fused" if chunk and spec_of(self.name).tokenwise else "plain"
 
     def __call__(self, ids: torch.Tensor, *, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None,
                  ce_reduction: str = "mean"):
