@@ -210,7 +210,8 @@ class Spec:
 SPECS: dict[str, Spec] = {
     "forward_kl": Spec(_forward_kl_tok), "reverse_kl": Spec(_reverse_kl_tok), "js": Spec(_js_tok),
     "gjsd": Spec(_gjsd_tok), "tvd": Spec(_tvd_tok), "skew_kl": Spec(_skew_kl_tok),
-    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok), "alpha_divergence": Spec(_alpha_divergence_tok),
+    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok),
+    "alpha_divergence": Spec(_alpha_divergence_tok),
     "bdkd": Spec(_bdkd_tok), "sinkhorn": Spec(None),
 }
 assert set(SPECS) == set(DIVERGENCE_MODELS)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from stages.config import DistillConfig, divergence_params
 from stages.distill.chunked import (CompressedTeacher, _rows_and_scale, _weighted_sum, auto_chunk_tokens,
-                                    chunked_sums, log_probs, topk_divergence, topk_per_token)
+                                    check_chunk_tokens, chunked_sums, log_probs, topk_divergence, topk_per_token)
 from stages.distill.divergences import DIVERGENCES, LOG_FLOOR, spec_of
 from stages.errors import TrainingError
 
@@ -93,7 +93,8 @@ def fused_head(model):
         return f"the decoder's hidden states could not be taken ({type(e).__name__}: {str(e)[:120]})"
     finally:
         model.train(was_training)
-    if fused.shape != full.shape or not torch.allclose(fused, full, rtol=1e-4, atol=1e-5 * (1 + float(full.abs().max()))):
+    scale = 1.0 + float(full.abs().max())
+    if fused.shape != full.shape or not torch.allclose(fused, full, rtol=1e-4, atol=1e-5 * scale):
         return "its logits are not lm_head(decoder(ids).last_hidden_state) (checked on a probe)"
     return decoder, head.weight, head.bias
 
@@ -155,6 +156,7 @@ class StepLoss:
                 self.t_forward, weight, bias = fused
                 self.t_head = (weight, bias)
         self.forward = torch.compile(forward) if compile else forward  # shares the parameters
+        check_chunk_tokens(chunk_tokens)
         self.chunk_tokens = chunk_tokens or auto_chunk_tokens(self.vocab, device)
 
     def __call__(self, ids: torch.Tensor, *, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None,

@@ -158,7 +158,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
           device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
           eval_topk: CompressedTeacher | None = None, seed: int = 0, progress: bool = True, desc: str = "train",
           checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False) -> list[dict]:
-    """Train ``student`` in place on packed token rows [rows, T]; return the history (one dict per step, evals included).
+    """Train ``student`` in place on packed token rows [rows, T]; return the history (a dict per step, evals included).
 
     cfg: the validated distillation settings (optimiser, schedule, divergence, temperature, ce_weight, chunking,
         on-policy share, checkpoint_every). Without a teacher signal (``teacher`` and ``train_topk`` both None)
