@@ -47,6 +47,27 @@ def _rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def write_section(title: str, section: str, after: str | None = None) -> Path:
+    """Put ``section`` (starting with its ``title`` line) into bench/RESULTS.md: in place of the section with that
+    title (up to the next "## " heading), else right after the section titled ``after``, else at the end."""
+    path = ROOT / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    anchor = title if title in text else after if after and after in text else None
+    if anchor is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        head, rest = text.split(anchor, 1)
+        nxt = rest.find("\n## ")
+        if anchor == title:  # replace our own section only
+            tail = rest[nxt + 1:] if nxt >= 0 else ""
+            text = head + section + ("\n" + tail if tail else "")
+        else:  # insert after that section
+            body, tail = (rest[:nxt + 1], rest[nxt + 1:]) if nxt >= 0 else (rest.rstrip("\n") + "\n", "")
+            text = head + anchor + body.rstrip("\n") + "\n\n" + section + ("\n" + tail if tail else "")
+    path.write_text(text)
+    return path
+
+
 def worker(args) -> None:
     """One (divergence, variant) measurement; prints one JSON line."""
     sys.path.insert(0, str(ROOT))
@@ -84,9 +105,14 @@ def run_variant(args, name: str, variant: str, grad_out: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--name", name, "--variant", variant,
            "--tokens", str(args.tokens), "--vocab", str(args.vocab), "--chunk-tokens", str(args.chunk_tokens),
            "--repeats", str(args.repeats), "--grad-out", grad_out]
+    return run_json(cmd, f"{name}/{variant}")
+
+
+def run_json(cmd: list[str], what: str) -> dict:
+    """Run a worker subprocess and return the JSON record on its last stdout line; exit with its stderr if it failed."""
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        sys.exit(f"{name}/{variant} failed (rc {p.returncode}; -9 = killed, out of memory?)\n{p.stderr[-3000:]}")
+        sys.exit(f"{what} failed (rc {p.returncode}; -9 = killed, out of memory?)\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -163,17 +189,7 @@ def main() -> None:
                    f"MiB) that both variants must produce. Time = fastest of {args.rounds} x {args.repeats} runs "
                    f"(subprocesses alternating plain/chunked; the machine is shared, so times are noisy). Gradient "
                    f"check on every {GRAD_ROW_STRIDE}th row.\n\n{table}\n\n{NOTES}\n")
-        path = ROOT / "bench" / "RESULTS.md"
-        text = path.read_text() if path.exists() else "# Benchmark results\n"
-        if SECTION in text:  # replace our own section only (up to the next "## " heading)
-            head, rest = text.split(SECTION, 1)
-            nxt = rest.find("\n## ")
-            tail = rest[nxt + 1:] if nxt >= 0 else ""
-            text = head + section + ("\n" + tail if tail else "")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        path.write_text(text)
-        print(f"wrote {path}")
+        print(f"wrote {write_section(SECTION, section)}")
 
 
 if __name__ == "__main__":

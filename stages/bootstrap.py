@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from stages.config import EmbeddedConfig, RuntimeConfig
+from stages.config import DistillConfig, EmbeddedConfig, RuntimeConfig
 from stages.data import load_texts, pack
-from stages.distill.trainer import TrainSpec, save_history, train
+from stages.distill.trainer import save_history, train
 from stages.embedded import build_corpus, train_tokenizer
 from stages.modeling import count_parameters, resolve_device, save_pretrained_atomic_into
 from stages.result import StageResult
@@ -50,10 +50,12 @@ def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out
         eval_ids = pack(load_texts(eval_files), tok, cfg.seq_len, "embedded eval corpus")
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(teacher_config(cfg, tok))
-        spec = TrainSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(50, cfg.steps // 10),
-                         schedule="cosine", weight_decay=0.1, eval_every=max(1, cfg.steps // 4), seed=cfg.seed,
-                         progress=runtime.progress, desc="pretrain teacher")
-        history = train(model, train_ids, eval_ids, spec, device=device)
+        # the distillation loop without a teacher: next-token cross-entropy only
+        pretrain = DistillConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, ce_weight=1.0,
+                                 warmup_steps=min(50, cfg.steps // 10), schedule="cosine", weight_decay=0.1,
+                                 eval_every=max(1, cfg.steps // 4), checkpoint_every=0)
+        history = train(model, train_ids, eval_ids, pretrain, device=device, seed=cfg.seed, progress=runtime.progress,
+                        desc="pretrain teacher")
         save_pretrained_atomic_into(model.cpu(), tok, out_dir / "teacher")
         outputs["teacher"] = "teacher"
         outputs.update({k: v for k, v in save_history(history, out_dir, "embedded teacher pretraining").items()})

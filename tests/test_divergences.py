@@ -1,7 +1,9 @@
 """The distillation divergence family: values and gradients against float64 references written here from
 the formulas, limits, symmetries, masks, the chunked and top-k variants, and bad input.
 
-The references use plain probabilities (softmax, .log(), broadcasting), not the log-space code under test.
+The references use plain probabilities (softmax, .log(), broadcasting), not the log-space code under test. AKL's
+and BD-KD's per-token weights come from plain-Python loops over one token's probabilities (``_py_*``), checked in
+turn on distributions worked out by hand.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import math
 import pytest
 import torch
 
-from stages.distill.chunked import chunked_divergence, compress_teacher, topk_divergence
-from stages.distill.divergences import DIVERGENCES, SPECS, TOKENWISE, get_divergence
+from stages.distill.chunked import chunked_divergence, compress_teacher, get_divergence, topk_divergence
+from stages.distill.divergences import DIVERGENCES, SPECS, TOKENWISE
 from stages.errors import TrainingError
 
 # (name, params) pairs covering every token-wise divergence, the endpoints included
@@ -62,16 +64,6 @@ def ref_per_token(name, s, t, temperature=1.0, **kw):
     if name == "skew_reverse_kl":
         a = kw.get("alpha", 0.1)
         return _kl(q, a * q + (1 - a) * p)
-    if name == "akl":
-        mu = kw.get("mu", 0.5)
-        with torch.no_grad():
-            ps, order = p.sort(-1, descending=True)
-            gap = (ps - q.gather(-1, order)).abs()
-            head = ps.cumsum(-1) <= mu
-            head[..., 0] = True
-            gh, gt = (gap * head).sum(-1), (gap * ~head).sum(-1)
-            wh = gh / (gh + gt)
-        return wh * _kl(p, q) + (1 - wh) * _kl(q, p)
     if name == "alpha_divergence":
         a = kw.get("alpha", 0.5)
         if a == 1:
@@ -79,13 +71,45 @@ def ref_per_token(name, s, t, temperature=1.0, **kw):
         if a == 0:
             return _kl(q, p)
         return (1 - (p**a * q ** (1 - a)).sum(-1)) / (a * (1 - a))
-    if name == "bdkd":
-        tau = kw.get("tau", 1.0)
-        with torch.no_grad():
-            hp, hq = -(p * p.log()).sum(-1), -(q * q.log()).sum(-1)
-            w = torch.sigmoid((hq - hp) / tau)
-        return (1 - w) * _kl(p, q) + w * _kl(q, p)
+    if name in PY_FORWARD_WEIGHT:  # akl, bdkd: per-token weights (constants for the gradient) from plain Python
+        v = p.shape[-1]
+        pairs = zip(p.detach().reshape(-1, v).tolist(), q.detach().reshape(-1, v).tolist())
+        w = torch.tensor([PY_FORWARD_WEIGHT[name](pp, qq, **kw) for pp, qq in pairs], dtype=p.dtype)
+        w = w.reshape(p.shape[:-1])
+        return w * _kl(p, q) + (1 - w) * _kl(q, p)
     raise KeyError(name)
+
+
+def _py_kl(a, b):
+    return sum(x * (math.log(x) - math.log(y)) for x, y in zip(a, b) if x > 0)
+
+
+def _py_entropy(a):
+    return -sum(x * math.log(x) for x in a if x > 0)
+
+
+def _py_akl_forward_weight(p, q, mu=0.5):
+    """AKL's weight on KL(p || q) for one token (lists p = teacher, q = student): the head gap's share of the gap.
+
+    Walk the teacher's tokens from the most likely down; a token is head while the teacher mass so far (itself
+    included) is <= mu, and the first is always head (methods.md 3.3; the AKL code's ``get_ratio``).
+    """
+    g_head = g_tail = mass = 0.0
+    for rank, v in enumerate(sorted(range(len(p)), key=lambda i: -p[i])):
+        mass += p[v]
+        if rank == 0 or mass <= mu:
+            g_head += abs(p[v] - q[v])
+        else:
+            g_tail += abs(p[v] - q[v])
+    return g_head / (g_head + g_tail) if g_head + g_tail > 0 else 0.5
+
+
+def _py_bdkd_forward_weight(p, q, tau=1.0):
+    """BD-KD's weight on KL(p || q): 1 - w with w = sigmoid((H(q) - H(p)) / tau) the weight on KL(q || p)."""
+    return 1.0 - 1.0 / (1.0 + math.exp(-(_py_entropy(q) - _py_entropy(p)) / tau))
+
+
+PY_FORWARD_WEIGHT = {"akl": _py_akl_forward_weight, "bdkd": _py_bdkd_forward_weight}
 
 
 def ref_loss(name, s, t, mask=None, temperature=1.0, **kw):
@@ -236,6 +260,29 @@ def test_skew_and_alpha_limits():
     assert torch.allclose(ad(s64, t64, alpha=1e-6), rkl.double(), rtol=1e-4)
     q, p = torch.softmax(s.double(), -1), torch.softmax(t.double(), -1)  # alpha = 1/2: 2 sum (sqrt q - sqrt p)^2
     assert torch.allclose(ad(s, t, alpha=0.5).double(), (2 * (q.sqrt() - p.sqrt()) ** 2).sum(-1).mean(), atol=1e-6)
+
+
+def test_akl_and_bdkd_on_a_distribution_worked_out_by_hand():
+    p = [0.5, 0.25, 0.15, 0.1]  # teacher, already in descending order
+    q = [0.3, 0.4, 0.1, 0.2]  # student
+    fkl = 0.5 * math.log(0.5 / 0.3) + 0.25 * math.log(0.25 / 0.4) + 0.15 * math.log(0.15 / 0.1) + 0.1 * math.log(0.5)
+    rkl = 0.3 * math.log(0.3 / 0.5) + 0.4 * math.log(0.4 / 0.25) + 0.1 * math.log(0.1 / 0.15) + 0.2 * math.log(2.0)
+    assert fkl == pytest.approx(0.1294170, abs=1e-7) and rkl == pytest.approx(0.1328366, abs=1e-7)
+    # AKL, mu = 0.6: the head is token 0 alone (teacher mass 0.5 <= 0.6 < 0.75); gaps |p - q|: head 0.2,
+    # tail 0.15 + 0.05 + 0.1 = 0.3, so 0.4 KL(p || q) + 0.6 KL(q || p). mu = 0.8: tokens 0 and 1 (0.75 <= 0.8),
+    # head 0.35, tail 0.15: 0.7 / 0.3. mu = 0.1: still token 0 (the teacher's argmax is always head).
+    # BD-KD, tau = 1: H(p) = 1.2079737, H(q) = 1.2798542, w = sigmoid(0.0718805) = 0.5179624 on KL(q || p).
+    expected = {("akl", 0.6): 0.4 * fkl + 0.6 * rkl, ("akl", 0.8): 0.7 * fkl + 0.3 * rkl,
+                ("akl", 0.1): 0.4 * fkl + 0.6 * rkl, ("bdkd", 1.0): 0.4820376 * fkl + 0.5179624 * rkl}
+    assert expected[("akl", 0.6)] == pytest.approx(0.1314688, abs=1e-7)
+    assert expected[("bdkd", 1.0)] == pytest.approx(0.1311882, abs=1e-7)
+    s = torch.tensor(q, dtype=torch.float64).log()[None]
+    t = torch.tensor(p, dtype=torch.float64).log()[None]
+    for (name, x), value in expected.items():
+        kw = {"mu": x} if name == "akl" else {"tau": x}
+        assert DIVERGENCES[name](s, t, **kw).item() == pytest.approx(value, abs=1e-6), (name, x)
+        assert PY_FORWARD_WEIGHT[name](p, q, x) * fkl + (1 - PY_FORWARD_WEIGHT[name](p, q, x)) * rkl == \
+            pytest.approx(value, abs=1e-6), (name, x)  # the plain-Python weights used as references elsewhere
 
 
 def test_akl_weights_forward_kl_by_the_head_gap_and_reverse_kl_by_the_tail_gap():
@@ -489,7 +536,8 @@ def test_bad_inputs_raise_clear_errors():
            ("alpha_divergence", {"alpha": 1.2}, r"alpha: Input should be less than or equal to 1"),
            ("akl", {"mu": 2.0}, r"mu: Input should be less than or equal to 1"),
            ("bdkd", {"tau": 0.0}, "tau: Input should be greater than 0"),
-           ("gjsd", {"beta": "0.5"}, r"beta: Input should be a valid number"), ("gjsd", {"alpha": 0.5}, "its parameters: beta"),
+           ("gjsd", {"beta": "0.5"}, r"beta: Input should be a valid number"),
+           ("gjsd", {"alpha": 0.5}, "its parameters: beta"),
            ("sinkhorn", {"epsilon": -1.0}, "epsilon: Input should be greater than 0"),
            ("sinkhorn", {"iterations": 0}, "iterations: Input should be greater than or equal to 1"),
            ("sinkhorn", {"debias": "yes"}, "debias: Input should be a valid boolean"),

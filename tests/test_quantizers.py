@@ -31,11 +31,53 @@ def _levels(x: torch.Tensor) -> int:
 # weights
 
 
+def _rtn_by_hand(rows: list[list[float]], bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0):
+    """RTN written out from the grids in ``stages.quantize.quantizers``' docstring, one group at a time in Python."""
+    out = []
+    for row in rows:
+        g = group_size or len(row)
+        q_row = []
+        for start in range(0, len(row), g):
+            group = row[start:start + g]
+            if symmetric:  # s = r max|x| / (2^(b-1) - 1), z = 0, codes in [-2^(b-1), 2^(b-1) - 1]
+                qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+                scale, zero = clip * max(abs(x) for x in group) / qmax, 0
+            else:  # s = r (max' - min') / (2^b - 1), z = round(-r min' / s), codes in [0, 2^b - 1]
+                qmin, qmax = 0, 2**bits - 1
+                lo, hi = clip * min(min(group), 0.0), clip * max(max(group), 0.0)
+                scale = (hi - lo) / (qmax - qmin)
+                zero = round(-lo / scale)
+            q_row += [(min(max(round(x / scale) + zero, qmin), qmax) - zero) * scale for x in group]
+        out.append(q_row)
+    return out
+
+
+def test_quantize_weight_on_a_matrix_worked_out_by_hand():
+    w = torch.tensor([[0.1, -0.5, 0.3, 0.9], [0.2, 0.4, -0.6, -0.3]])
+    # symmetric 2-bit, per row: codes in [-2, 1], s = max|w| / 1; row 0: s = 0.9, w / s = 0.11, -0.56, 0.33, 1
+    # -> 0, -1, 0, 1; row 1: s = 0.6, w / s = 0.33, 0.67, -1, -0.5 -> 0, 1, -1, -0 (round half to even)
+    torch.testing.assert_close(quantize_weight(w, 2, symmetric=True),
+                               torch.tensor([[0.0, -0.9, 0.0, 0.9], [0.0, 0.6, -0.6, 0.0]]))
+    # asymmetric 2-bit, row 0: codes in [0, 3], s = (0.9 + 0.5) / 3 = 0.4667, z = round(0.5 / s) = 1;
+    # w / s = 0.21, -1.07, 0.64, 1.93 -> 0 + 1, -1 + 1, 1 + 1, 2 + 1 -> (q - z) s = 0, -s, s, 2 s
+    s0 = 1.4 / 3
+    torch.testing.assert_close(quantize_weight(w[:1], 2, symmetric=False), torch.tensor([[0.0, -s0, s0, 2 * s0]]))
+    # groups of 2, symmetric 3-bit (codes in [-4, 3]): group (0.1, -0.5): s = 0.5 / 3, codes 0.6 -> 1, -3;
+    # group (0.3, 0.9): s = 0.3, codes 1, 3
+    torch.testing.assert_close(quantize_weight(w[:1], 3, group_size=2, symmetric=True),
+                               torch.tensor([[0.5 / 3, -0.5, 0.3, 0.9]]))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_quantize_weight_matches_existing_rtn(symmetric, group_size):
+@pytest.mark.parametrize("clip", [1.0, 0.8])
+def test_quantize_weight_and_the_rtn_entry_point_match_rtn_written_out_by_hand(symmetric, group_size, clip):
     w = torch.randn(8, 64, generator=_gen(0))
-    assert torch.equal(quantize_weight(w, 4, group_size, symmetric), quantize_tensor(w, 4, group_size, symmetric))
+    ref = torch.tensor(_rtn_by_hand(w.tolist(), 4, group_size, symmetric, clip), dtype=torch.float64)  # in float64
+    for fn in (quantize_weight, quantize_tensor):  # the stage's entry point checks the layer, then rounds alike
+        got = fn(w, 4, group_size, symmetric, clip)
+        assert got.dtype == w.dtype
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=1e-6, msg=fn.__name__)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

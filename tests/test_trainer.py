@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
+from stages.config import DistillConfig
 from stages.distill import trainer
-from stages.distill.trainer import TrainSpec, precompute_topk, sample_continuations, train
+from stages.distill.step import StepLoss, fused_head
+from stages.distill.trainer import precompute_topk, sample_continuations
 from stages.errors import InputError, TrainingError
 
 V = 64
 
 
-def _lm(seed=0, layers=1, hidden=32):
+def _lm(seed=0, layers=1, hidden=32, tie=False, bias=False):
+    """A tiny random Llama; ``tie``: lm_head shares the embeddings; ``bias``: an lm_head with a (random) bias."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=64,
-                                        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1))
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=hidden, intermediate_size=64, num_hidden_layers=layers,
+                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie))
+    if bias:
+        head = torch.nn.Linear(hidden, V, bias=True)
+        with torch.no_grad():
+            head.weight.copy_(m.lm_head.weight)
+            head.bias.normal_(0.0, 0.5)
+        m.lm_head = head
+    return m
 
 
 def _teacher(seed=2):
@@ -31,7 +39,17 @@ def _teacher(seed=2):
 
 
 IDS = torch.randint(0, V, (12, 24), generator=torch.Generator().manual_seed(0))
-BASE = TrainSpec(steps=6, batch_size=4, lr=1e-2, eval_every=3, progress=False, divergence="forward_kl")
+
+
+def _cfg(**kw) -> DistillConfig:
+    """Short runs: 6 steps of 4 rows, no warmup, no checkpoints, forward KL unless overridden."""
+    base = dict(steps=6, batch_size=4, lr=1e-2, eval_every=3, warmup_steps=0, checkpoint_every=0,
+                divergence="forward_kl")
+    return DistillConfig(**{**base, **kw})
+
+
+def train(model, cfg: DistillConfig, **kw):
+    return trainer.train(model, IDS, IDS, cfg, progress=False, **kw)
 
 
 # ------------------------------------------------------------------ on-policy (GKD)
@@ -52,25 +70,25 @@ def test_sampling_keeps_the_prompt_and_is_reproducible():
 
 
 def test_on_policy_share_picks_that_share_of_micro_batches_reproducibly():
-    spec = dataclasses.replace(BASE, on_policy_share=0.3)
-    picks = [trainer.is_on_policy(spec, i) for i in range(2000)]
+    picks = [trainer.is_on_policy(0.3, 0, i) for i in range(2000)]
     assert 0.27 < sum(picks) / len(picks) < 0.33
-    assert picks == [trainer.is_on_policy(spec, i) for i in range(2000)]
-    assert not any(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=0.0), i) for i in range(100))
-    assert all(trainer.is_on_policy(dataclasses.replace(spec, on_policy_share=1.0), i) for i in range(100))
+    assert picks == [trainer.is_on_policy(0.3, 0, i) for i in range(2000)]
+    assert picks != [trainer.is_on_policy(0.3, 1, i) for i in range(2000)]  # the seed matters
+    assert not any(trainer.is_on_policy(0.0, 0, i) for i in range(100))
+    assert all(trainer.is_on_policy(1.0, 0, i) for i in range(100))
 
 
 def test_on_policy_batches_score_only_the_sampled_tokens(monkeypatch):
     seen = []
     real = trainer._losses
 
-    def spy(forward, teacher, ids, spec, device, *, topk=None, mask=None):
+    def spy(step, ids, *, topk=None, mask=None):
         seen.append((ids.clone(), None if mask is None else mask.clone()))
-        return real(forward, teacher, ids, spec, device, topk=topk, mask=mask)
+        return real(step, ids, topk=topk, mask=mask)
 
     monkeypatch.setattr(trainer, "_losses", spy)
-    spec = dataclasses.replace(BASE, steps=2, on_policy_share=1.0, on_policy_prompt=7, grad_accum=2)
-    hist = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
+    cfg = _cfg(steps=2, on_policy={"share": 1.0, "prompt_tokens": 7}, grad_accum=2)
+    hist = train(_lm(1), cfg, teacher=_lm(2))
     assert [r["on_policy"] for r in hist] == [2, 2] and all(r["ce"] is None for r in hist)
     for ids, mask in seen:
         assert mask is not None and mask.shape == ids.shape
@@ -81,29 +99,27 @@ def test_on_policy_batches_score_only_the_sampled_tokens(monkeypatch):
 
 
 def test_on_policy_training_moves_the_student_towards_the_teacher_and_resumes_identically(tmp_path, monkeypatch):
-    spec = dataclasses.replace(BASE, steps=8, on_policy_share=0.5, on_policy_prompt=4, grad_accum=2, eval_every=8)
+    cfg = _cfg(steps=8, on_policy={"share": 0.5, "prompt_tokens": 4}, grad_accum=2, eval_every=8, checkpoint_every=4)
     teacher = _teacher()
     full_model = _lm(1)
-    full = train(full_model, IDS, IDS, spec, teacher=teacher)
+    full = train(full_model, cfg, teacher=teacher)
     assert 0 < sum(r["on_policy"] for r in full) < 16  # both kinds of batches occurred
-    assert full[-1]["eval_kd"] < trainer.evaluate_loss(_lm(1), IDS, 4, torch.device("cpu"), teacher,
-                                                      "forward_kl")["eval_kd"]
+    assert full[-1]["eval_kd"] < trainer.evaluate_loss(_lm(1), IDS, 4, torch.device("cpu"), teacher)["eval_kd"]
     # killed during step 7, resumed from the step-4 checkpoint: same sampled batches, same result
-    ck = dataclasses.replace(spec, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=4)
     calls, real = {"n": 0}, trainer._losses
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 6 * spec.grad_accum:
+        if calls["n"] > 6 * cfg.grad_accum:
             raise KeyboardInterrupt
         return real(*a, **k)
 
     monkeypatch.setattr(trainer, "_losses", dying)
     with pytest.raises(KeyboardInterrupt):
-        train(_lm(1), IDS, IDS, ck, teacher=teacher)
+        train(_lm(1), cfg, teacher=teacher, checkpoint_dir=tmp_path / "ck")
     monkeypatch.setattr(trainer, "_losses", real)
     resumed_model = _lm(5)
-    resumed = train(resumed_model, IDS, IDS, ck, teacher=teacher)
+    resumed = train(resumed_model, cfg, teacher=teacher, checkpoint_dir=tmp_path / "ck")
     assert resumed[4]["resumed_from"] == 4
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     for a, b in zip(full_model.state_dict().values(), resumed_model.state_dict().values()):
@@ -112,20 +128,20 @@ def test_on_policy_training_moves_the_student_towards_the_teacher_and_resumes_id
 
 def test_on_policy_needs_the_teacher_and_room_to_sample():
     with pytest.raises(TrainingError, match="needs the teacher"):
-        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5))
+        train(_lm(), _cfg(on_policy={"share": 0.5}))
     with pytest.raises(TrainingError, match="nothing to sample"):
-        train(_lm(), IDS, IDS, dataclasses.replace(BASE, on_policy_share=0.5, on_policy_prompt=23), teacher=_lm(2))
+        train(_lm(), _cfg(on_policy={"share": 0.5, "prompt_tokens": 23}), teacher=_lm(2))
 
 
 # ------------------------------------------------------------------ cached top-k teacher
 
 def test_cached_full_vocabulary_top_k_trains_exactly_like_the_online_teacher():
     teacher = _lm(2)
-    spec = dataclasses.replace(BASE, divergence="reverse_kl")
-    online = train(_lm(1), IDS, IDS, spec, teacher=teacher)
+    cfg = _cfg(divergence="reverse_kl")
+    online = train(_lm(1), cfg, teacher=teacher)
     cache = precompute_topk(teacher, IDS, V, 1.0, 5, torch.device("cpu"))
     assert cache.topk_ids.shape == (12, 24, V) and cache.topk_ids.dtype == torch.int32
-    cached = train(_lm(1), IDS, IDS, spec, train_topk=cache, eval_topk=cache)
+    cached = train(_lm(1), cfg, train_topk=cache, eval_topk=cache)
     for a, b in zip(online, cached):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
     assert online[-1]["eval_kd"] == pytest.approx(cached[-1]["eval_kd"], rel=1e-4)
@@ -135,9 +151,9 @@ def test_cached_small_top_k_still_distils():
     teacher = _teacher()
     cache = precompute_topk(teacher, IDS, 8, 1.0, 4, torch.device("cpu"))
     student = _lm(1)
-    before = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
-    train(student, IDS, IDS, dataclasses.replace(BASE, steps=15, eval_every=15), train_topk=cache, eval_topk=cache)
-    after = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher, "forward_kl")["eval_kd"]
+    before = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher)["eval_kd"]
+    train(student, _cfg(steps=15, eval_every=15), train_topk=cache, eval_topk=cache)
+    after = trainer.evaluate_loss(student, IDS, 4, torch.device("cpu"), teacher)["eval_kd"]
     assert after < 0.7 * before  # measured with the full teacher, not the top-k proxy
 
 
@@ -159,15 +175,141 @@ def test_teacher_top_k_cache_is_reused_and_a_corrupt_file_is_recomputed(tmp_path
 def test_stale_cache_shape_is_refused():
     cache = precompute_topk(_lm(2), IDS[:6], 8, 1.0, 4, torch.device("cpu"))
     with pytest.raises(TrainingError, match="stale cache"):
-        train(_lm(1), IDS, IDS, BASE, train_topk=cache)
+        train(_lm(1), _cfg(), train_topk=cache)
+
+
+# ------------------------------------------------------------------ loss paths: plain, chunked, fused
+
+def _step_grads(path, cfg, student_kw, teacher_kw=None, ids=IDS[:3], chunk_tokens=5, **call):
+    """(path taken, total, kd, ce, {parameter: gradient}) of one StepLoss call + backward on fresh tiny models."""
+    student = _lm(1, **student_kw)
+    teacher = None if teacher_kw is None else _lm(2, **teacher_kw)
+    step = StepLoss(cfg, student, teacher, device=torch.device("cpu"), path=path, chunk_tokens=chunk_tokens)
+    total, kd, ce = step(ids, **call)
+    total.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    return step, total.detach(), kd, ce, grads
+
+
+STEP_CASES = [  # (divergence, ce_weight, temperature, student kw, teacher kw, mask)
+    ("forward_kl", 0.0, 1.0, {}, {}, False),
+    ("js", 0.3, 2.0, {"tie": True}, {"bias": True}, False),
+    ("reverse_kl", 0.5, 1.0, {"bias": True}, {"tie": True}, True),
+    ("akl", 0.1, 1.0, {"tie": True, "bias": True}, {}, False),
+    ("skew_kl", 1.0, 1.5, {}, {}, False),  # KD only reported
+    ("forward_kl", 0.0, 1.0, {"bias": True}, None, False),  # no teacher: CE alone
+]
+
+
+@pytest.mark.parametrize("name,ce_weight,temperature,student_kw,teacher_kw,masked", STEP_CASES,
+                         ids=[f"{c[0]}-ce{c[1]}-T{c[2]}-{'-'.join(c[3]) or 'untied'}-t{c[4]}-mask{c[5]}"
+                              for c in STEP_CASES])
+def test_chunked_and_fused_steps_give_the_plain_steps_loss_and_gradients(name, ce_weight, temperature, student_kw,
+                                                                          teacher_kw, masked):
+    cfg = _cfg(divergence=name, ce_weight=ce_weight, temperature=temperature)
+    mask = None
+    if masked:  # an on-policy batch: the divergence covers some positions, the CE none
+        mask = torch.zeros(3, 24, dtype=torch.bool)
+        mask[:, 6:-1] = True
+    ref = _step_grads("plain", cfg, student_kw, teacher_kw, mask=mask)
+    for path in ("chunked", "fused"):
+        step, total, kd, ce, grads = _step_grads(path, cfg, student_kw, teacher_kw, mask=mask)
+        assert step.path == path
+        if path == "fused" and teacher_kw is not None:
+            assert step.t_head is not None  # the teacher's lm_head is fused too
+        torch.testing.assert_close(total, ref[1], rtol=1e-5, atol=1e-6)
+        for a, b in ((kd, ref[2]), (ce, ref[3])):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+        assert grads.keys() == ref[4].keys()
+        for key, g in grads.items():
+            torch.testing.assert_close(g, ref[4][key], rtol=1e-4, atol=1e-6, msg=f"{path}: {key}")
+    if masked:
+        assert ref[3] is None  # no CE on the student's own samples
+
+
+def test_fused_step_with_a_cached_top_k_teacher_matches_the_plain_step():
+    teacher = _teacher()
+    cache = precompute_topk(teacher, IDS[:3], 8, 1.0, 3, torch.device("cpu"))
+    cfg = _cfg(divergence="tvd", ce_weight=0.2)
+    ref = _step_grads("plain", cfg, {}, topk=cache)
+    step, total, kd, ce, grads = _step_grads("fused", cfg, {}, topk=cache, chunk_tokens=7)
+    torch.testing.assert_close(total, ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd, ref[2].detach(), rtol=1e-5, atol=1e-6)
+    for key, g in grads.items():
+        torch.testing.assert_close(g, ref[4][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fused_step_never_runs_the_lm_head_on_all_tokens():
+    student = _lm(1)
+    step = StepLoss(_cfg(), student, _lm(2), device=torch.device("cpu"), path="fused", chunk_tokens=4)
+
+    def whole(*a, **k):
+        raise AssertionError("the lm_head module ran on all tokens")
+
+    student.lm_head.forward = whole  # the fused loss multiplies chunks by the weight itself
+    total, _, _ = step(IDS[:2])
+    total.backward()
+    assert student.lm_head.weight.grad is not None and student.model.embed_tokens.weight.grad is not None
+    with pytest.raises(AssertionError, match="all tokens"):
+        StepLoss(_cfg(), student, _lm(2), device=torch.device("cpu"), path="chunked")(IDS[:2])
+
+
+def test_fused_path_is_refused_with_a_reason_and_falls_back_to_chunked_logits():
+    from transformers import LlamaForCausalLM
+
+    class Scaled(LlamaForCausalLM):  # post-processes its logits: the decoder's hidden states alone do not give them
+        def forward(self, input_ids=None, logits_to_keep=0, **kw):
+            out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw)
+            out.logits = out.logits * 2.0
+            return out
+
+    capped = _lm(1)
+    capped.config.final_logit_softcapping = 30.0  # as Gemma 2 has
+    scaled = Scaled(_lm(1).config)
+    assert "soft-capped" in fused_head(capped) and "checked on a probe" in fused_head(scaled)
+    for model in (capped, scaled):
+        with pytest.warns(UserWarning, match="chunked over the model's logits"):
+            step = StepLoss(_cfg(chunk="always"), model, _lm(2), device=torch.device("cpu"))
+        assert step.path == "chunked" and step.note
+        with pytest.raises(TrainingError, match="fused loss cannot be used"):
+            StepLoss(_cfg(), model, _lm(2), device=torch.device("cpu"), path="fused")
+    decoder, weight, bias = fused_head(_lm(1, bias=True))
+    assert weight.shape == (V, 32) and bias.shape == (V,)
+
+
+def test_loss_path_follows_the_chunk_setting_and_the_vocabulary():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cpu = torch.device("cpu")
+    assert StepLoss(_cfg(), _lm(1), device=cpu).path == "plain"  # V = 64 < 32,768 with chunk auto
+    assert StepLoss(_cfg(chunk="always"), _lm(1), device=cpu).path == "fused"
+    big = LlamaForCausalLM(LlamaConfig(vocab_size=32_768, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                       num_attention_heads=1, num_key_value_heads=1))
+    assert StepLoss(_cfg(), big, device=cpu).path == "fused"
+    assert StepLoss(_cfg(chunk="never"), big, device=cpu).path == "plain"
+    assert StepLoss(_cfg(divergence="sinkhorn"), big, device=cpu).path == "plain"  # batch-wise: all tokens at once
+
+
+def test_training_and_evaluation_with_the_fused_loss_match_the_plain_loss():
+    teacher = _teacher()
+    runs = {}
+    for chunk in ("never", "always"):
+        runs[chunk] = train(_lm(1, tie=True), _cfg(steps=3, ce_weight=0.1, chunk=chunk), teacher=teacher)
+    for a, b in zip(runs["never"], runs["always"]):
+        for key in ("loss", "ce", "kd"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    for key in ("eval_ce", "eval_kd"):
+        assert runs["never"][-1][key] == pytest.approx(runs["always"][-1][key], rel=1e-4), key
 
 
 # ------------------------------------------------------------------ torch.compile
 
 def test_compiled_forward_trains_like_eager():
-    spec = dataclasses.replace(BASE, steps=3, eval_every=3)
-    eager = train(_lm(1), IDS, IDS, spec, teacher=_lm(2))
-    compiled = train(_lm(1), IDS, IDS, dataclasses.replace(spec, compile=True), teacher=_lm(2))
+    cfg = _cfg(steps=3, eval_every=3)
+    eager = train(_lm(1), cfg, teacher=_lm(2))
+    compiled = train(_lm(1), cfg, teacher=_lm(2), compile=True)
     for a, b in zip(eager, compiled):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from stages.distill.divergences import DIVERGENCES, forward_kl, get_divergence, reverse_kl
+from stages.distill.chunked import get_divergence
+from stages.distill.divergences import DIVERGENCES, forward_kl, reverse_kl
 from stages.errors import InputError, TrainingError
 
 
@@ -143,34 +144,37 @@ def _tiny_lm(vocab=64, tie=False):
 
 
 def test_nan_loss_stops_training_with_the_step():
-    from stages.distill.trainer import TrainSpec, train
+    from stages.config import DistillConfig
+    from stages.distill.trainer import train
 
     m = _tiny_lm()
     with torch.no_grad():
         m.model.embed_tokens.weight[5] = float("nan")
     ids = torch.full((8, 16), 5)
     with pytest.raises(TrainingError, match=r"loss is nan at step 1"):
-        train(m, ids, ids, TrainSpec(steps=3, batch_size=4, lr=1e-3, progress=False))
+        train(m, ids, ids, DistillConfig(steps=3, batch_size=4, lr=1e-3, warmup_steps=0), progress=False)
 
 
 def test_training_reduces_loss_and_is_repeatable():
-    from stages.distill.trainer import TrainSpec, train
+    from stages.config import DistillConfig
+    from stages.distill.trainer import train
 
     ids = torch.arange(64).repeat(10, 1)[:, :32] % 64  # a learnable pattern
-    spec = TrainSpec(steps=30, batch_size=4, lr=1e-2, eval_every=30, progress=False)
-    h1 = train(_tiny_lm(), ids, ids, spec)
-    h2 = train(_tiny_lm(), ids, ids, spec)
+    cfg = DistillConfig(steps=30, batch_size=4, lr=1e-2, eval_every=30, warmup_steps=0)
+    h1 = train(_tiny_lm(), ids, ids, cfg, progress=False)
+    h2 = train(_tiny_lm(), ids, ids, cfg, progress=False)
     assert h1[-1]["eval_ce"] < h1[0]["ce"] * 0.7
     assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
 
 
 def test_lr_schedules():
-    from stages.distill.trainer import TrainSpec, lr_at
+    from stages.config import DistillConfig
+    from stages.distill.trainer import lr_at
 
-    s = TrainSpec(steps=100, batch_size=1, lr=1.0, warmup_steps=10, schedule="cosine")
+    s = DistillConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10, schedule="cosine")
     assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
     assert lr_at(10, s) == pytest.approx(1.0) and lr_at(99, s) < 0.01
-    s.schedule = "linear"
+    s = s.model_copy(update={"schedule": "linear"})
     assert lr_at(55, s) == pytest.approx(0.5)
 
 
@@ -249,38 +253,36 @@ def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
 
 def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
     """Killed during step 10, resumed from the step-8 checkpoint: ends exactly where an uninterrupted run ends."""
-    import dataclasses
-
+    from stages.config import DistillConfig
     from stages.distill import trainer
 
     ids = torch.randint(0, 64, (12, 32), generator=torch.Generator().manual_seed(0))  # distinct rows: order matters
-    spec = trainer.TrainSpec(steps=12, batch_size=4, lr=1e-2, eval_every=6, progress=False, grad_accum=2,
-                             checkpoint_every=4, checkpoint_dir=str(tmp_path / "ckpt"))
+    cfg = DistillConfig(steps=12, batch_size=4, lr=1e-2, eval_every=6, warmup_steps=0, grad_accum=2,
+                        checkpoint_every=4, divergence="reverse_kl", ce_weight=0.2)
     teacher = _tiny_lm()
-    plain = dataclasses.replace(spec, checkpoint_dir=None, divergence="reverse_kl", ce_weight=0.2)
     full_model = _tiny_lm()
-    full = trainer.train(full_model, ids, ids, plain, teacher=teacher)
+    full = trainer.train(full_model, ids, ids, cfg, teacher=teacher, progress=False)
 
     calls = {"n": 0}
     real = trainer._losses
 
     def dying(*a, **k):
         calls["n"] += 1
-        if calls["n"] > 9 * spec.grad_accum:  # killed during step 10
+        if calls["n"] > 9 * cfg.grad_accum:  # killed during step 10
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    spec = dataclasses.replace(spec, divergence="reverse_kl", ce_weight=0.2)
+    ckpt = dict(checkpoint_dir=tmp_path / "ckpt", progress=False)
     monkeypatch.setattr(trainer, "_losses", dying)
     with pytest.raises(KeyboardInterrupt):
-        trainer.train(_tiny_lm(), ids, ids, spec, teacher=teacher)
+        trainer.train(_tiny_lm(), ids, ids, cfg, teacher=teacher, **ckpt)
     assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 8
     monkeypatch.setattr(trainer, "_losses", real)
     resumed_model = _tiny_lm()
     with torch.no_grad():  # a different start: the checkpoint must overwrite it
         for p in resumed_model.parameters():
             p.add_(1.0)
-    resumed = trainer.train(resumed_model, ids, ids, spec, teacher=teacher)
+    resumed = trainer.train(resumed_model, ids, ids, cfg, teacher=teacher, **ckpt)
     assert resumed[8]["resumed_from"] == 8 and len(resumed) == len(full) == 12
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
@@ -294,17 +296,16 @@ def test_checkpoint_round_trips_tied_embeddings_and_refuses_another_model(tmp_pa
     model = _tiny_lm(tie=True)
     opt = torch.optim.AdamW(model.parameters())
     trainer._save_checkpoint(model, opt, 5, [{"step": 5}], tmp_path / "ck")
-    spec = trainer.TrainSpec(steps=10, batch_size=2, lr=1e-3, checkpoint_dir=str(tmp_path / "ck"))
     other = _tiny_lm(tie=True)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(1.0)
     history: list = []
-    assert trainer._resume(other, torch.optim.AdamW(other.parameters()), spec, history) == 5
+    assert trainer._resume(other, torch.optim.AdamW(other.parameters()), tmp_path / "ck", history) == 5
     assert history == [{"step": 5}]
     assert other.lm_head.weight.data_ptr() == other.model.embed_tokens.weight.data_ptr()  # still tied
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
         assert torch.equal(a, b), name
     bigger = _tiny_lm(vocab=96)
     with pytest.raises(TrainingError, match="does not match the model"):
-        trainer._resume(bigger, torch.optim.AdamW(bigger.parameters()), spec, [])
+        trainer._resume(bigger, torch.optim.AdamW(bigger.parameters()), tmp_path / "ck", [])

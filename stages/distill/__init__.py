@@ -9,14 +9,17 @@ from pathlib import Path
 
 import torch
 
-from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig, divergence_params
+from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
 from stages.distill.chunked import CompressedTeacher
-from stages.distill.trainer import TrainSpec, evaluate_loss, precompute_topk, save_history, train
+from stages.distill.step import loss_path
+from stages.distill.trainer import evaluate_loss, precompute_topk, save_history, train
 from stages.errors import InputError
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, resolve_device,
                              save_pretrained_atomic_into)
 from stages.result import StageResult
+
+EVAL_ROWS = 64  # held-out rows scored before training and every distill.eval_every steps
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -114,19 +117,10 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     train_ids, eval_ids = load_tokens(train_path), load_tokens(eval_path)
     if int(train_ids.max()) >= student.get_output_embeddings().weight.shape[0]:
         raise InputError("training tokens exceed the model's vocabulary: data tokenized with another tokenizer?")
-    spec = TrainSpec(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, grad_accum=cfg.grad_accum,
-                     weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
-                     max_grad_norm=cfg.max_grad_norm, eval_every=cfg.eval_every, divergence=cfg.divergence.name,
-                     divergence_params=divergence_params(cfg.divergence), chunk=cfg.chunk, temperature=cfg.temperature,
-                     ce_weight=cfg.ce_weight, seed=runtime.seed,
-                     progress=runtime.progress, desc=f"distill ({cfg.divergence.name})",
-                     checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-                     checkpoint_every=cfg.checkpoint_every, on_policy_share=cfg.on_policy.share,
-                     on_policy_prompt=cfg.on_policy.prompt_tokens, on_policy_temperature=cfg.on_policy.temperature,
-                     compile=cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda"))
+    compile_ = cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda")
     train_topk = eval_topk = None
     topk_info = {}
-    eval_rows = eval_ids[: spec.eval_rows]  # what every held-out evaluation during training scores
+    eval_rows = eval_ids[:EVAL_ROWS]  # what every held-out evaluation during training scores
     if cfg.teacher.source == "cached_topk":
         if teacher_cache_dir is None:
             raise InputError("distill.teacher.source cached_topk needs a cache folder (run it through the pipeline)")
@@ -142,10 +136,12 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     student.to(device)
-    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg.divergence.name,
-                           cfg.temperature, divergence_params(cfg.divergence), teacher_topk=eval_topk)
-    history = train(student, train_ids, eval_ids, spec, teacher=teacher, device=device, train_topk=train_topk,
-                    eval_topk=eval_topk)
+    path, why = loss_path(cfg, student)  # plain, chunked or fused (stages/distill/step.py), for the metrics
+    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk)
+    history = train(student, train_ids, eval_ids, cfg, teacher=teacher, device=device, train_topk=train_topk,
+                    eval_topk=eval_topk, seed=runtime.seed, progress=runtime.progress,
+                    desc=f"distill ({cfg.divergence.name})", checkpoint_dir=checkpoint_dir, eval_rows=EVAL_ROWS,
+                    compile=compile_)
     model_dir = out_dir / "model"
     save_pretrained_atomic_into(student.cpu(), tokenizer, model_dir)
     resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
@@ -156,7 +152,8 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     metrics = {
         "student": origin, "student_params": count_parameters(student), "teacher_params": teacher_params,
         "teacher_signal": cfg.teacher.source, **topk_info, "on_policy_share": cfg.on_policy.share,
-        "on_policy_batches": sum(r.get("on_policy", 0) for r in history), "compiled": spec.compile,
+        "on_policy_batches": sum(r.get("on_policy", 0) for r in history), "compiled": compile_,
+        "loss_path": path, **({"loss_path_note": why} if why else {}),
         "steps": cfg.steps, "tokens_seen": cfg.steps * cfg.batch_size * cfg.grad_accum * train_ids.shape[1],
         "tokens_per_s": round(last["tokens_per_s"], 1), "resumed_from_step": resumed_from,
         "eval_kd_before": round(before.get("eval_kd", float("nan")), 5), "eval_kd_after": round(last["eval_kd"], 5),

@@ -11,6 +11,11 @@ hands that buffer back (scaled by the incoming gradient). Extra memory is theref
 several full [tokens, V] float32 copies. There is no second forward pass, so the time is that of the plain
 version. Values and gradients equal the plain ones up to float32 summation order.
 
+The engine, ``chunked_sums``, sums any number of loss parts over the chunks (the training step uses it for the
+divergence and the cross-entropy together, ``stages.distill.step``) and can take hidden states and the lm_head's
+weight instead of logits: then each chunk's logits are made, used and freed inside the loop (the lm_head fused
+into the loss), and the weight's gradient is accumulated chunk by chunk.
+
 Limits: the backward runs once (no ``retain_graph`` double use) and is not itself differentiable (no
 double backward); with gradients disabled (evaluation) no buffer is allocated.
 
@@ -27,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from stages.distill.divergences import LOG_FLOOR, TOKENWISE, _check_inputs, _prep, resolve_params, spec_of
+from stages.distill.divergences import (DIVERGENCES, LOG_FLOOR, TOKENWISE, Divergence, _check_inputs, _prep,
+                                        resolve_params, spec_of)
 from stages.errors import TrainingError
 
 # chunk_tokens=None picks the chunk from a budget of float32 elements per [chunk, V] intermediate:
@@ -79,84 +85,146 @@ def _rows_and_scale(mask: torch.Tensor | None, n_rows: int, temperature: float, 
     return rows, weights, t2 / denom
 
 
-class _ChunkedSum(torch.autograd.Function):
-    """scale * sum_i w_i f(x_i) over the rows i of ``inputs`` (tensors sharing the leading dim), in chunks.
-
-    Each chunk's gradient is computed in forward and kept in one buffer per differentiable input.
-    """
+class _ChunkedSums(torch.autograd.Function):
+    """Loss parts summed over chunks of rows, each chunk's gradient taken in the forward pass (see chunked_sums)."""
 
     @staticmethod
-    def forward(ctx, fn, rows, weights, scale, chunk_tokens, *inputs):
-        needs = ctx.needs_input_grad[5:]
-        # masked-out rows never get written, so their gradient must start at zero
-        grads = [(torch.zeros_like(x) if rows is not None else torch.empty_like(x)) if need else None
-                 for x, need in zip(inputs, needs)]
-        total = _loop(fn, rows, weights, scale, chunk_tokens, inputs, grads)
-        ctx.grads = grads
-        return total
+    def forward(ctx, fn, coefs, rows, chunk_tokens, x, weight, bias, *row_inputs):
+        inputs = (x, weight, bias, *row_inputs)
+        grads = []
+        for i, (t, need) in enumerate(zip(inputs, ctx.needs_input_grad[4:])):
+            if not need:
+                grads.append(None)
+            elif i in (1, 2):  # the lm_head's weight and bias: every chunk adds to them, in float32 at least
+                grads.append(torch.zeros_like(t, dtype=torch.promote_types(t.dtype, torch.float32)))
+            else:  # row inputs: each chunk writes its rows; masked-out rows are never written, so they start at zero
+                grads.append(torch.zeros_like(t) if rows is not None else torch.empty_like(t))
+        total, parts = _loop(fn, coefs, rows, chunk_tokens, inputs, grads)
+        ctx.grads = [g if g is None or g.dtype == t.dtype else g.to(t.dtype) for g, t in zip(grads, inputs)]
+        ctx.mark_non_differentiable(parts)
+        return total, parts
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_total, grad_parts):
         grads = ctx.grads
         if grads is None:
-            raise RuntimeError("a chunked divergence's backward can run only once (it hands over its gradient "
-                               "buffer); recompute the loss instead of using retain_graph")
-        ctx.grads = None  # drop our reference: autograd may then take the buffer over without a copy
-        if not bool(grad_out == 1):
+            raise RuntimeError("a chunked loss's backward can run only once (it hands over its gradient buffers); "
+                               "recompute the loss instead of using retain_graph")
+        ctx.grads = None  # drop our reference: autograd may then take the buffers over without a copy
+        if not bool(grad_total == 1):
             for g in grads:
                 if g is not None:
-                    g.mul_(grad_out.to(g.dtype))  # in place: no second [N, V] buffer
-        return (None, None, None, None, None, *grads)
+                    g.mul_(grad_total.to(g.dtype))  # in place: no second [N, V] buffer
+        return (None, None, None, None, *grads)
 
 
-def _loop(fn, rows, weights, scale, chunk_tokens, inputs, grads):
-    """Run fn over the chunks; fill ``grads`` (where not None) and return the scaled weighted sum."""
-    n = inputs[0].shape[0] if rows is None else rows.numel()
-    total = torch.zeros((), dtype=torch.float64, device=inputs[0].device)
-    want = [g is not None for g in grads]
+def _put(buf: torch.Tensor | None, where, g: torch.Tensor | None) -> None:
+    """Write a chunk's gradient g into rows ``where`` (a slice or int64 indices) of buf; None = zero gradient."""
+    if buf is None:
+        return
+    if isinstance(where, slice):
+        if g is None:
+            buf[where].zero_()
+        else:
+            buf[where] = g
+    elif g is not None:  # gathered rows: the buffer started at zero
+        buf.index_copy_(0, where, g.to(buf.dtype))
+
+
+def _loop(fn, coefs, rows, chunk_tokens, inputs, grads):
+    """Run fn over the chunks; fill ``grads`` (where not None); return (total, parts), both detached."""
+    x, weight, bias, *others = inputs
+    gx, gw, gb, *g_others = grads
+    want_logits = any(g is not None for g in (gx, gw, gb))
+    want_others = [g is not None for g in g_others]
+    n = x.shape[0] if rows is None else rows.numel()
+    sums = torch.zeros(len(coefs), dtype=torch.float64, device=x.device)  # [parts]
     for start in range(0, n, chunk_tokens):
         if rows is None:
-            sel = slice(start, start + chunk_tokens)
-            xs = [x[sel].detach() for x in inputs]  # views, [n, ...]
-            w = None if weights is None else weights[sel]
+            where = slice(start, start + chunk_tokens)
+            x_c, *o_c = [t[where].detach() for t in (x, *others)]  # views, [n, ...]
         else:
-            idx = rows[start:start + chunk_tokens]  # [n]
-            xs = [x.index_select(0, idx) for x in inputs]  # copies of this chunk only
-            w = weights.index_select(0, idx)
-        if not any(want):
+            where = rows[start:start + chunk_tokens]  # [n]
+            x_c, *o_c = [t.detach().index_select(0, where) for t in (x, *others)]  # copies of this chunk only
+        if weight is None:
+            logits = x_c  # [n, V]
+        else:  # the lm_head, fused: only this chunk's logits ever exist
             with torch.no_grad():
-                per = fn(*xs)  # [n]
-                total += (per.sum() if w is None else (per * w).sum()).double() * scale
-            continue
-        xs = [x.requires_grad_() if need else x for x, need in zip(xs, want)]
-        with torch.enable_grad():
-            per = fn(*xs)  # [n]
-            part = (per.sum() if w is None else (per * w).sum()) * scale
-        diff = [x for x, need in zip(xs, want) if need]
-        chunk_grads = iter(torch.autograd.grad(part, diff, allow_unused=True))
-        for buf, need in zip(grads, want):
-            if not need:
-                continue
-            g = next(chunk_grads)
-            if g is None:  # this input does not affect the loss
-                if rows is None:
-                    buf[sel].zero_()
-                continue
-            if rows is None:
-                buf[sel] = g
-            else:
-                buf.index_copy_(0, idx, g)
-        total += part.detach().double()
-        del per, part, diff, xs  # free this chunk's graph before the next one
-    return total.to(torch.promote_types(inputs[0].dtype, torch.float32))
+                logits = F.linear(x_c, weight.detach(), None if bias is None else bias.detach())  # [n, V]
+        if not (want_logits or any(want_others)):
+            with torch.no_grad():
+                parts = fn(logits, *o_c)
+        else:
+            logits = logits.requires_grad_() if want_logits else logits
+            o_c = [o.requires_grad_() if want else o for o, want in zip(o_c, want_others)]
+            with torch.enable_grad():
+                parts = fn(logits, *o_c)
+                terms = [c * p for c, p in zip(coefs, parts) if c != 0 and p.requires_grad]
+                objective = sum(terms) if terms else None  # sum_j coef_j part_j of this chunk
+            diff = ([logits] if want_logits else []) + [o for o, want in zip(o_c, want_others) if want]
+            got = iter(torch.autograd.grad(objective, diff, allow_unused=True) if terms else [None] * len(diff))
+            if want_logits:
+                g = next(got)  # [n, V] d(sum_j coef_j part_j) / d logits
+                if weight is None:
+                    _put(gx, where, g)
+                elif g is None:
+                    _put(gx, where, None)
+                else:  # the lm_head's backward by hand: logits = x W^T + b
+                    _put(gx, where, g.to(weight.dtype) @ weight.detach())  # [n, D]
+                    if gw is not None:
+                        gw.addmm_(g.t().to(gw.dtype), x_c.to(gw.dtype))  # [V, D] += [V, n] @ [n, D]
+                    if gb is not None:
+                        gb.add_(g.sum(0).to(gb.dtype))  # [V]
+            for buf, want in zip(g_others, want_others):
+                if want:
+                    _put(buf, where, next(got))
+        sums += torch.stack([p.detach().double() for p in parts])
+        del parts, logits, x_c, o_c  # free this chunk's graph before the next one
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    total = sum(float(c) * s for c, s in zip(coefs, sums))
+    return torch.as_tensor(total, dtype=torch.float64, device=x.device).to(dtype), sums.to(dtype)
 
 
-def _chunked_sum(fn: Callable[..., torch.Tensor], rows, weights, scale: float, chunk_tokens: int,
-                 *inputs: torch.Tensor) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(x.requires_grad for x in inputs):
-        return _ChunkedSum.apply(fn, rows, weights, scale, chunk_tokens, *inputs)
-    return _loop(fn, rows, weights, scale, chunk_tokens, inputs, [None] * len(inputs))
+def chunked_sums(fn: Callable[..., tuple[torch.Tensor, ...]], coefs: tuple[float, ...], x: torch.Tensor,
+                 *row_inputs: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                 rows: torch.Tensor | None = None, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss parts that are sums over rows (tokens), computed ``chunk_tokens`` rows at a time with bounded memory.
+
+    For each chunk of rows, ``fn(logits_c, *row_chunks)`` returns one scalar per part (that chunk's share, already
+    weighted and scaled); part j is the sum of its shares over the chunks and the loss is sum_j coefs[j] part_j.
+    While the forward pass runs, each chunk's loss is differentiated at once and its gradient kept in buffers,
+    so the backward pass only hands them over (scaled by the incoming gradient).
+
+    Args:
+        fn: (logits_c [n, V], *row_chunks) -> tuple of scalar tensors, one per part. A part whose coefficient
+            is 0 is only reported: fn should compute it without gradient.
+        coefs: the parts' weights in the loss.
+        x: [N, D]: the logits (``head`` None, D = V), or hidden states with ``head`` = (weight [V, D], bias [V]
+            or None): then each chunk's logits are x_c @ weight^T + bias, made and freed chunk by chunk (the
+            lm_head fused into the loss), and the gradients for x, weight and bias follow by the chain rule.
+        row_inputs: tensors [N, ...] sliced like x (targets, weights, teacher logits, ...); they may require grad.
+        rows: None (every row) or int64 [R]: the only rows computed (the others get a zero gradient).
+        chunk_tokens: rows per chunk (>= 1).
+
+    Returns:
+        (loss, parts): the loss (differentiable with respect to every input that requires grad) and the
+        parts [len(coefs)] (detached), in x's dtype promoted to float32.
+
+    Extra memory: a gradient buffer per differentiable input (the weight's and bias's in float32 at least)
+    plus one chunk's intermediates. Limits: the backward runs once (no ``retain_graph`` reuse) and is not
+    itself differentiable; with gradients disabled (evaluation) no buffer is allocated.
+    """
+    weight, bias = head if head is not None else (None, None)
+    inputs = (x, weight, bias, *row_inputs)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _ChunkedSums.apply(fn, tuple(coefs), rows, chunk_tokens, *inputs)
+    return _loop(fn, tuple(coefs), rows, chunk_tokens, inputs, [None] * len(inputs))
+
+
+def _weighted_sum(per_token: torch.Tensor, scale: float, *weights: torch.Tensor) -> torch.Tensor:
+    """scale * sum_i w_i per_token_i over a chunk [n]; ``weights`` is () (all 1) or one [n] tensor."""
+    return (per_token * weights[0] if weights else per_token).sum() * scale
 
 
 def chunked_divergence(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -190,11 +258,43 @@ def chunked_divergence(name: str, student_logits: torch.Tensor, teacher_logits: 
     rows, weights, scale = _rows_and_scale(mask, s.shape[0], temperature, scale_by_t2)
     chunk = auto_chunk_tokens(vocab, s.device) if chunk_tokens is None else chunk_tokens
 
-    def per_chunk(s_c, t_c):  # [n, V], [n, V] -> [n]
+    def per_chunk(s_c, t_c, *w_c):  # [n, V], [n, V], optional weights [n] -> (scalar,)
         log_q, log_p = _prep(s_c, t_c, temperature)
-        return spec.per_token(log_q, log_p, **params)
+        return (_weighted_sum(spec.per_token(log_q, log_p, **params), scale, *w_c),)
 
-    return _chunked_sum(per_chunk, rows, weights, scale, chunk, s, t)
+    extra = () if weights is None else (weights,)
+    return chunked_sums(per_chunk, (1.0,), s, t, *extra, rows=rows, chunk_tokens=chunk)[0]
+
+
+def get_divergence(name: str, *, chunked: bool = False, chunk_tokens: int | None = None, **params) -> Divergence:
+    """The divergence ``name`` as ``fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False)``.
+
+    With no keywords this is the registered function itself, ``DIVERGENCES[name]`` (its parameters can still be
+    passed per call). ``params`` (e.g. ``beta=0.9``) are checked now and bound. ``chunked=True`` (or an explicit
+    ``chunk_tokens``) returns the memory-bounded ``chunked_divergence`` with ``chunk_tokens`` tokens per chunk
+    (None: chosen from the vocabulary size and device).
+
+    Raises:
+        TrainingError: unknown name (the message lists the available ones), unknown or out-of-range
+            parameter, bad chunk_tokens, or chunking asked for the batch-wise sinkhorn.
+    """
+    spec_of(name)  # unknown name -> TrainingError listing all names
+    fn = DIVERGENCES[name]
+    chunked = chunked or chunk_tokens is not None
+    if not chunked and not params:
+        return fn
+    bound = resolve_params(name, params)
+    if not chunked:
+        def with_params(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
+            return fn(student_logits, teacher_logits, mask, temperature, scale_by_t2, **bound)
+        return with_params
+    check_chunk_tokens(chunk_tokens)
+    _tokenwise_spec(name)
+
+    def chunked_fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
+        return chunked_divergence(name, student_logits, teacher_logits, mask, temperature, scale_by_t2,
+                                  chunk_tokens=chunk_tokens, **bound)
+    return chunked_fn
 
 
 # ------------------------------------------------------------------ top-k + tail-bucket teacher
@@ -316,20 +416,34 @@ def topk_divergence(name: str, student_logits: torch.Tensor, teacher: Compressed
     rows, weights, scale = _rows_and_scale(mask, s.shape[0], temperature, scale_by_t2)
     chunk = auto_chunk_tokens(vocab, s.device) if chunk_tokens is None else chunk_tokens
 
-    def per_chunk(s_c, ids_c, lp_c, tail_c):  # [n, V], [n, k], [n, k], [n] -> [n]
-        x = s_c.to(torch.promote_types(s_c.dtype, torch.float32))
-        log_q = F.log_softmax(x / temperature if temperature != 1 else x, dim=-1)  # [n, V]
-        log_q_top = log_q.gather(-1, ids_c)  # [n, k]
-        log_p_top = lp_c.to(log_q.dtype)
-        if k == vocab:  # no tail: the exact distributions (in the teacher's order)
-            return spec.per_token(log_q_top, log_p_top.clamp_min(LOG_FLOOR), **params)
-        log_q_tail = log_q.scatter(-1, ids_c, float("-inf")).logsumexp(-1, keepdim=True)  # [n, 1]
-        log_q_b = torch.cat([log_q_top, log_q_tail], dim=-1)  # [n, k + 1]
-        log_p_b = torch.cat([log_p_top, tail_c.to(log_q.dtype)[:, None]], dim=-1).clamp_min(LOG_FLOOR)  # [n, k + 1]
-        return spec.per_token(log_q_b, log_p_b, **params)
+    def per_chunk(s_c, ids_c, lp_c, tail_c, *w_c):  # [n, V], [n, k], [n, k], [n], optional [n] -> (scalar,)
+        log_q = log_probs(s_c, temperature)  # [n, V]
+        return (_weighted_sum(topk_per_token(spec, log_q, ids_c, lp_c, tail_c, params), scale, *w_c),)
 
-    return _chunked_sum(per_chunk, rows, weights, scale, chunk, s, ids, logprobs, tail)
+    extra = () if weights is None else (weights,)
+    return chunked_sums(per_chunk, (1.0,), s, ids, logprobs, tail, *extra, rows=rows, chunk_tokens=chunk)[0]
+
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) over the last dim, in float32 at least: [n, V] -> [n, V]."""
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.log_softmax(x / temperature if temperature != 1 else x, dim=-1)
+
+
+def topk_per_token(spec, log_q: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
+                   params: dict) -> torch.Tensor:
+    """Per-token divergence [n] between the student's log-probs log_q [n, V] and a compressed teacher chunk
+    (ids [n, k], log-probs [n, k], tail [n]), both coarse-grained to the teacher's top k + one tail bucket."""
+    k, vocab = ids.shape[-1], log_q.shape[-1]
+    log_q_top = log_q.gather(-1, ids)  # [n, k]
+    log_p_top = logprobs.to(log_q.dtype)
+    if k == vocab:  # no tail: the exact distributions (in the teacher's order)
+        return spec.per_token(log_q_top, log_p_top.clamp_min(LOG_FLOOR), **params)
+    log_q_tail = log_q.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # [n, 1]
+    log_q_b = torch.cat([log_q_top, log_q_tail], dim=-1)  # [n, k + 1]
+    log_p_b = torch.cat([log_p_top, tail.to(log_q.dtype)[:, None]], dim=-1).clamp_min(LOG_FLOOR)  # [n, k + 1]
+    return spec.per_token(log_q_b, log_p_b, **params)
 
 
 __all__ = ["auto_chunk_tokens", "CompressedTeacher", "check_chunk_tokens", "chunked_divergence",
-           "compress_teacher", "topk_divergence"]
+           "compress_teacher", "get_divergence", "topk_divergence"]

@@ -42,7 +42,8 @@ sinkhorn           batch-wise entropic optimal transport (SinKD)          epsilo
 
 All but ``sinkhorn`` are token-wise (a sum over tokens of a per-token term), so they can be computed
 over chunks of tokens: see ``stages.distill.chunked`` for the memory-bounded versions and for the
-top-k + tail-bucket teacher. ``get_divergence(name, chunked=True, **params)`` returns the chunked one.
+top-k + tail-bucket teacher; ``stages.distill.chunked.get_divergence(name, chunked=True, **params)`` returns the
+chunked one.
 """
 
 from __future__ import annotations
@@ -209,7 +210,8 @@ class Spec:
 SPECS: dict[str, Spec] = {
     "forward_kl": Spec(_forward_kl_tok), "reverse_kl": Spec(_reverse_kl_tok), "js": Spec(_js_tok),
     "gjsd": Spec(_gjsd_tok), "tvd": Spec(_tvd_tok), "skew_kl": Spec(_skew_kl_tok),
-    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok), "alpha_divergence": Spec(_alpha_divergence_tok),
+    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok),
+    "alpha_divergence": Spec(_alpha_divergence_tok),
     "bdkd": Spec(_bdkd_tok), "sinkhorn": Spec(None),
 }
 assert set(SPECS) == set(DIVERGENCE_MODELS)
@@ -503,38 +505,3 @@ DIVERGENCES: dict[str, Divergence] = {
 TOKENWISE: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.tokenwise)
 assert set(DIVERGENCES) == set(SPECS)
 
-
-def get_divergence(name: str, *, chunked: bool = False, chunk_tokens: int | None = None, **params) -> Divergence:
-    """The divergence ``name`` as ``fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False)``.
-
-    With no keywords this is the registered function itself (its parameters can still be passed per call).
-    ``params`` (e.g. ``beta=0.9``) are checked now and bound. ``chunked=True`` (or an explicit
-    ``chunk_tokens``) returns the memory-bounded version, ``stages.distill.chunked.chunked_divergence``, with
-    ``chunk_tokens`` tokens per chunk (None: chosen from the vocabulary size and device).
-
-    Raises:
-        TrainingError: unknown name (the message lists the available ones), unknown or out-of-range
-            parameter, bad chunk_tokens, or chunking asked for the batch-wise sinkhorn.
-    """
-    fn = DIVERGENCES.get(name) if isinstance(name, str) else None
-    if fn is None:
-        raise TrainingError(f"unknown divergence '{name}'; available: {', '.join(DIVERGENCES)}")
-    chunked = chunked or chunk_tokens is not None
-    if not chunked and not params:
-        return fn
-    bound = resolve_params(name, params)
-    if not chunked:
-        def with_params(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
-            return fn(student_logits, teacher_logits, mask, temperature, scale_by_t2, **bound)
-        return with_params
-    from stages.distill.chunked import check_chunk_tokens, chunked_divergence  # chunked imports this module
-
-    check_chunk_tokens(chunk_tokens)
-    if not SPECS[name].tokenwise:
-        raise TrainingError(f"divergence '{name}' is batch-wise and cannot be chunked over tokens; "
-                            f"chunkable: {', '.join(TOKENWISE)}")
-
-    def chunked_fn(student_logits, teacher_logits, mask=None, temperature=1.0, scale_by_t2=False):
-        return chunked_divergence(name, student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                                  chunk_tokens=chunk_tokens, **bound)
-    return chunked_fn

@@ -1,13 +1,16 @@
 """A plain training loop for causal LMs: cross-entropy pretraining and teacher->student distillation.
 
 One loop serves both: with ``teacher=None`` it is next-token cross-entropy (the embedded teacher's
-pretraining); with a teacher the loss is ``(1 - ce_weight) * divergence + ce_weight * CE``.
-Batches are drawn from packed token rows [rows, seq_len] in a seeded order, so a run is repeatable.
+pretraining); with a teacher the loss is ``(1 - ce_weight) * divergence + ce_weight * CE``, computed by
+``stages.distill.step.StepLoss`` (plain for small vocabularies; for large ones over token chunks with the
+student's lm_head fused in, so a step never holds a [tokens, V] tensor). The settings are the recipe's
+validated ``DistillConfig``. Batches are drawn from packed token rows [rows, seq_len] in a seeded order, so a
+run is repeatable.
 
 The teacher signal is either the teacher itself, run on every batch, or its top-k log-probs computed once
 (``precompute_topk``) and indexed by row, in which case training needs no teacher at all. With
-``on_policy_share > 0`` that share of micro-batches is replaced, as in GKD, by the student's own samples: the
-first ``on_policy_prompt`` tokens of each row are kept as a prompt, the student samples the rest, and the
+``on_policy.share > 0`` that share of micro-batches is replaced, as in GKD, by the student's own samples: the
+first ``on_policy.prompt_tokens`` tokens of each row are kept as a prompt, the student samples the rest, and the
 divergence to the (online) teacher covers only the sampled tokens. Which micro-batches are on-policy, and the
 sampled tokens, are functions of (seed, micro-batch index), so a resumed run draws the same ones.
 """
@@ -18,56 +21,27 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.distill.chunked import CompressedTeacher, compress_teacher, topk_divergence
-from stages.distill.divergences import get_divergence
+from stages.config import DistillConfig, divergence_params
+from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
+from stages.distill.step import StepLoss, _autocast
 from stages.errors import TrainingError
 
 
-@dataclass
-class TrainSpec:
-    steps: int
-    batch_size: int
-    lr: float
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup
-    max_grad_norm: float = 1.0
-    eval_every: int = 100
-    eval_rows: int = 64
-    divergence: str | None = None  # None: cross-entropy only
-    divergence_params: dict = field(default_factory=dict)
-    chunk: str = "auto"  # auto | always | never: token-chunked loss (bounded memory)
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    seed: int = 0
-    progress: bool = True
-    desc: str = "train"
-    checkpoint_dir: str | None = None  # where to save/resume training state (None: no checkpoints)
-    checkpoint_every: int = 0  # optimiser steps between checkpoints (0: none)
-    on_policy_share: float = 0.0  # share of micro-batches replaced by student samples (GKD lambda)
-    on_policy_prompt: int = 32  # prompt tokens kept from each row; the student samples the rest
-    on_policy_temperature: float = 1.0
-    compile: bool = False  # torch.compile the student's training forward
-
-
-def lr_at(step: int, spec: TrainSpec) -> float:
-    """Learning rate for optimiser step ``step`` (0-based)."""
-    if step < spec.warmup_steps:
-        return spec.lr * (step + 1) / spec.warmup_steps
-    if spec.schedule == "constant":
-        return spec.lr
-    frac = (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)
-    if spec.schedule == "linear":
-        return spec.lr * (1.0 - frac)
-    return spec.lr * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine to 0
+def lr_at(step: int, cfg: DistillConfig) -> float:
+    """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cfg.schedule."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine to 0
 
 
 def _batches(rows: int, batch_size: int, seed: int):
@@ -81,26 +55,14 @@ def _batches(rows: int, batch_size: int, seed: int):
             yield torch.randint(0, rows, (batch_size,), generator=g)
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
-def _kd_fn(spec: TrainSpec, vocab: int):
-    """The training divergence: chunked over tokens for large vocabularies (memory bounded by the chunk)."""
-    batchwise = spec.divergence == "sinkhorn"
-    chunked = not batchwise and (spec.chunk == "always" or (spec.chunk == "auto" and vocab >= 32_768))
-    return get_divergence(spec.divergence, chunked=chunked, **spec.divergence_params)
-
-
 def _mix(seed: int, index: int) -> int:
     """A seed for micro-batch ``index`` of a run seeded ``seed`` (stateless, so resuming replays it)."""
     return (seed * 1_000_003 + index * 7_919 + 12_345) % (2**63)
 
 
-def is_on_policy(spec: TrainSpec, micro_index: int) -> bool:
-    return spec.on_policy_share > 0 and random.Random(_mix(spec.seed, micro_index)).random() < spec.on_policy_share
+def is_on_policy(share: float, seed: int, micro_index: int) -> bool:
+    """Whether micro-batch ``micro_index`` of a run seeded ``seed`` is on-policy (drawn with probability share)."""
+    return share > 0 and random.Random(_mix(seed, micro_index)).random() < share
 
 
 @torch.no_grad()
@@ -127,33 +89,13 @@ def sample_continuations(model, prompt: torch.Tensor, total_len: int, temperatur
     return torch.cat(pieces, dim=1)  # [B, total_len]
 
 
-def _losses(forward, teacher, ids: torch.Tensor, spec: TrainSpec, device: torch.device, *,
-            topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
-    """(total, kd, ce) for a batch of token ids [B, T].
+def _losses(step: StepLoss, ids: torch.Tensor, *, topk: CompressedTeacher | None = None,
+            mask: torch.Tensor | None = None):
+    """(total, kd, ce) of one training micro-batch [B, T]: ``step`` (see ``StepLoss.__call__``).
 
-    forward: the student's (possibly compiled) forward. The teacher signal is ``topk`` (cached top-k rows
-    for this batch) if given, else the teacher run on ``ids``. ``mask`` [B, T] marks the positions the
-    divergence covers (on-policy batches: the positions that predict sampled tokens); on masked batches the
-    cross-entropy term is dropped, since the targets are the student's own samples.
+    The loop's single call per micro-batch, so tests can watch the batches or stop a run at a given one.
     """
-    with _autocast(device):
-        logits = forward(input_ids=ids).logits  # [B, T, V]
-    # next-token cross-entropy: position t predicts token t+1
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-    if spec.divergence is None or (teacher is None and topk is None):
-        return ce, None, ce
-    if topk is not None:
-        kd = topk_divergence(spec.divergence, logits, topk, mask=mask, temperature=spec.temperature,
-                             **spec.divergence_params)
-    else:
-        with torch.no_grad(), _autocast(device):
-            t_logits = teacher(input_ids=ids).logits  # [B, T, V]
-        kd = _kd_fn(spec, logits.shape[-1])(logits, t_logits, mask=mask, temperature=spec.temperature)
-        del t_logits  # free before backward: the student's activations dominate peak memory
-    if mask is not None:
-        return (1.0 - spec.ce_weight) * kd, kd, ce
-    total = (1.0 - spec.ce_weight) * kd + spec.ce_weight * ce
-    return total, kd, ce
+    return step(ids, topk=topk, mask=mask)
 
 
 @torch.no_grad()
@@ -184,31 +126,25 @@ def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.devic
 
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
-                  divergence: str | None = None, temperature: float = 1.0,
-                  divergence_params: dict | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
+                  cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
 
+    cfg: the divergence, its parameters, temperature and chunking (default: forward KL at T = 1, chunk auto):
+        the loss is computed as in training (plain, chunked or fused; see ``StepLoss``).
     The teacher signal is ``teacher_topk`` (cached top-k rows aligned with ``eval_ids``) if given, else
     ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value.
     """
+    step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device)
     was_training = model.training
     model.eval()
-    score_kd = divergence is not None and (teacher is not None or teacher_topk is not None)
+    score_kd = teacher is not None or teacher_topk is not None
     ce_sum, kd_sum, n = 0.0, 0.0, 0
     for i in range(0, len(eval_ids), batch_size):
         ids = eval_ids[i:i + batch_size].to(device).long()
-        with _autocast(device):
-            logits = model(input_ids=ids).logits
-        ce_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+        rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
+        _, kd, ce = step(ids, topk=rows, ce_reduction="sum")
+        ce_sum += ce.item()
         if score_kd:
-            if teacher_topk is not None:
-                rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
-                kd = topk_divergence(divergence, logits, rows, temperature=temperature, **(divergence_params or {}))
-            else:
-                with _autocast(device):
-                    t_logits = teacher(input_ids=ids).logits
-                kd = get_divergence(divergence, **(divergence_params or {}))(logits, t_logits,
-                                                                            temperature=temperature)
             kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
     model.train(was_training)
@@ -218,26 +154,34 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
     return out
 
 
-def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainSpec, *, teacher=None,
+def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: DistillConfig, *, teacher=None,
           device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
-          eval_topk: CompressedTeacher | None = None) -> list[dict]:
-    """Train ``student`` in place; return the history (one dict per step, evals included).
+          eval_topk: CompressedTeacher | None = None, seed: int = 0, progress: bool = True, desc: str = "train",
+          checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False) -> list[dict]:
+    """Train ``student`` in place on packed token rows [rows, T]; return the history (a dict per step, evals included).
 
+    cfg: the validated distillation settings (optimiser, schedule, divergence, temperature, ce_weight, chunking,
+        on-policy share, checkpoint_every). Without a teacher signal (``teacher`` and ``train_topk`` both None)
+        the loss is next-token cross-entropy alone, whatever cfg.divergence and cfg.ce_weight say.
     train_topk / eval_topk: cached teacher top-k aligned with the rows of train_ids / eval_ids[:eval_rows]
-    (from ``precompute_topk``); when given they replace the online teacher for off-policy batches and evaluation.
+        (from ``precompute_topk``); when given they replace the online teacher for off-policy batches and evaluation.
+    seed: data order, on-policy draws and sampling; progress / desc: the progress bar.
+    checkpoint_dir: where the state is saved every cfg.checkpoint_every steps and resumed from (None: no checkpoints).
+    eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
+        forward (already resolved from cfg.compile and the device by the caller).
     """
-    if spec.divergence is not None:
-        get_divergence(spec.divergence, **spec.divergence_params)  # bad name/parameters fail before any work
-    if spec.on_policy_share > 0 and teacher is None:
+    get_divergence(cfg.divergence.name, **divergence_params(cfg.divergence))  # bad name/parameters fail before any work
+    share, prompt = cfg.on_policy.share, cfg.on_policy.prompt_tokens
+    if share > 0 and teacher is None:
         raise TrainingError("on-policy distillation needs the teacher itself (it scores the student's samples)")
-    if spec.on_policy_share > 0 and not 1 <= spec.on_policy_prompt < train_ids.shape[1] - 1:
-        raise TrainingError(f"on-policy prompt of {spec.on_policy_prompt} tokens leaves nothing to sample in rows "
+    if share > 0 and not 1 <= prompt < train_ids.shape[1] - 1:
+        raise TrainingError(f"on-policy prompt of {prompt} tokens leaves nothing to sample in rows "
                             f"of {train_ids.shape[1]} tokens")
-    for name, cache, ids_ in (("train", train_topk, train_ids), ("eval", eval_topk, eval_ids[: spec.eval_rows])):
+    for name, cache, ids_ in (("train", train_topk, train_ids), ("eval", eval_topk, eval_ids[:eval_rows])):
         if cache is not None and tuple(cache.tail_logprob.shape) != tuple(ids_.shape):
             raise TrainingError(f"cached teacher top-k for {name} has shape {tuple(cache.tail_logprob.shape)}, "
                                 f"the {name} tokens {tuple(ids_.shape)}: stale cache?")
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     student.to(device).train()
     if teacher is not None:
         teacher.to(device).eval()
@@ -245,21 +189,21 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
             p.requires_grad_(False)
     decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.lr, betas=(0.9, 0.95))
-    forward = torch.compile(student) if spec.compile else student  # shares the parameters
-    batches = _batches(len(train_ids), spec.batch_size, spec.seed)
-    eval_sub = eval_ids[: spec.eval_rows]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile)
+    batches = _batches(len(train_ids), cfg.batch_size, seed)
+    eval_sub = eval_ids[:eval_rows]
     history: list[dict] = []
-    start = _resume(student, opt, spec, history)
-    for _ in range(start * spec.grad_accum):  # replay the seeded data order up to the checkpoint
+    start = _resume(student, opt, checkpoint_dir, history)
+    for _ in range(start * cfg.grad_accum):  # replay the seeded data order up to the checkpoint
         next(batches)
-    tokens_per_step = spec.batch_size * spec.grad_accum * train_ids.shape[1]
-    bar = tqdm(range(start, spec.steps), desc=spec.desc, disable=not spec.progress, unit="step", dynamic_ncols=True,
-               initial=start, total=spec.steps)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress, unit="step", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     t0 = time.perf_counter()
     for step in bar:
-        lr = lr_at(step, spec)
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
         rec = {"step": step + 1, "lr": lr, "loss": 0.0, "ce": 0.0}
@@ -267,48 +211,46 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, spec: TrainS
             rec["resumed_from"] = start  # the steps before came from a checkpoint
         if teacher is not None or train_topk is not None:
             rec["kd"] = 0.0
-        if spec.on_policy_share > 0:
+        if share > 0:
             rec["on_policy"] = 0
-        for micro in range(spec.grad_accum):
+        for micro in range(cfg.grad_accum):
             idx = next(batches)
             ids = train_ids[idx].to(device).long()  # [B, T]
-            micro_index = step * spec.grad_accum + micro
-            if is_on_policy(spec, micro_index):
-                gen = torch.Generator(device=device).manual_seed(_mix(spec.seed, micro_index))
-                p = spec.on_policy_prompt
-                ids = sample_continuations(student, ids[:, :p], ids.shape[1], spec.on_policy_temperature, gen)
+            micro_index = step * cfg.grad_accum + micro
+            if is_on_policy(share, seed, micro_index):
+                gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index))
+                ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
                 mask = torch.zeros_like(ids, dtype=torch.bool)
-                mask[:, p - 1:-1] = True  # positions whose next token was sampled
-                total, kd, _ = _losses(forward, teacher, ids, spec, device, mask=mask)
+                mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
+                total, kd, _ = _losses(step_loss, ids, mask=mask)
                 ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
                 rec["on_policy"] += 1
             else:
-                total, kd, ce = _losses(forward, teacher, ids, spec, device, topk=_rows(train_topk, idx, device))
+                total, kd, ce = _losses(step_loss, ids, topk=_rows(train_topk, idx, device))
             if not torch.isfinite(total):
-                raise TrainingError(f"{spec.desc}: loss is {total.item()} at step {step + 1} "
+                raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
                                     f"(lr {lr:.3g}); training diverged - lower the learning rate")
-            (total / spec.grad_accum).backward()
-            rec["loss"] += total.item() / spec.grad_accum
+            (total / cfg.grad_accum).backward()
+            rec["loss"] += total.item() / cfg.grad_accum
             rec["ce"] += ce.item()  # averaged over the off-policy micro-batches below
             if kd is not None:
-                rec["kd"] += kd.item() / spec.grad_accum
-        off_policy = spec.grad_accum - rec.get("on_policy", 0)
+                rec["kd"] += kd.item() / cfg.grad_accum
+        off_policy = cfg.grad_accum - rec.get("on_policy", 0)
         rec["ce"] = rec["ce"] / off_policy if off_policy else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), spec.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
-            raise TrainingError(f"{spec.desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
+            raise TrainingError(f"{desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
-        if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
-            rec.update(evaluate_loss(student, eval_sub, spec.batch_size, device, teacher, spec.divergence,
-                                     spec.temperature, spec.divergence_params, teacher_topk=eval_topk))
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-        if spec.checkpoint_dir and spec.checkpoint_every and (step + 1) % spec.checkpoint_every == 0 \
-                and step + 1 < spec.steps:
-            _save_checkpoint(student, opt, step + 1, history, Path(spec.checkpoint_dir))
+        if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
+                and step + 1 < cfg.steps:
+            _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir))
     student.eval()
     return history
 
@@ -325,13 +267,13 @@ def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path)
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
 
 
-def _resume(model, opt, spec: TrainSpec, history: list[dict]) -> int:
-    """Load the checkpoint in ``spec.checkpoint_dir`` if there is one; return the step to start from."""
-    if not spec.checkpoint_dir or not (Path(spec.checkpoint_dir) / "state.json").is_file():
+def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict]) -> int:
+    """Load the checkpoint in ``checkpoint_dir`` if there is one; return the step to start from."""
+    if not checkpoint_dir or not (Path(checkpoint_dir) / "state.json").is_file():
         return 0
     from safetensors.torch import load_model
 
-    ckpt = Path(spec.checkpoint_dir)
+    ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / "state.json").read_text())
     try:
         load_model(model, str(ckpt / "model.safetensors"), strict=True)
@@ -365,6 +307,3 @@ def save_history(history: list[dict], out_dir: Path, title: str) -> dict[str, st
     plt.close(fig)
     return {"history": "history.jsonl", "curves": "curves.png"}
 
-
-def spec_dict(spec: TrainSpec) -> dict:
-    return asdict(spec)
