@@ -233,18 +233,20 @@ class TVD(Strict):
     name: Literal["tvd"] = "tvd"
 
 
-class SkewKL(Strict):
+class _Skew(Strict):
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew; alpha = 1 would make the loss identically 0.")
+
+
+class SkewKL(_Skew):
     """Skew KL (DistiLLM): KL(p || alpha * p + (1 - alpha) * q)."""
 
     name: Literal["skew_kl"] = "skew_kl"
-    alpha: float = Field(0.1, ge=0, lt=1, description="Skew; alpha = 1 would make the loss identically 0.")
 
 
-class SkewReverseKL(Strict):
+class SkewReverseKL(_Skew):
     """Skew reverse KL (DistiLLM): KL(q || alpha * q + (1 - alpha) * p)."""
 
     name: Literal["skew_reverse_kl"] = "skew_reverse_kl"
-    alpha: float = Field(0.1, ge=0, lt=1, description="Skew; alpha = 1 would make the loss identically 0.")
 
 
 class AKL(Strict):
