@@ -176,8 +176,11 @@ def code_version() -> str:
 
 
 def _module_file(name: str) -> Path | None:
-    """The source file of a ``stages.*`` module or package, or None if there is none."""
-    rel = Path(*name.split(".")[1:])
+    """The source file of a ``stages.*`` module or package, or None if there is none (or it is not in ``stages``)."""
+    parts = name.split(".")
+    if parts[0] != "stages" or len(parts) < 2:
+        return None
+    rel = Path(*parts[1:])
     for cand in (_ROOT / rel.with_suffix(".py"), _ROOT / rel / "__init__.py"):
         if cand.is_file():
             return cand

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages.io import digest_path
-from stages.pipeline import BY_NAME
+from stages.pipeline import get_stage
 
 from tests.conftest import ROOT, TINY
 
@@ -22,7 +22,7 @@ RAN = ["bootstrap", "data", "distill", "quantize", "evaluate", "export"]
 
 
 def stage_dir(root: Path, run: str, stage: str) -> Path:
-    return root / run / f"{BY_NAME[stage].index:02d}-{stage}"
+    return root / run / f"{get_stage(stage).index:02d}-{stage}"
 
 
 def test_tiny_run_completes_and_publishes(tiny_run):
@@ -229,6 +229,38 @@ def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in
     log = (tmp_path / "art" / "bad-data" / "run.log").read_text()
     assert "Traceback" in log and "stages/data.py" in log
     assert f"full log: {tmp_path / 'art' / 'bad-data' / 'run.log'}" in out
+
+
+def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_recipe, monkeypatch):
+    """A stage declared as the KV and unlearning stages will be: one Stage subclass, one entry in STAGES."""
+    import stages.pipeline as pipeline
+    from stages.result import StageResult
+    from stages.stage import Stage
+
+    class Probe(Stage):  # slot 05 (kv): reads the quantized model, makes no new model
+        name, index = "kv", 5
+        sections = ("kv",)
+
+        def enabled(self, recipe):
+            return True
+
+        def inputs(self, recipe, up):
+            return {"model": up.model}
+
+        def run(self, ctx):
+            (ctx.out_dir / "kv_cache.json").write_text(json.dumps({"model": ctx.inputs["model"]}))
+            return StageResult(outputs={"kv": "kv_cache.json"}, metrics={"seen": ctx.inputs["model"]})
+
+    stages = list(pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:5] + [Probe()] + stages[5:]))
+    root, run, _ = tiny_run
+    assert pipeline.enabled(tiny_recipe) == ["bootstrap", "data", "distill", "quantize", "kv", "evaluate", "export"]
+    done = pipeline.run_local(tiny_recipe, root / "with-kv", root)
+    quantized = json.loads((stage_dir(root, run, "quantize") / "manifest.json").read_text())
+    assert done["kv"]["metrics"]["seen"] == quantized["outputs"]["model"]["path"]
+    assert (root / "with-kv" / "05-kv" / "kv_cache.json").is_file()
+    # the other stages are the tiny run's, found by key: the new stage changed none of their keys
+    assert all(done[s].get("reused") for s in RAN)
 
 
 def test_report_and_metrics_are_prefect_artifacts(tiny_run):

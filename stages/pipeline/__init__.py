@@ -16,16 +16,22 @@ from pathlib import Path
 from stages.config import Recipe
 from stages.pipeline import bootstrap, data, distill, evaluate, export, quantize, select
 from stages.errors import InputError
-from stages.refs import HUB_ID_RE
 from stages.result import StageResult
 from stages.stage import Call, Context, Env, Stage, Upstream
 
 # The registry: one line per stage, in run order. 05 kv and 06 unlearn are not built yet (the schema refuses them).
 STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, quantize.STAGE,
                              evaluate.STAGE, export.STAGE)
-BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
-MODEL_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.makes_model)
 assert [s.index for s in STAGES] == sorted({s.index for s in STAGES}), "stage numbers must be unique and ordered"
+
+
+def get_stage(name: str) -> Stage:
+    """The registered stage called ``name``."""
+    return next(s for s in STAGES if s.name == name)
+
+
+def _upstream(recipe: Recipe, done: dict[str, dict]) -> Upstream:
+    return Upstream(recipe, done, tuple(s.name for s in STAGES if s.makes_model))
 
 
 def enabled(recipe: Recipe) -> list[str]:
@@ -50,7 +56,7 @@ def _digest(name: str, ref: str, recipe: Recipe, memo_dir: Path | None) -> str:
     path = Path(ref).expanduser()
     if path.exists():  # memoised per file on (path, size, mtime, inode): a multi-GB pool is not re-read per run
         return digest_path(path, memo_dir)
-    if ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref.split("/")[-1] if "/" not in ref else ref):
+    if ref.startswith(("/", "./", "../", "~")):  # a path, not a hub id
         raise InputError(f"input '{name}' of the stage: not found: {ref}")
     from stages.refs import hub_commit
 
@@ -64,9 +70,9 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict], env: Env | None
     """The call that defines ``stage`` given the finished upstream stages: config, inputs, digests and key."""
     from stages.io import package_versions, stable_hash, stage_code_version
 
-    s = BY_NAME[stage]
+    s = get_stage(stage)
     env = env or Env.resolve(recipe)
-    up = Upstream(recipe, done, MODEL_STAGES)
+    up = _upstream(recipe, done)
     inputs = s.inputs(recipe, up)
     digests = {}
     for name, ref in inputs.items():  # an upstream output's digest is in its manifest already
@@ -85,15 +91,15 @@ def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path) ->
     from stages.runner import execute
 
     def fn(out: Path) -> StageResult:
-        return BY_NAME[call.stage].run(Context(recipe, call, out, artifacts_root))
+        return get_stage(call.stage).run(Context(recipe, call, out, artifacts_root))
 
     return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed,
-                   libraries=BY_NAME[call.stage].libraries, fn=fn)
+                   libraries=get_stage(call.stage).libraries, fn=fn)
 
 
 def after(recipe: Recipe, stage: str, done: dict[str, dict]) -> None:
     """The stage's checks of its own finished result (the evaluate stage's quality gates)."""
-    BY_NAME[stage].after(recipe, Upstream(recipe, done, MODEL_STAGES))
+    get_stage(stage).after(recipe, _upstream(recipe, done))
 
 
 def run_local(recipe: Recipe, run_dir: Path, artifacts_root: Path) -> dict[str, dict]:
