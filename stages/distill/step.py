@@ -205,7 +205,7 @@ class StepLoss:
 
     def _chunked(self, ids, topk, mask, has_kd, kd_coef, ce_coef, ce_reduction):
         """(total, parts = [kd, ce]) over token chunks; the student's logits only per chunk on the fused path."""
-        n_rows, seq = ids.numel(), ids.shape[1]
+        n_rows = ids.numel()
         out = self.forward(input_ids=ids, use_cache=False)
         x = (out.last_hidden_state if self.head else out.logits).reshape(n_rows, -1)  # [N, H] or [N, V]
         del out
