@@ -15,11 +15,12 @@ from pathlib import Path
 from stages.errors import InputError
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+PATH_PREFIXES = ("/", "./", "../", "~")  # a reference written like this is a path, never a hub id
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def is_local_ref(ref: str) -> bool:
-    return Path(ref).expanduser().exists() or ref.startswith(("/", "./", "../", "~")) or not HUB_ID_RE.match(ref)
+    return Path(ref).expanduser().exists() or ref.startswith(PATH_PREFIXES) or not HUB_ID_RE.match(ref)
 
 
 def check_model_ref(ref: str, what: str) -> None:

@@ -157,6 +157,10 @@ def test_checks_before_work_name_the_cause(tmp_path):
     layers = {**ost, "quantize": {"enabled": False}, "distill": {"student": {"layers": [0, 4]}}}
     with pytest.raises(InputError, match=r"distill.student.layers: \[0, 4\] must be indices in \[0, 4\)"):
         preflight(parse_recipe(layers))
+    hf = {**ost, "quantize": {"enabled": False}, "data": {"source": "hf", "hf": {"name": "wikitext"}}}
+    preflight(parse_recipe(hf))  # a hub dataset without an org is a name, not a missing folder
+    with pytest.raises(InputError, match="data.hf.name: dataset folder not found: ./no-such-dataset"):
+        preflight(parse_recipe({**hf, "data": {"source": "hf", "hf": {"name": "./no-such-dataset"}}}))
     student = _checkpoint(tmp_path, "llama", vocab=4096)
     vocab = {**ost, "quantize": {"enabled": False}, "models": {"teacher": gpt2, "student": student}}
     with pytest.raises(InputError, match="vocabulary mismatch: models.teacher has vocab_size 2048"):

@@ -16,6 +16,7 @@ from pathlib import Path
 from stages.config import Recipe
 from stages.pipeline import bootstrap, data, distill, evaluate, export, quantize, select
 from stages.errors import InputError
+from stages.refs import PATH_PREFIXES
 from stages.result import StageResult
 from stages.stage import Call, Context, Env, Stage, Upstream
 
@@ -56,7 +57,7 @@ def _digest(name: str, ref: str, recipe: Recipe, memo_dir: Path | None) -> str:
     path = Path(ref).expanduser()
     if path.exists():  # memoised per file on (path, size, mtime, inode): a multi-GB pool is not re-read per run
         return digest_path(path, memo_dir)
-    if ref.startswith(("/", "./", "../", "~")):  # a path, not a hub id
+    if ref.startswith(PATH_PREFIXES):  # a path, not a hub id
         raise InputError(f"input '{name}' of the stage: not found: {ref}")
     from stages.refs import hub_commit
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.errors import InputError
-from stages.refs import is_local_ref
+from stages.refs import PATH_PREFIXES, is_local_ref
 from stages.stage import Context, Env, Stage, Upstream
 
 
@@ -28,7 +28,9 @@ class Data(Stage):
             missing = [p for p in d.train + d.eval if not Path(p).is_file()]
             if missing:
                 raise InputError(f"data file(s) not found: {', '.join(missing)}")
-        if d.source == "hf" and is_local_ref(d.hf.name) and not Path(d.hf.name).expanduser().exists():
+        # a dataset name may be a hub id with or without an org ("Salesforce/wikitext", "wikitext"): only a
+        # name written as a path must exist here
+        if d.source == "hf" and d.hf.name.startswith(PATH_PREFIXES) and not Path(d.hf.name).expanduser().exists():
             raise InputError(f"data.hf.name: dataset folder not found: {d.hf.name}")
         if tok and is_local_ref(tok) and not Path(tok).expanduser().exists():
             raise InputError(f"models.tokenizer: not found: {tok}")
