@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from stages.errors import InputError
 from stages.kv.kivi import KIVICache, KIVILayer
 from stages.kv.packing import pack_codes, unpack_codes
+from stages.kv.sink import SinkCache
 from stages.quantize.quantizers import dequantize_codes, fake_quant_kv, quantize_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +35,13 @@ def _config(attn: str = "sdpa") -> LlamaConfig:
 def model():
     torch.manual_seed(0)
     return LlamaForCausalLM(_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def eager_model(model):
+    m = LlamaForCausalLM(_config("eager")).eval()
+    m.load_state_dict(model.state_dict())
+    return m
 
 
 @pytest.fixture(scope="module")
@@ -225,14 +234,74 @@ def test_refused_cache_operations():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# attention sinks
+
+
+def test_sink_cache_equals_masking_the_evicted_tokens(eager_model):
+    """Reference: a full DynamicCache whose 4-D mask hides all but the first 2 and the last 4 past tokens."""
+    ids = torch.randint(3, VOCAB, (1, 12), generator=_gen(14))
+    sinks, window, steps = 2, 4, 6
+    cache, ref_cache = SinkCache(LAYERS, sinks, window), DynamicCache()
+    full_cache = DynamicCache()
+    with torch.no_grad():
+        logits = eager_model(ids, past_key_values=cache, use_cache=True).logits
+        ref = eager_model(ids, past_key_values=ref_cache, use_cache=True).logits
+        eager_model(ids, past_key_values=full_cache, use_cache=True)
+        assert torch.equal(logits, ref)  # the prompt pass sees every token
+        differs = False
+        for _ in range(steps):
+            nxt = logits[:, -1:].argmax(-1)
+            p = ref_cache.get_seq_length()
+            allowed = [j < sinks or j >= p - window for j in range(p + 1)]  # past sinks, past window, itself
+            mask = torch.tensor([0.0 if a else float("-inf") for a in allowed]).view(1, 1, 1, p + 1)
+            logits = eager_model(nxt, past_key_values=cache, use_cache=True).logits
+            ref = eager_model(nxt, past_key_values=ref_cache, attention_mask=mask, use_cache=True).logits
+            full = eager_model(nxt, past_key_values=full_cache, use_cache=True).logits
+            torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+            differs |= not torch.allclose(logits, full, atol=1e-4)
+            assert cache.get_seq_length() == p + 1 and cache[0][0].shape[-2] == sinks + window
+    assert differs  # the eviction did change something, so the comparison above is not vacuous
+
+
+def test_sink_cache_with_left_padding_matches_unpadded_rows(model, batch):
+    """With set_padding, each row of a padded batch generates what it generates alone, unpadded."""
+    ids, mask = batch
+    cache = SinkCache(LAYERS, sinks=2, window=6).set_padding(mask)
+    out = _generate(model, batch, cache)
+    for row in range(2):
+        alone = ids[row:row + 1, int((mask[row] == 0).sum()):]
+        with torch.no_grad():
+            single = model.generate(alone, past_key_values=SinkCache(LAYERS, sinks=2, window=6), max_new_tokens=10,
+                                    do_sample=False, pad_token_id=0)[:, alone.shape[1]:]
+        assert torch.equal(out[row], single[0])
+
+
+def test_sink_cache_refuses_undeclared_padding(model, batch):
+    with pytest.raises(InputError, match="set_padding"):
+        _generate(model, batch, SinkCache(LAYERS, sinks=2, window=6))
+    with pytest.raises(InputError, match="left padding"):
+        SinkCache(LAYERS).set_padding(torch.tensor([[1, 0, 1]]))
+
+
+def test_sink_nbytes_is_the_held_tokens():
+    x = torch.randn(2, 2, 30, HEAD_DIM, generator=_gen(15)).half()
+    cache = SinkCache(1, sinks=3, window=5)
+    cache.update(x, x, 0)
+    assert cache.nbytes() == 2 * 2 * 2 * (3 + 5) * HEAD_DIM * 2 and cache.full_bytes() == 2 * 2 * 2 * 30 * HEAD_DIM * 2
+    keys, _ = cache.layers[0].past()
+    assert torch.equal(keys, torch.cat([x[..., :3, :], x[..., -5:, :]], dim=-2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # compression off: identical to DynamicCache
 
 
 def _off_caches():
-    return {"kivi16": KIVICache(LAYERS, (16, 16), group_size=4, residual=8)}
+    return {"kivi16": KIVICache(LAYERS, (16, 16), group_size=4, residual=8),
+            "sink_wide": SinkCache(LAYERS, sinks=2, window=100)}
 
 
-@pytest.mark.parametrize("name", ["kivi16"])
+@pytest.mark.parametrize("name", ["kivi16", "sink_wide"])
 def test_compression_off_matches_dynamic_cache_logits(model, name):
     ids = torch.randint(3, VOCAB, (2, 13), generator=_gen(12))
     ref = _greedy_logits(model, ids, DynamicCache(), steps=6)
@@ -241,8 +310,10 @@ def test_compression_off_matches_dynamic_cache_logits(model, name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["kivi16"])
+@pytest.mark.parametrize("name", ["kivi16", "sink_wide"])
 def test_compression_off_generates_the_full_cache_tokens(model, batch, name):
     cache = _off_caches()[name]
+    if isinstance(cache, SinkCache):
+        cache.set_padding(batch[1])
     assert torch.equal(_generate(model, batch, cache), _generate(model, batch, DynamicCache()))
     assert cache.get_seq_length() == batch[0].shape[1] + 9  # the last generated token is never fed back
