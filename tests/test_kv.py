@@ -3,6 +3,7 @@ on tiny random Llama models (CPU). References are DynamicCache runs, masks or pl
 
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from stages.errors import InputError
 from stages.kv.kivi import KIVICache, KIVILayer
+from stages.kv.minicache import MergedPair, MiniCache, MiniCacheLayer, merge_states
 from stages.kv.packing import pack_codes, unpack_codes
 from stages.kv.sink import SinkCache
 from stages.quantize.quantizers import dequantize_codes, fake_quant_kv, quantize_codes
@@ -293,15 +295,100 @@ def test_sink_nbytes_is_the_held_tokens():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# MiniCache
+
+
+def _angle(a: list[float], b: list[float]) -> float:
+    dot = sum(p * q for p, q in zip(a, b))
+    na, nb = math.sqrt(sum(p * p for p in a)), math.sqrt(sum(q * q for q in b))
+    return math.acos(max(-1.0, min(1.0, dot / (na * nb))))
+
+
+def test_slerp_merge_keeps_norms_and_interpolates_the_angle():
+    x0 = torch.randn(2, 3, 5, HEAD_DIM, generator=_gen(16), dtype=torch.float64)
+    x1 = torch.randn(2, 3, 5, HEAD_DIM, generator=_gen(17), dtype=torch.float64)
+    for t in (0.0, 0.3, 0.5, 1.0):
+        direction, n0, n1, d = merge_states(x0, x1, t)
+        torch.testing.assert_close(direction.norm(dim=-1), torch.ones(2, 3, 5))
+        torch.testing.assert_close((n0.unsqueeze(-1) * direction).norm(dim=-1), x0.float().norm(dim=-1))
+        a, b, e = x0[0, 1, 2].tolist(), x1[0, 1, 2].tolist(), direction[0, 1, 2].tolist()
+        omega = _angle(a, b)
+        assert d[0, 1, 2].item() == pytest.approx(omega / math.pi, abs=1e-6)
+        assert _angle(a, e) == pytest.approx(t * omega, abs=1e-3)  # e sits t of the way along the arc
+        assert _angle(e, b) == pytest.approx((1 - t) * omega, abs=1e-3)
+
+
+def test_slerp_merge_of_equal_layers_returns_the_input():
+    x = torch.randn(2, 3, 5, HEAD_DIM, generator=_gen(18))
+    direction, n0, n1, d = merge_states(x, x.clone(), 0.5)
+    torch.testing.assert_close(n0.unsqueeze(-1) * direction, x)
+    torch.testing.assert_close(n1.unsqueeze(-1) * direction, x)
+    assert d.abs().max() < 1e-3
+
+
+def test_minicache_retains_distant_tokens_exactly():
+    """gamma = 0.3: a token is kept exact iff d - d_min > 0.3 (d_max - d_min), per (row, head), running."""
+    x0 = torch.randn(1, 2, 10, 8, generator=_gen(19))
+    x1 = torch.randn(1, 2, 10, 8, generator=_gen(20))
+    x1[..., :4, :] = x0[..., :4, :] * 2 + 0.01 * x1[..., :4, :]  # nearly parallel: merged
+    pair = MergedPair(t=0.5, gamma=0.3, bits=(16, 16), group_size=4, residual=8)
+    pair.k.add(x0, x1)
+    new0, new1 = torch.randn(1, 2, 1, 8, generator=_gen(21)), torch.randn(1, 2, 1, 8, generator=_gen(22))
+    pair.k.add(new0, new1)  # one decode token, judged against the running range
+    a, b = torch.cat([x0, new0], dim=-2), torch.cat([x1, new1], dim=-2)
+    restored = [pair.k.restore(role, a) for role in (0, 1)]
+    for h in range(2):
+        d = [_angle(a[0, h, i].tolist(), b[0, h, i].tolist()) / math.pi for i in range(11)]
+        for i in range(11):
+            lo, hi = min(d[:max(i, 9) + 1]), max(d[:max(i, 9) + 1])  # range over the prompt, then running
+            kept = d[i] - lo > 0.3 * (hi - lo)
+            assert bool(pair.k.mask[0, h, i]) == kept
+            if kept:
+                assert torch.equal(restored[0][0, h, i], a[0, h, i]) and torch.equal(restored[1][0, h, i], b[0, h, i])
+            else:  # merged: own norm, shared direction
+                for r, x in zip(restored, (a, b)):
+                    assert r[0, h, i].norm().item() == pytest.approx(x[0, h, i].norm().item(), rel=1e-5)
+                torch.testing.assert_close(restored[0][0, h, i] / a[0, h, i].norm(),
+                                           restored[1][0, h, i] / b[0, h, i].norm())
+    assert not pair.k.mask[0, :, :4].any() and pair.k.mask.any()
+
+
+def test_minicache_pairs_layers_from_the_middle_and_nothing_stays_pending(model):
+    cache = MiniCache(LAYERS, gamma=0.5)
+    assert [type(layer).__name__ for layer in cache.layers] == ["KIVILayer", "KIVILayer", "MiniCacheLayer",
+                                                                "MiniCacheLayer"]
+    assert cache.layers[2].pair is cache.layers[3].pair and cache.layers[2].role == 0
+    _greedy_logits(model, torch.randint(3, VOCAB, (1, 9), generator=_gen(23)), cache, steps=2)
+    assert cache.layers[2].pair.pending is None and 0 < cache.retained_fraction() < 1
+    odd = MiniCache(5, start_layer=1)
+    assert [isinstance(layer, MiniCacheLayer) for layer in odd.layers] == [False, True, True, True, True]
+    assert isinstance(MiniCache(5, start_layer=2).layers[4], KIVILayer)
+
+
+def test_minicache_nbytes_by_hand():
+    """No retention (gamma > 1): per pair and K/V one direction [B,H,T,D], two magnitudes [B,H,T], a bool mask,
+    d_min/d_max float32 [B,H]; fp16, B=1, H=2, T=10, D=16; layers 0-1 stay full."""
+    x = torch.randn(1, 2, 10, HEAD_DIM, generator=_gen(24)).half()
+    cache = MiniCache(4, gamma=2.0)
+    for layer_idx in range(4):
+        cache.update(x, x * (layer_idx + 1), layer_idx)
+    full = 2 * (2 * 1 * 2 * 10 * HEAD_DIM * 2)  # two full layers, K and V
+    pair = 2 * (2 * 10 * HEAD_DIM * 2 + 2 * (2 * 10 * 2) + 2 * 10 + 2 * (2 * 4))  # K and V
+    assert cache.nbytes() == full + pair == 2560 + 1512
+    assert cache.full_bytes() == 4 * 2 * 2 * 10 * HEAD_DIM * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # compression off: identical to DynamicCache
 
 
 def _off_caches():
     return {"kivi16": KIVICache(LAYERS, (16, 16), group_size=4, residual=8),
-            "sink_wide": SinkCache(LAYERS, sinks=2, window=100)}
+            "sink_wide": SinkCache(LAYERS, sinks=2, window=100),
+            "minicache_retain_all": MiniCache(LAYERS, gamma=0.0)}
 
 
-@pytest.mark.parametrize("name", ["kivi16", "sink_wide"])
+@pytest.mark.parametrize("name", ["kivi16", "sink_wide", "minicache_retain_all"])
 def test_compression_off_matches_dynamic_cache_logits(model, name):
     ids = torch.randint(3, VOCAB, (2, 13), generator=_gen(12))
     ref = _greedy_logits(model, ids, DynamicCache(), steps=6)
@@ -310,7 +397,7 @@ def test_compression_off_matches_dynamic_cache_logits(model, name):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["kivi16", "sink_wide"])
+@pytest.mark.parametrize("name", ["kivi16", "sink_wide", "minicache_retain_all"])
 def test_compression_off_generates_the_full_cache_tokens(model, batch, name):
     cache = _off_caches()[name]
     if isinstance(cache, SinkCache):
