@@ -9,6 +9,8 @@ Grids (b = bits, s = scale, z = zero point, r = clip ratio in (0, 1]):
                 z = round(-r * min' / s),  with min' = min(min x, 0), max' = max(max x, 0)  (0 is always on the grid)
     dequantize: x_hat = (q - z) * s
 A range of zero (an all-zero row/group/token) gets a tiny positive scale, so zeros map to zeros.
+Tight asymmetric grid (``zero_on_grid=False``, KIVI's and KVTuner's min-max): min' = min x, max' = max x, the rest as
+above; the zero point stays an integer, so |x - x_hat| <= s / 2 still holds for every x in the range.
 
 Weights, 2-D [out, in]: static, per output channel (one (s, z) per row) or per group of ``group_size`` consecutive
 input columns, i.e. W viewed as [out, in / g, g] with one (s, z) per (row, group). Scales and zeros therefore have
@@ -21,7 +23,9 @@ by default. KV cache, [batch, heads, seq, head_dim]: dynamic per (batch, head, t
 along head_dim (one group = the whole head, QuaRot's per-head KV convention). When gradients are needed they pass
 the rounding straight through while the scale stays a differentiable function of the input
 (``fake_quant_round_ste``), so rotations/scalings upstream can be trained through the quantizer and see its error.
-``bits >= 16`` means "not quantized" and returns the input as is.
+``bits >= 16`` means "not quantized" and returns the input as is. The dynamic fake quantizers are
+``dequantize_codes(*quantize_codes(x, ...))``: the KV-cache compressors (``stages.kv``) store what ``quantize_codes``
+returns instead of dequantizing it at once, so there is one KV quantizer, not a second copy.
 
 Settings are named like "W4A4KV4": weight, activation and KV-cache bits (KV defaults to 16), see ``parse_setting``.
 """
@@ -66,28 +70,86 @@ def _group_count(n: int, group_size: int | None, what: str) -> int:
     return n // group_size
 
 
-def _minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool,
-                    clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) of the range of x over its last dim, keepdim; x is float32 [..., n] -> [..., 1] each."""
+def _minmax_qparams(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0,
+                    zero_on_grid: bool = True,
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the range of x over its last dim, keepdim; x is float32 [..., n] -> [..., 1] each.
+
+    ``zero_on_grid=False`` (asymmetric only) uses the tight range [min x, max x] instead of one stretched to hold 0.
+    ``scale_dtype``: the scale is rounded *up* to that float dtype (returned as float32 holding such values), so a
+    scale stored at that precision is the one the codes were made with, and the grid still spans the range.
+    """
     qmin, qmax = quant_range(bits, symmetric)
     if symmetric:
         xmax = x.abs().amax(dim=-1, keepdim=True) * clip_ratio  # [..., 1]
         scale = (xmax / qmax).clamp_min(_MIN_SCALE)
-        zero = torch.zeros_like(scale)
     else:
-        lo = x.amin(dim=-1, keepdim=True).clamp_max(0.0) * clip_ratio  # [..., 1]
-        hi = x.amax(dim=-1, keepdim=True).clamp_min(0.0) * clip_ratio
+        lo = x.amin(dim=-1, keepdim=True)  # [..., 1]
+        hi = x.amax(dim=-1, keepdim=True)
+        if zero_on_grid:
+            lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+        lo, hi = lo * clip_ratio, hi * clip_ratio
         scale = ((hi - lo) / (qmax - qmin)).clamp_min(_MIN_SCALE)
-        zero = torch.round(-lo / scale)
+    if scale_dtype is not None and scale_dtype != scale.dtype:
+        # Rounding to nearest could shrink the scale and clip the top of the range by up to qmax * ulp / 2 steps
+        # (half a step at 8 bits in bfloat16); the next representable value up keeps |x - x_hat| <= s / 2.
+        low = scale.to(scale_dtype)
+        low = torch.where(low.float() < scale, torch.nextafter(low, torch.full_like(low, float("inf"))), low)
+        scale = low.float()
+    zero = torch.zeros_like(scale) if symmetric else torch.round(-lo / scale)
     return scale, zero
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """The integer grid values clamp(round(x / s) + z, qmin, qmax), in x's (float) dtype."""
+    qmin, qmax = quant_range(bits, symmetric)
+    return torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
 
 
 def fake_quant_with_qparams(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                             symmetric: bool) -> torch.Tensor:
     """Quantize-dequantize x with given (broadcastable) scale and zero point; computes in x's dtype."""
-    qmin, qmax = quant_range(bits, symmetric)
-    q = torch.clamp(torch.round(x / scale) + zero, qmin, qmax)
-    return (q - zero) * scale
+    return (_codes(x, scale, zero, bits, symmetric) - zero) * scale
+
+
+def quantize_codes(x: torch.Tensor, bits: int, symmetric: bool = False, group_size: int | None = None,
+                   clip_ratio: float = 1.0, zero_on_grid: bool = True, scale_dtype: torch.dtype | None = None,
+                   what: str = "KV cache") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dynamic min-max quantization of x [..., n] over its last dim in groups of ``group_size`` (None: one group).
+
+    Parameters
+    ----------
+    x : [..., n] float tensor (any float dtype; the grid is computed in float32).
+    bits : 2..8.
+    symmetric, clip_ratio, zero_on_grid : the grid, as in the module docstring.
+    scale_dtype : the float dtype the caller will store the scale in (see ``_minmax_qparams``); None = float32.
+    what : names the quantized thing in errors.
+
+    Returns
+    -------
+    codes : [..., n] integer codes, uint8 in [0, 2^b - 1] (asymmetric) or int8 in [-2^(b-1), 2^(b-1) - 1].
+    scale, zero : float32 [..., n / group_size, 1]; zero holds integers (0 when symmetric).
+    ``dequantize_codes(codes, scale, zero)`` gives x_hat = (q - z) * s.
+    """
+    _check_bits(bits, what)
+    _check_clip(clip_ratio, what)
+    n = x.shape[-1]
+    n_groups = _group_count(n, group_size, what)
+    xg = x.float().reshape(*x.shape[:-1], n_groups, n // n_groups)  # [..., groups, g]
+    scale, zero = _minmax_qparams(xg, bits, symmetric, clip_ratio, zero_on_grid, scale_dtype)  # [..., groups, 1]
+    q = _codes(xg, scale, zero, bits, symmetric)  # exact small integers in float32
+    return q.reshape(x.shape).to(torch.int8 if symmetric else torch.uint8), scale, zero
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """x_hat = (q - z) * s for codes [..., n] and scale/zero [..., groups, 1] (``quantize_codes``); [..., n] in dtype.
+
+    Computed in float32 (the codes are exact there), then cast to dtype.
+    """
+    n_groups = scale.shape[-2]
+    q = codes.float().reshape(*codes.shape[:-1], n_groups, codes.shape[-1] // n_groups)  # [..., groups, g]
+    return ((q - zero) * scale).reshape(codes.shape).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,9 +227,8 @@ def _dynamic_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio:
     n_groups = _group_count(d, group_size, what)
     if not (torch.is_grad_enabled() and x.requires_grad):
         with torch.no_grad():
-            xg = x.float().reshape(*x.shape[:-1], n_groups, d // n_groups)  # [..., groups, g]
-            scale, zero = _minmax_qparams(xg, bits, symmetric, clip_ratio)  # [..., groups, 1]
-            return fake_quant_with_qparams(xg, scale, zero, bits, symmetric).reshape(x.shape).to(x.dtype)
+            codes, scale, zero = quantize_codes(x, bits, symmetric, group_size, clip_ratio, what=what)
+            return dequantize_codes(codes, scale, zero, x.dtype)
     # Training through the quantizer (e.g. OSTQuant's transforms): straight-through on the rounding only, with the
     # scale a differentiable function of x (its absmax / range), as QuaRot/SpinQuant's activation quantizers do.
     # A whole-quantizer STE (gradient of the identity) would make the gradient blind to the quantization error:
