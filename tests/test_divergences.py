@@ -92,7 +92,7 @@ def _py_akl_forward_weight(p, q, mu=0.5):
     """AKL's weight on KL(p || q) for one token (lists p = teacher, q = student): the head gap's share of the gap.
 
     Walk the teacher's tokens from the most likely down; a token is head while the teacher mass so far (itself
-    included) is <= mu, and the first is always head (methods.md 3.3; the AKL code's ``get_ratio``).
+    included) is <= mu, and the first is always head (the AKL reference code's ``get_ratio``).
     """
     g_head = g_tail = mass = 0.0
     for rank, v in enumerate(sorted(range(len(p)), key=lambda i: -p[i])):

@@ -2,7 +2,7 @@
 
 A method is one ``KVCache`` subclass built of ``KVLayer`` subclasses (transformers 4.57 ``Cache(layers=[...])`` API),
 usable as ``model.generate(..., past_key_values=cache)`` or ``model(ids, past_key_values=cache, use_cache=True)``.
-Contracts every layer keeps (see /work/shared/notes/kv-cache.md §1 for why each one matters):
+Contracts every layer keeps (each one is what transformers 4.57's attention, masks and ``generate`` rely on):
 
 - ``update(k, v)`` receives the current tokens' states, keys post-RoPE, both [B, H_kv, q_len, D], and returns the
   K/V attention uses, [B, H_kv, N, D] in the incoming dtype and device, whose last q_len rows are the incoming states

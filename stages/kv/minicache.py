@@ -1,6 +1,6 @@
 """MiniCache: cross-layer merging of KV states in the deeper half of the model, optionally over KIVI quantization.
 
-Based on MiniCache (Liu et al., NeurIPS 2024, arXiv 2405.14366; methods.md §4.1). From ``start_layer`` (default
+Based on MiniCache (Liu et al., NeurIPS 2024, arXiv 2405.14366). From ``start_layer`` (default
 L // 2, where adjacent layers' states are most alike) on, layers pair up as (s, s+1), (s+2, s+3), ...; a leftover
 last layer stays unmerged. For each token, head and batch row, and separately for K and V, a pair stores:
 
@@ -28,8 +28,8 @@ window), magnitudes [B, H, T] x 2, the retention mask bool [B, H, T], the retain
 order: t, then b, then h), and the running d_min, d_max float32 [B, H]. Directions of retained tokens are stored
 too (rectangular storage); their magnitudes are unused.
 
-Where this differs from the paper, or where the notes could not say (methods.md §4.1 marks the formulas as
-recalled, and no official code exists): t = 0.5 by default (the paper reports t around 0.6; configurable); the
+Where this differs from the paper, or where it could not be checked (the formulas here are as recalled, not read
+from the paper, and no official code exists): t = 0.5 by default (the paper reports t around 0.6; configurable); the
 retention range is per (batch row, head) and running over the tokens seen, so decode tokens are merged one step at
 a time against it, where the paper's streaming details are unknown; ``gamma`` = 0 is special-cased to retain all
 (the strict rule would merge the closest token); the paper's merge of layer l with l - 1 is written here as
