@@ -18,13 +18,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stages.dsir.config import DSIRConfig, TargetSpec
-from stages.errors import RecipeError
+from stages.errors import CompressError, RecipeError
 
 # Methods users may know from the design that are planned but not in this version. Asking for one
 # is an error that says so, rather than "not a valid choice".
 PLANNED = {
     "quantize": {},
-    "kv": {"minicache": "MiniCache cross-layer KV merging", "kvtuner": "KVTuner mixed-precision KV"},
+    "kv": {"kvtuner": "KVTuner mixed-precision KV search", "kvmerger": "KVMerger token merging"},
     "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
                 "npo": "NPO unlearning"},
 }
@@ -484,15 +484,82 @@ class QuantizeConfig(Strict):
         return data
 
 
+# KV-cache methods, keyed on ``method``. Defaults and ranges are those of ``stages.kv.spec`` (torch-free), which
+# validates every spec, here and when a cache is built; the stage writes the validated spec as kv_cache.json.
+
+
+def _kv_default(method: str, key: str) -> Any:
+    from stages.kv.spec import DEFAULTS
+
+    return DEFAULTS[method][key]
+
+
+class KIVICache(Strict):
+    """KIVI-style quantized KV: keys per channel, values per token, asymmetric, a full-precision recent window."""
+
+    method: Literal["kivi"] = "kivi"
+    bits: list[int] | list[list[int]] = Field(
+        default_factory=lambda: list(_kv_default("kivi", "bits")),
+        description="[key bits, value bits] for every layer, or one such pair per layer; each 2, 4, 8 or 16.")
+    group_size: int = Field(_kv_default("kivi", "group_size"), description="Quantization group: tokens per key "
+                            "group (per channel), channels per value group (per token); divides head_dim.")
+    residual: int = Field(_kv_default("kivi", "residual"), description="Most recent tokens kept in full precision "
+                          "(a multiple of group_size).")
+
+
+class SinkWindowCache(Strict):
+    """Baseline: keep the first `sinks` tokens and the last `window` tokens (StreamingLLM-style eviction)."""
+
+    method: Literal["sink"] = "sink"
+    sinks: int = Field(_kv_default("sink", "sinks"), description="Attention-sink tokens kept from the start.")
+    window: int = Field(_kv_default("sink", "window"), description="Most recent tokens kept.")
+
+
+class MiniCacheConfig(Strict):
+    """MiniCache: adjacent layers from start_layer on share SLERP-merged KV directions, keep their own magnitudes."""
+
+    method: Literal["minicache"] = "minicache"
+    start_layer: int | None = Field(_kv_default("minicache", "start_layer"),
+                                    description="First merged layer (unset: the middle of the model).")
+    t: float = Field(_kv_default("minicache", "t"), description="SLERP interpolation between the pair's directions.")
+    gamma: float = Field(_kv_default("minicache", "gamma"), description="Retention threshold on the relative "
+                         "angular distance: tokens above it stay unmerged (0 retains every token).")
+    bits: list[int] = Field(default_factory=lambda: list(_kv_default("minicache", "bits")),
+                            description="[key bits, value bits] of KIVI under the merge ([4, 4]: MiniCache-4; "
+                            "[16, 16]: no quantization).")
+    group_size: int = Field(_kv_default("minicache", "group_size"), description="KIVI group size (bits < 16).")
+    residual: int = Field(_kv_default("minicache", "residual"), description="KIVI full-precision window.")
+
+
+KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig], Field(discriminator="method")]
+
+
 class KVConfig(Strict):
+    """KV-cache compression: the cache the model generates with (kv_cache.json next to it), measured on held-out
+    rows against the full cache."""
+
     enabled: bool = False
-    method: str = Field("minicache", description="KV-cache compression (planned: minicache, kvtuner).")
+    cache: KVMethod = Field(default_factory=KIVICache)
+    eval_rows: int = Field(4, ge=1, description="Held-out rows the cache is measured on.")
+    prefill: float = Field(0.5, gt=0, lt=1, description="Share of each row given as the prompt; the rest is scored "
+                           "one decode step at a time through the cache.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _planned(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("cache"), dict):
+            data = {**data, "cache": {"method": "kivi", **data["cache"]}}  # kivi is the default method
+            _not_built("kv", data["cache"]["method"])
+        return data
 
     @model_validator(mode="after")
-    def _slot(self) -> "KVConfig":
-        if self.enabled:
-            raise ValueError(f"the kv stage ({self.method}) is not built yet in this version; "
-                             "set kv.enabled: false")
+    def _spec(self) -> "KVConfig":
+        from stages.kv.spec import normalize_spec
+
+        try:
+            normalize_spec(self.cache.model_dump())
+        except CompressError as e:
+            raise ValueError(f"cache: {e}") from None
         return self
 
 

@@ -44,8 +44,18 @@ def build(run_name: str, recipe_name: str, done: dict[str, dict], records: list[
     return {
         "run_name": run_name, "recipe": recipe_name, "status": status, "published": published, "error": error,
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "stages": records, "evaluation": eval_rows(done), "exports": export_rows(done),
+        "stages": records, "evaluation": eval_rows(done), "kv_cache": kv_row(done), "exports": export_rows(done),
     }
+
+
+KV_COLUMNS = ("method", "memory_ratio", "bytes", "full_bytes", "ppl_ratio", "kl_to_full", "top1_agreement",
+              "context", "scored_tokens")
+
+
+def kv_row(done: dict[str, dict]) -> dict | None:
+    """The KV stage's measurement of its cache against the full cache, if the run has one."""
+    kv = done.get("kv")
+    return {c: kv["metrics"].get(c) for c in KV_COLUMNS} if kv else None
 
 
 def markdown(report: dict) -> str:
@@ -63,6 +73,10 @@ def markdown(report: dict) -> str:
                   "| " + " | ".join(("model",) + EVAL_COLUMNS) + " |", "|" + "---|" * (len(EVAL_COLUMNS) + 1)]
         for row in report["evaluation"]:
             lines.append("| " + " | ".join(_fmt(row[c]) for c in ("model",) + EVAL_COLUMNS) + " |")
+    if report.get("kv_cache"):
+        lines += ["", "## KV cache (teacher-forced decode through the cache, vs the full cache; memory vs 16-bit)", "",
+                  "| " + " | ".join(KV_COLUMNS) + " |", "|" + "---|" * len(KV_COLUMNS),
+                  "| " + " | ".join(_fmt(report["kv_cache"][c]) for c in KV_COLUMNS) + " |"]
     if report["exports"]:
         lines += ["", "## Exports (each reloaded and compared with the source model)", "",
                   "| format | bytes | max abs logit diff | top-1 agreement | passed | path |",

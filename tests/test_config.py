@@ -61,7 +61,7 @@ def test_unknown_divergence(tmp_path):
 
 
 @pytest.mark.parametrize("text, stage", [
-    ("kv:\n  enabled: true\n", "kv"),
+    ("kv:\n  enabled: true\n  cache: {method: kvtuner}\n", "KVTuner"),
     ("unlearn:\n  enabled: true\n", "unlearn"),
 ])
 def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
@@ -132,3 +132,18 @@ def test_group_suffix_of_the_setting_is_the_group_size(tmp_path):
         assert (s.setting, s.group_size, s.quant_setting().w_group_size) == ("W4A16", 128, 128)
     with pytest.raises(RecipeError, match="names group size 64 but group_size is 128"):
         load_recipe(write(tmp_path, "quantize:\n  scheme: {setting: W4A16g64, group_size: 128}\n"))
+
+
+def test_kv_cache_is_typed_per_method_and_checked_by_the_caches_own_rules(tmp_path):
+    r = load_recipe(write(tmp_path, "kv:\n  enabled: true\n  cache: {bits: [2, 4], group_size: 16, residual: 32}\n"))
+    assert (r.kv.cache.method, r.kv.cache.bits, r.kv.cache.group_size) == ("kivi", [2, 4], 16)  # kivi by default
+    r = load_recipe(write(tmp_path, "kv:\n  enabled: true\n  cache: {method: minicache, bits: [4, 4]}\n"))
+    assert r.kv.cache.method == "minicache" and r.kv.cache.t == 0.5
+    for text, msg in (("{bits: [3, 4]}", "KIVI key bits must be one of"),
+                      ("{group_size: 32, residual: 48}", "residual must be a positive multiple of the group size"),
+                      ("{method: minicache, gamma: -1}", "gamma must be >= 0"),
+                      ("{method: sink, window: 0}", "window must be an integer >= 1")):
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(write(tmp_path, f"kv:\n  enabled: true\n  cache: {text}\n"))
+    with pytest.raises(RecipeError, match="kv.cache.sink.t: unknown field"):
+        load_recipe(write(tmp_path, "kv:\n  enabled: true\n  cache: {method: sink, t: 0.5}\n"))

@@ -53,4 +53,4 @@ def test_validate_prints_the_resolved_recipe(capsys):
     assert main(["validate", str(ROOT / "configs" / "demo.yaml"), "--set", "distill.steps=7"]) == 0
     out = capsys.readouterr().out
     assert "steps: 7" in out
-    assert "stages: bootstrap -> select -> data -> distill -> quantize -> evaluate -> export" in out
+    assert "stages: bootstrap -> select -> data -> distill -> quantize -> kv -> evaluate -> export" in out

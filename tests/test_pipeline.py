@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.io import digest_path
 from stages.pipeline import get_stage
@@ -232,14 +233,14 @@ def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in
 
 
 def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_recipe, monkeypatch):
-    """A stage declared as the KV and unlearning stages will be: one Stage subclass, one entry in STAGES."""
+    """A stage declared as the unlearning stage will be: one Stage subclass, one entry in STAGES."""
     import stages.pipeline as pipeline
     from stages.result import StageResult
     from stages.stage import Stage
 
-    class Probe(Stage):  # slot 05 (kv): reads the quantized model, makes no new model
-        name, index = "kv", 5
-        sections = ("kv",)
+    class Probe(Stage):  # slot 06 (unlearn): reads the quantized model, makes no new model
+        name, index = "probe", 6
+        sections = ("unlearn",)
 
         def enabled(self, recipe):
             return True
@@ -252,15 +253,45 @@ def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_re
             return StageResult(outputs={"kv": "kv_cache.json"}, metrics={"seen": ctx.inputs["model"]})
 
     stages = list(pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:5] + [Probe()] + stages[5:]))
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [Probe()] + stages[6:]))
     root, run, _ = tiny_run
-    assert pipeline.enabled(tiny_recipe) == ["bootstrap", "data", "distill", "quantize", "kv", "evaluate", "export"]
-    done = pipeline.run_local(tiny_recipe, root / "with-kv", root)
+    assert pipeline.enabled(tiny_recipe) == ["bootstrap", "data", "distill", "quantize", "probe", "evaluate",
+                                             "export"]
+    done = pipeline.run_local(tiny_recipe, root / "with-probe", root)
     quantized = json.loads((stage_dir(root, run, "quantize") / "manifest.json").read_text())
-    assert done["kv"]["metrics"]["seen"] == quantized["outputs"]["model"]["path"]
-    assert (root / "with-kv" / "05-kv" / "kv_cache.json").is_file()
+    assert done["probe"]["metrics"]["seen"] == quantized["outputs"]["model"]["path"]
+    assert (root / "with-probe" / "06-probe" / "kv_cache.json").is_file()
     # the other stages are the tiny run's, found by key: the new stage changed none of their keys
     assert all(done[s].get("reused") for s in RAN)
+
+
+def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_run, tiny_recipe):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.kv import load_kv_cache
+    from stages.modeling import load_causal_lm
+    from stages.pipeline import preflight, run_local
+
+    root, run, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["kv"] = {"enabled": True, "cache": {"method": "kivi", "bits": [4, 4], "group_size": 32, "residual": 32}}
+    with pytest.raises(InputError, match="kv.cache: KIVI group size 32 does not divide head_dim 16"):
+        preflight(parse_recipe(data))  # the tiny model's heads are 16 wide: refused before any work
+    data["kv"]["cache"].update(group_size=16, residual=16)
+    recipe = parse_recipe(data)
+    done = run_local(recipe, root / "tiny-kv", root)
+    m = done["kv"]["metrics"]
+    assert m["method"] == "kivi" and m["scored_tokens"] == 4 * 32 and m["bytes"] < m["full_bytes"]
+    assert m["memory_ratio"] == pytest.approx(m["full_bytes"] / m["bytes"], rel=1e-5)
+    assert 1.0 < m["ppl_ratio"] < 1.5 and m["kl_to_full"] > 0 and 0.5 < m["top1_agreement"] <= 1
+    assert all(done[s].get("reused") for s in ("bootstrap", "data", "distill", "quantize", "evaluate", "export"))
+    # what a user does with it: the quantized model generates through the cache the stage wrote
+    folder = Path(done["kv"]["outputs"]["kv_cache"]["path"]).parent
+    model = load_causal_lm(done["quantize"]["outputs"]["model"]["path"])
+    cache = load_kv_cache(folder, model)
+    out = model.generate(torch.ones(2, 8, dtype=torch.long), past_key_values=cache, max_new_tokens=40,
+                         do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 48) and cache.get_seq_length() == 47
 
 
 def test_report_and_metrics_are_prefect_artifacts(tiny_run):

@@ -1,0 +1,88 @@
+"""05-kv: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
+``stages.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
+perplexity ratio, KL and top-1 agreement (:mod:`stages.kv.measure`). Caches: :mod:`stages.kv` (KIVI, sink window,
+MiniCache). The stage makes no new weights: later stages still take the model it was measured on.
+
+Checked before any work: the model type has the Llama attention layout, and the spec suits the model's geometry
+(group size vs head_dim, MiniCache's start layer vs depth) when that geometry can be read without a download.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from stages.errors import InputError
+from stages.refs import model_config
+from stages.stage import Context, Stage, Upstream
+
+
+def kv_input_config(recipe) -> SimpleNamespace | None:
+    """The config (model_type, layers, heads, head_dim) of the model the KV stage will get, when it can be known
+    before any work: the embedded teacher's from the recipe, a local (or cached hub) checkpoint's config.json,
+    with the layer count a derived student keeps."""
+    m, e = recipe.models, recipe.embedded
+    if m.student != "derive":
+        cfg = model_config(m.student, m.revision)
+    elif m.teacher == "embedded":
+        cfg = {"model_type": "llama", "num_hidden_layers": e.num_layers, "hidden_size": e.hidden_size,
+               "num_attention_heads": e.num_heads, "num_key_value_heads": e.num_kv_heads}
+    else:
+        cfg = model_config(m.teacher, m.revision)
+    if not cfg:
+        return None
+    cfg = dict(cfg)
+    if m.student == "derive":
+        layers, student = recipe.distill.student.layers, recipe.distill.student.config
+        n = cfg.get("num_hidden_layers", 0)
+        cfg["num_hidden_layers"] = len(range(0, n, 2)) if layers == "every_other" else len(layers)
+        cfg.update(student)
+    return SimpleNamespace(**cfg)
+
+
+class KV(Stage):
+    name, index = "kv", 5
+    sections = ("kv",)
+    libraries = ("torch", "transformers")
+
+    def check(self, recipe) -> None:
+        from stages.kv.spec import check_against_model, normalize_spec
+
+        cfg = kv_input_config(recipe)
+        if cfg is not None and hasattr(cfg, "num_attention_heads"):
+            try:
+                check_against_model(normalize_spec(recipe.kv.cache.model_dump()), cfg)
+            except InputError as e:
+                raise InputError(f"kv.cache: {e}") from None
+
+    def inputs(self, recipe, up: Upstream) -> dict[str, str]:
+        return {"model": up.model, "eval": up.out("data", "eval")}
+
+    def run(self, ctx: Context):
+        import torch
+
+        from stages.data import load_tokens
+        from stages.kv import save_kv_cache_json
+        from stages.kv.measure import measure
+        from stages.kv.spec import check_against_model, normalize_spec
+        from stages.modeling import load_causal_lm
+        from stages.result import StageResult
+
+        r, kv = ctx.recipe, ctx.recipe.kv
+        model = load_causal_lm(ctx.inputs["model"], dtype=r.models.dtype, device=ctx.device,
+                               trust_remote_code=r.models.trust_remote_code, revision=r.models.revision,
+                               what="kv stage input")
+        spec = normalize_spec(kv.cache.model_dump())
+        try:
+            check_against_model(spec, model)  # the checks before work could not read every model's geometry
+        except InputError as e:
+            raise InputError(f"kv.cache: {e}") from None
+        rows = load_tokens(ctx.inputs["eval"])[: kv.eval_rows].to(ctx.device)  # [rows, T]
+        torch.manual_seed(r.runtime.seed)
+        metrics = measure(model, rows, spec, prefill=max(1, int(rows.shape[1] * kv.prefill)))
+        save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
+        metrics = {"method": spec["method"], **{k: float(f"{v:.6g}") if isinstance(v, float) else v
+                                                 for k, v in metrics.items()}}  # 6 significant digits
+        return StageResult(outputs={"kv_cache": "kv_cache.json"}, metrics=metrics)
+
+
+STAGE = KV()
