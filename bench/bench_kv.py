@@ -1,0 +1,470 @@
+"""KV-cache compression on a long-context model: bytes the cache holds vs quality and decode speed.
+
+    python bench/bench_kv.py [--caches full quanto:4 quanto:2 hqq:4 hqq:2 kivi:k4v4:g32:r128 ...]
+        [--contexts 256 512 1024] [--rows 32] [--score-tokens 127] [--new-tokens 128] [--repeats 3]
+        [--dtypes float32 bfloat16] [--threads 1] [--artifacts artifacts] [--out bench/kv_kvlong.json]
+        [--plot bench/kv_pareto.png] [--write-results]
+
+Model: bench/recipes/kvlong.yaml (a Llama teacher, 8 layers, 8 query heads / 2 KV heads of 32, trained on
+1,024-token rows), made by the pipeline's bootstrap stage and cached under ``--artifacts`` like any stage; the
+held-out rows are the data stage's eval tokens (1,024 tokens each).
+
+Cache specs (``--caches``); every measurement uses a fresh cache object (transformers' caches cannot be reused):
+- ``full``: transformers' ``DynamicCache``, the reference; always run, first.
+- ``quanto:<bits>[:g<group>][:r<residual>]`` and ``hqq:<bits>[:g<group>][:r<residual>]``: transformers'
+  ``QuantizedCache`` with that backend. optimum-quanto and hqq are not project dependencies: without them the row
+  is skipped with a note. Groups are per token along head_dim for both backends (quanto axis 0, HQQ axis 1; HQQ's
+  axis 0 would group strided elements across tokens); defaults g32 and r128 (transformers' residual default).
+- any other spec goes to ``stages.kv.build_cache(spec, model)`` (the project's caches, e.g. ``kivi:k4v4:g32:r128``)
+  when ``stages.kv`` is importable, else the row is skipped with a note.
+
+For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows, batch 1):
+- memory: after a prefill of C tokens, the bytes of storage held by every tensor the cache references, found by
+  walking its attributes (lists, tuples, dicts, objects; tensor subclasses such as quanto's packed tensors are
+  opened through ``__tensor_flatten__``, since the wrapper's own storage reports the unpacked size), each storage
+  counted once; mean over rows. Ratio to a 16-bit full cache of the same tokens: 2 (K, V) x layers x KV heads x C x
+  head_dim x 2 bytes (what a GPU user of DynamicCache holds). A cache's own ``nbytes()`` / ``full_bytes()``, when it
+  has them, are recorded beside the walked figure.
+- quality, teacher-forced: prefill the first C - 1 - S tokens (S = ``--score-tokens``), then feed the next S
+  tokens one decode step at a time through the cache; each step's next-token distribution is scored, so every
+  scored prediction reads the cache's stored (compressed) keys and values. Against ``full`` run the same way:
+  perplexity ratio, KL(full || cache) mean per scored token, top-1 agreement.
+- speed: greedy decode of ``--new-tokens`` tokens after a prefill of C tokens (row 0), only the decode steps timed,
+  median of ``--repeats`` runs after one untimed run.
+Each of ``--dtypes`` is a whole run with the model (and so the caches, and QuantizedCache's scales) in that dtype;
+the 16-bit reference is the same in all of them.
+
+``--write-results`` replaces (or appends) the "## KV cache (issue: KV-cache compression)" section of
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import types
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RECIPE = ROOT / "bench" / "recipes" / "kvlong.yaml"
+SECTION = "## KV cache (issue: KV-cache compression)"
+DEFAULT_CACHES = ["full", "quanto:4", "quanto:2", "hqq:4", "hqq:2"]
+NOTES = """\
+Columns, per cache and context length C (batch 1, the first C tokens of each held-out row):
+- held KiB: bytes of storage held by every tensor the cache references after a prefill of C tokens (codes, scales,
+  shifts / zeros, full-precision residual), each storage once, mean over rows; quanto's packed tensors are opened
+  (the wrapper's own storage reports the unpacked size). Steady state: the dequantised copies that QuantizedCache
+  makes during every decode step, and the full-precision K/V of the prompt pass, are transient and not counted.
+- vs 16-bit full: held bytes / (2 x layers x KV heads x C x head_dim x 2 bytes), what a 16-bit DynamicCache holds.
+  `full` is measured in the model's dtype (2.000 in float32: 4 bytes per element). bits / element: 8 x held bytes /
+  (2 x layers x KV heads x C x head_dim); QuantizedCache's scales and shifts are kept in the model's dtype.
+- ppl, ppl ratio, KL(full ‖ cache), top-1 agreement: teacher-forced. Prefill the first C - 1 - S tokens (S scored
+  tokens), then feed the next S tokens one decode step at a time through the cache and score each step's
+  next-token distribution, so every scored prediction reads the stored (compressed) K/V; the same with `full`
+  (DynamicCache) is the reference. KL is the mean per scored token, in nats.
+- decode tok/s, vs full: greedy decode of the new tokens after a prefill of C tokens (row 0), decode steps only,
+  median of the timed runs after one untimed run; one thread on a shared 2-core machine, so only indicative.
+- QuantizedCache settings: per-token groups of 32 along head_dim (= head_dim; quanto axis 0, HQQ axis 1: HQQ's axis
+  0 groups strided elements across tokens), residual 128 (transformers' default). It quantises the whole prompt at
+  the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual.
+
+The project's own caches (issue: KV-cache compression, `stages/kv/`) are not in this table yet: they are added by
+name (`--caches kivi:...`), resolved through `stages.kv.build_cache(spec, model)`, when that module exists."""
+
+
+class Unavailable(Exception):
+    """A cache spec that cannot run here (a missing optional package or module); its row is skipped."""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--caches", nargs="*", default=DEFAULT_CACHES, help="cache specs (module docstring)")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[256, 512, 1024])
+    ap.add_argument("--rows", type=int, default=32, help="held-out rows per context")
+    ap.add_argument("--score-tokens", type=int, default=127,
+                    help="teacher-forced decode steps scored per row; odd so that the prefill (context - 1 - this) is "
+                         "even: HF's HQQ backend packs 2-bit codes four groups to a byte and fails on an odd number "
+                         "of tokens. 127 stays within QuantizedCache's default residual of 128 (no re-quantisation)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="greedy tokens decoded for the speed figure")
+    ap.add_argument("--repeats", type=int, default=3, help="timed decode runs per cache and context")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtypes", nargs="*", choices=["float32", "bfloat16"], default=["float32"],
+                    help="model (and so cache) dtypes, each a full run; quantised caches keep their scales in it")
+    ap.add_argument("--recipe", default=str(RECIPE), help="the recipe whose bootstrap teacher and eval rows are used")
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "kv_kvlong.json"))
+    ap.add_argument("--plot", default=str(ROOT / "bench" / "kv_pareto.png"))
+    ap.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
+    args = ap.parse_args()
+
+    for c in args.contexts:
+        if not args.score_tokens < c - 1:
+            raise SystemExit(f"--score-tokens {args.score_tokens} leaves no prefill at context {c}")
+        if (c - 1 - args.score_tokens) % 2 and any(s.startswith("hqq:") for s in args.caches):
+            raise SystemExit(f"context {c} - 1 - --score-tokens {args.score_tokens} is odd: HQQ cannot pack it")
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, rows, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows, max(args.contexts))
+    specs = ["full"] + [s for s in args.caches if s != "full"]
+    results, skipped = [], {}
+    for dtype in args.dtypes:
+        m = copy.deepcopy(model).to(getattr(torch, dtype))
+        ref: dict[int, dict] = {}  # the full cache's scores per context, in this dtype
+        for spec in specs:
+            try:
+                make = resolve(spec, m)
+            except Unavailable as e:
+                skipped[spec] = str(e)
+                print(f"{spec}: skipped ({e})", flush=True)
+                continue
+            for c in args.contexts:
+                row = {"dtype": dtype, "cache": spec, **measure(m, rows, c, args, make, ref.get(c))}
+                scores = row.pop("_scores", None)
+                if spec == "full":
+                    ref[c] = scores
+                print(json.dumps(row), flush=True)
+                results.append(row)
+
+    meta.update({"dtypes": args.dtypes, "caches": specs, "skipped": skipped, "contexts": args.contexts,
+                 "rows": len(rows),
+                 "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                 "threads": torch.get_num_threads(), "machine": platform.platform(),
+                 "python": platform.python_version(),
+                 "torch": torch.__version__, "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M")})
+    Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    pareto_plot(results, Path(args.plot), meta)
+    print(f"wrote {args.plot}")
+    if args.write_results:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from bench_divergences import write_section
+
+        path = write_section(SECTION, results_section(meta, results, command()))
+        print(f"wrote {path}")
+
+
+def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
+    """The recipe's bootstrap teacher (eval mode, float32) and ``n_rows`` held-out rows [n_rows, T >=
+    max_context], trained or reused through the pipeline's cached bootstrap and data stages; plus what describes
+    them."""
+    import torch
+    import torch.nn.functional as F
+
+    from stages.config import load_recipe, parse_recipe
+    from stages.data import load_tokens
+    from stages.modeling import load_causal_lm
+    from stages.pipeline import make_call, run_call
+
+    base = load_recipe(recipe_path).model_dump(mode="json")
+    base["runtime"]["progress"] = False
+    recipe = parse_recipe(base)
+    done: dict = {}
+    t0 = time.perf_counter()
+    for stage in ("bootstrap", "data"):
+        done[stage] = run_call(recipe, make_call(recipe, stage, done), artifacts / "bench-kv", artifacts)
+    prep_s = time.perf_counter() - t0
+    out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
+    model = load_causal_lm(out("bootstrap", "teacher"), what="teacher")
+    eval_ids = load_tokens(Path(out("data", "eval")))
+    if eval_ids.shape[1] < max_context:
+        raise SystemExit(f"held-out rows have {eval_ids.shape[1]} tokens, fewer than the context {max_context}")
+    if len(eval_ids) < n_rows:
+        raise SystemExit(f"only {len(eval_ids)} held-out rows, --rows asks for {n_rows}")
+    rows = eval_ids[:n_rows]
+
+    # How good the model is on these rows (one plain forward each), against a unigram model of its training tokens
+    # (add-one smoothed): the level a model that ignores context reaches.
+    with torch.no_grad():
+        nll = torch.cat([F.cross_entropy(model(input_ids=r[None]).logits[0, :-1].float(), r[1:], reduction="none")
+                         for r in rows])
+    # Perplexity by position in the row: how much of its context the model uses (documents are packed, so context
+    # from an earlier document helps little).
+    edges = [1, 16, 64, 128, 256, 512, max_context]
+    by_position = {f"{a}-{b - 1}": round(math.exp(nll.view(len(rows), -1)[:, a - 1:b - 1].mean().item()), 1)
+                   for a, b in zip(edges, edges[1:])}
+    train_ids = load_tokens(Path(out("data", "train")))
+    counts = torch.bincount(train_ids.flatten(), minlength=model.config.vocab_size).double() + 1
+    unigram_nll = -(counts / counts.sum()).log()[rows[:, 1:].flatten()].mean().item()
+    boot = done["bootstrap"].get("metrics", {})
+    cfg = model.config
+    meta = {"model": recipe_path.stem, "recipe": str(recipe_path.resolve().relative_to(ROOT)),
+            "params": sum(p.numel() for p in model.parameters()),
+            "config": {k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                    "num_attention_heads", "num_key_value_heads", "vocab_size")},
+            "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+            "teacher_steps": base["embedded"]["steps"], "train_seq_len": base["embedded"]["seq_len"],
+            "bootstrap_eval_ppl": boot.get("teacher_eval_ppl"), "bootstrap_tokens_per_s": boot.get("tokens_per_s"),
+            "bootstrap_seconds": done["bootstrap"].get("duration_s"),
+            "rows_ppl_by_position": by_position,
+            "rows_ppl": round(math.exp(nll.mean().item()), 3), "rows_unigram_ppl": round(math.exp(unigram_nll), 1),
+            "eval_rows_available": len(eval_ids), "row_tokens": eval_ids.shape[1],
+            "prepare_seconds": round(prep_s, 1)}
+    print(f"{meta['model']}: {meta['params']:,} params, ppl {meta['rows_ppl']} on {n_rows} held-out rows "
+          f"(unigram {meta['rows_unigram_ppl']})", flush=True)
+    return model, rows, meta
+
+
+def resolve(spec: str, model) -> Callable:
+    """A factory of fresh caches for ``spec`` (module docstring); raises Unavailable when it cannot run here."""
+    from transformers import DynamicCache
+
+    if spec == "full":
+        return lambda: DynamicCache(config=model.config)
+    backend = spec.split(":")[0]
+    if backend in ("quanto", "hqq"):
+        return quantized_cache(spec, model)
+    try:
+        from stages.kv import build_cache
+    except ImportError as e:
+        raise Unavailable(f"stages.kv is not importable in this tree ({e})") from None
+    build_cache(spec, model)  # fail early, before any measurement, on a spec it does not know
+    return lambda: build_cache(spec, model)
+
+
+def quantized_cache(spec: str, model) -> Callable:
+    """transformers' QuantizedCache from ``quanto|hqq:<bits>[:g<group>][:r<residual>]``."""
+    from transformers import QuantizedCache
+
+    backend, bits, *opts = spec.split(":")
+    kw = {"nbits": int(bits), "q_group_size": 32, "residual_length": 128}
+    for o in opts:
+        if o[:1] == "g" and o[1:].isdigit():
+            kw["q_group_size"] = int(o[1:])
+        elif o[:1] == "r" and o[1:].isdigit():
+            kw["residual_length"] = int(o[1:])
+        else:
+            raise SystemExit(f"cache spec {spec!r}: unknown option {o!r} (expected g<group> or r<residual>)")
+    axis = 0 if backend == "quanto" else 1  # per token along head_dim for both (module docstring)
+    make = lambda: QuantizedCache(backend, model.config, axis_key=axis, axis_value=axis, **kw)  # noqa: E731
+    try:
+        make()  # the layers import their backend when built
+    except ImportError as e:
+        raise Unavailable(f"{backend} is not installed ({e})") from None
+    return make
+
+
+def held_tensors(obj, seen: set[int] | None = None) -> Iterator:
+    """Every plain tensor that ``obj`` references: through attributes, lists, tuples and dicts, and into tensor
+    subclasses that wrap others (``__tensor_flatten__``: quanto's QTensor and PackedTensor). Modules, classes and
+    functions are not entered: a cache that keeps a reference to the model does not hold its weights."""
+    import torch
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if hasattr(type(obj), "__tensor_flatten__"):  # its own storage is a stand-in of the unpacked size
+            for name in obj.__tensor_flatten__()[0]:
+                yield from held_tensors(getattr(obj, name), seen)
+        else:
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from held_tensors(v, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from held_tensors(v, seen)
+    elif isinstance(obj, (torch.nn.Module, type, types.FunctionType, types.MethodType, types.ModuleType,
+                          functools.partial)):
+        return
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            yield from held_tensors(v, seen)
+
+
+def held_bytes(cache) -> int:
+    """Bytes of storage the cache's tensors hold, each storage once (a view keeps its whole storage alive)."""
+    storages = {}
+    for t in held_tensors(cache):
+        s = t.untyped_storage()
+        storages[(s.data_ptr(), str(t.device))] = s.nbytes()
+    return sum(storages.values())
+
+
+def full16_bytes(config, tokens: int) -> int:
+    """A 16-bit full cache of ``tokens`` tokens at batch 1: K and V of every layer and KV head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * 2
+
+
+def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -> dict:
+    """Memory, teacher-forced quality (against ``ref``, the full cache's scores; None when this is it) and decode
+    speed of one cache at one context length (module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    held, reported = [], []
+    with torch.no_grad():
+        for r in rows:
+            cache = make()
+            model(input_ids=r[None, :context], past_key_values=cache, use_cache=True)
+            if cache.get_seq_length() != context:  # positions come from it: tokens seen, not held
+                raise RuntimeError(f"get_seq_length() is {cache.get_seq_length()} after {context} tokens")
+            held.append(held_bytes(cache))
+            if hasattr(cache, "nbytes"):
+                reported.append((cache.nbytes(), cache.full_bytes() if hasattr(cache, "full_bytes") else None))
+
+    t0 = time.perf_counter()
+    logps, targets = [], []
+    prefill = context - 1 - args.score_tokens
+    with torch.no_grad():
+        for r in rows:
+            cache = make()
+            model(input_ids=r[None, :prefill], past_key_values=cache, use_cache=True)
+            for j in range(prefill, context - 1):  # feed token j, score the prediction of token j + 1
+                logits = model(input_ids=r[None, j:j + 1], past_key_values=cache, use_cache=True).logits
+                logps.append(F.log_softmax(logits[0, -1].float(), -1))
+            targets.append(r[prefill + 1:context])
+    score_s = time.perf_counter() - t0
+    logp, target = torch.stack(logps), torch.cat(targets)
+    nll = F.nll_loss(logp, target).item()
+
+    times = []
+    with torch.no_grad():
+        for _ in range(args.repeats + 1):
+            cache = make()
+            logits = model(input_ids=rows[0][None, :context], past_key_values=cache, use_cache=True).logits
+            tok = logits[:, -1:].argmax(-1)
+            t = time.perf_counter()
+            for _ in range(args.new_tokens):
+                tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+    decode_s = statistics.median(times[1:])  # the first run warms up (quanto compiles its extension on first use)
+
+    full16 = full16_bytes(model.config, context)
+    mean_held = sum(held) / len(held)
+    out = {"context": context, "held_bytes": round(mean_held), "held_bytes_min": min(held), "held_bytes_max": max(held),
+           "full16_bytes": full16, "memory_ratio": round(mean_held / full16, 4),
+           "bits_per_element": round(8 * mean_held / (full16 / 2), 3),
+           "ppl": round(math.exp(nll), 4), "scored_tokens": len(target),
+           "decode_tokens_per_s": round(args.new_tokens / decode_s, 1), "decode_s_runs": [round(t, 3) for t in times],
+           "score_seconds": round(score_s, 1)}
+    if reported:
+        out["reported_nbytes"] = round(sum(r[0] for r in reported) / len(reported))
+        if reported[0][1] is not None:
+            out["reported_full_bytes"] = round(sum(r[1] for r in reported) / len(reported))
+    if ref is None:
+        out.update(ppl_ratio=1.0, kl=0.0, top1_agreement=1.0, decode_vs_full=1.0,
+                   _scores={"logp": logp, "nll": nll, "tokens_per_s": out["decode_tokens_per_s"]})
+    else:
+        kl = (ref["logp"].exp() * (ref["logp"] - logp)).sum(-1).mean().item()
+        out.update(ppl_ratio=round(math.exp(nll - ref["nll"]), 4), kl=round(kl, 6),
+                   top1_agreement=round((ref["logp"].argmax(-1) == logp.argmax(-1)).float().mean().item(), 4),
+                   decode_vs_full=round(out["decode_tokens_per_s"] / ref["tokens_per_s"], 3))
+    return out
+
+
+def versions() -> dict:
+    found = {}
+    for name in ("transformers", "optimum-quanto", "hqq"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def command() -> str:
+    return "python bench/bench_kv.py " + " ".join(sys.argv[1:])
+
+
+def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
+    """Memory ratio (x) vs perplexity ratio (y), a panel per dtype: a colour per context, a marker per cache, and
+    each context's Pareto front (lowest perplexity ratio at or below each memory ratio) as a step line. ``full`` is
+    measured in the model's dtype (x = 2 in float32); the hollow marker at (1, 1) is a 16-bit full cache, which the
+    ratios are relative to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    caches = list(dict.fromkeys(r["cache"] for r in results))
+    contexts = sorted({r["context"] for r in results})
+    markers = dict(zip(caches, "o^vsDPX*<>phH8d"))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in results))
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(7.5 * len(dtypes), 5.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        for i, c in enumerate(contexts):
+            pts = sorted((r["memory_ratio"], r["ppl_ratio"], r["cache"]) for r in results
+                         if r["context"] == c and r["dtype"] == dtype)
+            for x, y, name in pts:
+                ax.scatter(x, y, color=f"C{i}", marker=markers.get(name, "o"), zorder=3)
+            front, best = [], math.inf
+            for x, y, _ in pts:
+                if y < best:
+                    front.append((x, y))
+                    best = y
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", alpha=0.5, drawstyle="steps-post")
+        ax.scatter(1.0, 1.0, facecolors="none", edgecolors="grey", s=60, zorder=2)
+        ax.axhline(1.0, color="grey", lw=0.5)
+        ax.set_xlabel("cache bytes held / 16-bit full cache (after a prefill of the context)")
+        ax.set_ylabel("perplexity / full cache's (teacher-forced decode steps)")
+        cfg = meta["config"]
+        ax.set_title(f"KV cache on {meta['model']} ({cfg['num_hidden_layers']} layers, {cfg['num_key_value_heads']} "
+                     f"KV heads x {meta['head_dim']}), {dtype} model", fontsize=10)
+    handles = [Line2D([], [], color=f"C{i}", lw=2, label=f"context {c}") for i, c in enumerate(contexts)]
+    handles += [Line2D([], [], color="black", marker=markers[n], ls="", label=n) for n in caches]
+    handles.append(Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="full, 16-bit"))
+    axes[0][-1].legend(handles=handles, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def results_section(meta: dict, results: list[dict], cmd: str) -> str:
+    """The RESULTS.md section: what was run, on what, and the table."""
+    cfg, v = meta["config"], meta["versions"]
+    extra = [f"{name} {v[name]}" for name in ("optimum-quanto", "hqq") if v[name]]
+    peers = (f"from a virtualenv with the project plus {' and '.join(extra)} (not project dependencies)" if extra
+             else "in the project's virtualenv (neither optimum-quanto nor hqq installed)")
+    lines = [
+        SECTION, "",
+        f"Command: `{cmd}` (writes `bench/kv_kvlong.json` and `bench/kv_pareto.png`), run {peers}; transformers "
+        f"{meta['versions']['transformers']}, torch {meta['torch']}, {meta['threads']} thread(s), {meta['machine']}, "
+        f"Python {meta['python']}, {meta['when']}.",
+        "",
+        f"Model: `{meta['recipe']}`, a Llama teacher trained by the bootstrap stage on {meta['train_seq_len']}-token "
+        f"rows: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, {cfg['num_attention_heads']} query "
+        f"heads / {cfg['num_key_value_heads']} KV heads of {meta['head_dim']}, MLP {cfg['intermediate_size']}, "
+        f"vocabulary {cfg['vocab_size']}, {meta['params']:,} parameters, {meta['teacher_steps']} steps. Held-out "
+        f"perplexity {meta['bootstrap_eval_ppl']} (bootstrap's figure, its first 64 eval rows); "
+        f"{meta['rows_ppl']} on the {meta['rows']} rows used here, whose unigram perplexity (add-one unigram of "
+        f"the training tokens) is {meta['rows_unigram_ppl']}.",
+        "",
+        f"Settings: S = {meta['score_tokens']} scored tokens per row x {meta['rows']} rows per context; "
+        f"{meta['new_tokens']} new tokens per decode run, median of {meta['repeats']} runs.",
+        "", NOTES,
+    ]
+    order = {c: i for i, c in enumerate(meta["caches"])}
+    for dtype in meta["dtypes"]:
+        lines += ["", f"{dtype} model (a full cache and quantisation scales in {dtype}):", "",
+                  "| cache | context | held KiB | vs 16-bit full | bits / element | ppl | ppl ratio | KL(full ‖ cache) "
+                  "| top-1 agreement | decode tok/s | vs full |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = sorted((r for r in results if r["dtype"] == dtype), key=lambda r: (r["context"], order[r["cache"]]))
+        for r in rows:
+            lines.append(f"| {r['cache']} | {r['context']} | {r['held_bytes'] / 1024:,.1f} | "
+                         f"{r['memory_ratio']:.3f} | {r['bits_per_element']:.2f} | {r['ppl']:.2f} | "
+                         f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
+                         f"{r['decode_tokens_per_s']:.0f} | {r['decode_vs_full']:.2f} |")
+    if meta["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(f"`{k}`: {v}" for k, v in meta["skipped"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
