@@ -33,6 +33,15 @@ def check_model_ref(ref: str, what: str) -> None:
             raise InputError(f"{what}: {ref} has no config.json (not a transformers checkpoint)")
 
 
+def check_recipe_models(models) -> None:
+    """The recipe's teacher and student checkpoints, when given as local folders, exist and hold a config.json
+    (``models``: the recipe's ModelsConfig). Every stage that reads them calls this, so it runs whichever are on."""
+    if models.teacher != "embedded":
+        check_model_ref(models.teacher, "models.teacher")
+    if models.student != "derive":
+        check_model_ref(models.student, "models.student")
+
+
 def model_config(ref: str, revision: str | None = None) -> dict | None:
     """The ``config.json`` of a local checkpoint, or of a hub id already in the local Hugging Face cache; None when
     it cannot be read without a download (the stage then checks after loading). Multimodal wrappers keep the

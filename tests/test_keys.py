@@ -167,6 +167,13 @@ def test_checks_before_work_name_the_cause(tmp_path):
         preflight(parse_recipe(vocab))
 
 
+def test_a_given_student_is_checked_even_when_distillation_is_off(tmp_path):
+    data = {"models": {"student": str(tmp_path / "no-student")}, "distill": {"enabled": False}}
+    for off in ({}, {"quantize": {"enabled": False}}, {"quantize": {"enabled": False}, "export": {"enabled": False}}):
+        with pytest.raises(InputError, match="models.student: model directory not found"):
+            preflight(parse_recipe({**data, **off}))
+
+
 def test_validate_runs_the_same_checks_as_run(tmp_path, capsys):
     from flows.cli import main
 

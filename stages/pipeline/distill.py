@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.errors import InputError
-from stages.refs import check_model_ref, model_config
+from stages.refs import check_recipe_models, model_config
 from stages.stage import Context, Stage, Upstream
 
 
@@ -33,10 +33,7 @@ class Distill(Stage):
 
     def check(self, recipe) -> None:
         m = recipe.models
-        if m.teacher != "embedded":
-            check_model_ref(m.teacher, "models.teacher")
-        if m.student != "derive":
-            check_model_ref(m.student, "models.student")
+        check_recipe_models(m)
         teacher = model_config(m.teacher, m.revision) if m.teacher != "embedded" else None
         student = model_config(m.student, m.revision) if m.student != "derive" else None
         tv, sv = (c.get("vocab_size") if c else None for c in (teacher, student))

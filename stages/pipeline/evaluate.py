@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stages.refs import check_recipe_models
 from stages.stage import Context, Stage, Upstream
 
 
@@ -22,6 +23,9 @@ class Evaluate(Stage):
     name, index = "evaluate", 7
     sections = ("evaluate", "models")
     libraries = ("torch", "transformers", "safetensors")
+
+    def check(self, recipe) -> None:
+        check_recipe_models(recipe.models)  # it scores the teacher and the given student
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
         return {"teacher": up.teacher, "eval": up.out("data", "eval"),

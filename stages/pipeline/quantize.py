@@ -12,7 +12,7 @@ from pathlib import Path
 
 from stages.errors import InputError
 from stages.quantize.support import SUPPORTED_MODEL_TYPES
-from stages.refs import model_config
+from stages.refs import check_recipe_models, model_config
 from stages.stage import Context, Env, Stage, Upstream
 
 
@@ -31,6 +31,7 @@ class Quantize(Stage):
     libraries = ("torch", "transformers", "safetensors")
 
     def check(self, recipe) -> None:
+        check_recipe_models(recipe.models)  # the model it quantizes may be the given student (distill off)
         s = recipe.quantize.scheme
         if s.method != "rtn" and s.calibration.file and not Path(s.calibration.file).is_file():
             raise InputError(f"quantize.scheme.calibration.file: not found: {s.calibration.file}")
