@@ -93,3 +93,22 @@ def hub_commit(ref: str, revision: str | None = None, repo_type: str = "model") 
         raise InputError(f"{repo_type} '{ref}'@{revision}: cannot resolve it to a commit: the hub is not reachable "
                          "and it is not in the local Hugging Face cache (download it once, or give a local folder)")
     return sha
+
+
+def distilled_model_config(recipe) -> dict | None:
+    """The config of the model the stages after distillation receive, when it is known without a download: the
+    given student's config.json, else the teacher's (the embedded teacher's from the recipe) with the layer count and
+    shape overrides a derived student takes (``distill.student``). None when it cannot be read up front."""
+    m, e = recipe.models, recipe.embedded
+    if m.student != "derive":
+        return model_config(m.student, m.revision)
+    if m.teacher == "embedded":
+        cfg = {"model_type": "llama", "num_hidden_layers": e.num_layers, "hidden_size": e.hidden_size,
+               "num_attention_heads": e.num_heads, "num_key_value_heads": e.num_kv_heads}
+    else:
+        cfg = model_config(m.teacher, m.revision)
+    if not cfg:
+        return None
+    layers, n = recipe.distill.student.layers, cfg.get("num_hidden_layers", 0)
+    return {**cfg, "num_hidden_layers": len(range(0, n, 2)) if layers == "every_other" else len(layers),
+            **recipe.distill.student.config}

@@ -12,31 +12,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from stages.errors import InputError
-from stages.refs import model_config
+from stages.refs import distilled_model_config
 from stages.stage import Context, Stage, Upstream
-
-
-def kv_input_config(recipe) -> SimpleNamespace | None:
-    """The config (model_type, layers, heads, head_dim) of the model the KV stage will get, when it can be known
-    before any work: the embedded teacher's from the recipe, a local (or cached hub) checkpoint's config.json,
-    with the layer count a derived student keeps."""
-    m, e = recipe.models, recipe.embedded
-    if m.student != "derive":
-        cfg = model_config(m.student, m.revision)
-    elif m.teacher == "embedded":
-        cfg = {"model_type": "llama", "num_hidden_layers": e.num_layers, "hidden_size": e.hidden_size,
-               "num_attention_heads": e.num_heads, "num_key_value_heads": e.num_kv_heads}
-    else:
-        cfg = model_config(m.teacher, m.revision)
-    if not cfg:
-        return None
-    cfg = dict(cfg)
-    if m.student == "derive":
-        layers, student = recipe.distill.student.layers, recipe.distill.student.config
-        n = cfg.get("num_hidden_layers", 0)
-        cfg["num_hidden_layers"] = len(range(0, n, 2)) if layers == "every_other" else len(layers)
-        cfg.update(student)
-    return SimpleNamespace(**cfg)
 
 
 class KV(Stage):
@@ -47,10 +24,10 @@ class KV(Stage):
     def check(self, recipe) -> None:
         from stages.kv.spec import check_against_model, normalize_spec
 
-        cfg = kv_input_config(recipe)
-        if cfg is not None and hasattr(cfg, "num_attention_heads"):
+        cfg = distilled_model_config(recipe)
+        if cfg is not None and "num_attention_heads" in cfg:
             try:
-                check_against_model(normalize_spec(recipe.kv.cache.model_dump()), cfg)
+                check_against_model(normalize_spec(recipe.kv.cache.model_dump()), SimpleNamespace(**cfg))
             except InputError as e:
                 raise InputError(f"kv.cache: {e}") from None
 

@@ -12,16 +12,8 @@ from pathlib import Path
 
 from stages.errors import InputError
 from stages.quantize.support import SUPPORTED_MODEL_TYPES
-from stages.refs import check_recipe_models, model_config
+from stages.refs import check_recipe_models, distilled_model_config
 from stages.stage import Context, Env, Stage, Upstream
-
-
-def quantize_input_type(recipe) -> str | None:
-    """model_type of the model the quantize stage will receive, when it can be read without a download."""
-    m = recipe.models
-    if m.student == "derive":  # derived from the teacher: same layout
-        return "llama" if m.teacher == "embedded" else (model_config(m.teacher, m.revision) or {}).get("model_type")
-    return (model_config(m.student, m.revision) or {}).get("model_type")
 
 
 class Quantize(Stage):
@@ -37,7 +29,7 @@ class Quantize(Stage):
             raise InputError(f"quantize.scheme.calibration.file: not found: {s.calibration.file}")
         qs = s.quant_setting()
         needs_layout = s.method == "ostquant" or qs.a_bits < 16 or qs.kv_bits < 16
-        mt = quantize_input_type(recipe)
+        mt = (distilled_model_config(recipe) or {}).get("model_type")
         if needs_layout and mt is not None and mt not in SUPPORTED_MODEL_TYPES:
             what = "OSTQuant" if s.method == "ostquant" else f"{qs.name}'s activation/KV quantization"
             raise InputError(f"quantize.scheme: {what} supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
