@@ -49,7 +49,7 @@ def lookup(artifacts_root: Path, key: str) -> dict | None:
     return manifest if manifest.get("cache_key") == key and outputs_exist(manifest) else None
 
 
-def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, libraries: tuple[str, ...] = (),
+def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
             fn: Callable[[Path], StageResult]) -> dict:
     """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
 
@@ -80,7 +80,7 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, libra
             "inputs": {k: {"ref": v, "sha256": call.input_digests.get(k)} for k, v in call.inputs.items()},
             "outputs": outputs, "metrics": result.metrics, "seed": seed,
             "code_version": code_version(), "stage_code_version": call.code, "git_commit": git_commit(),
-            "packages": package_versions(), "libraries": package_versions(libraries),
+            "packages": package_versions(), "libraries": call.libraries,
             "python": platform.python_version(), "host": platform.node(),
             "started_at": started, "finished_at": _now(), "duration_s": round(time.perf_counter() - t0, 2),
         }

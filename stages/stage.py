@@ -103,6 +103,7 @@ class Call:
     key: str = ""
     device: str = "cpu"  # resolved (never 'auto')
     code: str = ""  # the stage's code version (in the key)
+    libraries: dict[str, str] = field(default_factory=dict)  # versions of the stage's libraries (in the key)
 
 
 @dataclass

@@ -80,11 +80,10 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict], env: Env | None
         upstream = next((o["sha256"] for d in done.values() for o in d["outputs"].values() if o["path"] == ref), None)
         digests[name] = upstream or _digest(name, ref, recipe, memo_dir)
     config = s.config(recipe, up, env)
-    code = stage_code_version(type(s).__module__)
-    key = stable_hash({"stage": stage, "config": config, "inputs": digests, "code": code,
-                       "libraries": package_versions(s.libraries)})
+    code, libraries = stage_code_version(type(s).__module__), package_versions(s.libraries)
+    key = stable_hash({"stage": stage, "config": config, "inputs": digests, "code": code, "libraries": libraries})
     return Call(stage=stage, index=s.index, config=config, inputs=inputs, input_digests=digests, key=key,
-                device=env.device, code=code)
+                device=env.device, code=code, libraries=libraries)
 
 
 def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path) -> dict:
@@ -94,8 +93,7 @@ def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path) ->
     def fn(out: Path) -> StageResult:
         return get_stage(call.stage).run(Context(recipe, call, out, artifacts_root))
 
-    return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed,
-                   libraries=get_stage(call.stage).libraries, fn=fn)
+    return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed, fn=fn)
 
 
 def after(recipe: Recipe, stage: str, done: dict[str, dict]) -> None:
