@@ -1,6 +1,6 @@
 """The stage interface: what every stage of the chain declares, in its own module under :mod:`stages.pipeline`.
 
-A stage is a subclass of :class:`Stage` with a few class attributes and methods (``config`` and ``after`` optional too)::
+A stage is a subclass of :class:`Stage` with a few class attributes and methods (``config``, ``after`` optional)::
 
     class QuantizeStage(Stage):
         name, index = "quantize", 4        # folder 04-quantize
