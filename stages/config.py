@@ -24,7 +24,7 @@ from stages.errors import CompressError, RecipeError
 # is an error that says so, rather than "not a valid choice".
 PLANNED = {
     "quantize": {},
-    "kv": {"kvtuner": "KVTuner mixed-precision KV search", "kvmerger": "KVMerger token merging"},
+    "kv": {"kvmerger": "KVMerger token merging"},
     "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
                 "npo": "NPO unlearning"},
 }
@@ -531,7 +531,28 @@ class MiniCacheConfig(Strict):
     residual: int = Field(_kv_default("minicache", "residual"), description="KIVI full-precision window.")
 
 
-KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig], Field(discriminator="method")]
+class KVTunerConfig(Strict):
+    """KVTuner: search one (key bits, value bits) KIVI pair per layer under an average-bit budget; the chosen
+    per-layer KIVI cache is what kv_cache.json holds."""
+
+    method: Literal["kvtuner"] = "kvtuner"
+    candidates: list[str] = Field(default_factory=lambda: list(_kv_default("kvtuner", "candidates")),
+                                  description="Per-layer choices, KV<bits> or K<bits>V<bits> (bits 2, 4, 8, 16).")
+    budget: float = Field(_kv_default("kvtuner", "budget"), description="Most average bits allowed: mean over layers "
+                          "of (key bits + value bits) / 2.")
+    objective: Literal["kl", "ppl"] = Field(_kv_default("kvtuner", "objective"), description="Minimised on the "
+                                            "calibration rows: KL to the full cache, or the perplexity ratio.")
+    strategy: Literal["auto", "exact", "optuna"] = Field(_kv_default("kvtuner", "strategy"), description="exact: "
+                                                         "measure every configuration; optuna: NSGA-II; auto: exact "
+                                                         "when candidates ** layers <= max_exact.")
+    trials: int = Field(_kv_default("kvtuner", "trials"), description="Configurations optuna measures.")
+    max_exact: int = Field(_kv_default("kvtuner", "max_exact"), description="Largest space searched exactly (auto).")
+    calib_rows: int = Field(_kv_default("kvtuner", "calib_rows"), description="Training rows the search scores on.")
+    group_size: int = Field(_kv_default("kvtuner", "group_size"), description="KIVI group size.")
+    residual: int = Field(_kv_default("kvtuner", "residual"), description="KIVI full-precision window.")
+
+
+KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig, KVTunerConfig], Field(discriminator="method")]
 
 
 class KVConfig(Strict):

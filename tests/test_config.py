@@ -61,7 +61,6 @@ def test_unknown_divergence(tmp_path):
 
 
 @pytest.mark.parametrize("text, stage", [
-    ("kv:\n  enabled: true\n  cache: {method: kvtuner}\n", "KVTuner"),
     ("unlearn:\n  enabled: true\n", "unlearn"),
 ])
 def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
@@ -76,6 +75,8 @@ def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
     ("quantize:\n  scheme: {method: gptq, setting: W4A5KV}\n", "setting"),
     ("quantize:\n  scheme: {method: ostquant, loss: l1}\n", "loss"),
     ("quantize:\n  scheme: {method: rtn, group_size: 48}\n", "group_size"),
+    ("kv:\n  cache: {method: kvtuner, budget: 1.5}\n", "below the cheapest candidate"),
+    ("kv:\n  cache: {method: kvtuner, strategy: grid}\n", "strategy"),
     ("name: ../escape\n", "name"),
     ("name: a/b\n", "name"),
     ("data:\n  source: files\n", "data"),

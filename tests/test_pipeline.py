@@ -294,6 +294,36 @@ def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_r
     assert out.shape == (2, 48) and cache.get_seq_length() == 47
 
 
+def test_kv_stage_kvtuner_searches_per_layer_bits_and_writes_them(tiny_run, tiny_recipe):
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+    from stages.kv import load_kv_cache
+    from stages.kv.kivi import KIVICache
+    from stages.kv.spec import average_bits
+    from stages.modeling import load_causal_lm
+    from stages.pipeline import preflight, run_local
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["kv"] = {"enabled": True, "cache": {"method": "kvtuner", "budget": 3.0, "group_size": 16, "residual": 32}}
+    with pytest.raises(InputError, match="calibration prompts \\(32 tokens.*fit in the residual window \\(32\\)"):
+        preflight(parse_recipe(data))  # refused before any work
+    data["kv"]["cache"]["residual"] = 16
+    done = run_local(parse_recipe(data), root / "tiny-kvtuner", root)
+    m, out = done["kv"]["metrics"], done["kv"]["outputs"]
+    layers = load_causal_lm(done["quantize"]["outputs"]["model"]["path"]).config.num_hidden_layers
+    assert m["method"] == "kivi" and m["kvtuner"]["avg_bits"] <= 3.0 and len(m["kvtuner_sensitivity"]) == layers
+    assert m["kvtuner"]["strategy"] == "exact" and m["kvtuner"]["measured"] == 5 ** layers
+    assert Path(out["kvtuner_pareto"]["path"]).read_bytes()[:4] == b"\x89PNG"
+    table = json.loads(Path(out["kvtuner_sensitivity"]["path"]).read_text())
+    assert len(table["trials"]) == 5 ** layers and table["objective"] == "kl"
+    saved = json.loads(Path(out["kv_cache"]["path"]).read_text())
+    assert saved["method"] == "kivi" and len(saved["bits"]) == layers and average_bits(saved["bits"]) <= 3.0
+    model = load_causal_lm(done["quantize"]["outputs"]["model"]["path"])
+    cache = load_kv_cache(Path(out["kv_cache"]["path"]).parent, model)
+    assert isinstance(cache, KIVICache) and [[la.k_bits, la.v_bits] for la in cache.layers] == saved["bits"]
+
+
 def test_report_and_metrics_are_prefect_artifacts(tiny_run):
     from prefect.artifacts import Artifact
 

@@ -13,6 +13,10 @@ sink       ``SinkCache`` (sink.py)       sinks: 4; window: 1020
 minicache  ``MiniCache`` (minicache.py)  start_layer: null (= layers // 2); t: 0.5; gamma: 0.05;
                                          bits: [16, 16] (KIVI under the merge: [4, 4] is MiniCache-4);
                                          group_size: 32; residual: 128
+kvtuner    (a search, kvtuner.py)        candidates: [KV8, K8V4, KV4, K4V2, KV2]; budget: 4.0 (average bits);
+                                         objective: kl (or ppl); strategy: auto (exact | optuna); trials: 60;
+                                         max_exact: 256; calib_rows: 4; group_size: 32; residual: 128.
+                                         ``kvtuner.search`` returns the chosen per-layer ``kivi`` spec
 =========  ============================  ==================================================================
 
 A spec is a plain JSON-able dict, e.g. ``{"method": "kivi", "bits": [[4, 2], [4, 4], [8, 4], [4, 2]],
@@ -49,6 +53,9 @@ def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None)
     spec = read_spec(spec) if isinstance(spec, (str, Path)) else normalize_spec(spec)
     num_layers, _ = check_against_model(spec, model)
     method = spec["method"]
+    if method == "kvtuner":
+        raise InputError("a kvtuner spec describes a search, not a cache: run it (the KV stage, or "
+                         "stages.kv.kvtuner.search) and build the per-layer kivi spec it returns")
     if method == "kivi":
         from stages.kv.kivi import KIVICache
 

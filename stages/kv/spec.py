@@ -4,6 +4,7 @@ without importing torch. The spec format is documented in ``stages.kv``'s module
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "sink": {"sinks": 4, "window": 1020},
     "minicache": {"start_layer": None, "t": 0.5, "gamma": 0.05, "bits": [16, 16], "group_size": 32,
                   "residual": 128},
+    # A search, not a cache: stages.kv.kvtuner turns it into a per-layer "kivi" spec (what is saved and loaded).
+    "kvtuner": {"candidates": ["KV8", "K8V4", "KV4", "K4V2", "KV2"], "budget": 4.0, "objective": "kl",
+                "strategy": "auto", "trials": 60, "max_exact": 256, "calib_rows": 4, "group_size": 32,
+                "residual": 128},
 }
+# Keys any spec may carry besides its method's parameters: ``search`` holds what a search (KVTuner) found, kept in
+# kv_cache.json for the record; building the cache ignores it.
+METADATA_KEYS = ("search",)
+KVTUNER_OBJECTIVES = ("kl", "ppl")
+KVTUNER_STRATEGIES = ("auto", "exact", "optuna")
 
 
 def _is_int(x: Any) -> bool:
@@ -76,6 +86,43 @@ def check_minicache_settings(start_layer: int | None, t: float, gamma: float, nu
                          "model")
 
 
+def parse_pair(name: Any) -> tuple[int, int]:
+    """(key bits, value bits) of a KVTuner candidate name: ``KV4`` = (4, 4), ``K8V4`` = (8, 4)."""
+    m = re.fullmatch(r"KV(\d+)|K(\d+)V(\d+)", name) if isinstance(name, str) else None
+    if m is None:
+        raise InputError(f"KVTuner candidate {name!r} is not of the form KV<bits> or K<bits>V<bits> (e.g. KV4, K8V4)")
+    return (int(m[1]), int(m[1])) if m[1] else (int(m[2]), int(m[3]))
+
+
+def average_bits(pairs: list) -> float:
+    """KVTuner's budget measure: the mean over layers of (key bits + value bits) / 2 (codes only, no scales)."""
+    return sum(k + v for k, v in pairs) / (2 * len(pairs))
+
+
+def check_kvtuner_settings(spec: dict) -> None:
+    """Raise InputError naming the cause if the KVTuner search cannot run ``spec`` (normalized kvtuner keys)."""
+    cands = spec["candidates"]
+    if not isinstance(cands, list) or not cands or len(set(map(str, cands))) != len(cands):
+        raise InputError(f"KVTuner candidates must be a non-empty list of distinct names, got {cands!r}")
+    pairs = [parse_pair(c) for c in cands]
+    for kb, vb in pairs:
+        check_kivi_settings(kb, vb, spec["group_size"], spec["residual"])
+    budget = spec["budget"]
+    if not _is_number(budget) or not budget > 0:
+        raise InputError(f"KVTuner budget (average bits per KV element) must be a positive number, got {budget!r}")
+    cheapest = min(pairs, key=lambda p: p[0] + p[1])
+    if average_bits([cheapest]) > budget:
+        raise InputError(f"KVTuner budget {budget} bits is below the cheapest candidate "
+                         f"(K{cheapest[0]}V{cheapest[1]}, {average_bits([cheapest])} bits): no configuration meets it")
+    if spec["objective"] not in KVTUNER_OBJECTIVES:
+        raise InputError(f"KVTuner objective must be one of {KVTUNER_OBJECTIVES}, got {spec['objective']!r}")
+    if spec["strategy"] not in KVTUNER_STRATEGIES:
+        raise InputError(f"KVTuner strategy must be one of {KVTUNER_STRATEGIES}, got {spec['strategy']!r}")
+    for key in ("trials", "max_exact", "calib_rows"):
+        if not _is_int(spec[key]) or spec[key] < 1:
+            raise InputError(f"KVTuner {key} must be a positive integer, got {spec[key]!r}")
+
+
 def _bits_pairs(bits: Any, per_layer: bool) -> list:
     """[k, v] or (per_layer) [[k, v], ...] as lists of ints; InputError naming the expected shape otherwise."""
     def pair(p: Any) -> list[int] | None:
@@ -100,10 +147,17 @@ def normalize_spec(spec: dict) -> dict:
     method = spec.get("method")
     if method not in DEFAULTS:
         raise InputError(f"unknown KV-cache method {method!r}; known: {', '.join(DEFAULTS)}")
-    unknown = sorted(set(spec) - set(DEFAULTS[method]) - {"method"})
+    unknown = sorted(set(spec) - set(DEFAULTS[method]) - {"method", *METADATA_KEYS})
     if unknown:
         raise InputError(f"unknown {method} parameter(s) {unknown}; known: {sorted(DEFAULTS[method])}")
+    if "search" in spec and not isinstance(spec["search"], dict):
+        raise InputError(f"a spec's 'search' record must be a dict, got {type(spec['search']).__name__}")
     out = {"method": method, **DEFAULTS[method], **{k: v for k, v in spec.items() if k != "method"}}
+    if method == "kvtuner":
+        out["candidates"] = list(out["candidates"]) if isinstance(out["candidates"], (list, tuple)) else \
+            out["candidates"]
+        check_kvtuner_settings(out)
+        return out
     if method == "sink":
         check_sink_settings(out["sinks"], out["window"])
         return out
@@ -152,7 +206,9 @@ def check_against_model(spec: dict, model: Any) -> tuple[int, int]:
             raise InputError(f"the sink cache needs eager or sdpa attention (it evicts tokens, and only those "
                              f"attention paths take the mask sizes it reports), the model uses {attn!r}")
         return num_layers, head_dim
-    for kb, vb in per_layer_bits(spec["bits"], num_layers):
+    pairs = [parse_pair(c) for c in spec["candidates"]] if spec["method"] == "kvtuner" else \
+        per_layer_bits(spec["bits"], num_layers)
+    for kb, vb in pairs:
         check_kivi_settings(kb, vb, spec["group_size"], spec["residual"], head_dim)
     if spec["method"] == "minicache":
         start = num_layers // 2 if spec["start_layer"] is None else spec["start_layer"]

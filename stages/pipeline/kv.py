@@ -1,7 +1,10 @@
 """05-kv: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
 ``stages.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
 perplexity ratio, KL and top-1 agreement (:mod:`stages.kv.measure`). Caches: :mod:`stages.kv` (KIVI, sink window,
-MiniCache). The stage makes no new weights: later stages still take the model it was measured on.
+MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
+(:mod:`stages.kv.kvtuner`) and saves the layer-sensitivity table (kvtuner_sensitivity.json), every measured
+configuration and the Pareto plot (kvtuner_pareto.png); kv_cache.json is then the chosen per-layer KIVI cache.
+The stage makes no new weights: later stages still take the model it was measured on.
 
 Checked before any work: the model type has the Llama attention layout, and the spec suits the model's geometry
 (group size vs head_dim, MiniCache's start layer vs depth) when that geometry can be read without a download.
@@ -24,6 +27,12 @@ class KV(Stage):
     def check(self, recipe) -> None:
         from stages.kv.spec import check_against_model, normalize_spec
 
+        cache = recipe.kv.cache
+        if cache.method == "kvtuner" and int(recipe.data.seq_len * recipe.kv.prefill) <= cache.residual:
+            raise InputError(f"kv.cache: KVTuner's calibration prompts ({int(recipe.data.seq_len * recipe.kv.prefill)} "
+                             f"tokens: data.seq_len x kv.prefill) fit in the residual window ({cache.residual}), so "
+                             "no KV would be quantized and every configuration would score the same; lower "
+                             "kv.cache.residual or raise data.seq_len")
         cfg = distilled_model_config(recipe)
         if cfg is not None and "num_attention_heads" in cfg:
             try:
@@ -32,7 +41,8 @@ class KV(Stage):
                 raise InputError(f"kv.cache: {e}") from None
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        return {"model": up.model, "eval": up.out("data", "eval")}
+        calib = {"calib": up.out("data", "train")} if recipe.kv.cache.method == "kvtuner" else {}
+        return {"model": up.model, "eval": up.out("data", "eval"), **calib}
 
     def run(self, ctx: Context):
         import torch
@@ -53,13 +63,41 @@ class KV(Stage):
             check_against_model(spec, model)  # the checks before work could not read every model's geometry
         except InputError as e:
             raise InputError(f"kv.cache: {e}") from None
-        rows = load_tokens(ctx.inputs["eval"])[: kv.eval_rows].to(ctx.device)  # [rows, T]
         torch.manual_seed(r.runtime.seed)
+        outputs, found = {"kv_cache": "kv_cache.json"}, {}
+        if spec["method"] == "kvtuner":
+            spec, found, outputs = self._search(ctx, model, spec)
+        rows = load_tokens(ctx.inputs["eval"])[: kv.eval_rows].to(ctx.device)  # [rows, T]
         metrics = measure(model, rows, spec, prefill=max(1, int(rows.shape[1] * kv.prefill)))
         save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
-        metrics = {"method": spec["method"], **{k: float(f"{v:.6g}") if isinstance(v, float) else v
-                                                 for k, v in metrics.items()}}  # 6 significant digits
-        return StageResult(outputs={"kv_cache": "kv_cache.json"}, metrics=metrics)
+        metrics = {"method": spec["method"], **found, **{k: float(f"{v:.6g}") if isinstance(v, float) else v
+                                                          for k, v in metrics.items()}}  # 6 significant digits
+        return StageResult(outputs=outputs, metrics=metrics)
+
+    @staticmethod
+    def _search(ctx: Context, model, spec: dict) -> tuple[dict, dict, dict]:
+        """KVTuner on the first ``calib_rows`` training rows: (chosen kivi spec, metrics, outputs)."""
+        from stages.data import load_tokens
+        from stages.io import write_json_atomic
+        from stages.kv.kvtuner import plot_pareto, search
+
+        calib = load_tokens(ctx.inputs["calib"])[: spec["calib_rows"]].to(ctx.device)  # [rows, T]
+        prefill = max(1, int(calib.shape[1] * ctx.recipe.kv.prefill))
+        try:
+            result = search(model, calib, spec, prefill, seed=ctx.recipe.runtime.seed)
+        except InputError as e:
+            raise InputError(f"kv.cache: {e}") from None
+        write_json_atomic(ctx.out_dir / "kvtuner_sensitivity.json",
+                          {"objective": spec["objective"], "layers": result["sensitivity"],
+                           "trials": result["trials"], "front": result["front"]})
+        plot_pareto(result, ctx.out_dir / "kvtuner_pareto.png")
+        rec = result["spec"]["search"]
+        found = {"kvtuner": {k: rec[k] for k in ("strategy", "budget", "avg_bits", "value", "measured", "chosen")},
+                 "kvtuner_sensitivity": [{k: float(f"{v:.4g}") for k, v in row.items()}
+                                         for row in result["sensitivity"]]}
+        outputs = {"kv_cache": "kv_cache.json", "kvtuner_sensitivity": "kvtuner_sensitivity.json",
+                   "kvtuner_pareto": "kvtuner_pareto.png"}
+        return result["spec"], found, outputs
 
 
 STAGE = KV()
