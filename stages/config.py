@@ -24,7 +24,7 @@ from stages.errors import CompressError, RecipeError
 # is an error that says so, rather than "not a valid choice".
 PLANNED = {
     "quantize": {},
-    "kv": {"kvmerger": "KVMerger token merging"},
+    "kv": {},
     "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
                 "npo": "NPO unlearning"},
 }
@@ -552,7 +552,23 @@ class KVTunerConfig(Strict):
     residual: int = Field(_kv_default("kvtuner", "residual"), description="KIVI full-precision window.")
 
 
-KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig, KVTunerConfig], Field(discriminator="method")]
+class KVMergerConfig(Strict):
+    """KVMerger: runs of consecutive tokens with similar keys merge into one Gaussian-weighted K/V state each, down
+    to a share of the tokens seen; the first `sinks` and last `window` tokens stay exact."""
+
+    method: Literal["kvmerger"] = "kvmerger"
+    budget: float = Field(_kv_default("kvmerger", "budget"), description="Share of the tokens seen the cache holds "
+                          "after a compression, in (0, 1] (1: no merging).")
+    threshold: float = Field(_kv_default("kvmerger", "threshold"), description="Cosine similarity of neighbouring "
+                             "keys at or above which the two tokens may merge, in [-1, 1].")
+    sinks: int = Field(_kv_default("kvmerger", "sinks"), description="First tokens never merged.")
+    window: int = Field(_kv_default("kvmerger", "window"), description="Most recent tokens never merged.")
+    interval: int = Field(_kv_default("kvmerger", "interval"), description="Tokens held over the budget before the "
+                          "next compression (so most decode steps only append).")
+
+
+KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig, KVTunerConfig, KVMergerConfig],
+                     Field(discriminator="method")]
 
 
 class KVConfig(Strict):

@@ -13,6 +13,10 @@ sink       ``SinkCache`` (sink.py)       sinks: 4; window: 1020
 minicache  ``MiniCache`` (minicache.py)  start_layer: null (= layers // 2); t: 0.5; gamma: 0.05;
                                          bits: [16, 16] (KIVI under the merge: [4, 4] is MiniCache-4);
                                          group_size: 32; residual: 128
+kvmerger   ``KVMergerCache``             budget: 0.5 (share of the tokens seen held, in (0, 1]); threshold:
+           (kvmerger.py)                 0.8 (key cosine similarity for merging neighbours, in [-1, 1]);
+                                         sinks: 4; window: 32 (never merged); interval: 32 (tokens over
+                                         the budget between compressions)
 kvtuner    (a search, kvtuner.py)        candidates: [KV8, K8V4, KV4, K4V2, KV2]; budget: 4.0 (average bits);
                                          objective: kl (or ppl); strategy: auto (exact | optuna); trials: 60;
                                          max_exact: 256; calib_rows: 4; group_size: 32; residual: 128.
@@ -47,8 +51,8 @@ from stages.kv.spec import (DEFAULTS, KV_CACHE_JSON, SUPPORTED_MODEL_TYPES, chec
 def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None):
     """A fresh cache for ``model`` (a model or its config) from a spec dict, or a spec JSON file or its folder.
 
-    ``attention_mask`` [B, L] (optional): the prompt's left padding, which eviction (sink) needs in a padded batch;
-    the other methods return every token and ignore it.
+    ``attention_mask`` [B, L] (optional): the prompt's left padding, which the caches holding fewer tokens than
+    they have seen (sink, kvmerger) need in a padded batch; the other methods return every token and ignore it.
     """
     spec = read_spec(spec) if isinstance(spec, (str, Path)) else normalize_spec(spec)
     num_layers, _ = check_against_model(spec, model)
@@ -64,6 +68,12 @@ def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None)
         from stages.kv.sink import SinkCache
 
         cache = SinkCache(num_layers, spec["sinks"], spec["window"], spec=spec)
+        return cache.set_padding(attention_mask) if attention_mask is not None else cache
+    if method == "kvmerger":
+        from stages.kv.kvmerger import KVMergerCache
+
+        cache = KVMergerCache(num_layers, spec["budget"], spec["threshold"], spec["sinks"], spec["window"],
+                              spec["interval"], spec=spec)
         return cache.set_padding(attention_mask) if attention_mask is not None else cache
     from stages.kv.minicache import MiniCache
 

@@ -21,14 +21,26 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def _stepwise_logits(model, rows: torch.Tensor, prefill: int, cache) -> torch.Tensor:
-    """Logits [B, T - prefill, V] predicting tokens prefill+1 .. T-1 (and one past the end), through ``cache``."""
+def stepwise_logits(model, rows: torch.Tensor, prefill: int, cache) -> torch.Tensor:
+    """Logits [B, T - prefill, V] predicting tokens prefill .. T-1 through ``cache``: the prompt rows[:, :prefill]
+    in one pass, then tokens prefill .. T-2 one decode step each."""
     out = model(input_ids=rows[:, :prefill], past_key_values=cache, use_cache=True)
     logits = [out.logits[:, -1:].float()]  # predicts token `prefill`
     for t in range(prefill, rows.shape[1] - 1):
         out = model(input_ids=rows[:, t:t + 1], past_key_values=cache, use_cache=True)
         logits.append(out.logits[:, -1:].float())
     return torch.cat(logits, dim=1)  # [B, T - prefill, V]: position i predicts token prefill + i
+
+
+def compare(comp: torch.Tensor, full: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Quality of logits ``comp`` against the full cache's ``full`` [B, S, V] on ``targets`` [B, S]: ppl, ppl_full,
+    ppl_ratio, kl_to_full (mean KL(full || comp) per position, nats), top1_agreement."""
+    nll = F.cross_entropy(comp.flatten(0, 1), targets.flatten()).item()
+    nll_full = F.cross_entropy(full.flatten(0, 1), targets.flatten()).item()
+    log_p, log_q = F.log_softmax(full, -1), F.log_softmax(comp, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    return {"ppl": math.exp(nll), "ppl_full": math.exp(nll_full), "ppl_ratio": math.exp(nll - nll_full),
+            "kl_to_full": max(0.0, kl), "top1_agreement": (comp.argmax(-1) == full.argmax(-1)).float().mean().item()}
 
 
 @torch.no_grad()
@@ -42,16 +54,11 @@ def measure(model, rows: torch.Tensor, spec: dict, prefill: int) -> dict:
         raise ValueError(f"prefill must lie in (0, {rows.shape[1]}), got {prefill}")
     rows = rows.long()
     cache = build_cache(spec, model)
-    comp = _stepwise_logits(model, rows, prefill, cache)
-    full = _stepwise_logits(model, rows, prefill, DynamicCache(config=model.config))
+    comp = stepwise_logits(model, rows, prefill, cache)
+    full = stepwise_logits(model, rows, prefill, DynamicCache(config=model.config))
     targets = rows[:, prefill:]  # [B, T - prefill]
-    nll = F.cross_entropy(comp.flatten(0, 1), targets.flatten()).item()
-    nll_full = F.cross_entropy(full.flatten(0, 1), targets.flatten()).item()
-    log_p, log_q = F.log_softmax(full, -1), F.log_softmax(comp, -1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     return {
-        "ppl": math.exp(nll), "ppl_full": math.exp(nll_full), "ppl_ratio": math.exp(nll - nll_full),
-        "kl_to_full": max(0.0, kl), "top1_agreement": (comp.argmax(-1) == full.argmax(-1)).float().mean().item(),
+        **compare(comp, full, targets),
         "bytes": int(cache.nbytes()), "full_bytes": int(cache.full_bytes()),
         "memory_ratio": cache.full_bytes() / max(1, cache.nbytes()),
         "rows": int(rows.shape[0]), "context": int(rows.shape[1]), "prefill": int(prefill),

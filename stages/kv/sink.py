@@ -41,20 +41,14 @@ def leading_pads(attention_mask: torch.Tensor) -> torch.Tensor:
     real = attention_mask != 0
     pads = (~real).long().cumprod(dim=-1).sum(dim=-1)  # leading zeros per row
     if (real.sum(-1) + pads != attention_mask.shape[-1]).any():
-        raise InputError("the sink cache supports left padding only (pads before the tokens of each row)")
+        raise InputError("the sink and kvmerger caches support left padding only (pads before the tokens of each row)")
     return pads
 
 
-class SinkLayer(KVLayer):
-    """One layer keeping ``sinks`` first and ``window`` last tokens per row (see the module docstring)."""
-
-    def __init__(self, sinks: int = 4, window: int = 1020) -> None:
-        check_sink_settings(sinks, window)
-        self.sinks, self.window = sinks, window
-        super().__init__()
-
-    def __repr__(self) -> str:
-        return f"SinkLayer(sinks={self.sinks}, window={self.window}, seen={self.seen})"
+class EvictionLayer(KVLayer):
+    """A layer that holds fewer rows than tokens seen (sink, kvmerger): the held K/V [B, H, held, D] stand for the
+    last ``held`` positions of the sequence, and ``pads`` counts the left pads still at the front of each row (see
+    the module docstring, Masks). Subclasses implement ``_update`` with ``_joined`` and set the three fields."""
 
     def _reset_state(self) -> None:
         self.k_held: torch.Tensor | None = None  # [B, H, held, D]
@@ -73,24 +67,64 @@ class SinkLayer(KVLayer):
         """On the first call without declared padding: refuse a prompt whose first token is not at position 0."""
         sin = cache_kwargs.get("sin")  # [B, q_len, D] for the current positions; sin(0) = 0 for every frequency
         if sin is not None and sin.dim() == 3 and (sin[:, 0] != 0).any():
-            raise InputError("the prompt looks left-padded (its first token is not at position 0): call "
-                             "cache.set_padding(attention_mask) before running it, or the sink cache would keep pads "
-                             "as sinks and attend to them")
+            raise InputError(f"the prompt looks left-padded (its first token is not at position 0): call "
+                             f"cache.set_padding(attention_mask) before running it, or {type(self).__name__} would "
+                             "keep pads as sink tokens and attend to them")
 
-    def _update(self, k: torch.Tensor, v: torch.Tensor,
-                cache_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _joined(self, k: torch.Tensor, v: torch.Tensor,
+                cache_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The held past + the new states, K and V [B, H, held + q_len, D], and the pads per row (long [B], zeros
+        when undeclared); checks the padding first."""
         if self.seen == 0 and self.pads is None:
             self._check_padding(cache_kwargs)
         if self.pads is not None and self.pads.shape[0] != k.shape[0]:
             raise InputError(f"set_padding declared {self.pads.shape[0]} rows, the batch has {k.shape[0]}")
         keys = k if self.k_held is None else torch.cat([self.k_held, k], dim=-2)  # [B, H, N, D]
         values = v if self.v_held is None else torch.cat([self.v_held, v], dim=-2)
+        pads = self.pads.to(k.device) if self.pads is not None else torch.zeros(k.shape[0], dtype=torch.long,
+                                                                                 device=k.device)
+        return keys, values, pads
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k_held is None:
+            return self.empty(), self.empty()
+        return self.k_held, self.v_held
+
+    def held_tensors(self) -> Iterable[torch.Tensor]:
+        return [] if self.k_held is None else [self.k_held, self.v_held]
+
+
+class EvictionCache(KVCache):
+    """A cache of ``EvictionLayer``s; ``set_padding`` declares a left-padded batch's pads to every layer."""
+
+    def set_padding(self, attention_mask: torch.Tensor) -> "EvictionCache":
+        """Declare the prompt's left padding, [B, L] (1 = token, 0 = pad); before the first forward. Returns self."""
+        if self.get_seq_length() > 0:
+            raise InputError("set_padding must be called before the cache has seen any token")
+        pads = leading_pads(attention_mask)
+        for layer in self.layers:
+            layer.pads = pads.clone()
+        return self
+
+
+class SinkLayer(EvictionLayer):
+    """One layer keeping ``sinks`` first and ``window`` last tokens per row (see the module docstring)."""
+
+    def __init__(self, sinks: int = 4, window: int = 1020) -> None:
+        check_sink_settings(sinks, window)
+        self.sinks, self.window = sinks, window
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return f"SinkLayer(sinks={self.sinks}, window={self.window}, seen={self.seen})"
+
+    def _update(self, k: torch.Tensor, v: torch.Tensor,
+                cache_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values, pads = self._joined(k, v, cache_kwargs)
         n, cap = keys.shape[-2], self.sinks + self.window
         if n <= cap:
             self.k_held, self.v_held = keys, values
             return keys, values
-        pads = self.pads.to(k.device) if self.pads is not None else torch.zeros(k.shape[0], dtype=torch.long,
-                                                                                 device=k.device)
         # Per row: the first `sinks` real tokens and the last `window` ones if it has at least cap real tokens
         # in the buffer, else its last cap entries (all its real tokens plus the pads just before them).
         keep_ends = torch.cat([torch.arange(self.sinks, device=k.device),
@@ -105,16 +139,8 @@ class SinkLayer(KVLayer):
         self.pads = (pads - (n - cap)).clamp_min(0)
         return keys, values
 
-    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k_held is None:
-            return self.empty(), self.empty()
-        return self.k_held, self.v_held
 
-    def held_tensors(self) -> Iterable[torch.Tensor]:
-        return [] if self.k_held is None else [self.k_held, self.v_held]
-
-
-class SinkCache(KVCache):
+class SinkCache(EvictionCache):
     """StreamingLLM-style cache: ``sinks`` first + ``window`` last tokens kept in every one of ``num_layers`` layers.
 
     For a left-padded batch call ``set_padding(attention_mask)`` (the prompt's 2-D mask) before the first forward.
@@ -122,12 +148,3 @@ class SinkCache(KVCache):
 
     def __init__(self, num_layers: int, sinks: int = 4, window: int = 1020, spec: dict | None = None) -> None:
         super().__init__([SinkLayer(sinks, window) for _ in range(num_layers)], spec)
-
-    def set_padding(self, attention_mask: torch.Tensor) -> "SinkCache":
-        """Declare the prompt's left padding, [B, L] (1 = token, 0 = pad); before the first forward. Returns self."""
-        if self.get_seq_length() > 0:
-            raise InputError("set_padding must be called before the cache has seen any token")
-        pads = leading_pads(attention_mask)
-        for layer in self.layers:
-            layer.pads = pads.clone()
-        return self

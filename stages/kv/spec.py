@@ -24,12 +24,15 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "kvtuner": {"candidates": ["KV8", "K8V4", "KV4", "K4V2", "KV2"], "budget": 4.0, "objective": "kl",
                 "strategy": "auto", "trials": 60, "max_exact": 256, "calib_rows": 4, "group_size": 32,
                 "residual": 128},
+    "kvmerger": {"budget": 0.5, "threshold": 0.8, "sinks": 4, "window": 32, "interval": 32},
 }
 # Keys any spec may carry besides its method's parameters: ``search`` holds what a search (KVTuner) found, kept in
 # kv_cache.json for the record; building the cache ignores it.
 METADATA_KEYS = ("search",)
 KVTUNER_OBJECTIVES = ("kl", "ppl")
 KVTUNER_STRATEGIES = ("auto", "exact", "optuna")
+# Methods that hold fewer rows than tokens seen and report it through get_mask_sizes (eager/SDPA attention only).
+EVICTING = {"sink": "the sink cache", "kvmerger": "the KVMerger cache"}
 
 
 def _is_int(x: Any) -> bool:
@@ -66,6 +69,17 @@ def check_sink_settings(sinks: int, window: int) -> None:
         raise InputError(f"sink count must be an integer >= 0, got {sinks!r}")
     if not _is_int(window) or window < 1:
         raise InputError(f"sink cache window must be an integer >= 1, got {window!r}")
+
+
+def check_kvmerger_settings(budget: float, threshold: float, sinks: int, window: int, interval: int) -> None:
+    """Raise InputError naming the field if KVMerger cannot run these settings."""
+    if not _is_number(budget) or not 0.0 < budget <= 1.0:
+        raise InputError(f"KVMerger budget (share of the tokens seen to hold) must lie in (0, 1], got {budget!r}")
+    if not _is_number(threshold) or not -1.0 <= threshold <= 1.0:
+        raise InputError(f"KVMerger threshold (key cosine similarity) must lie in [-1, 1], got {threshold!r}")
+    for name, value, low in (("sinks", sinks, 0), ("window", window, 1), ("interval", interval, 1)):
+        if not _is_int(value) or value < low:
+            raise InputError(f"KVMerger {name} must be an integer >= {low}, got {value!r}")
 
 
 def check_minicache_settings(start_layer: int | None, t: float, gamma: float, num_layers: int | None = None) -> None:
@@ -161,6 +175,9 @@ def normalize_spec(spec: dict) -> dict:
     if method == "sink":
         check_sink_settings(out["sinks"], out["window"])
         return out
+    if method == "kvmerger":
+        check_kvmerger_settings(out["budget"], out["threshold"], out["sinks"], out["window"], out["interval"])
+        return out
     out["bits"] = _bits_pairs(out["bits"], per_layer=method == "kivi")
     for kb, vb in [out["bits"]] if _is_int(out["bits"][0]) else out["bits"]:
         check_kivi_settings(kb, vb, out["group_size"], out["residual"])
@@ -200,11 +217,12 @@ def model_geometry(model: Any) -> tuple[int, int]:
 def check_against_model(spec: dict, model: Any) -> tuple[int, int]:
     """Check a normalized spec against a model or config; returns (num_layers, head_dim)."""
     num_layers, head_dim = model_geometry(model)
-    if spec["method"] == "sink":
+    if spec["method"] in EVICTING:
         attn = getattr(getattr(model, "config", model), "_attn_implementation", None)
         if attn not in (None, "eager", "sdpa"):
-            raise InputError(f"the sink cache needs eager or sdpa attention (it evicts tokens, and only those "
-                             f"attention paths take the mask sizes it reports), the model uses {attn!r}")
+            raise InputError(f"{EVICTING[spec['method']]} needs eager or sdpa attention (it holds fewer tokens than "
+                             f"it has seen, and only those attention paths take the mask sizes it reports), the "
+                             f"model uses {attn!r}")
         return num_layers, head_dim
     pairs = [parse_pair(c) for c in spec["candidates"]] if spec["method"] == "kvtuner" else \
         per_layer_bits(spec["bits"], num_layers)

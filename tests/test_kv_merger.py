@@ -1,0 +1,236 @@
+"""The KVMerger cache (stages.kv.kvmerger): merges by hand, the budget and its protected rows, padding, memory, specs.
+
+Models are tiny random Llamas on CPU; references are DynamicCache runs and values worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from stages.config import parse_recipe
+from stages.errors import InputError, RecipeError
+from stages.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
+from stages.kv.kvmerger import KVMergerCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYERS, VOCAB, PADS = 3, 96, 5
+
+
+def _llama(attn: str = "sdpa") -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       attn_implementation=attn)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    m = LlamaForCausalLM(_llama()).eval()
+    assert m.config._attn_implementation == "sdpa"
+    return m
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """Two 20-token prompts, the second left-padded by PADS; ids avoid pad/bos/eos."""
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :PADS] = 0
+    ids[1, :PADS] = 0
+    return ids, mask
+
+
+def _new_tokens(model, ids, mask, cache, n: int) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def _rows(*rows) -> torch.Tensor:
+    """Hand-written states: rows of D values -> [1, 1, len(rows), D] float32."""
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merges worked out by hand: one row, one head, sinks 1, window 1, 6 tokens, budget 0.6 -> target ceil(3.6) = 4,
+# so 2 of the edges among tokens 1..4 merge; token 4 is dissimilar to token 3 (cosine 0), so it stays alone.
+
+
+def test_a_set_of_equal_keys_merges_with_equal_weights():
+    keys = _rows([5, 0, 0, 1], [2, 0, 2, 0], [2, 0, 2, 0], [2, 0, 2, 0], [0, 3, 0, 0], [1, 1, 1, 1])
+    values = _rows([9, 9, 9, 9], [1, 0, 0, 0], [2, 0, 4, 0], [6, 0, -1, 0], [7, 7, 7, 7], [8, 8, 8, 8])
+    cache = KVMergerCache(1, budget=0.6, threshold=0.9, sinks=1, window=1)
+    cache.update(keys, values, 0)
+    k, v = cache.layers[0].past()
+    assert torch.equal(k, _rows([5, 0, 0, 1], [2, 0, 2, 0], [0, 3, 0, 0], [1, 1, 1, 1]))
+    # the plain mean of the set's values: (1 + 2 + 6) / 3 = 3, (0 + 4 - 1) / 3 = 1
+    assert torch.equal(v, _rows([9, 9, 9, 9], [3, 0, 1, 0], [7, 7, 7, 7], [8, 8, 8, 8]))
+
+
+def test_a_set_merges_into_the_gaussian_weighted_combination_around_its_pivot():
+    # Set {1, 2, 3}: keys a = (1, 0), b = (1, 1), c = (0, 1) (cosines a.b = b.c = 0.707 >= 0.7). Its mean key is
+    # (2/3, 2/3), closest to b: pivot b. Squared distances to b: 1, 0, 1, so sigma^2 = 2/3 and the weights are
+    # exp(-1 / (4/3)) = exp(-0.75) =: e for a and c, 1 for b.
+    keys = _rows([5, 0, 0, 1], [1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1], [3, 3, 3, 3])
+    values = _rows([9, 9, 9, 9], [1, 0, 0, 2], [0, 0, 0, 2], [4, 0, 0, 2], [7, 7, 7, 7], [8, 8, 8, 8])
+    cache = KVMergerCache(1, budget=0.6, threshold=0.7, sinks=1, window=1)
+    cache.update(keys, values, 0)
+    k, v = cache.layers[0].past()
+    e = math.exp(-0.75)
+    key = (1 + e) / (1 + 2 * e)  # (e * 1 + 1 * 1 + e * 0) / (1 + 2e), the same in both channels
+    value = 5 * e / (1 + 2 * e)  # (e * 1 + 1 * 0 + e * 4) / (1 + 2e)
+    torch.testing.assert_close(k, _rows([5, 0, 0, 1], [key, key, 0, 0], [0, 0, 0, 1], [3, 3, 3, 3]))
+    torch.testing.assert_close(v, _rows([9, 9, 9, 9], [value, 0, 0, 2], [7, 7, 7, 7], [8, 8, 8, 8]))
+    assert 0 < value < 4 and 0.5 < key < 1  # inside the set's ranges: a convex combination
+
+
+def test_every_layer_row_and_head_merges_the_same_count_limited_by_the_poorest():
+    """Random 16-d keys are nowhere near cosine 0.99; copies planted in place make the only candidates."""
+    keys = torch.randn(2, 2, 2, 24, 16, generator=torch.Generator().manual_seed(5))  # [layer, B, H, N, D]
+    for layer, b, h, n_copies in ((0, 0, 0, 5), (0, 0, 1, 4), (0, 1, 0, 6), (0, 1, 1, 4), (1, 0, 0, 5),
+                                  (1, 0, 1, 5), (1, 1, 0, 3), (1, 1, 1, 6)):
+        for i in range(n_copies):
+            keys[layer, b, h, 4 + 2 * i + 1] = keys[layer, b, h, 4 + 2 * i]  # edge (4 + 2i, 5 + 2i): a candidate
+    cache = KVMergerCache(2, budget=0.25, threshold=0.99, sinks=2, window=4)
+    cache.update(keys[0], keys[0], 0)
+    assert cache.layers[0].held == 24 and cache.layers[0].removable == 4  # planned; applied after the last layer
+    cache.update(keys[1], keys[1], 1)
+    for layer in (0, 1):  # target max(6, 6) = 6 would remove 18; (layer 1, row 1, head 0) has only 3 candidates
+        k, _ = cache.layers[layer].past()
+        assert k.shape == (2, 2, 24 - 3, 16) and cache.layers[layer].plan is None
+        assert torch.equal(k[..., :2, :], keys[layer, ..., :2, :])
+        assert torch.equal(k[..., -4:, :], keys[layer, ..., -4:, :])
+
+
+def test_the_whole_middle_merges_into_one_state_at_most():
+    keys = torch.arange(1.0, 21.0).view(1, 1, 20, 1).expand(1, 2, 20, 8)  # all parallel: cosine 1
+    cache = KVMergerCache(1, budget=0.1, threshold=0.5, sinks=3, window=5)
+    cache.update(keys, keys, 0)
+    k, _ = cache.layers[0].past()  # target max(3 + 5, 2) = 8; the 12 middle tokens merge into one
+    assert k.shape[-2] == 9 and cache.get_seq_length() == 20
+    assert torch.equal(k[..., :3, :], keys[..., :3, :]) and torch.equal(k[..., -5:, :], keys[..., -5:, :])
+    assert 4 <= float(k[0, 0, 3, 0]) <= 15  # inside the merged keys' range
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# on a model
+
+
+def _logits_steps(model, ids, cache, steps: int) -> list[torch.Tensor]:
+    out = []
+    with torch.no_grad():
+        for i in range(steps + 1):
+            out.append(model(ids if i == 0 else out[-1][:, -1:].argmax(-1), past_key_values=cache,
+                             use_cache=True).logits)
+    return out
+
+
+def test_budget_one_is_the_full_cache(model):
+    ids = torch.randint(3, VOCAB, (2, 13), generator=torch.Generator().manual_seed(6))
+    cache = build_cache({"method": "kvmerger", "budget": 1.0, "sinks": 1, "window": 2, "interval": 1}, model)
+    for got, ref in zip(_logits_steps(model, ids, cache, 6), _logits_steps(model, ids, DynamicCache(), 6)):
+        assert torch.equal(got, ref)
+    assert all(layer.held == 19 for layer in cache.layers)
+
+
+def test_merging_holds_the_target_and_keeps_sinks_and_window_exact(model):
+    """Teacher-forced: both caches see the same tokens, so layer 0's states of every token match the full cache."""
+    sinks, window, interval = 2, 4, 3
+    ids = torch.randint(3, VOCAB, (2, 20), generator=torch.Generator().manual_seed(7))
+    cache, full = KVMergerCache(LAYERS, budget=0.5, threshold=-1.0, sinks=sinks, window=window,
+                                interval=interval), DynamicCache()
+    held, differs = 10, False  # after the prompt: ceil(0.5 * 20)
+    with torch.no_grad():
+        assert torch.equal(model(ids, past_key_values=cache).logits, model(ids, past_key_values=full).logits)
+        for layer, ref in zip(cache.layers, full.layers):  # the prompt's states are exact in every layer
+            assert layer.held == held
+            assert torch.equal(layer.keys[..., :sinks, :], ref.keys[..., :sinks, :])
+            assert torch.equal(layer.values[..., -window:, :], ref.values[..., -window:, :])
+        for step in range(9):
+            nxt = ids[:, step:step + 1]
+            differs |= not torch.allclose(model(nxt, past_key_values=cache).logits,
+                                          model(nxt, past_key_values=full).logits, atol=1e-4)
+            seen = 21 + step
+            held = held + 1 if held + 1 <= math.ceil(seen / 2) + interval else math.ceil(seen / 2)
+            assert [layer.held for layer in cache.layers] == [held] * LAYERS and cache.get_seq_length() == seen
+            k, v = cache.layers[0].past()
+            assert torch.equal(k[..., :sinks, :], full.layers[0].keys[..., :sinks, :])
+            assert torch.equal(k[..., -window:, :], full.layers[0].keys[..., -window:, :])
+            assert torch.equal(v[..., -window:, :], full.layers[0].values[..., -window:, :])
+    assert held < seen and differs  # it compressed during decoding, and the merge changed the logits
+
+
+def test_left_padded_batch_with_budget_one_generates_the_full_cache_tokens(model, padded):
+    ids, mask = padded
+    cache = build_cache({"method": "kvmerger", "budget": 1.0}, model, attention_mask=mask)
+    assert torch.equal(_new_tokens(model, ids, mask, cache, 10), _new_tokens(model, ids, mask, DynamicCache(), 10))
+    assert cache.get_seq_length() == 29
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.3])  # 0.3: layers have different candidate counts
+def test_left_padded_batch_with_merging_drops_pads_first(model, padded, threshold):
+    ids, mask = padded
+    spec = {"method": "kvmerger", "budget": 0.5, "threshold": threshold, "sinks": 2, "window": 4, "interval": 2}
+    cache = build_cache(spec, model, attention_mask=mask)
+    out, ref = _new_tokens(model, ids, mask, cache, 12), _new_tokens(model, ids, mask, DynamicCache(), 12)
+    assert out.shape == ref.shape and torch.equal(out[:, 0], ref[:, 0])  # the prompt pass is exact
+    assert len({layer.held for layer in cache.layers}) == 1  # one mask serves every layer
+    for layer in cache.layers:  # the pads left in front are the mask's pad columns among the last `held`
+        assert layer.held < layer.seen == 31
+        assert layer.pads.tolist() == [0, max(0, PADS - (layer.seen - layer.held))]
+    with pytest.raises(InputError, match="set_padding"):
+        _new_tokens(model, ids, mask, KVMergerCache(LAYERS, threshold=-1.0, sinks=2, window=4), 2)
+
+
+def test_nbytes_counts_the_held_rows():
+    x = torch.randn(2, 2, 40, 8, generator=torch.Generator().manual_seed(8)).half()
+    cache = KVMergerCache(1, budget=0.5, threshold=-1.0, sinks=2, window=4)
+    cache.update(x, x, 0)
+    assert cache.layers[0].held == 20 and cache.layers[0].keys.dtype == torch.float16
+    assert cache.nbytes() == 2 * 2 * 2 * 20 * 8 * 2 and cache.full_bytes() == 2 * 2 * 2 * 40 * 8 * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# specs, kv_cache.json and the recipe
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"budget": 0}, r"budget .* must lie in \(0, 1\], got 0"),
+    ({"budget": 1.5}, "budget"),
+    ({"threshold": 1.2}, r"threshold .* must lie in \[-1, 1\]"),
+    ({"sinks": -1}, "sinks must be an integer >= 0"),
+    ({"window": 0}, "window must be an integer >= 1"),
+    ({"interval": 2.5}, "interval must be an integer >= 1"),
+    ({"pivot": "attention"}, r"unknown kvmerger parameter\(s\) \['pivot'\]"),
+])
+def test_bad_specs_name_the_field(model, spec, match):
+    with pytest.raises(InputError, match=match):
+        build_cache({"method": "kvmerger", **spec}, model)
+
+
+def test_flash_attention_is_refused():
+    with pytest.raises(InputError, match="KVMerger cache needs eager or sdpa attention"):
+        build_cache({"method": "kvmerger"}, _llama("flash_attention_2"))
+
+
+def test_kv_cache_json_round_trips(tmp_path, model):
+    written = save_kv_cache_json(tmp_path, {"method": "kvmerger", "budget": 0.3, "window": 8})
+    assert json.loads(written.read_text()) == {"method": "kvmerger", "budget": 0.3, "threshold": 0.8, "sinks": 4,
+                                               "window": 8, "interval": 32}
+    cache = load_kv_cache(tmp_path, model)
+    assert isinstance(cache, KVMergerCache) and cache.spec == normalize_spec(json.loads(written.read_text()))
+    assert {(layer.budget, layer.threshold, layer.sinks, layer.window, layer.interval) for layer in cache.layers} \
+        == {(0.3, 0.8, 4, 8, 32)}
+
+
+def test_recipe_takes_kvmerger():
+    r = parse_recipe({"kv": {"enabled": True, "cache": {"method": "kvmerger"}}})
+    assert r.kv.cache.method == "kvmerger" and (r.kv.cache.budget, r.kv.cache.window) == (0.5, 32)
+    with pytest.raises(RecipeError, match="threshold"):
+        parse_recipe({"kv": {"enabled": True, "cache": {"method": "kvmerger", "threshold": 2}}})
