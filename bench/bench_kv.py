@@ -15,8 +15,8 @@ Cache specs (``--caches``); every measurement uses a fresh cache object (transfo
   ``QuantizedCache`` with that backend. optimum-quanto and hqq are not project dependencies: without them the row
   is skipped with a note. Groups are per token along head_dim for both backends (quanto axis 0, HQQ axis 1; HQQ's
   axis 0 would group strided elements across tokens); defaults g32 and r128 (transformers' residual default).
-- any other spec goes to ``stages.kv.build_cache(spec, model)`` (the project's caches, e.g. ``kivi:k4v4:g32:r128``)
-  when ``stages.kv`` is importable, else the row is skipped with a note.
+- a JSON object (``'{"method": "kivi", "bits": [2, 2], "residual": 32}'``) or a path to a kv_cache.json: the project's
+  caches, built by ``stages.kv.build_cache(spec, model)`` (``stages/kv/``); the table names them by ``label``.
 
 For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows, batch 1):
 - memory: after a prefill of C tokens, the bytes of storage held by every tensor the cache references, found by
@@ -25,10 +25,11 @@ For each cache and context length C (the first C tokens of each of ``--rows`` he
   counted once; mean over rows. Ratio to a 16-bit full cache of the same tokens: 2 (K, V) x layers x KV heads x C x
   head_dim x 2 bytes (what a GPU user of DynamicCache holds). A cache's own ``nbytes()`` / ``full_bytes()``, when it
   has them, are recorded beside the walked figure.
-- quality, teacher-forced: prefill the first C - 1 - S tokens (S = ``--score-tokens``), then feed the next S
-  tokens one decode step at a time through the cache; each step's next-token distribution is scored, so every
-  scored prediction reads the cache's stored (compressed) keys and values. Against ``full`` run the same way:
-  perplexity ratio, KL(full || cache) mean per scored token, top-1 agreement.
+- quality, teacher-forced, as the KV stage measures it (``stages.kv.measure.stepwise_logits`` and ``compare``, all
+  rows as one batch): prefill the first C - 1 - S tokens (S = ``--score-tokens``), then feed the next S tokens one
+  decode step at a time through the cache; each step's next-token distribution is scored, so every scored
+  prediction reads the cache's stored (compressed) keys and values. Against ``full`` run the same way: perplexity
+  ratio, KL(full || cache) mean per scored token, top-1 agreement.
 - speed: greedy decode of ``--new-tokens`` tokens after a prefill of C tokens (row 0), only the decode steps timed,
   median of ``--repeats`` runs after one untimed run.
 Each of ``--dtypes`` is a whole run with the model (and so the caches, and QuantizedCache's scales) in that dtype;
@@ -77,9 +78,9 @@ Columns, per cache and context length C (batch 1, the first C tokens of each hel
 - QuantizedCache settings: per-token groups of 32 along head_dim (= head_dim; quanto axis 0, HQQ axis 1: HQQ's axis
   0 groups strided elements across tokens), residual 128 (transformers' default). It quantises the whole prompt at
   the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual.
-
-The project's own caches (issue: KV-cache compression, `stages/kv/`) are not in this table yet: they are added by
-name (`--caches kivi:...`), resolved through `stages.kv.build_cache(spec, model)`, when that module exists."""
+- The project's caches (`stages/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits, group,
+  residual; a KVTuner result is a per-layer kivi spec, named by its layers' pairs), `minicache` (start layer, t,
+  gamma, bits under the merge), `kvmerger` (budget, threshold, window), `sink` (sinks + window)."""
 
 
 class Unavailable(Exception):
@@ -118,6 +119,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, rows, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows, max(args.contexts))
     specs = ["full"] + [s for s in args.caches if s != "full"]
+    for spec in specs:
+        label(spec)  # a malformed JSON spec fails here, before the model is trained or loaded
     results, skipped = [], {}
     for dtype in args.dtypes:
         m = copy.deepcopy(model).to(getattr(torch, dtype))
@@ -126,18 +129,18 @@ def main() -> None:
             try:
                 make = resolve(spec, m)
             except Unavailable as e:
-                skipped[spec] = str(e)
+                skipped[label(spec)] = str(e)
                 print(f"{spec}: skipped ({e})", flush=True)
                 continue
             for c in args.contexts:
-                row = {"dtype": dtype, "cache": spec, **measure(m, rows, c, args, make, ref.get(c))}
+                row = {"dtype": dtype, "cache": label(spec), **measure(m, rows, c, args, make, ref.get(c))}
                 scores = row.pop("_scores", None)
                 if spec == "full":
                     ref[c] = scores
                 print(json.dumps(row), flush=True)
                 results.append(row)
 
-    meta.update({"dtypes": args.dtypes, "caches": specs, "skipped": skipped, "contexts": args.contexts,
+    meta.update({"dtypes": args.dtypes, "caches": [label(s) for s in specs], "skipped": skipped, "contexts": args.contexts,
                  "rows": len(rows),
                  "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                  "threads": torch.get_num_threads(), "machine": platform.platform(),
@@ -216,6 +219,45 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
     return model, rows, meta
 
 
+def project_spec(spec: str) -> dict | None:
+    """The project's cache spec that ``spec`` names (a JSON object or a kv_cache.json path), normalized; else None."""
+    from stages.kv import normalize_spec
+    from stages.kv.spec import read_spec
+
+    if spec.lstrip().startswith("{"):
+        return normalize_spec(json.loads(spec))
+    return read_spec(spec) if Path(spec).exists() else None
+
+
+def label(spec: str) -> str:
+    """A short table name for a cache spec (NOTES)."""
+    s = project_spec(spec) if spec not in ("full",) and spec.split(":")[0] not in ("quanto", "hqq") else None
+    if s is None:
+        return spec
+    kivi = lambda b: f"k{b[0]}v{b[1]}"  # noqa: E731
+    if s["method"] == "kivi":
+        bits = s["bits"]
+        if isinstance(bits[0], list):  # per layer: runs of equal pairs, e.g. k8v4x2 k2v2x6
+            runs: list[list] = []
+            for b in bits:
+                if runs and runs[-1][0] == b:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([b, 1])
+            bits_s = " ".join(f"{kivi(b)}x{n}" for b, n in runs)
+        else:
+            bits_s = kivi(bits)
+        return f"kivi {bits_s} g{s['group_size']} r{s['residual']}"
+    if s["method"] == "minicache":
+        return (f"minicache s{s['start_layer'] if s['start_layer'] is not None else 'L/2'} t{s['t']} "
+                f"γ{s['gamma']} {kivi(s['bits'])} r{s['residual']}")
+    if s["method"] == "kvmerger":
+        return f"kvmerger b{s['budget']} θ{s['threshold']} w{s['window']}"
+    if s["method"] == "sink":
+        return f"sink {s['sinks']}+{s['window']}"
+    return json.dumps(s)
+
+
 def resolve(spec: str, model) -> Callable:
     """A factory of fresh caches for ``spec`` (module docstring); raises Unavailable when it cannot run here."""
     from transformers import DynamicCache
@@ -225,12 +267,13 @@ def resolve(spec: str, model) -> Callable:
     backend = spec.split(":")[0]
     if backend in ("quanto", "hqq"):
         return quantized_cache(spec, model)
-    try:
-        from stages.kv import build_cache
-    except ImportError as e:
-        raise Unavailable(f"stages.kv is not importable in this tree ({e})") from None
-    build_cache(spec, model)  # fail early, before any measurement, on a spec it does not know
-    return lambda: build_cache(spec, model)
+    from stages.kv import build_cache
+
+    parsed = project_spec(spec)
+    if parsed is None:
+        raise SystemExit(f"cache spec {spec!r}: not full, quanto:..., hqq:..., a JSON object or a kv_cache.json path")
+    build_cache(parsed, model)  # fail early, before any measurement, on a spec the model cannot run
+    return lambda: build_cache(parsed, model)
 
 
 def quantized_cache(spec: str, model) -> Callable:
@@ -317,20 +360,14 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
             if hasattr(cache, "nbytes"):
                 reported.append((cache.nbytes(), cache.full_bytes() if hasattr(cache, "full_bytes") else None))
 
+    from stages.kv.measure import compare, stepwise_logits
+
     t0 = time.perf_counter()
-    logps, targets = [], []
     prefill = context - 1 - args.score_tokens
-    with torch.no_grad():
-        for r in rows:
-            cache = make()
-            model(input_ids=r[None, :prefill], past_key_values=cache, use_cache=True)
-            for j in range(prefill, context - 1):  # feed token j, score the prediction of token j + 1
-                logits = model(input_ids=r[None, j:j + 1], past_key_values=cache, use_cache=True).logits
-                logps.append(F.log_softmax(logits[0, -1].float(), -1))
-            targets.append(r[prefill + 1:context])
+    rows_c = rows[:, :context]
+    logits = stepwise_logits(model, rows_c, prefill, make())  # [rows, context - prefill, V], all rows one batch
+    logits, target = logits[:, :-1], rows_c[:, prefill + 1:]  # S scored steps (the prompt's last logit is not one)
     score_s = time.perf_counter() - t0
-    logp, target = torch.stack(logps), torch.cat(targets)
-    nll = F.nll_loss(logp, target).item()
 
     times = []
     with torch.no_grad():
@@ -346,10 +383,11 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
 
     full16 = full16_bytes(model.config, context)
     mean_held = sum(held) / len(held)
+    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).item()
     out = {"context": context, "held_bytes": round(mean_held), "held_bytes_min": min(held), "held_bytes_max": max(held),
            "full16_bytes": full16, "memory_ratio": round(mean_held / full16, 4),
            "bits_per_element": round(8 * mean_held / (full16 / 2), 3),
-           "ppl": round(math.exp(nll), 4), "scored_tokens": len(target),
+           "ppl": round(math.exp(nll), 4), "scored_tokens": target.numel(),
            "decode_tokens_per_s": round(args.new_tokens / decode_s, 1), "decode_s_runs": [round(t, 3) for t in times],
            "score_seconds": round(score_s, 1)}
     if reported:
@@ -358,11 +396,11 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
             out["reported_full_bytes"] = round(sum(r[1] for r in reported) / len(reported))
     if ref is None:
         out.update(ppl_ratio=1.0, kl=0.0, top1_agreement=1.0, decode_vs_full=1.0,
-                   _scores={"logp": logp, "nll": nll, "tokens_per_s": out["decode_tokens_per_s"]})
+                   _scores={"logits": logits, "tokens_per_s": out["decode_tokens_per_s"]})
     else:
-        kl = (ref["logp"].exp() * (ref["logp"] - logp)).sum(-1).mean().item()
-        out.update(ppl_ratio=round(math.exp(nll - ref["nll"]), 4), kl=round(kl, 6),
-                   top1_agreement=round((ref["logp"].argmax(-1) == logp.argmax(-1)).float().mean().item(), 4),
+        q = compare(logits, ref["logits"], target)
+        out.update(ppl_ratio=round(q["ppl_ratio"], 4), kl=round(q["kl_to_full"], 6),
+                   top1_agreement=round(q["top1_agreement"], 4),
                    decode_vs_full=round(out["decode_tokens_per_s"] / ref["tokens_per_s"], 3))
     return out
 
