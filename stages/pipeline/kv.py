@@ -37,9 +37,8 @@ class KV(Stage):
     def run(self, ctx: Context):
         import torch
 
-        from stages.data import load_tokens
         from stages.kv import save_kv_cache_json
-        from stages.kv.measure import measure
+        from stages.kv.measure import held_out_rows, measure, rounded
         from stages.kv.spec import check_against_model, normalize_spec
         from stages.modeling import load_causal_lm
         from stages.result import StageResult
@@ -53,12 +52,11 @@ class KV(Stage):
             check_against_model(spec, model)  # the checks before work could not read every model's geometry
         except InputError as e:
             raise InputError(f"kv.cache: {e}") from None
-        rows = load_tokens(ctx.inputs["eval"])[: kv.eval_rows].to(ctx.device)  # [rows, T]
+        rows, prefill = held_out_rows(ctx.inputs["eval"], kv, ctx.device)  # [rows, T], prompt tokens
         torch.manual_seed(r.runtime.seed)
-        metrics = measure(model, rows, spec, prefill=max(1, int(rows.shape[1] * kv.prefill)))
+        metrics = measure(model, rows, spec, prefill=prefill)
         save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
-        metrics = {"method": spec["method"], **{k: float(f"{v:.6g}") if isinstance(v, float) else v
-                                                 for k, v in metrics.items()}}  # 6 significant digits
+        metrics = {"method": spec["method"], **rounded(metrics)}
         return StageResult(outputs={"kv_cache": "kv_cache.json"}, metrics=metrics)
 
 
