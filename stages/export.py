@@ -43,7 +43,7 @@ from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
 KV_FORMATS = ("safetensors", "bnb-nf4", "bnb-int8")  # loaded with transformers: they carry KV_CACHE_JSON
-NO_KV_REASON = "not included: ONNX Runtime runs the graph's own past key values, not transformers caches"
+NO_KV_REASON = "ONNX Runtime runs the graph's own past key values, not transformers caches"
 KV_CHECK_TOKENS = 8  # tokens generated through the exported cache spec after a check row
 
 

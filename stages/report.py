@@ -108,7 +108,7 @@ def markdown(report: dict) -> str:
         for e in report["exports"]:
             c = e.get("kv_cache") or {}
             kv_cell = "" if not kv else (f"{c['method']}: {c['generated_tokens']} | " if c.get("file")
-                                         else f"no: {c.get('reason', '-')} | ")
+                                         else f"no ({c.get('reason', '-')}) | ")
             lines.append(f"| {e['format']} | {_fmt(e['bytes'])} | {_fmt(e['max_abs_diff'])} | "
                          f"{_fmt(e['top1_agreement'])} | {e['passed']} | {kv_cell}`{e['path']}` |")
     return "\n".join(lines) + "\n"
