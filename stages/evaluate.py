@@ -138,7 +138,7 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         from stages.kv.spec import read_spec
 
         spec = read_spec(kv_spec)
-        kv_rows, kv_prefill = held_out_rows(eval_path, kv_cfg, device)  # the KV stage's rows [rows, T]
+        kv_rows, kv_prefill = held_out_rows(eval_path, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
     refs = {"teacher": teacher_ref, **candidates}
     for name, model in models.items():
         scores[name]["params"] = count_parameters(model)
