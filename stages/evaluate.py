@@ -6,6 +6,10 @@ Per model, on the held-out token rows [rows, T] (the first ``max_eval_tokens`` t
 - ``top1_agreement``: share of positions where the model's argmax equals the teacher's;
 - ``params``, ``bytes_on_disk`` (weights files) and ``latency_ms_per_token`` (greedy decoding
   with the KV cache, median over repeats after a warm-up).
+With the KV stage on, each model the cache supports also gets ``kv``: the cache's bytes against a 16-bit full cache,
+perplexity ratio, KL and top-1 agreement to the full cache on the KV stage's held-out rows
+(:func:`stages.kv.measure.measure`), and greedy decode tokens/s with the cache and with the full ``DynamicCache``
+(the latency figure's code, given a cache per ``generate``); a model it does not support gets ``kv.skipped``.
 All models are scored batch by batch against one teacher forward, so teacher logits are never
 stored for the whole eval set (they would be rows x T x V floats).
 """
@@ -17,14 +21,15 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from stages.config import EvaluateConfig, GatesConfig, ModelsConfig, RuntimeConfig
+from stages.config import EvaluateConfig, GatesConfig, KVConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
-from stages.errors import GateError
+from stages.errors import GateError, InputError
 from stages.modeling import count_parameters, load_causal_lm, resolve_device
 from stages.quantize.record import runtime_needs
 from stages.result import StageResult
@@ -67,26 +72,54 @@ def score(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, eval_ids
 
 
 @torch.no_grad()
-def latency_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    """Median milliseconds per generated token, greedy decoding with the KV cache."""
+def latency_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int,
+                      new_cache: Callable[[], Any] | None = None) -> float:
+    """Median milliseconds per generated token, greedy decoding with the KV cache: the one ``generate`` makes, or
+    a fresh ``new_cache()`` per call (building it is timed too)."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=0, attention_mask=torch.ones_like(prompt))
-    model.generate(prompt, **kwargs)  # warm-up: first call allocates caches and picks kernels
+
+    def decode() -> None:
+        model.generate(prompt, **kwargs, **({} if new_cache is None else {"past_key_values": new_cache()}))
+
+    decode()  # warm-up: first call allocates caches and picks kernels
     times = []
     for _ in range(repeats):
         if prompt.is_cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(prompt, **kwargs)
+        decode()
         if prompt.is_cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1000 / new_tokens)
     return statistics.median(times)
 
 
+def kv_metrics(model, spec: dict, rows: torch.Tensor, prefill: int, prompt: torch.Tensor, cfg: EvaluateConfig) -> dict:
+    """One model's ``kv`` figures with the cache ``spec`` (see the module docstring), or the reason it has none."""
+    from transformers import DynamicCache
+
+    from stages.kv import build_cache
+    from stages.kv.measure import measure, rounded
+    from stages.kv.spec import check_against_model
+
+    try:
+        check_against_model(spec, model)
+    except InputError as e:
+        return {"method": spec["method"], "skipped": str(e)}
+    figures = measure(model, rows, spec, prefill)  # rows [B, T]: memory and quality against the full cache
+    ms = {name: latency_per_token(model, prompt, cfg.latency_new_tokens, cfg.latency_repeats, new_cache)
+          for name, new_cache in (("cache", lambda: build_cache(spec, model)),
+                                  ("full", lambda: DynamicCache(config=model.config)))}
+    return rounded({"method": spec["method"], **figures, "decode_tokens_per_s": 1000 / ms["cache"],
+                    "decode_tokens_per_s_full": 1000 / ms["full"]})
+
+
 def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
-        candidates: dict[str, str], eval_path: Path, out_dir: Path) -> StageResult:
-    """Score the teacher and every candidate model (name -> model dir); write ``eval.json``."""
+        candidates: dict[str, str], eval_path: Path, out_dir: Path, kv_spec: Path | None = None,
+        kv_cfg: KVConfig | None = None) -> StageResult:
+    """Score the teacher and every candidate model (name -> model dir); write ``eval.json``. With ``kv_spec``
+    (the KV stage's ``kv_cache.json``) and the recipe's ``kv`` section, each model also gets its ``kv`` figures."""
     device = resolve_device(runtime.device)
     torch.manual_seed(runtime.seed)
     eval_ids = load_tokens(eval_path)
@@ -100,6 +133,12 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         models[name] = load_causal_lm(ref, what=f"{name} model", **load)
     scores = score(models, teacher, eval_ids, cfg.batch_size, device, runtime.progress)
     prompt = eval_ids[:1, : cfg.latency_prompt_tokens].to(device)
+    if kv_spec is not None:
+        from stages.kv.measure import held_out_rows
+        from stages.kv.spec import read_spec
+
+        spec = read_spec(kv_spec)
+        kv_rows, kv_prefill = held_out_rows(eval_path, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
     refs = {"teacher": teacher_ref, **candidates}
     for name, model in models.items():
         scores[name]["params"] = count_parameters(model)
@@ -110,6 +149,8 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
             + ([needs["simulated"]] if "simulated" in needs else [])) or "standard"
         scores[name]["latency_ms_per_token"] = latency_per_token(model, prompt, cfg.latency_new_tokens,
                                                                  cfg.latency_repeats)
+        if kv_spec is not None:
+            scores[name]["kv"] = kv_metrics(model, spec, kv_rows, kv_prefill, prompt, cfg)
     t = scores["teacher"]
     for name, s in scores.items():
         s["ppl_ratio"] = s["ppl"] / t["ppl"]

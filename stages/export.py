@@ -9,6 +9,11 @@ Formats (each in ``out_dir/<format>/`` with the tokenizer beside it):
 - ``onnx-int4`` / ``onnx-int8``: that graph with 4-bit (MatMulNBits, blocks of 32) or int8 (MatMulInteger)
   weights, made by onnxruntime's quantizers.
 
+With a KV-cache spec (the KV stage's ``kv_cache.json``), the formats a transformers user loads (safetensors,
+bitsandbytes) carry a copy of it, and their reload check also greedy-generates a few tokens through
+``stages.kv.load_kv_cache(<format dir>, reloaded model)``; the ONNX formats carry none (ONNX Runtime runs the graph's
+own past key values, not transformers caches), which their metrics say.
+
 Every format is built in a temporary sibling directory, then loaded back *from disk* in a fresh
 object and run on a fixed batch of token ids; its logits are compared with the source model's. A
 format whose comparison misses its check (``ExportConfig.checks``) raises :class:`ExportError` and is
@@ -31,11 +36,15 @@ from tqdm.auto import tqdm
 from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
 from stages.io import atomic_dir, path_size
+from stages.kv.spec import KV_CACHE_JSON
 from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
 from stages.quantize.record import QUANT_FILE, runtime_needs
 from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
+KV_FORMATS = ("safetensors", "bnb-nf4", "bnb-int8")  # loaded with transformers: they carry KV_CACHE_JSON
+NO_KV_REASON = "ONNX Runtime runs the graph's own past key values, not transformers caches"
+KV_CHECK_TOKENS = 8  # tokens generated through the exported cache spec after a check row
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,6 +95,26 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(dev)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     return out.logits.float().cpu()
+
+
+@torch.no_grad()
+def kv_generate_check(model, folder: Path, ids: torch.Tensor) -> dict[str, Any]:
+    """Greedy-generate ``KV_CHECK_TOKENS`` tokens after the first check row [1, T], through
+    ``load_kv_cache(folder, model)`` and through the full cache; raises ExportError if the cached run does not
+    produce them. Returns the run's figures (top-1 agreement: share of generated tokens equal to the full cache's)."""
+    from stages.kv import load_kv_cache
+
+    prompt = ids[:1].to(next(model.parameters()).device)
+    kwargs = dict(max_new_tokens=KV_CHECK_TOKENS, min_new_tokens=KV_CHECK_TOKENS, do_sample=False, pad_token_id=0,
+                  attention_mask=torch.ones_like(prompt))
+    cache = load_kv_cache(folder, model)
+    new = model.generate(prompt, past_key_values=cache, **kwargs)[:, prompt.shape[1]:]  # [1, KV_CHECK_TOKENS]
+    if new.shape[1] != KV_CHECK_TOKENS:
+        raise ExportError(f"generated {new.shape[1]} tokens through its {KV_CACHE_JSON}, not {KV_CHECK_TOKENS}")
+    full = model.generate(prompt, **kwargs)[:, prompt.shape[1]:]
+    return {"file": KV_CACHE_JSON, "method": cache.spec["method"], "generated_tokens": KV_CHECK_TOKENS,
+            "cache_tokens": int(cache.get_seq_length()), "cache_bytes": int(cache.nbytes()),
+            "top1_agreement_with_full_cache": float((new == full).float().mean())}
 
 
 def _free(device: torch.device) -> None:
@@ -259,33 +288,46 @@ def _check_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch.Tensor, ref: torch.Tensor,
-                device: torch.device) -> dict[str, Any]:
-    """Build ``fmt`` into ``dst`` with the tokenizer, reload it from disk, and measure it against ``ref``."""
+                device: torch.device, kv_spec: Path | None = None) -> dict[str, Any]:
+    """Build ``fmt`` into ``dst`` with the tokenizer (and ``kv_spec`` where it applies), reload it from disk, and
+    measure it against ``ref``."""
     t0 = time.perf_counter()
+    with_kv = kv_spec is not None and fmt in KV_FORMATS
     try:
         load, logits_of, extra = BUILDERS[fmt](src_model, model_dir, dst, device)
         tok.save_pretrained(dst)
+        if with_kv:
+            shutil.copy2(kv_spec, dst / KV_CACHE_JSON)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = load()  # a fresh object read from dst, not the one that wrote it
         load_s = time.perf_counter() - t0
         out = logits_of(model, ids)  # [B, T, V] float32
-        del model
-        _free(device)
     except Exception as e:  # noqa: BLE001 - any failure to build or reload is this format's failure
         raise ExportError(f"export {fmt}: could not build it or load it back: {type(e).__name__}: {e}") from e
+    try:
+        kv_check = kv_generate_check(model, dst, ids) if with_kv else None
+    except Exception as e:  # noqa: BLE001 - the reloaded model must generate through the cache it ships with
+        raise ExportError(f"export {fmt}: could not generate through its kv_cache.json: {type(e).__name__}: "
+                          f"{e}") from e
+    finally:
+        del model
+        _free(device)
     try:
         m: dict[str, Any] = compare_logits(ref, out)
     except ExportError as e:
         raise ExportError(f"export {fmt}: {e}") from None
     m.update(bytes=path_size(dst), build_seconds=round(build_s, 3), load_seconds=round(load_s, 3),
              check_tokens=int(ids.numel()), **extra)
+    if kv_spec is not None:
+        m["kv_cache"] = kv_check or {"file": None, "reason": NO_KV_REASON}
     return m
 
 
 def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: torch.Tensor | None = None,
-               seed: int = 0, device: str = "cpu", progress: bool = True) -> StageResult:
-    """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload.
+               seed: int = 0, device: str = "cpu", progress: bool = True, kv_spec: Path | None = None) -> StageResult:
+    """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload;
+    with ``kv_spec`` (a ``kv_cache.json``) the transformers formats carry it and are checked generating with it.
 
     Raises InputError for a missing or unloadable ``model_dir`` (or bad ``check_ids``), and
     ExportError for a format that fails to build, load back, or match the source within
@@ -319,7 +361,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
             bar.set_postfix_str(fmt)
             with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
                 try:
-                    metrics[fmt] = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev)
+                    metrics[fmt] = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec)
                 except ExportError as e:
                     e.metrics = metrics  # what passed so far, for the caller's report
                     raise

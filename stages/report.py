@@ -35,7 +35,7 @@ def export_rows(done: dict[str, dict]) -> list[dict]:
         if isinstance(m, dict):
             rows.append({"format": fmt, "path": ex["outputs"].get(fmt, {}).get("path"), "bytes": m.get("bytes"),
                          "max_abs_diff": m.get("max_abs_diff"), "top1_agreement": m.get("top1_agreement"),
-                         "passed": m.get("passed")})
+                         "passed": m.get("passed"), "kv_cache": m.get("kv_cache")})  # kv_cache: runs with KV only
     return rows
 
 
@@ -44,7 +44,8 @@ def build(run_name: str, recipe_name: str, done: dict[str, dict], records: list[
     return {
         "run_name": run_name, "recipe": recipe_name, "status": status, "published": published, "error": error,
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "stages": records, "evaluation": eval_rows(done), "kv_cache": kv_row(done), "exports": export_rows(done),
+        "stages": records, "evaluation": eval_rows(done), "kv_cache": kv_row(done), "kv_evaluation": kv_eval_rows(done),
+        "exports": export_rows(done),
     }
 
 
@@ -56,6 +57,19 @@ def kv_row(done: dict[str, dict]) -> dict | None:
     """The KV stage's measurement of its cache against the full cache, if the run has one."""
     kv = done.get("kv")
     return {c: kv["metrics"].get(c) for c in KV_COLUMNS} if kv else None
+
+
+KV_EVAL_COLUMNS = ("memory_ratio", "bytes", "ppl_ratio", "kl_to_full", "top1_agreement", "decode_tokens_per_s",
+                   "decode_tokens_per_s_full")
+
+
+def kv_eval_rows(done: dict[str, dict]) -> list[dict]:
+    """Every evaluated model with the run's cache (evaluate's ``kv`` figures), or the reason it was not measured."""
+    ev = done.get("evaluate")
+    if not ev:
+        return []
+    return [{"model": name, **{c: m["kv"].get(c) for c in KV_EVAL_COLUMNS}, "skipped": m["kv"].get("skipped")}
+            for name, m in ev["metrics"]["models"].items() if "kv" in m]
 
 
 def markdown(report: dict) -> str:
@@ -77,13 +91,26 @@ def markdown(report: dict) -> str:
         lines += ["", "## KV cache (teacher-forced decode through the cache, vs the full cache; memory vs 16-bit)", "",
                   "| " + " | ".join(KV_COLUMNS) + " |", "|" + "---|" * len(KV_COLUMNS),
                   "| " + " | ".join(_fmt(report["kv_cache"][c]) for c in KV_COLUMNS) + " |"]
+    if report.get("kv_evaluation"):
+        lines += ["", "Every evaluated model with the cache (evaluate; decode: greedy tokens/s with the cache and with "
+                  "the full DynamicCache):", "", "| " + " | ".join(("model",) + KV_EVAL_COLUMNS) + " |",
+                  "|" + "---|" * (len(KV_EVAL_COLUMNS) + 1)]
+        for row in report["kv_evaluation"]:
+            cells = ([f"not measured: {row['skipped']}"] + [""] * (len(KV_EVAL_COLUMNS) - 1) if row["skipped"]
+                     else [_fmt(row[c]) for c in KV_EVAL_COLUMNS])
+            lines.append("| " + " | ".join([row["model"], *cells]) + " |")
     if report["exports"]:
+        kv = any(e.get("kv_cache") is not None for e in report["exports"])
         lines += ["", "## Exports (each reloaded and compared with the source model)", "",
-                  "| format | bytes | max abs logit diff | top-1 agreement | passed | path |",
-                  "|---|---|---|---|---|---|"]
+                  "| format | bytes | max abs logit diff | top-1 agreement | passed | "
+                  + ("kv_cache.json (generated tokens through it) | " if kv else "") + "path |",
+                  "|---|---|---|---|---|" + ("---|" if kv else "") + "---|"]
         for e in report["exports"]:
+            c = e.get("kv_cache") or {}
+            kv_cell = "" if not kv else (f"{c['method']}: {c['generated_tokens']} | " if c.get("file")
+                                         else f"no ({c.get('reason', '-')}) | ")
             lines.append(f"| {e['format']} | {_fmt(e['bytes'])} | {_fmt(e['max_abs_diff'])} | "
-                         f"{_fmt(e['top1_agreement'])} | {e['passed']} | `{e['path']}` |")
+                         f"{_fmt(e['top1_agreement'])} | {e['passed']} | {kv_cell}`{e['path']}` |")
     return "\n".join(lines) + "\n"
 
 

@@ -226,3 +226,22 @@ def test_a_raw_pool_is_not_re_read_to_key_the_selection(tmp_path, monkeypatch):
     (pool / "1.jsonl").write_text('{"text": "changed"}\n')
     os.utime(pool / "1.jsonl", (time.time() - 30, time.time() - 30))
     assert make_call(recipe, "select", {}, CPU, memo).key != first.key and reads == ["1.jsonl"]
+
+
+def test_the_kv_cache_is_an_input_of_evaluate_and_export_only_when_the_kv_stage_is_on(tmp_path):
+    base = _fake_done(tmp_path)
+    done = {**base, "kv": {"outputs": {"kv_cache": {"path": str(tmp_path / "kv" / "kv_cache.json"), "sha256": "a"}}}}
+    off = _keys(parse_recipe({}), base)
+    # kv off: its settings and a kv stage's output are in no key
+    assert _keys(parse_recipe({"kv": {"eval_rows": 2, "prefill": 0.25}}), done) == off
+    on = parse_recipe({"kv": {"enabled": True}})
+    for stage in ("evaluate", "export"):
+        assert make_call(on, stage, done, CPU).inputs["kv_cache"] == str(tmp_path / "kv" / "kv_cache.json")
+    keys = _keys(on, done)
+    assert [s for s in DOWNSTREAM if keys[s] != off[s]] == ["evaluate", "export"]
+    # the rows evaluate measures the cache on are in its key; another spec (digest) changes both
+    rows = _keys(parse_recipe({"kv": {"enabled": True, "eval_rows": 2}}), done)
+    assert [s for s in DOWNSTREAM if rows[s] != keys[s]] == ["evaluate"]
+    done["kv"]["outputs"]["kv_cache"]["sha256"] = "b"
+    spec = _keys(on, done)
+    assert [s for s in DOWNSTREAM if spec[s] != keys[s]] == ["evaluate", "export"]

@@ -465,3 +465,33 @@ def test_compression_on_generates_sanely(model, batch, spec):
 def test_missing_spec(tmp_path, model):
     with pytest.raises(InputError, match="no kv_cache.json"):
         load_kv_cache(tmp_path, model)
+
+
+def test_evaluate_measures_a_model_with_the_cache_and_records_why_another_is_not(model):
+    from transformers import GPT2LMHeadModel
+
+    from stages.config import EvaluateConfig
+    from stages.evaluate import kv_metrics
+
+    cfg = EvaluateConfig(latency_new_tokens=4, latency_repeats=1)
+    spec = normalize_spec({"method": "kivi", "bits": [2, 2], "group_size": 16, "residual": 16})
+    rows = torch.randint(3, VOCAB, (2, 48), generator=_gen(3))
+    m = kv_metrics(model, spec, rows, 16, rows[:1, :8], cfg)
+    assert m["method"] == "kivi" and m["bytes"] < m["full_bytes"] and m["memory_ratio"] > 1
+    assert m["scored_tokens"] == 2 * 32 and m["ppl_ratio"] > 0 and 0 <= m["top1_agreement"] <= 1
+    assert m["decode_tokens_per_s"] > 0 and m["decode_tokens_per_s_full"] > 0
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
+    assert kv_metrics(gpt2, spec, rows, 16, rows[:1, :8], cfg) == {
+        "method": "kivi", "skipped": "model type 'gpt2' is not supported by the KV caches (supported: llama, "
+                                     "mistral, qwen2: the Llama attention layout)"}
+
+
+def test_export_generate_check_runs_through_the_folders_kv_cache_json(tmp_path, model):
+    from stages.export import KV_CHECK_TOKENS, kv_generate_check
+
+    save_kv_cache_json(tmp_path, {"method": "kivi", "bits": [4, 4], "group_size": 16, "residual": 16})
+    ids = torch.randint(3, VOCAB, (2, 24), generator=_gen(4))
+    m = kv_generate_check(model, tmp_path, ids)
+    assert m["file"] == "kv_cache.json" and m["method"] == "kivi" and m["generated_tokens"] == KV_CHECK_TOKENS
+    assert m["cache_tokens"] == 24 + KV_CHECK_TOKENS - 1 and m["cache_bytes"] > 0
+    assert 0 <= m["top1_agreement_with_full_cache"] <= 1

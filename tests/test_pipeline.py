@@ -278,13 +278,14 @@ def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_r
     with pytest.raises(InputError, match="kv.cache: KIVI group size 32 does not divide head_dim 16"):
         preflight(parse_recipe(data))  # the tiny model's heads are 16 wide: refused before any work
     data["kv"]["cache"].update(group_size=16, residual=16)
+    data["export"]["formats"] = ["safetensors", "onnx"]
     recipe = parse_recipe(data)
     done = run_local(recipe, root / "tiny-kv", root)
     m = done["kv"]["metrics"]
     assert m["method"] == "kivi" and m["scored_tokens"] == 4 * 32 and m["bytes"] < m["full_bytes"]
     assert m["memory_ratio"] == pytest.approx(m["full_bytes"] / m["bytes"], rel=1e-5)
     assert 1.0 < m["ppl_ratio"] < 1.5 and m["kl_to_full"] > 0 and 0.5 < m["top1_agreement"] <= 1
-    assert all(done[s].get("reused") for s in ("bootstrap", "data", "distill", "quantize", "evaluate", "export"))
+    assert all(done[s].get("reused") for s in ("bootstrap", "data", "distill", "quantize"))
     # what a user does with it: the quantized model generates through the cache the stage wrote
     folder = Path(done["kv"]["outputs"]["kv_cache"]["path"]).parent
     model = load_causal_lm(done["quantize"]["outputs"]["model"]["path"])
@@ -292,6 +293,46 @@ def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_r
     out = model.generate(torch.ones(2, 8, dtype=torch.long), past_key_values=cache, max_new_tokens=40,
                          do_sample=False, pad_token_id=0)
     assert out.shape == (2, 48) and cache.get_seq_length() == 47
+
+    # evaluate measured every model with the cache (the KV stage's rows), and decoding with it and without
+    assert done["evaluate"]["inputs"]["kv_cache"]["sha256"] == done["kv"]["outputs"]["kv_cache"]["sha256"]
+    ev = done["evaluate"]["metrics"]["models"]
+    assert set(ev) == {"teacher", "distill", "quantize"}
+    for name, e in ev.items():
+        kv = e["kv"]
+        assert kv["method"] == "kivi" and kv["memory_ratio"] > 1 and kv["bytes"] < kv["full_bytes"], name
+        assert kv["decode_tokens_per_s"] > 0 and kv["decode_tokens_per_s_full"] > 0, name
+    for k in ("bytes", "full_bytes", "memory_ratio", "ppl_ratio", "kl_to_full", "top1_agreement"):
+        assert ev["quantize"]["kv"][k] == pytest.approx(m[k], rel=1e-4), k  # the KV stage measured that model
+    from stages.report import build, markdown
+
+    md = markdown(build("tiny-kv", "tiny", done, [], "completed", None, True))
+    assert "decode_tokens_per_s_full" in md and "kivi: 8" in md and "no (ONNX Runtime runs" in md
+
+    # the transformers export carries the cache spec and was checked generating with it; ONNX carries none
+    ex = done["export"]["metrics"]
+    st = Path(done["export"]["outputs"]["safetensors"]["path"])
+    assert (st / "kv_cache.json").read_text() == (folder / "kv_cache.json").read_text()
+    assert ex["safetensors"]["kv_cache"]["generated_tokens"] == 8 and ex["safetensors"]["passed"]
+    assert not (Path(done["export"]["outputs"]["onnx"]["path"]) / "kv_cache.json").exists()
+    assert ex["onnx"]["kv_cache"]["file"] is None and "ONNX Runtime" in ex["onnx"]["kv_cache"]["reason"]
+    exported = load_causal_lm(str(st))
+    cache = load_kv_cache(st, exported)
+    out = exported.generate(torch.ones(1, 8, dtype=torch.long), past_key_values=cache, max_new_tokens=12,
+                            do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 20) and cache.spec == json.loads((st / "kv_cache.json").read_text())
+
+
+def test_a_run_without_kv_has_no_cache_figures_and_exports_no_cache_spec(tiny_run):
+    root, run, report = tiny_run
+    ev = json.loads((stage_dir(root, run, "evaluate") / "manifest.json").read_text())
+    assert "kv_cache" not in ev["inputs"] and "kv" not in ev["config"]
+    assert not any("kv" in m for m in ev["metrics"]["models"].values())
+    ex = json.loads((stage_dir(root, run, "export") / "manifest.json").read_text())
+    assert "kv_cache" not in ex["inputs"] and not any("kv_cache" in m for m in ex["metrics"].values())
+    assert not list((stage_dir(root, run, "export")).rglob("kv_cache.json"))
+    assert report["kv_cache"] is None and report["kv_evaluation"] == []
+    assert "kv_cache.json" not in (root / run / "report.md").read_text()
 
 
 def test_kv_stage_kvtuner_searches_per_layer_bits_and_writes_them(tiny_run, tiny_recipe):

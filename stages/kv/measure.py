@@ -10,6 +10,9 @@ transformers' ``DynamicCache`` (the full cache):
 - ``top1_agreement``: share of scored positions whose argmax matches the full cache's;
 - ``bytes`` / ``full_bytes`` / ``memory_ratio``: what the cache holds after the whole rows (``KVCache.nbytes``,
   every tensor it keeps) against a 16-bit full cache of the same tokens (2 bytes per element, what a GPU user holds).
+
+``held_out_rows`` picks the rows and prompt length from the recipe's ``kv`` section: the KV stage and the evaluate
+stage measure on the same rows.
 """
 
 from __future__ import annotations
@@ -41,6 +44,20 @@ def compare(comp: torch.Tensor, full: torch.Tensor, targets: torch.Tensor) -> di
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     return {"ppl": math.exp(nll), "ppl_full": math.exp(nll_full), "ppl_ratio": math.exp(nll - nll_full),
             "kl_to_full": max(0.0, kl), "top1_agreement": (comp.argmax(-1) == full.argmax(-1)).float().mean().item()}
+
+
+def held_out_rows(eval_path, kv_cfg, device) -> tuple[torch.Tensor, int]:
+    """The first ``kv_cfg.eval_rows`` held-out token rows [rows, T] on ``device`` and the prompt length, at least
+    one token: the share ``kv_cfg.prefill`` of each row."""
+    from stages.data import load_tokens
+
+    rows = load_tokens(eval_path)[: kv_cfg.eval_rows].to(device)  # [rows, T]
+    return rows, max(1, int(rows.shape[1] * kv_cfg.prefill))
+
+
+def rounded(metrics: dict) -> dict:
+    """Float figures to 6 significant digits, the rest as is."""
+    return {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 @torch.no_grad()

@@ -2,7 +2,9 @@
 Algorithm: :mod:`stages.evaluate`.
 
 The models are the student checkpoint (if one is given) and each model-making stage's output, in pipeline order;
-``gates.stage_ppl_ratio`` compares each with the one before it.
+``gates.stage_ppl_ratio`` compares each with the one before it. With the KV stage on, the KV stage's
+``kv_cache.json`` is an input and every model is also measured with that cache, on the rows the KV stage uses
+(``kv.eval_rows``, ``kv.prefill``: in this stage's key then, and only then).
 """
 
 from __future__ import annotations
@@ -28,16 +30,24 @@ class Evaluate(Stage):
         check_recipe_models(recipe.models)  # it scores the teacher and the given student
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        return {"teacher": up.teacher, "eval": up.out("data", "eval"),
+        kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
+        return {"teacher": up.teacher, "eval": up.out("data", "eval"), **kv,
                 **{f"model:{k}": v for k, v in up.models().items()}}
+
+    def config(self, recipe, up: Upstream, env) -> dict:
+        cfg = super().config(recipe, up, env)
+        if recipe.kv.enabled:  # the rows the cache is measured on; the spec is the kv_cache input
+            cfg["kv"] = {"eval_rows": recipe.kv.eval_rows, "prefill": recipe.kv.prefill}
+        return cfg
 
     def run(self, ctx: Context):
         from stages import evaluate
 
         r, i = ctx.recipe, ctx.inputs
         models = {k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("model:")}
+        kv_spec = Path(i["kv_cache"]) if "kv_cache" in i else None
         return evaluate.run(r.evaluate, r.models, r.runtime, teacher_ref=i["teacher"], candidates=models,
-                            eval_path=Path(i["eval"]), out_dir=ctx.out_dir)
+                            eval_path=Path(i["eval"]), out_dir=ctx.out_dir, kv_spec=kv_spec, kv_cfg=r.kv)
 
     def after(self, recipe, up: Upstream) -> None:
         """Raise GateError naming every missed gate (nothing is exported then)."""

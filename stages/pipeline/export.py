@@ -1,5 +1,6 @@
 """08-export: write the final model in each requested format, load it back and compare its logits with the source's
-before publishing. Algorithm: :mod:`stages.export`.
+before publishing. Algorithm: :mod:`stages.export`. With the KV stage on, its ``kv_cache.json`` is an input (only
+then): the transformers formats carry it, checked by generating through it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ class Export(Stage):
                  "onnx-ir", "bitsandbytes")
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        return {"model": up.model, "eval": up.out("data", "eval")}
+        kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
+        return {"model": up.model, "eval": up.out("data", "eval"), **kv}
 
     def run(self, ctx: Context):
         from stages import export
@@ -25,7 +27,8 @@ class Export(Stage):
         e, i = ctx.recipe.export, ctx.inputs
         ids = load_tokens(i["eval"])[: e.check_batch_size, : e.check_seq_len]
         return export.run_export(e, Path(i["model"]), ctx.out_dir, check_ids=ids, seed=ctx.recipe.runtime.seed,
-                                 device=ctx.device, progress=ctx.recipe.runtime.progress)
+                                 device=ctx.device, progress=ctx.recipe.runtime.progress,
+                                 kv_spec=Path(i["kv_cache"]) if "kv_cache" in i else None)
 
 
 STAGE = Export()

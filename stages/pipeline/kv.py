@@ -47,9 +47,8 @@ class KV(Stage):
     def run(self, ctx: Context):
         import torch
 
-        from stages.data import load_tokens
         from stages.kv import save_kv_cache_json
-        from stages.kv.measure import measure
+        from stages.kv.measure import held_out_rows, measure, rounded
         from stages.kv.spec import check_against_model, normalize_spec
         from stages.modeling import load_causal_lm
         from stages.result import StageResult
@@ -67,11 +66,10 @@ class KV(Stage):
         outputs, found = {"kv_cache": "kv_cache.json"}, {}
         if spec["method"] == "kvtuner":
             spec, found, outputs = self._search(ctx, model, spec)
-        rows = load_tokens(ctx.inputs["eval"])[: kv.eval_rows].to(ctx.device)  # [rows, T]
-        metrics = measure(model, rows, spec, prefill=max(1, int(rows.shape[1] * kv.prefill)))
+        rows, prefill = held_out_rows(ctx.inputs["eval"], kv, ctx.device)  # [rows, T], prompt tokens
+        metrics = measure(model, rows, spec, prefill=prefill)
         save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
-        metrics = {"method": spec["method"], **found, **{k: float(f"{v:.6g}") if isinstance(v, float) else v
-                                                          for k, v in metrics.items()}}  # 6 significant digits
+        metrics = {"method": spec["method"], **found, **rounded(metrics)}
         return StageResult(outputs=outputs, metrics=metrics)
 
     @staticmethod
