@@ -106,6 +106,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "kv_kvlong.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "kv_pareto.png"))
     ap.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
+    ap.add_argument("--kvtuner", type=float, nargs="*", default=[],
+                    help="average-bit budgets: for each, run the KVTuner search (stages.kv.kvtuner, optuna) on "
+                         "training rows first and measure the chosen per-layer KIVI cache with the others")
+    ap.add_argument("--kvtuner-spec", default='{"method": "kvtuner", "strategy": "optuna", "trials": 60, '
+                    '"group_size": 32, "residual": 32, "calib_rows": 4}',
+                    help="the search's settings (JSON), budget added from --kvtuner")
     args = ap.parse_args()
 
     for c in args.contexts:
@@ -117,8 +123,14 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    model, rows, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows, max(args.contexts))
+    model, rows, calib, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows,
+                                       max(args.contexts))
     specs = ["full"] + [s for s in args.caches if s != "full"]
+    meta["kvtuner"] = []
+    for budget in args.kvtuner:
+        spec_path, record = tune(model, calib, json.loads(args.kvtuner_spec), budget, Path(args.out).parent)
+        specs.append(str(spec_path))
+        meta["kvtuner"].append(record)
     for spec in specs:
         label(spec)  # a malformed JSON spec fails here, before the model is trained or loaded
     results, skipped = [], {}
@@ -159,9 +171,9 @@ def main() -> None:
 
 
 def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
-    """The recipe's bootstrap teacher (eval mode, float32) and ``n_rows`` held-out rows [n_rows, T >=
-    max_context], trained or reused through the pipeline's cached bootstrap and data stages; plus what describes
-    them."""
+    """The recipe's bootstrap teacher (eval mode, float32), ``n_rows`` held-out rows [n_rows, T >= max_context] and
+    16 training rows (KVTuner's calibration), trained or reused through the pipeline's cached bootstrap and data
+    stages; plus what describes them."""
     import torch
     import torch.nn.functional as F
 
@@ -499,6 +511,13 @@ def results_section(meta: dict, results: list[dict], cmd: str) -> str:
                          f"{r['memory_ratio']:.3f} | {r['bits_per_element']:.2f} | {r['ppl']:.2f} | "
                          f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
                          f"{r['decode_tokens_per_s']:.0f} | {r['decode_vs_full']:.2f} |")
+    for t in meta.get("kvtuner", []):
+        lines += ["", f"KVTuner at a budget of {t['budget']:g} bits ({t['strategy']}, {t['measured']} configurations "
+                  f"measured in {t['seconds']:.0f} s on 4 training rows of the context, prompts of half a row; "
+                  f"`{t['spec']}`, its Pareto plot beside it): per layer {' '.join(t['chosen'])}, {t['avg_bits']:g} "
+                  f"average bits, KL {t['value']:.5f} on the calibration rows. Layer sensitivity (KL with one layer "
+                  "at KV2, the others unquantized): " + ", ".join(f"{i}: {row['KV2']:.4f}" for i, row in
+                                                                   enumerate(t["sensitivity"])) + "."]
     if meta["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"`{k}`: {v}" for k, v in meta["skipped"].items()) + "."]
     return "\n".join(lines) + "\n"
