@@ -228,7 +228,29 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
             "prepare_seconds": round(prep_s, 1)}
     print(f"{meta['model']}: {meta['params']:,} params, ppl {meta['rows_ppl']} on {n_rows} held-out rows "
           f"(unigram {meta['rows_unigram_ppl']})", flush=True)
-    return model, rows, meta
+    calib = train_ids[:16, :max_context]  # KVTuner's calibration rows (--kvtuner): training rows, not held-out ones
+    return model, rows, calib, meta
+
+
+def tune(model, calib, settings: dict, budget: float, out_dir: Path) -> tuple[Path, dict]:
+    """Run the KVTuner search at ``budget`` on the first ``calib_rows`` of ``calib`` [n, T] (prompt: half of each
+    row); write the chosen spec to ``out_dir/kv_kvtuner_b<budget>.json`` and the Pareto plot beside it."""
+    from stages.kv import save_kv_cache_json
+    from stages.kv.kvtuner import plot_pareto, search
+
+    spec = {**settings, "budget": budget}
+    rows = calib[: spec.get("calib_rows", 4)]
+    t0 = time.perf_counter()
+    result = search(model, rows, spec, prefill=rows.shape[1] // 2)
+    seconds = time.perf_counter() - t0
+    path = save_kv_cache_json(out_dir / f"kv_kvtuner_b{budget:g}.json", result["spec"])
+    plot_pareto(result, out_dir / f"kv_kvtuner_b{budget:g}.png")
+    rec = result["spec"]["search"]
+    print(f"kvtuner budget {budget}: {rec['chosen']} ({rec['avg_bits']} bits, {rec['objective']} {rec['value']:.5f}, "
+          f"{rec['measured']} measured in {seconds:.0f} s)", flush=True)
+    return path, {"budget": budget, "spec": str(path.relative_to(ROOT)), "seconds": round(seconds, 1),
+                  "sensitivity": result["sensitivity"], **{k: rec[k] for k in ("chosen", "avg_bits", "value",
+                                                                                 "measured", "strategy")}}
 
 
 def project_spec(spec: str) -> dict | None:
@@ -359,7 +381,6 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
     """Memory, teacher-forced quality (against ``ref``, the full cache's scores; None when this is it) and decode
     speed of one cache at one context length (module docstring)."""
     import torch
-    import torch.nn.functional as F
 
     held, reported = [], []
     with torch.no_grad():
@@ -377,8 +398,9 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
     t0 = time.perf_counter()
     prefill = context - 1 - args.score_tokens
     rows_c = rows[:, :context]
-    logits = stepwise_logits(model, rows_c, prefill, make())  # [rows, context - prefill, V], all rows one batch
-    logits, target = logits[:, :-1], rows_c[:, prefill + 1:]  # S scored steps (the prompt's last logit is not one)
+    scored = stepwise_logits(model, rows_c, prefill, make())  # [rows, context - prefill, V], all rows one batch
+    # the decode steps' S predictions, of tokens prefill + 1 .. C - 1 (the prompt pass's own prediction is not scored)
+    scored, target = scored[:, 1:], rows_c[:, prefill + 1:]
     score_s = time.perf_counter() - t0
 
     times = []
@@ -395,7 +417,7 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
 
     full16 = full16_bytes(model.config, context)
     mean_held = sum(held) / len(held)
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten()).item()
+    nll = torch.nn.functional.cross_entropy(scored.flatten(0, 1), target.flatten()).item()  # [rows * S, V]
     out = {"context": context, "held_bytes": round(mean_held), "held_bytes_min": min(held), "held_bytes_max": max(held),
            "full16_bytes": full16, "memory_ratio": round(mean_held / full16, 4),
            "bits_per_element": round(8 * mean_held / (full16 / 2), 3),
@@ -408,9 +430,9 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
             out["reported_full_bytes"] = round(sum(r[1] for r in reported) / len(reported))
     if ref is None:
         out.update(ppl_ratio=1.0, kl=0.0, top1_agreement=1.0, decode_vs_full=1.0,
-                   _scores={"logits": logits, "tokens_per_s": out["decode_tokens_per_s"]})
+                   _scores={"logits": scored, "tokens_per_s": out["decode_tokens_per_s"]})
     else:
-        q = compare(logits, ref["logits"], target)
+        q = compare(scored, ref["logits"], target)
         out.update(ppl_ratio=round(q["ppl_ratio"], 4), kl=round(q["kl_to_full"], 6),
                    top1_agreement=round(q["top1_agreement"], 4),
                    decode_vs_full=round(out["decode_tokens_per_s"] / ref["tokens_per_s"], 3))
