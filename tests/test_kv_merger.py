@@ -90,20 +90,35 @@ def test_a_set_merges_into_the_gaussian_weighted_combination_around_its_pivot():
     assert 0 < value < 4 and 0.5 < key < 1  # inside the set's ranges: a convex combination
 
 
-def test_every_layer_row_and_head_merges_the_same_count_limited_by_the_poorest():
+def test_every_layer_row_and_head_merges_the_same_count_candidates_first():
     """Random 16-d keys are nowhere near cosine 0.99; copies planted in place make the only candidates."""
     keys = torch.randn(2, 2, 2, 24, 16, generator=torch.Generator().manual_seed(5))  # [layer, B, H, N, D]
     for layer, b, h, n_copies in ((0, 0, 0, 5), (0, 0, 1, 4), (0, 1, 0, 6), (0, 1, 1, 4), (1, 0, 0, 5),
                                   (1, 0, 1, 5), (1, 1, 0, 3), (1, 1, 1, 6)):
         for i in range(n_copies):
             keys[layer, b, h, 4 + 2 * i + 1] = keys[layer, b, h, 4 + 2 * i]  # edge (4 + 2i, 5 + 2i): a candidate
+    # budget 21 / 24: every (layer, row, head) merges 3 edges, all of them candidates (each has at least 3)
+    cache = KVMergerCache(2, budget=0.875, threshold=0.99, sinks=2, window=4)
+    cache.update(keys[0], keys[0], 0)
+    assert cache.layers[0].held == 24 and cache.layers[0].removable == 3  # planned; applied after the last layer
+    cache.update(keys[1], keys[1], 1)
+    for layer in (0, 1):
+        k, v = cache.layers[layer].past()
+        assert k.shape == (2, 2, 21, 16) and cache.layers[layer].plan is None and torch.equal(k, v)
+        for b in (0, 1):
+            for h in (0, 1):  # only identical copies merged: every held key is one of the originals, exactly
+                assert all(any(torch.equal(row, orig) for orig in keys[layer, b, h]) for row in k[b, h])
+    keep = [i for i in range(24) if i not in (5, 7, 9)]  # the head with exactly 3 candidates merges those
+    assert torch.equal(cache.layers[1].past()[0][1, 0], keys[1, 1, 0, keep])
+
+    # budget 0.25: target 6, but the region (edges between the 2 sinks and the 4-token window) allows 17 merges,
+    # so candidates run out and the most similar other neighbours merge too; sinks and window stay exact
     cache = KVMergerCache(2, budget=0.25, threshold=0.99, sinks=2, window=4)
     cache.update(keys[0], keys[0], 0)
-    assert cache.layers[0].held == 24 and cache.layers[0].removable == 4  # planned; applied after the last layer
     cache.update(keys[1], keys[1], 1)
-    for layer in (0, 1):  # target max(6, 6) = 6 would remove 18; (layer 1, row 1, head 0) has only 3 candidates
+    for layer in (0, 1):
         k, _ = cache.layers[layer].past()
-        assert k.shape == (2, 2, 24 - 3, 16) and cache.layers[layer].plan is None
+        assert k.shape == (2, 2, 2 + 1 + 4, 16)
         assert torch.equal(k[..., :2, :], keys[layer, ..., :2, :])
         assert torch.equal(k[..., -4:, :], keys[layer, ..., -4:, :])
 

@@ -8,20 +8,21 @@ Rules, per layer, for the held past + the current tokens, K and V [B, H_kv, N, D
 
 - Target: T = max(sinks + window, ceil(budget * seen)), seen = tokens seen including the current ones (the product
   rounded to 9 decimals first: 0.07 * 100 is 7.000000000000001 in floats). A compression runs right after the
-  prompt pass when N > T, and afterwards whenever N > T + interval, so most decode steps only append (while
-  candidates run short, N stays above T + interval and every step plans again: a similarity argsort per layer).
+  prompt pass when N > T, and afterwards whenever N > T + interval, so most decode steps only append.
 - Mergeable region of batch row b: held rows [p_b + sinks, N - window), p_b = the left pads still at the front of
   the row. The first ``sinks`` real tokens and the last ``window`` tokens are never merged (kept exactly).
-- Candidate edges: (i, i + 1), both in the region, with cos(k_i, k_{i+1}) >= threshold; c_bh = their count for
-  row b and KV head h. Similarities in float32, sim [B, H, N - 1].
-- Equal counts: storage stays rectangular and one attention mask serves every layer (transformers builds it from
-  layer 0's ``get_mask_sizes``), so every layer, row and head loses the same number r of rows. Pads go first
-  (never attended, free to drop): row b drops d_b = min(p_b, r) pads and merges m_b = r - d_b edges in each head,
-  r = min(N - T, min over layers l and rows b of (p_b + min over heads h of c_lbh)); unpadded,
-  r = m = min(N - T, min over (l, b, h) of c_lbh). Each (l, b, h) merges its m_b most similar candidate edges
-  (ties: the earlier edge). So a layer only plans in ``update`` (``rank_edges``, [B, H, N - 1] ranks) and the
-  cache applies every plan after the last layer's update (``KVMergerCache.compress``); all layers are due at the
-  same steps, as they hold and see the same counts.
+- Edges: (i, i + 1), both in the region; candidates are those with cos(k_i, k_{i+1}) >= threshold. Similarities
+  in float32, sim [B, H, N - 1].
+- The budget is kept: a compression removes r = N - T rows (or all the region allows). Storage stays rectangular
+  and one attention mask serves every layer (transformers builds it from layer 0's ``get_mask_sizes``), so every
+  layer, row and head loses the same r rows. Pads go first (never attended, free to drop): row b drops
+  d_b = min(p_b, r) pads and merges m_b = r - d_b edges in each head, r = min(N - T, min over rows b of (p_b + the
+  region's edge count)). Each (l, b, h) merges its m_b highest-ranked edges: its candidates by decreasing
+  similarity, then, where it has fewer than m_b candidates, its other edges by decreasing similarity (ties: the
+  earlier edge). The threshold thus says which neighbours are alike enough to merge first; the budget says how
+  many merge. So a layer only plans in ``update`` (``rank_edges``, [B, H, N - 1] ranks) and the cache applies
+  every plan after the last layer's update (``KVMergerCache.compress``); all layers are due at the same steps, as
+  they hold and see the same counts.
 - Merging sets: maximal runs of consecutive tokens joined by chosen edges (a chain graph); every other token is a
   set of one and is copied exactly. Set ids come from a cumsum over "starts a set" flags, [B, H, N].
 - Pivot p of a set: the member whose key has the highest cosine similarity to the set's mean key (the first such).
@@ -50,8 +51,9 @@ highest accumulated attention score; a cache never sees queries or attention wei
 member closest (cosine) to the set's mean key, a medoid. sigma is set per merging set from the distances to the
 pivot (adaptive), not a tuned constant. The paper forms merging sets from all consecutive similarities above the
 threshold, per layer and head; here the number merged is set by the budget and is equal for every layer, row and
-head (rectangular storage, one shared mask), so a (layer, row, head) with more candidates than m leaves its least
-similar ones unmerged and the poorest one limits the whole cache (the held count then stays above the target).
+head (rectangular storage, one shared mask): a (layer, row, head) with more candidates than that leaves its least
+similar ones unmerged, one with fewer also merges its most similar non-candidate neighbours (the paper evaluates at
+fixed cache budgets too).
 The paper compresses the prompt's cache once; here compression repeats during decoding every ``interval`` tokens
 beyond the target, merged states can be merged again (weighted as one token each), and the first ``sinks`` and
 last ``window`` tokens are protected.
@@ -74,20 +76,21 @@ def rank_edges(keys: torch.Tensor, pads: torch.Tensor, sinks: int, window: int,
     """Rank the edges (i, i + 1) for merging, per the rules in the module docstring.
 
     keys [B, H, N, D]; pads long [B]. Returns (rank long [B, H, N - 1]: 0 = the most similar candidate edge of that
-    (b, h), candidates before every other edge; removable long [B]: rows each row can lose, its pads + its poorest
-    head's candidate count). Removing r rows drops d_b = min(pads_b, r) pads and merges the edges ranked below
-    r - d_b in every head (``choose_edges``).
+    (b, h), candidates before the region's other edges, those before edges outside the region; removable long [B]:
+    rows each row can lose, its pads + its region's edge count). Removing r rows drops d_b = min(pads_b, r) pads and
+    merges the edges ranked below r - d_b in every head (``choose_edges``).
     """
     n = keys.shape[-2]
     k = keys.float()
     sim = F.cosine_similarity(k[..., :-1, :], k[..., 1:, :], dim=-1)  # [B, H, N-1]: edge i joins tokens i, i+1
     edge = torch.arange(n - 1, device=keys.device)
     region = (edge >= (pads + sinks).unsqueeze(-1)) & (edge <= n - window - 2)  # [B, N-1]: both ends mergeable
-    candidate = (sim >= threshold) & region.unsqueeze(1)  # [B, H, N-1]
-    score = sim.masked_fill(~candidate, float("-inf"))
+    # Candidates (>= threshold) first, then the region's other edges, each group by decreasing similarity (cosines
+    # lie in [-1, 1], so a shift of 3 orders the groups); edges outside the region last, never chosen.
+    score = torch.where(sim >= threshold, sim, sim - 3.0).masked_fill(~region.unsqueeze(1), float("-inf"))
     order = score.argsort(dim=-1, descending=True, stable=True)  # [B, H, N-1]; ties: the earlier edge
     rank = torch.empty_like(order).scatter_(-1, order, edge.expand_as(order))
-    return rank, pads + candidate.sum(-1).amin(-1)
+    return rank, pads + region.sum(-1)
 
 
 def choose_edges(rank: torch.Tensor, pads: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
