@@ -3,7 +3,8 @@
 Thin by design: the algorithms and the wiring live in ``stages``. Tasks pass paths and small JSON
 manifests, never tensors. Each stage task's cache key is the stage's content key
 (config + input digests + code version, see :mod:`stages.runner`), so rerunning a recipe after a
-crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest.
+crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest; a cached
+stage whose files on disk are no longer the ones its manifest records is recomputed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from stages.config import Recipe, check_run_name
 from stages.errors import CompressError, GateError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
-from stages.runner import link_reused, outputs_exist
+from stages.runner import digest_memo_dir, link_reused, outputs_changed
 from stages.stage import Call, Env
 
 
@@ -36,7 +37,8 @@ class StageKey(CachePolicy):
 @task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
 def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
     """Run one stage (or reuse its finished outputs); returns its manifest."""
-    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root))
+    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root),
+                    log=get_run_logger().info)
 
 
 def _artifact_key(run_name: str, what: str) -> str:
@@ -104,15 +106,18 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
     try:
         env = Env.resolve(recipe)
         for stage in enabled(recipe):
-            call = make_call(recipe, stage, done, env, root / ".cache" / "digests")
+            call = make_call(recipe, stage, done, env, digest_memo_dir(root))
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
                                              result_storage=storage)
             args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
                         artifacts_root=str(root))
             state = task_fn(**args, return_state=True)
             manifest = state.result()
-            if not outputs_exist(manifest):  # a cache record outlived its files: recompute
-                log.warning(f"{stage}: cached outputs are gone from disk, recomputing")
+            # Prefect's record is reused only while the files are the ones it names (the task, when it runs,
+            # checks the stage's own cache the same way); else the stage runs again
+            why = outputs_changed(manifest, digest_memo_dir(root)) if state.name == "Cached" else None
+            if why is not None:
+                log.info(f"{stage}: not reusing the cached {manifest['stage_dir']}: {why}; recomputing")
                 state = task_fn.with_options(refresh_cache=True)(**args, return_state=True)
                 manifest = state.result()
             reused = state.name == "Cached" or manifest.get("reused", False)
