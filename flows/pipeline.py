@@ -4,11 +4,13 @@ Thin by design: the algorithms and the wiring live in ``stages``. Tasks pass pat
 manifests, never tensors. Each stage task's cache key is the stage's content key
 (config + input digests + code version, see :mod:`stages.runner`), so rerunning a recipe after a
 crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest; a cached
-stage whose files on disk are no longer the ones its manifest records is recomputed.
+stage whose files on disk are no longer the ones its manifest records is recomputed. Each flow run writes
+its own run folder (:func:`run_name_for`).
 """
 
 from __future__ import annotations
 
+import re
 import traceback
 from pathlib import Path
 
@@ -39,6 +41,30 @@ def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, arti
     """Run one stage (or reuse its finished outputs); returns its manifest."""
     return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root),
                     log=get_run_logger().info)
+
+
+def run_name_for(recipe: Recipe, run_name: str | None) -> str:
+    """The run folder's name: ``run_name`` if given; else, inside a flow run (a deployment's, or a direct call of
+    the flow), the recipe's default name (recipe name + config hash) followed by the flow run's name and the start
+    of its id, so every flow run gets its own folder; else (no flow run) the recipe's default name."""
+    from prefect.runtime import flow_run
+
+    from flows.cli import default_run_name
+
+    if run_name:
+        return run_name
+    base, run_id = default_run_name(recipe), flow_run.id
+    if not run_id:
+        return base
+    own = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run.name or "").strip("-_")[:40]  # a UI-given name may be any text
+    return f"{base}-{own}"[:90].rstrip("-") + f"-{str(run_id).replace('-', '')[:8]}"
+
+
+def _flow_run_name() -> str:
+    """The flow run's name: the ``run_name`` parameter if given, else the one Prefect generated (kept)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.parameters.get("run_name") or flow_run.name
 
 
 def _artifact_key(run_name: str, what: str) -> str:
@@ -89,11 +115,14 @@ def _result_storage(root: Path) -> LocalFileSystem:
     return block
 
 
-@flow(name="compress", flow_run_name="{run_name}", log_prints=True, validate_parameters=True)
-def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") -> dict:
-    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export."""
+@flow(name="compress", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
+def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "artifacts") -> dict:
+    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export.
+
+    ``run_name``: the run folder under ``artifacts_dir``; empty: one folder per flow run (see :func:`run_name_for`).
+    """
     log = get_run_logger()
-    check_run_name(run_name)
+    run_name = check_run_name(run_name_for(recipe, run_name))
     preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
     root = Path(artifacts_dir).resolve()
     run_dir = root / run_name

@@ -568,3 +568,21 @@ def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny
     m = json.loads((stage_dir(root, "tiny-edited-c", "evaluate") / "manifest.json").read_text())
     assert m["reused_from"] == str(stage_dir(root, "tiny-edited-b", "evaluate"))
 
+
+def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_run, tiny_recipe):
+    from flows.cli import default_run_name
+    from flows.pipeline import compress
+
+    root, _, _ = tiny_run
+    recipe = _evaluate_only_variant(tiny_recipe, 3)
+    first = compress(recipe=recipe, artifacts_dir=str(root))
+    second = compress(recipe=recipe, artifacts_dir=str(root))
+    a, b = first["run_name"], second["run_name"]
+    assert a != b and a.startswith(default_run_name(recipe) + "-") and b.startswith(default_run_name(recipe) + "-")
+    for name, rep in ((a, first), (b, second)):
+        assert json.loads((root / name / "report.json").read_text())["run_name"] == name == rep["run_name"]
+        assert (root / name / "report.md").is_file() and rep["status"] == "completed"
+    assert {s["stage"]: s["state"] for s in first["stages"]}["evaluate"] == "ran"
+    assert [s["state"] for s in second["stages"]] == ["cached"] * 5  # the content-keyed cache is shared
+    m = json.loads((stage_dir(root, b, "evaluate") / "manifest.json").read_text())
+    assert m["reused_from"] == str(stage_dir(root, a, "evaluate"))
