@@ -58,15 +58,18 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _run(recipe, run_name: str | None, artifacts: str) -> int:
+def _checked_run_name(name: str) -> str:
     from stages.config import check_run_name
     from stages.errors import RecipeError
 
-    name = run_name or default_run_name(recipe)
     try:
-        check_run_name(name)
+        return check_run_name(name)
     except ValueError as e:
         raise RecipeError(f"--run-name: {e}") from None
+
+
+def _run(recipe, run_name: str | None, artifacts: str) -> int:
+    name = _checked_run_name(run_name or default_run_name(recipe))
     from stages.pipeline import preflight
 
     preflight(recipe)  # before starting Prefect: a missing path fails in a second, not after a server start
@@ -185,10 +188,12 @@ def cmd_serve(args) -> int:
     _prefect_env()
     from flows.pipeline import compress
 
-    name = args.run_name or default_run_name(recipe)
-    compress.serve(name=args.name or recipe.name, cron=args.cron,
-                   parameters={"recipe": recipe.model_dump(mode="json"), "run_name": name,
-                               "artifacts_dir": str(Path(args.artifacts).resolve())},
+    # No run_name by default: each flow run then writes its own folder, named after the flow run
+    # (flows.pipeline.run_name_for); a name frozen here would send every run into one folder.
+    parameters = {"recipe": recipe.model_dump(mode="json"), "artifacts_dir": str(Path(args.artifacts).resolve())}
+    if args.run_name:
+        parameters["run_name"] = _checked_run_name(args.run_name)
+    compress.serve(name=args.name or recipe.name, cron=args.cron, parameters=parameters,
                    limit=1)  # one run at a time: a single GPU or CPU box
     return 0
 
@@ -285,7 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--artifacts", default="artifacts")
     sp.set_defaults(fn=cmd_show)
     sp = sub.add_parser("serve", help="serve a recipe as a Prefect deployment (trigger from the UI, optional cron)")
-    common(sp)
+    common(sp, run_name=False)
+    sp.add_argument("--run-name", help="one run folder for every run of the deployment (default: each flow run "
+                    "its own, named recipe name + config hash + flow run name + id)")
     sp.add_argument("--name", help="deployment name (default: the recipe name)")
     sp.add_argument("--cron", help="schedule, e.g. '0 2 * * *'")
     sp.set_defaults(fn=cmd_serve)

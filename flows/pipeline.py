@@ -3,11 +3,14 @@
 Thin by design: the algorithms and the wiring live in ``stages``. Tasks pass paths and small JSON
 manifests, never tensors. Each stage task's cache key is the stage's content key
 (config + input digests + code version, see :mod:`stages.runner`), so rerunning a recipe after a
-crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest.
+crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest; a cached
+stage whose files on disk are no longer the ones its manifest records is recomputed. Each flow run writes
+its own run folder (:func:`run_name_for`).
 """
 
 from __future__ import annotations
 
+import re
 import traceback
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from stages.config import Recipe, check_run_name
 from stages.errors import CompressError, GateError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
-from stages.runner import link_reused, outputs_exist
+from stages.runner import digest_memo_dir, link_reused, outputs_changed
 from stages.stage import Call, Env
 
 
@@ -36,7 +39,32 @@ class StageKey(CachePolicy):
 @task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
 def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
     """Run one stage (or reuse its finished outputs); returns its manifest."""
-    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root))
+    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root),
+                    log=get_run_logger().info)
+
+
+def run_name_for(recipe: Recipe, run_name: str | None) -> str:
+    """The run folder's name: ``run_name`` if given; else, inside a flow run (a deployment's, or a direct call of
+    the flow), the recipe's default name (recipe name + config hash) followed by the flow run's name and the start
+    of its id, so every flow run gets its own folder; else (no flow run) the recipe's default name."""
+    from prefect.runtime import flow_run
+
+    from flows.cli import default_run_name
+
+    if run_name:
+        return run_name
+    base, run_id = default_run_name(recipe), flow_run.id
+    if not run_id:
+        return base
+    own = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run.name or "").strip("-_")[:40]  # a UI-given name may be any text
+    return f"{base}-{own}"[:90].rstrip("-") + f"-{str(run_id).replace('-', '')[:8]}"
+
+
+def _flow_run_name() -> str:
+    """The flow run's name: the ``run_name`` parameter if given, else the one Prefect generated (kept)."""
+    from prefect.runtime import flow_run
+
+    return flow_run.parameters.get("run_name") or flow_run.name
 
 
 def _artifact_key(run_name: str, what: str) -> str:
@@ -87,11 +115,14 @@ def _result_storage(root: Path) -> LocalFileSystem:
     return block
 
 
-@flow(name="compress", flow_run_name="{run_name}", log_prints=True, validate_parameters=True)
-def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") -> dict:
-    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export."""
+@flow(name="compress", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
+def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "artifacts") -> dict:
+    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export.
+
+    ``run_name``: the run folder under ``artifacts_dir``; empty: one folder per flow run (see :func:`run_name_for`).
+    """
     log = get_run_logger()
-    check_run_name(run_name)
+    run_name = check_run_name(run_name_for(recipe, run_name))
     preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
     root = Path(artifacts_dir).resolve()
     run_dir = root / run_name
@@ -104,15 +135,18 @@ def compress(recipe: Recipe, run_name: str, artifacts_dir: str = "artifacts") ->
     try:
         env = Env.resolve(recipe)
         for stage in enabled(recipe):
-            call = make_call(recipe, stage, done, env, root / ".cache" / "digests")
+            call = make_call(recipe, stage, done, env, digest_memo_dir(root))
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
                                              result_storage=storage)
             args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
                         artifacts_root=str(root))
             state = task_fn(**args, return_state=True)
             manifest = state.result()
-            if not outputs_exist(manifest):  # a cache record outlived its files: recompute
-                log.warning(f"{stage}: cached outputs are gone from disk, recomputing")
+            # Prefect's record is reused only while the files are the ones it names (the task, when it runs,
+            # checks the stage's own cache the same way); else the stage runs again
+            why = outputs_changed(manifest, digest_memo_dir(root)) if state.name == "Cached" else None
+            if why is not None:
+                log.info(f"{stage}: not reusing the cached {manifest['stage_dir']}: {why}; recomputing")
                 state = task_fn.with_options(refresh_cache=True)(**args, return_state=True)
                 manifest = state.result()
             reused = state.name == "Cached" or manifest.get("reused", False)

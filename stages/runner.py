@@ -5,13 +5,15 @@ resolved config, the digests of its inputs, its code version and the versions of
 not the run id. The same recipe on the same inputs gives the same
 key, whichever run asks, so finished stages are found again after a crash, a rerun or a second
 run name. The orchestrator (Prefect) uses the same key for its own cache; this module does not
-need it.
+need it. A finished stage is reused only while the files on disk are the ones its manifest records (every output
+present, with its recorded sha256): a record whose files were deleted, edited or replaced is recomputed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import platform
 import shutil
 import time
@@ -23,22 +25,48 @@ from stages.io import (atomic_dir, code_version, digest_path, git_commit, packag
 from stages.result import StageResult
 from stages.stage import Call
 
+_log = logging.getLogger(__name__)
+
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def outputs_exist(manifest: dict) -> bool:
-    """True if every output a manifest names is still on disk (a cache record can outlive its files)."""
-    return all(Path(o["path"]).exists() for o in manifest.get("outputs", {}).values())
+def digest_memo_dir(artifacts_root: Path) -> Path:
+    """Where per-file digests are memoised (:func:`stages.io.memo_sha256`): inputs and cached outputs alike."""
+    return Path(artifacts_root) / ".cache" / "digests"
+
+
+def outputs_changed(manifest: dict, memo_dir: Path | None = None) -> str | None:
+    """Why the files on disk are not the outputs a manifest records, or None if every one is there, unchanged.
+
+    Each output is digested again (through ``memo_dir``, so an unchanged file is not re-read) and compared with
+    the sha256 recorded when the stage wrote it: a cache record can outlive its files, or another run can have
+    written other files at the same paths.
+    """
+    for name, out in manifest.get("outputs", {}).items():
+        path = Path(out["path"])
+        if not path.exists():
+            return f"output '{name}' is gone from disk ({path})"
+        try:
+            digest = digest_path(path, memo_dir)
+        except OSError as e:
+            return f"output '{name}' cannot be read ({e})"
+        if digest != out.get("sha256"):
+            return (f"output '{name}' on disk is not the one recorded ({path}: sha256 {digest[:12]}, "
+                    f"recorded {str(out.get('sha256'))[:12]})")
+    return None
 
 
 def cache_index_path(artifacts_root: Path, key: str) -> Path:
     return artifacts_root / ".cache" / f"{key}.json"
 
 
-def lookup(artifacts_root: Path, key: str) -> dict | None:
-    """The manifest of a finished stage with this key, if its outputs still exist."""
+def lookup(artifacts_root: Path, key: str, log: Callable[[str], None] | None = None) -> dict | None:
+    """The manifest of a finished stage with this key, if its outputs are still on disk as it recorded them.
+
+    ``log`` (default: this module's logger at info level) is told why a record is not reused.
+    """
     p = cache_index_path(artifacts_root, key)
     if not p.is_file():
         return None
@@ -46,17 +74,25 @@ def lookup(artifacts_root: Path, key: str) -> dict | None:
         manifest = json.loads(Path(json.loads(p.read_text())["manifest"]).read_text())
     except (OSError, ValueError, KeyError):
         return None
-    return manifest if manifest.get("cache_key") == key and outputs_exist(manifest) else None
+    if manifest.get("cache_key") != key:  # its folder was rewritten by another stage since
+        return None
+    why = outputs_changed(manifest, digest_memo_dir(artifacts_root))
+    if why is not None:
+        (log or _log.info)(f"{manifest.get('stage', key)}: not reusing {manifest.get('stage_dir')}: {why}; "
+                           "recomputing")
+        return None
+    return manifest
 
 
 def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
-            fn: Callable[[Path], StageResult]) -> dict:
+            fn: Callable[[Path], StageResult], log: Callable[[str], None] | None = None) -> dict:
     """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
 
-    If a finished stage with the same key exists (any run), return its manifest without running.
+    If a finished stage with the same key exists (any run) and its outputs are unchanged on disk, return its
+    manifest without running (see :func:`lookup`, which tells ``log`` why a record is not reused).
     """
     stage, key = call.stage, call.key
-    hit = lookup(artifacts_root, key)
+    hit = lookup(artifacts_root, key, log)
     if hit is not None:
         return {**hit, "reused": True}
     stage_dir = run_dir / f"{call.index:02d}-{stage}"

@@ -54,3 +54,39 @@ def test_validate_prints_the_resolved_recipe(capsys):
     out = capsys.readouterr().out
     assert "steps: 7" in out
     assert "stages: bootstrap -> select -> data -> distill -> quantize -> kv -> evaluate -> export" in out
+
+
+def test_each_flow_run_gets_its_own_run_folder_name_unless_one_is_given(monkeypatch):
+    from flows.cli import default_run_name
+    from flows.pipeline import run_name_for
+    from stages.config import check_run_name
+
+    recipe = parse_recipe({})
+    base = default_run_name(recipe)
+    # no flow run (a plain call): the recipe's default, as `compress run` names it
+    assert run_name_for(recipe, None) == base and run_name_for(recipe, "mine") == "mine"
+    # inside a flow run (faked the way prefect.runtime documents): the flow run's name and id
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__NAME", "crafty-owl")
+    first = run_name_for(recipe, None)
+    assert first == f"{base}-crafty-owl-0f1e2d3c" and run_name_for(recipe, "mine") == "mine"
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "9a8b7c6d-0000-4000-8000-000000000000")
+    assert run_name_for(recipe, None) == f"{base}-crafty-owl-9a8b7c6d"  # another run, another folder
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__NAME", "nightly run #2 / ../" + "x" * 200)  # typed in the UI
+    name = check_run_name(run_name_for(parse_recipe({"name": "r" * 80}), None))
+    assert len(name) <= 100 and name.endswith("-9a8b7c6d") and "/" not in name and ".." not in name
+
+
+def test_serve_leaves_the_run_name_to_each_flow_run(monkeypatch):
+    from flows.cli import main
+    from flows.pipeline import compress
+
+    from tests.conftest import TINY
+
+    served = []
+    monkeypatch.setattr(compress, "serve", lambda **kw: served.append(kw))
+    assert main(["serve", str(TINY)]) == 0
+    assert "run_name" not in served[-1]["parameters"] and served[-1]["parameters"]["recipe"]["name"] == "tiny"
+    assert main(["serve", str(TINY), "--run-name", "fixed"]) == 0
+    assert served[-1]["parameters"]["run_name"] == "fixed"
+    assert main(["serve", str(TINY), "--run-name", "../x"]) == 2 and len(served) == 2

@@ -245,3 +245,52 @@ def test_the_kv_cache_is_an_input_of_evaluate_and_export_only_when_the_kv_stage_
     done["kv"]["outputs"]["kv_cache"]["sha256"] = "b"
     spec = _keys(on, done)
     assert [s for s in DOWNSTREAM if spec[s] != keys[s]] == ["evaluate", "export"]
+
+
+def _settled(*paths: Path) -> None:
+    """Date files a minute back, so their digests get memo entries (a just-written file gets none)."""
+    import os
+    import time
+
+    for p in paths:
+        os.utime(p, (time.time() - 60, time.time() - 60))
+
+
+def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorded(tmp_path, monkeypatch, caplog):
+    from stages.result import StageResult
+    from stages.runner import execute
+    from stages.stage import Call
+
+    root, runs = tmp_path / "art", []
+    call = Call(stage="probe", index=6, config={}, inputs={}, key="k" * 64)
+
+    def fn(out: Path) -> StageResult:
+        runs.append(out)
+        (out / "model").mkdir()
+        (out / "model" / "weights.bin").write_bytes(bytes(range(256)) * 4)
+        (out / "eval.json").write_text('{"ppl": 1.5}\n')
+        return StageResult(outputs={"model": "model", "eval": "eval.json"}, metrics={"ppl": 1.5})
+
+    def run(name: str) -> dict:
+        return execute(call, run_dir=root / name, artifacts_root=root, seed=0, fn=fn)
+
+    first = run("a")
+    weights = Path(first["outputs"]["model"]["path"]) / "weights.bin"
+    _settled(weights, Path(first["outputs"]["eval"]["path"]))
+    reads = []
+    real = sio.sha256_file
+    monkeypatch.setattr(sio, "sha256_file", lambda p: reads.append(Path(p).name) or real(p))
+    assert run("b")["reused"] and len(runs) == 1 and sorted(reads) == ["eval.json", "weights.bin"]
+    reads.clear()
+    assert run("b")["reused"] and len(runs) == 1 and reads == []  # unchanged files: their memoised digests
+    # one output edited in place, same size: not reused, recomputed (into this run's folder), and logged why
+    data = bytearray(weights.read_bytes())
+    data[7] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with caplog.at_level("INFO", logger="stages.runner"):
+        again = run("c")
+    assert not again.get("reused") and len(runs) == 2 and again["stage_dir"] == str(root / "c" / "06-probe")
+    assert "output 'model' on disk is not the one recorded" in caplog.text and str(root / "a") in caplog.text
+    assert run("d")["reused"] and len(runs) == 2  # the recomputed record is reused while it is intact
+    Path(again["outputs"]["eval"]["path"]).unlink()  # a deleted output: recomputed too
+    assert not run("e").get("reused") and len(runs) == 3

@@ -535,3 +535,54 @@ def test_ostquant_w4a4kv4_through_the_pipeline(tiny_run, tiny_recipe):
     assert back._fakequant_handle.setting.a_bits == 4 and get_online_hadamard(back).shape == (128, 128)
     exp = done["export"]["metrics"]["safetensors"]
     assert exp["passed"] and exp["max_abs_diff"] < 1e-3
+
+
+def _evaluate_only_variant(recipe, repeats: int):
+    """The tiny recipe with its own evaluate key (latency repeats) and no export: only evaluate runs anew."""
+    variant = recipe.model_copy(deep=True)
+    variant.evaluate.latency_repeats = repeats
+    variant.export.enabled = False
+    return variant
+
+
+def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny_recipe):
+    """The issue's case: Prefect's cache record names files that another write has since changed."""
+    from flows.pipeline import compress
+
+    root, _, _ = tiny_run
+    recipe = _evaluate_only_variant(tiny_recipe, 2)
+    first = compress(recipe=recipe, run_name="tiny-edited-a", artifacts_dir=str(root))
+    assert {s["stage"]: s["state"] for s in first["stages"]}["evaluate"] == "ran"
+    eval_json = stage_dir(root, "tiny-edited-a", "evaluate") / "eval.json"
+    text = eval_json.read_text()
+    i = next(i for i, c in enumerate(text) if c.isdigit())
+    eval_json.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])  # in place, same size
+    second = compress(recipe=recipe, run_name="tiny-edited-b", artifacts_dir=str(root))
+    states = {s["stage"]: s["state"] for s in second["stages"]}
+    assert states == {"bootstrap": "cached", "data": "cached", "distill": "cached", "quantize": "cached",
+                      "evaluate": "ran"}
+    m = json.loads((stage_dir(root, "tiny-edited-b", "evaluate") / "manifest.json").read_text())
+    assert "reused_from" not in m and m["outputs"]["eval"]["sha256"] == digest_path(m["outputs"]["eval"]["path"])
+    third = compress(recipe=recipe, run_name="tiny-edited-c", artifacts_dir=str(root))  # untouched: reused
+    assert [s["state"] for s in third["stages"]] == ["cached"] * 5
+    m = json.loads((stage_dir(root, "tiny-edited-c", "evaluate") / "manifest.json").read_text())
+    assert m["reused_from"] == str(stage_dir(root, "tiny-edited-b", "evaluate"))
+
+
+def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_run, tiny_recipe):
+    from flows.cli import default_run_name
+    from flows.pipeline import compress
+
+    root, _, _ = tiny_run
+    recipe = _evaluate_only_variant(tiny_recipe, 3)
+    first = compress(recipe=recipe, artifacts_dir=str(root))
+    second = compress(recipe=recipe, artifacts_dir=str(root))
+    a, b = first["run_name"], second["run_name"]
+    assert a != b and a.startswith(default_run_name(recipe) + "-") and b.startswith(default_run_name(recipe) + "-")
+    for name, rep in ((a, first), (b, second)):
+        assert json.loads((root / name / "report.json").read_text())["run_name"] == name == rep["run_name"]
+        assert (root / name / "report.md").is_file() and rep["status"] == "completed"
+    assert {s["stage"]: s["state"] for s in first["stages"]}["evaluate"] == "ran"
+    assert [s["state"] for s in second["stages"]] == ["cached"] * 5  # the content-keyed cache is shared
+    m = json.loads((stage_dir(root, b, "evaluate") / "manifest.json").read_text())
+    assert m["reused_from"] == str(stage_dir(root, a, "evaluate"))

@@ -12,6 +12,7 @@ Order (fixed numbering, so ``NN-stage`` folders line up across runs):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from stages.config import Recipe
 from stages.pipeline import bootstrap, data, distill, evaluate, export, kv, quantize, select
@@ -86,14 +87,16 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict], env: Env | None
                 device=env.device, code=code, libraries=libraries)
 
 
-def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path) -> dict:
-    """Run (or reuse) one stage and return its manifest; see :func:`stages.runner.execute`."""
+def run_call(recipe: Recipe, call: Call, run_dir: Path, artifacts_root: Path,
+             log: Callable[[str], None] | None = None) -> dict:
+    """Run (or reuse) one stage and return its manifest; see :func:`stages.runner.execute` (``log``: why a
+    cached record was not reused)."""
     from stages.runner import execute
 
     def fn(out: Path) -> StageResult:
         return get_stage(call.stage).run(Context(recipe, call, out, artifacts_root))
 
-    return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed, fn=fn)
+    return execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=recipe.runtime.seed, fn=fn, log=log)
 
 
 def after(recipe: Recipe, stage: str, done: dict[str, dict]) -> None:
@@ -103,11 +106,13 @@ def after(recipe: Recipe, stage: str, done: dict[str, dict]) -> None:
 
 def run_local(recipe: Recipe, run_dir: Path, artifacts_root: Path) -> dict[str, dict]:
     """Run every enabled stage in order without an orchestrator; returns the manifests."""
+    from stages.runner import digest_memo_dir
+
     preflight(recipe)
     env = Env.resolve(recipe)
     done: dict[str, dict] = {}
     for stage in enabled(recipe):
-        done[stage] = run_call(recipe, make_call(recipe, stage, done, env, artifacts_root / ".cache" / "digests"),
+        done[stage] = run_call(recipe, make_call(recipe, stage, done, env, digest_memo_dir(artifacts_root)),
                                run_dir, artifacts_root)
         after(recipe, stage, done)
     return done
