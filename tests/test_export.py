@@ -186,3 +186,32 @@ def test_bad_check_ids(model_dir, tmp_path):
         run_export(ExportConfig(formats=["safetensors"]), model_dir, tmp_path,
                    check_ids=torch.tensor([0, 1, 2]), progress=False)
     assert _names(tmp_path) == []
+
+
+def test_generate_idiom_on_embedded_tokenizer_export(tmp_path):
+    """The export folder alone serves ``model.generate(**tok(prompt, return_tensors="pt"))`` with stock transformers
+    classes: the embedded tokenizer is in it and returns no token_type_ids (which generate() refuses)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stages.embedded import train_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat {i} sat on the mat {i * 3}"}) + "\n" for i in range(40)))
+    src = tmp_path / "src"
+    tok = train_tokenizer([corpus], vocab_size=300, out_dir=src)
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(src, safe_serialization=True)
+    run_export(ExportConfig(formats=["safetensors"]), src, tmp_path / "out", progress=False)
+
+    d = tmp_path / "out" / "safetensors"
+    assert json.loads((d / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
+                                                                                          "attention_mask"]
+    user_tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    inputs = user_tok("the cat sat", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert isinstance(user_tok.decode(out[0]), str)
