@@ -1,4 +1,5 @@
-"""Export stage: every format round-trips through disk and matches its source; failures publish nothing.
+"""Export stage: every format round-trips through disk and matches its source; a failed format publishes nothing
+and takes no other format down.
 
 The model is a tiny random Llama (vocab 320, hidden 64, 2 layers, 4 heads, 2 KV heads) with a
 byte-level BPE tokenizer trained here, so the whole file runs in seconds on a CPU, offline.
@@ -153,20 +154,88 @@ def test_default_batch_is_seeded(model_dir, tmp_path):
 
 @pytest.mark.parametrize("check, figure", [(ExportCheck(max_abs_diff=0.0), "max_abs_diff"),
                                            (ExportCheck(min_top1_agreement=1.0), "top1_agreement")])
-def test_failed_check_publishes_nothing(check, figure, model_dir, ids, tmp_path):
-    cfg = ExportConfig(formats=["safetensors", "bnb-nf4", "onnx"], checks={"bnb-nf4": check})
-    with pytest.raises(ExportError, match=rf"bnb-nf4.*{figure}") as info:
+def test_a_failed_check_publishes_that_format_only(check, figure, model_dir, ids, tmp_path):
+    cfg = ExportConfig(formats=["safetensors", "bnb-nf4", "bnb-int8"], checks={"bnb-nf4": check})
+    with pytest.raises(ExportError, match=rf"1 of 3 formats failed.*bnb-nf4.*{figure}") as info:
         run_export(cfg, model_dir, tmp_path, check_ids=ids, progress=False)
 
-    # The failed format and the ones after it are absent (no temp dir either); the one before is whole.
-    assert _names(tmp_path) == ["safetensors"]
+    # The failed format is absent (no temp dir either); the ones before and after it are whole.
+    assert _names(tmp_path) == ["bnb-int8", "safetensors"]
     reloaded = load_causal_lm(str(tmp_path / "safetensors"))
     assert reloaded.config.num_hidden_layers == 2
     m = info.value.metrics
-    assert m["safetensors"]["passed"] is True and m["bnb-nf4"]["passed"] is False
-    assert "onnx" not in m
+    assert m["safetensors"]["passed"] is True and m["bnb-int8"]["passed"] is True
+    assert m["bnb-nf4"]["passed"] is False and figure in m["bnb-nf4"]["error"] and m["failed"] == ["bnb-nf4"]
+    assert info.value.partial.outputs == {f: str(tmp_path / f) for f in ("safetensors", "bnb-int8")}
     if figure == "top1_agreement":
         assert m["bnb-nf4"]["top1_agreement"] < 1.0
+
+
+def _break_builder(monkeypatch, fmt: str) -> None:
+    """Make ``fmt``'s builder fail after writing a file, as an exporter crashing half-way would."""
+    import stages.export as export
+
+    def broken(src_model, model_dir, dst, device):
+        (dst / "half-written.onnx").write_bytes(b"\0")
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setitem(export.BUILDERS, fmt, broken)
+
+
+def test_a_failing_format_does_not_take_the_others_down(model_dir, ids, ref_logits, tmp_path, monkeypatch):
+    _break_builder(monkeypatch, "onnx")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "older.txt").write_text("an earlier export")  # a failed format leaves it as it was
+    cfg = ExportConfig(formats=["onnx", "safetensors", "bnb-int8"])
+    with pytest.raises(ExportError, match="1 of 3 formats failed, not published: export onnx: could not build it "
+                                          "or load it back: RuntimeError: simulated exporter crash") as info:
+        run_export(cfg, model_dir, tmp_path, check_ids=ids, progress=False)
+
+    assert _names(tmp_path) == ["bnb-int8", "onnx", "safetensors"]
+    assert _names(tmp_path / "onnx") == ["older.txt"]
+    m = info.value.metrics
+    assert m["failed"] == ["onnx"] and m["onnx"] == {"passed": False, "error": m["onnx"]["error"]}
+    assert "simulated exporter crash" in m["onnx"]["error"]
+    for fmt in ("safetensors", "bnb-int8"):  # built after the failure, checked, published, and they reload
+        assert m[fmt]["passed"] is True
+        again = compare_logits(ref_logits, _reload_logits(fmt, tmp_path / fmt, ids))
+        assert again["top1_agreement"] == pytest.approx(m[fmt]["top1_agreement"])
+    json.dumps(m)
+
+
+def test_the_stage_publishes_what_passed_as_a_failed_stage_that_no_cache_serves(model_dir, ids, tmp_path,
+                                                                               monkeypatch):
+    from stages.report import build, markdown
+    from stages.runner import execute, failed_manifest, lookup
+    from stages.stage import Call
+
+    _break_builder(monkeypatch, "onnx-int8")
+    call = Call(stage="export", index=8, config={}, inputs={}, key="k" * 64)
+    run_dir, root = tmp_path / "run", tmp_path / "artifacts"
+    runs = []
+
+    def fn(out: Path):
+        runs.append(out)
+        return run_export(ExportConfig(formats=["safetensors", "onnx-int8"]), model_dir, out, check_ids=ids,
+                          progress=False)
+
+    for attempt in (1, 2):  # the second attempt runs again: a failed stage is never served from a cache
+        with pytest.raises(ExportError, match="export onnx-int8: could not build it") as info:
+            execute(call, run_dir=run_dir, artifacts_root=root, seed=0, fn=fn)
+        assert len(runs) == attempt and lookup(root, call.key) is None
+        assert not (root / ".cache" / f"{call.key}.json").exists()
+    stage = run_dir / "08-export"
+    assert _names(run_dir) == ["08-export"] and _names(stage) == ["manifest.json", "safetensors"]
+    man = failed_manifest(run_dir, call)
+    assert man == info.value.manifest == json.loads((stage / "manifest.json").read_text())
+    assert man["status"] == "failed" and "onnx-int8" in man["error"] and list(man["outputs"]) == ["safetensors"]
+    assert man["metrics"]["failed"] == ["onnx-int8"] and man["metrics"]["safetensors"]["passed"] is True
+    assert load_causal_lm(man["outputs"]["safetensors"]["path"]).config.num_hidden_layers == 2
+
+    rep = build("r", "t", {}, [], "failed", str(info.value), False, man)
+    assert [(e["format"], e["passed"]) for e in rep["exports"]] == [("safetensors", True), ("onnx-int8", False)]
+    md = markdown(rep)
+    assert "| False: export onnx-int8: could not build it" in md and "not published |" in md
 
 
 def test_missing_model_dir(tmp_path):
@@ -215,3 +284,4 @@ def test_generate_idiom_on_embedded_tokenizer_export(tmp_path):
     out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert isinstance(user_tok.decode(out[0]), str)
+
