@@ -38,10 +38,12 @@ from tqdm.auto import tqdm
 
 from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
+from stages.export_support import ONNX_FORMATS, onnx_export_problem
 from stages.io import atomic_dir, path_size
 from stages.kv.spec import KV_CACHE_JSON
 from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
 from stages.quantize.record import QUANT_FILE, runtime_needs
+from stages.refs import model_config
 from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
@@ -392,6 +394,9 @@ def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, o
 
     Raises ExportError (with the figures measured so far as ``.figures``) when it fails: nothing is published then,
     and an older ``out_dir/<fmt>`` is left as it was."""
+    why = onnx_export_problem(model_config(str(model_dir))) if fmt in ONNX_FORMATS else None
+    if why:  # validation refuses it when it can read the config up front; this catches the rest
+        raise ExportError(f"export {fmt}: {model_dir} cannot be exported to ONNX correctly: {why}")
     with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
         m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec)
         check = cfg.checks.get(fmt) or ExportCheck()

@@ -285,3 +285,49 @@ def test_generate_idiom_on_embedded_tokenizer_export(tmp_path):
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
     assert isinstance(user_tok.decode(out[0]), str)
 
+
+NEMO = {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "num_hidden_layers": 40, "vocab_size": 131072}  # Mistral-NeMo: 5120 / 32 = 160, not 128
+
+
+def test_onnx_is_refused_at_validation_for_a_head_dim_it_cannot_export(tmp_path):
+    from stages.config import parse_recipe
+    from stages.export_support import onnx_export_problem
+    from stages.pipeline import preflight
+
+    assert "head_dim 128, not hidden_size // num_attention_heads (5120 // 32 = 160)" in onnx_export_problem(NEMO)
+    assert onnx_export_problem({**NEMO, "head_dim": 160}) is None  # transformers writes the default one out
+    assert onnx_export_problem({k: v for k, v in NEMO.items() if k != "head_dim"}) is None
+    assert onnx_export_problem(None) is None
+
+    student = tmp_path / "nemo"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps(NEMO))
+    recipe = {"models": {"student": str(student)}, "distill": {"enabled": False}, "quantize": {"enabled": False},
+              "export": {"formats": ["safetensors", "onnx", "onnx-int4"]}}
+    with pytest.raises(InputError, match=r"export.formats \['onnx', 'onnx-int4'\]: the model to export cannot be "
+                                         r"exported to ONNX correctly: its config sets head_dim 128.*Mistral-NeMo.*"
+                                         r"drop the onnx formats \(export.formats: \[safetensors\]\)"):
+        preflight(parse_recipe(recipe))
+    preflight(parse_recipe({**recipe, "export": {"formats": ["safetensors", "bnb-nf4"]}}))
+    derived = {"models": {"teacher": str(student)}, "quantize": {"enabled": False}, "distill": {"student": {
+        "layers": [0, 1], "init": "random", "config": {"head_dim": 160}}}}  # a student that overrides head_dim
+    preflight(parse_recipe(derived))
+    with pytest.raises(InputError, match="head_dim 128"):
+        preflight(parse_recipe({**derived, "distill": {"student": {"layers": [0, 1]}}}))
+
+
+def test_onnx_of_a_head_dim_it_cannot_export_fails_that_format_only_at_run_time(tmp_path):
+    """A model validation could not read (a hub id not yet downloaded) is caught before the ONNX export starts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    d = tmp_path / "model"
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    with pytest.raises(ExportError, match=r"export onnx: .* cannot be exported to ONNX correctly: its config sets "
+                                          r"head_dim 32, not hidden_size // num_attention_heads \(64 // 4 = 16\)"):
+        run_export(ExportConfig(formats=["onnx", "safetensors"]), d, tmp_path / "out", progress=False)
+    assert _names(tmp_path / "out") == ["safetensors"]
