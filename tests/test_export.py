@@ -331,3 +331,19 @@ def test_onnx_of_a_head_dim_it_cannot_export_fails_that_format_only_at_run_time(
                                           r"head_dim 32, not hidden_size // num_attention_heads \(64 // 4 = 16\)"):
         run_export(ExportConfig(formats=["onnx", "safetensors"]), d, tmp_path / "out", progress=False)
     assert _names(tmp_path / "out") == ["safetensors"]
+
+
+def test_onnx_without_onnx_runtime_is_refused_at_validation(monkeypatch):
+    """ONNX Runtime comes from the cpu or gpu extra (onnxruntime or onnxruntime-gpu, never both): without either the
+    ONNX formats are refused before any work."""
+    import stages.export_support as support
+    from stages.config import parse_recipe
+    from stages.pipeline import preflight
+
+    recipe = parse_recipe({"export": {"formats": ["safetensors", "onnx-int8"]}})
+    preflight(recipe)
+    monkeypatch.setattr(support, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"export.formats \['onnx-int8'\]: ONNX Runtime is not installed: install "
+                                         r"the project with its cpu extra .*drop the onnx formats"):
+        preflight(recipe)
+    preflight(parse_recipe({"export": {"formats": ["safetensors", "bnb-int8"]}}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stages.errors import InputError
-from stages.export_support import ONNX_FORMATS, onnx_export_problem
+from stages.export_support import ONNX_FORMATS, onnx_export_problem, onnx_runtime_missing
 from stages.refs import distilled_model_config
 from stages.stage import Context, Stage, Upstream
 
@@ -18,13 +18,17 @@ class Export(Stage):
     name, index = "export", 8
     sections = ("export",)
     libraries = ("torch", "transformers", "safetensors", "optimum", "optimum-onnx", "onnx", "onnxruntime",
-                 "onnx-ir", "bitsandbytes")
+                 "onnxruntime-gpu", "onnx-ir", "bitsandbytes")  # one of the two runtimes: the other "not installed"
 
     def check(self, recipe) -> None:
         onnx = [f for f in recipe.export.formats if f in ONNX_FORMATS]
-        why = onnx_export_problem(distilled_model_config(recipe)) if onnx else None
-        if why:
-            keep = [f for f in recipe.export.formats if f not in ONNX_FORMATS] or ["safetensors"]
+        if not onnx:
+            return
+        keep = [f for f in recipe.export.formats if f not in ONNX_FORMATS] or ["safetensors"]
+        if why := onnx_runtime_missing():
+            raise InputError(f"export.formats {onnx}: {why}; or drop the onnx formats (export.formats: "
+                             f"[{', '.join(keep)}])")
+        if why := onnx_export_problem(distilled_model_config(recipe)):
             raise InputError(f"export.formats {onnx}: the model to export cannot be exported to ONNX correctly: "
                              f"{why}; drop the onnx formats (export.formats: [{', '.join(keep)}])")
 
