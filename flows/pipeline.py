@@ -25,7 +25,7 @@ from stages.config import Recipe, check_run_name
 from stages.errors import CompressError, GateError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
-from stages.runner import digest_memo_dir, link_reused, outputs_changed
+from stages.runner import digest_memo_dir, failed_manifest, link_reused, outputs_changed
 from stages.stage import Call, Env
 
 
@@ -132,6 +132,7 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
     done: dict[str, dict] = {}
     records: list[dict] = []
     status, error, published = "completed", None, False
+    call, failed = None, None
     try:
         env = Env.resolve(recipe)
         for stage in enabled(recipe):
@@ -166,12 +167,15 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
         raise
     except CompressError as e:
         status, error = "failed", f"{type(e).__name__}: {e}"
+        failed = failed_manifest(run_dir, call) if call is not None else None  # export: the formats that passed
+        if failed is not None:
+            records.append(report_mod.stage_record(failed, "failed"))
         raise
     except BaseException as e:
         status, error = "failed", "".join(traceback.format_exception_only(type(e), e)).strip()
         raise
     finally:
-        rep = report_mod.build(run_name, recipe.name, done, records, status, error, published)
+        rep = report_mod.build(run_name, recipe.name, done, records, status, error, published, failed)
         md = report_mod.write(run_dir, rep)
         try:
             _publish_artifacts(run_name, rep, md)

@@ -376,13 +376,17 @@ def build_corpus(out_dir: Path, *, max_mb: float, eval_fraction: float, seed: in
 # tokenizer
 
 
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what the tokenizer returns: what a causal LM's forward takes
+
+
 def train_tokenizer(files: list[Path], *, vocab_size: int, out_dir: Path,
                     text_field: str = "text") -> "PreTrainedTokenizerFast":
     """Train a byte-level BPE tokenizer on the JSONL ``files`` and save it to ``out_dir``.
 
     ``<|endoftext|>`` is the only special token (bos, eos, pad and unk); encoding adds no special
     tokens. Any text round-trips exactly: bytes, not characters, are the alphabet, and nothing
-    normalizes the text or cleans up spaces on decode. Loads back with ``AutoTokenizer``.
+    normalizes the text or cleans up spaces on decode. Loads back with ``AutoTokenizer``; it returns
+    ``input_ids`` and ``attention_mask`` only (:data:`MODEL_INPUT_NAMES`).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -412,7 +416,10 @@ def train_tokenizer(files: list[Path], *, vocab_size: int, out_dir: Path,
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT,
         # transformers would otherwise delete spaces before punctuation on decode.
-        clean_up_tokenization_spaces=False)
+        clean_up_tokenization_spaces=False,
+        # Saved in tokenizer_config.json: without it the fast tokenizer also returns token_type_ids, which a causal
+        # LM's generate() refuses, so model.generate(**tok(prompt, return_tensors="pt")) would fail.
+        model_input_names=list(MODEL_INPUT_NAMES))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out_dir)

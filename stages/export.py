@@ -16,8 +16,11 @@ own past key values, not transformers caches), which their metrics say.
 
 Every format is built in a temporary sibling directory, then loaded back *from disk* in a fresh
 object and run on a fixed batch of token ids; its logits are compared with the source model's. A
-format whose comparison misses its check (``ExportConfig.checks``) raises :class:`ExportError` and is
-never published: its temporary directory is removed, so ``out_dir/<format>`` does not exist.
+format that fails to build or load back, or whose comparison misses its check (``ExportConfig.checks``), is
+never published: its temporary directory is removed, so ``out_dir/<format>`` does not exist. It takes no other
+format down: the rest are still built, checked and published, and the stage then fails with an
+:class:`ExportError` naming every failed format (the runner publishes the stage folder with the formats that
+passed and a manifest marked failed, which no cache serves).
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ from tqdm.auto import tqdm
 
 from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
+from stages.export_support import ONNX_FORMATS, onnx_export_problem
 from stages.io import atomic_dir, path_size
 from stages.kv.spec import KV_CACHE_JSON
 from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
 from stages.quantize.record import QUANT_FILE, runtime_needs
+from stages.refs import model_config
 from stages.result import StageResult
 
 FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
@@ -328,10 +333,14 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
                seed: int = 0, device: str = "cpu", progress: bool = True, kv_spec: Path | None = None) -> StageResult:
     """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload;
     with ``kv_spec`` (a ``kv_cache.json``) the transformers formats carry it and are checked generating with it.
+    Metrics: one dict per format, and ``failed``, the formats that failed (empty when this returns).
 
-    Raises InputError for a missing or unloadable ``model_dir`` (or bad ``check_ids``), and
-    ExportError for a format that fails to build, load back, or match the source within
-    ``cfg.checks[format]``; formats finished before it stay published, the failed one is absent.
+    Raises InputError for a missing or unloadable ``model_dir`` (or bad ``check_ids``). Each format stands alone:
+    one that fails to build, load back, or match the source within ``cfg.checks[format]`` is not published
+    (``out_dir/<format>`` is absent) and its metrics hold ``passed: False`` and its ``error``; the other formats
+    are still built, checked and published. If any failed, ExportError is raised once all are done, naming each
+    failure; its ``partial`` (a StageResult: the published formats' outputs and every format's metrics) is what
+    :func:`stages.runner.execute` publishes as a failed stage, never cached.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_ref(str(model_dir), "export: model")
@@ -355,26 +364,48 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
     ref = hf_logits(src_model, ids)  # [B, T, V] float32, the reference every format is held to
 
     outputs: dict[str, str] = {}
-    metrics: dict[str, dict[str, Any]] = {}
+    metrics: dict[str, Any] = {}
+    failed: list[str] = []
     with tqdm(formats, desc="export", unit="format", disable=not progress) as bar:
         for fmt in bar:
             bar.set_postfix_str(fmt)
-            with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
-                try:
-                    metrics[fmt] = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec)
-                except ExportError as e:
-                    e.metrics = metrics  # what passed so far, for the caller's report
-                    raise
-                check = cfg.checks.get(fmt) or ExportCheck()
-                failures = check_failures(metrics[fmt], check)
-                metrics[fmt].update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
-                                    limit_min_top1_agreement=check.min_top1_agreement)
-                if failures:
-                    err = ExportError(f"export {fmt}: the reloaded export does not match the source model on "
-                                      f"{ids.shape[0]}x{ids.shape[1]} check tokens: {'; '.join(failures)}")
-                    err.metrics = metrics  # the failed format's figures included
-                    raise err
-            outputs[fmt] = str(out_dir / fmt)
+            try:
+                metrics[fmt] = _publish_one(fmt, cfg, src_model, tok, model_dir, out_dir, ids, ref, dev, kv_spec)
+                outputs[fmt] = str(out_dir / fmt)
+            except ExportError as e:  # this format only: the others are still built, checked and published
+                metrics[fmt] = {**getattr(e, "figures", {}), "passed": False, "error": str(e)}
+                failed.append(fmt)
     del src_model
     _free(dev)
-    return StageResult(outputs=outputs, metrics=metrics)
+    metrics["failed"] = failed
+    result = StageResult(outputs=outputs, metrics=metrics)
+    if failed:
+        err = ExportError(f"export: {len(failed)} of {len(formats)} formats failed, not published: "
+                          + "; ".join(metrics[f]["error"] for f in failed)
+                          + f" (published: {', '.join(outputs) or 'none'})")
+        err.metrics, err.partial = metrics, result  # the runner publishes the formats that passed, as a failed stage
+        raise err
+    return result
+
+
+def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, out_dir: Path, ids: torch.Tensor,
+                 ref: torch.Tensor, dev: torch.device, kv_spec: Path | None) -> dict[str, Any]:
+    """Export, reload and check one format, and publish it as ``out_dir/<fmt>`` if it passes; its metrics.
+
+    Raises ExportError (with the figures measured so far as ``.figures``) when it fails: nothing is published then,
+    and an older ``out_dir/<fmt>`` is left as it was."""
+    why = onnx_export_problem(model_config(str(model_dir))) if fmt in ONNX_FORMATS else None
+    if why:  # validation refuses it when it can read the config up front; this catches the rest
+        raise ExportError(f"export {fmt}: {model_dir} cannot be exported to ONNX correctly: {why}")
+    with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
+        m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec)
+        check = cfg.checks.get(fmt) or ExportCheck()
+        failures = check_failures(m, check)
+        m.update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
+                 limit_min_top1_agreement=check.min_top1_agreement)
+        if failures:
+            err = ExportError(f"export {fmt}: the reloaded export does not match the source model on "
+                              f"{ids.shape[0]}x{ids.shape[1]} check tokens: {'; '.join(failures)}")
+            err.figures = m
+            raise err
+    return m

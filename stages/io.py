@@ -139,7 +139,7 @@ def stable_hash(obj: Any) -> str:
 
 
 _PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "optimum", "optimum-onnx",
-             "onnxruntime", "bitsandbytes", "prefect", "pydantic", "numpy", "datasets")
+             "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "prefect", "pydantic", "numpy", "datasets")
 
 
 def package_versions(names: tuple[str, ...] | list[str] = _PACKAGES) -> dict[str, str]:

@@ -26,8 +26,10 @@ def eval_rows(done: dict[str, dict]) -> list[dict]:
     return [{"model": name, **{c: m.get(c) for c in EVAL_COLUMNS}} for name, m in ev["metrics"]["models"].items()]
 
 
-def export_rows(done: dict[str, dict]) -> list[dict]:
-    ex = done.get("export")
+def export_rows(done: dict[str, dict], failed: dict | None = None) -> list[dict]:
+    """One row per export format, from the finished export stage, or from ``failed``: the manifest of an export
+    stage that failed after publishing the formats that passed (the failed formats' rows hold their ``error``)."""
+    ex = done.get("export") or (failed if failed and failed.get("stage") == "export" else None)
     if not ex:
         return []
     rows = []
@@ -35,17 +37,19 @@ def export_rows(done: dict[str, dict]) -> list[dict]:
         if isinstance(m, dict):
             rows.append({"format": fmt, "path": ex["outputs"].get(fmt, {}).get("path"), "bytes": m.get("bytes"),
                          "max_abs_diff": m.get("max_abs_diff"), "top1_agreement": m.get("top1_agreement"),
-                         "passed": m.get("passed"), "kv_cache": m.get("kv_cache")})  # kv_cache: runs with KV only
+                         "passed": m.get("passed"), "kv_cache": m.get("kv_cache"),  # kv_cache: runs with KV only
+                         "error": m.get("error")})
     return rows
 
 
 def build(run_name: str, recipe_name: str, done: dict[str, dict], records: list[dict], status: str,
-          error: str | None, published: bool) -> dict:
+          error: str | None, published: bool, failed: dict | None = None) -> dict:
+    """``failed``: the manifest a failed stage published with its partial outputs (export), if any."""
     return {
         "run_name": run_name, "recipe": recipe_name, "status": status, "published": published, "error": error,
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stages": records, "evaluation": eval_rows(done), "kv_cache": kv_row(done), "kv_evaluation": kv_eval_rows(done),
-        "exports": export_rows(done),
+        "exports": export_rows(done, failed),
     }
 
 
@@ -109,8 +113,10 @@ def markdown(report: dict) -> str:
             c = e.get("kv_cache") or {}
             kv_cell = "" if not kv else (f"{c['method']}: {c['generated_tokens']} | " if c.get("file")
                                          else f"no ({c.get('reason', '-')}) | ")
+            passed = f"False: {e['error']}".replace("|", "/") if e.get("error") else e["passed"]
+            path = f"`{e['path']}`" if e["path"] else "not published"
             lines.append(f"| {e['format']} | {_fmt(e['bytes'])} | {_fmt(e['max_abs_diff'])} | "
-                         f"{_fmt(e['top1_agreement'])} | {e['passed']} | {kv_cell}`{e['path']}` |")
+                         f"{_fmt(e['top1_agreement'])} | {passed} | {kv_cell}{path} |")
     return "\n".join(lines) + "\n"
 
 

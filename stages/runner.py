@@ -74,7 +74,7 @@ def lookup(artifacts_root: Path, key: str, log: Callable[[str], None] | None = N
         manifest = json.loads(Path(json.loads(p.read_text())["manifest"]).read_text())
     except (OSError, ValueError, KeyError):
         return None
-    if manifest.get("cache_key") != key:  # its folder was rewritten by another stage since
+    if manifest.get("cache_key") != key or manifest.get("status") == "failed":  # rewritten since, or failed
         return None
     why = outputs_changed(manifest, digest_memo_dir(artifacts_root))
     if why is not None:
@@ -90,6 +90,11 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
 
     If a finished stage with the same key exists (any run) and its outputs are unchanged on disk, return its
     manifest without running (see :func:`lookup`, which tells ``log`` why a record is not reused).
+
+    A stage that fails with an exception carrying a ``partial`` StageResult (export: the formats that passed) is
+    published with those outputs and a manifest saying ``"status": "failed"`` and the ``error``, then the exception
+    is raised again: no cache index entry is written and :func:`lookup` never serves a failed manifest, so the next
+    run of the same key runs the stage again. Any other exception publishes nothing.
     """
     stage, key = call.stage, call.key
     hit = lookup(artifacts_root, key, log)
@@ -99,8 +104,14 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
     for stale in run_dir.glob(f".{stage_dir.name}.*"):  # temp dirs of a killed earlier attempt
         shutil.rmtree(stale, ignore_errors=True)
     started, t0 = _now(), time.perf_counter()
+    failure: Exception | None = None
     with atomic_dir(stage_dir) as tmp:
-        result = fn(tmp)
+        try:
+            result = fn(tmp)
+        except Exception as e:
+            if not isinstance(getattr(e, "partial", None), StageResult):
+                raise
+            failure, result = e, e.partial
         outputs = {}
         for name, rel in result.outputs.items():
             if Path(rel).is_absolute():  # stages should return paths relative to their dir; accept ones inside it
@@ -112,6 +123,8 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
                              "bytes": path_size(produced)}
         manifest = {
             "stage": stage, "index": call.index, "cache_key": key, "stage_dir": str(stage_dir),
+            "status": "completed" if failure is None else "failed",
+            **({} if failure is None else {"error": f"{type(failure).__name__}: {failure}"}),
             "config": call.config, "device": call.device,
             "inputs": {k: {"ref": v, "sha256": call.input_digests.get(k)} for k, v in call.inputs.items()},
             "outputs": outputs, "metrics": result.metrics, "seed": seed,
@@ -121,8 +134,21 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
             "started_at": started, "finished_at": _now(), "duration_s": round(time.perf_counter() - t0, 2),
         }
         write_json_atomic(tmp / "manifest.json", manifest)
+    if failure is not None:
+        failure.manifest = manifest  # for the caller's report
+        raise failure
     write_json_atomic(cache_index_path(artifacts_root, key), {"manifest": str(stage_dir / "manifest.json")})
     return manifest
+
+
+def failed_manifest(run_dir: Path, call: Call) -> dict | None:
+    """The manifest a failed stage of this call published in ``run_dir`` (with the outputs that passed), if any."""
+    p = run_dir / f"{call.index:02d}-{call.stage}" / "manifest.json"
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    return m if m.get("status") == "failed" and m.get("cache_key") == call.key else None
 
 
 def link_reused(manifest: dict, run_dir: Path) -> None:

@@ -188,6 +188,8 @@ def test_tokenizer_loads_with_auto(tokenizer):
     assert tokenizer.eos_token == "<|endoftext|>"
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == tokenizer.eos_token_id
     assert tokenizer("hello")["input_ids"] == tokenizer.encode("hello", add_special_tokens=False)
+    # no token_type_ids: a causal LM's generate() refuses them, so generate(**tok(...)) must not get any
+    assert list(tokenizer("hello", return_tensors="pt")) == ["input_ids", "attention_mask"]
 
 
 @pytest.mark.parametrize("text", SAMPLES)

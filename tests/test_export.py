@@ -1,4 +1,5 @@
-"""Export stage: every format round-trips through disk and matches its source; failures publish nothing.
+"""Export stage: every format round-trips through disk and matches its source; a failed format publishes nothing
+and takes no other format down.
 
 The model is a tiny random Llama (vocab 320, hidden 64, 2 layers, 4 heads, 2 KV heads) with a
 byte-level BPE tokenizer trained here, so the whole file runs in seconds on a CPU, offline.
@@ -153,20 +154,88 @@ def test_default_batch_is_seeded(model_dir, tmp_path):
 
 @pytest.mark.parametrize("check, figure", [(ExportCheck(max_abs_diff=0.0), "max_abs_diff"),
                                            (ExportCheck(min_top1_agreement=1.0), "top1_agreement")])
-def test_failed_check_publishes_nothing(check, figure, model_dir, ids, tmp_path):
-    cfg = ExportConfig(formats=["safetensors", "bnb-nf4", "onnx"], checks={"bnb-nf4": check})
-    with pytest.raises(ExportError, match=rf"bnb-nf4.*{figure}") as info:
+def test_a_failed_check_publishes_that_format_only(check, figure, model_dir, ids, tmp_path):
+    cfg = ExportConfig(formats=["safetensors", "bnb-nf4", "bnb-int8"], checks={"bnb-nf4": check})
+    with pytest.raises(ExportError, match=rf"1 of 3 formats failed.*bnb-nf4.*{figure}") as info:
         run_export(cfg, model_dir, tmp_path, check_ids=ids, progress=False)
 
-    # The failed format and the ones after it are absent (no temp dir either); the one before is whole.
-    assert _names(tmp_path) == ["safetensors"]
+    # The failed format is absent (no temp dir either); the ones before and after it are whole.
+    assert _names(tmp_path) == ["bnb-int8", "safetensors"]
     reloaded = load_causal_lm(str(tmp_path / "safetensors"))
     assert reloaded.config.num_hidden_layers == 2
     m = info.value.metrics
-    assert m["safetensors"]["passed"] is True and m["bnb-nf4"]["passed"] is False
-    assert "onnx" not in m
+    assert m["safetensors"]["passed"] is True and m["bnb-int8"]["passed"] is True
+    assert m["bnb-nf4"]["passed"] is False and figure in m["bnb-nf4"]["error"] and m["failed"] == ["bnb-nf4"]
+    assert info.value.partial.outputs == {f: str(tmp_path / f) for f in ("safetensors", "bnb-int8")}
     if figure == "top1_agreement":
         assert m["bnb-nf4"]["top1_agreement"] < 1.0
+
+
+def _break_builder(monkeypatch, fmt: str) -> None:
+    """Make ``fmt``'s builder fail after writing a file, as an exporter crashing half-way would."""
+    import stages.export as export
+
+    def broken(src_model, model_dir, dst, device):
+        (dst / "half-written.onnx").write_bytes(b"\0")
+        raise RuntimeError("simulated exporter crash")
+
+    monkeypatch.setitem(export.BUILDERS, fmt, broken)
+
+
+def test_a_failing_format_does_not_take_the_others_down(model_dir, ids, ref_logits, tmp_path, monkeypatch):
+    _break_builder(monkeypatch, "onnx")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "older.txt").write_text("an earlier export")  # a failed format leaves it as it was
+    cfg = ExportConfig(formats=["onnx", "safetensors", "bnb-int8"])
+    with pytest.raises(ExportError, match="1 of 3 formats failed, not published: export onnx: could not build it "
+                                          "or load it back: RuntimeError: simulated exporter crash") as info:
+        run_export(cfg, model_dir, tmp_path, check_ids=ids, progress=False)
+
+    assert _names(tmp_path) == ["bnb-int8", "onnx", "safetensors"]
+    assert _names(tmp_path / "onnx") == ["older.txt"]
+    m = info.value.metrics
+    assert m["failed"] == ["onnx"] and m["onnx"] == {"passed": False, "error": m["onnx"]["error"]}
+    assert "simulated exporter crash" in m["onnx"]["error"]
+    for fmt in ("safetensors", "bnb-int8"):  # built after the failure, checked, published, and they reload
+        assert m[fmt]["passed"] is True
+        again = compare_logits(ref_logits, _reload_logits(fmt, tmp_path / fmt, ids))
+        assert again["top1_agreement"] == pytest.approx(m[fmt]["top1_agreement"])
+    json.dumps(m)
+
+
+def test_the_stage_publishes_what_passed_as_a_failed_stage_that_no_cache_serves(model_dir, ids, tmp_path,
+                                                                               monkeypatch):
+    from stages.report import build, markdown
+    from stages.runner import execute, failed_manifest, lookup
+    from stages.stage import Call
+
+    _break_builder(monkeypatch, "onnx-int8")
+    call = Call(stage="export", index=8, config={}, inputs={}, key="k" * 64)
+    run_dir, root = tmp_path / "run", tmp_path / "artifacts"
+    runs = []
+
+    def fn(out: Path):
+        runs.append(out)
+        return run_export(ExportConfig(formats=["safetensors", "onnx-int8"]), model_dir, out, check_ids=ids,
+                          progress=False)
+
+    for attempt in (1, 2):  # the second attempt runs again: a failed stage is never served from a cache
+        with pytest.raises(ExportError, match="export onnx-int8: could not build it") as info:
+            execute(call, run_dir=run_dir, artifacts_root=root, seed=0, fn=fn)
+        assert len(runs) == attempt and lookup(root, call.key) is None
+        assert not (root / ".cache" / f"{call.key}.json").exists()
+    stage = run_dir / "08-export"
+    assert _names(run_dir) == ["08-export"] and _names(stage) == ["manifest.json", "safetensors"]
+    man = failed_manifest(run_dir, call)
+    assert man == info.value.manifest == json.loads((stage / "manifest.json").read_text())
+    assert man["status"] == "failed" and "onnx-int8" in man["error"] and list(man["outputs"]) == ["safetensors"]
+    assert man["metrics"]["failed"] == ["onnx-int8"] and man["metrics"]["safetensors"]["passed"] is True
+    assert load_causal_lm(man["outputs"]["safetensors"]["path"]).config.num_hidden_layers == 2
+
+    rep = build("r", "t", {}, [], "failed", str(info.value), False, man)
+    assert [(e["format"], e["passed"]) for e in rep["exports"]] == [("safetensors", True), ("onnx-int8", False)]
+    md = markdown(rep)
+    assert "| False: export onnx-int8: could not build it" in md and "not published |" in md
 
 
 def test_missing_model_dir(tmp_path):
@@ -186,3 +255,95 @@ def test_bad_check_ids(model_dir, tmp_path):
         run_export(ExportConfig(formats=["safetensors"]), model_dir, tmp_path,
                    check_ids=torch.tensor([0, 1, 2]), progress=False)
     assert _names(tmp_path) == []
+
+
+def test_generate_idiom_on_embedded_tokenizer_export(tmp_path):
+    """The export folder alone serves ``model.generate(**tok(prompt, return_tensors="pt"))`` with stock transformers
+    classes: the embedded tokenizer is in it and returns no token_type_ids (which generate() refuses)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stages.embedded import train_tokenizer
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the cat {i} sat on the mat {i * 3}"}) + "\n" for i in range(40)))
+    src = tmp_path / "src"
+    tok = train_tokenizer([corpus], vocab_size=300, out_dir=src)
+    torch.manual_seed(SEED)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                     ).save_pretrained(src, safe_serialization=True)
+    run_export(ExportConfig(formats=["safetensors"]), src, tmp_path / "out", progress=False)
+
+    d = tmp_path / "out" / "safetensors"
+    assert json.loads((d / "tokenizer_config.json").read_text())["model_input_names"] == ["input_ids",
+                                                                                          "attention_mask"]
+    user_tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    inputs = user_tok("the cat sat", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+    assert isinstance(user_tok.decode(out[0]), str)
+
+
+NEMO = {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 128, "num_hidden_layers": 40, "vocab_size": 131072}  # Mistral-NeMo: 5120 / 32 = 160, not 128
+
+
+def test_onnx_is_refused_at_validation_for_a_head_dim_it_cannot_export(tmp_path):
+    from stages.config import parse_recipe
+    from stages.export_support import onnx_export_problem
+    from stages.pipeline import preflight
+
+    assert "head_dim 128, not hidden_size // num_attention_heads (5120 // 32 = 160)" in onnx_export_problem(NEMO)
+    assert onnx_export_problem({**NEMO, "head_dim": 160}) is None  # transformers writes the default one out
+    assert onnx_export_problem({k: v for k, v in NEMO.items() if k != "head_dim"}) is None
+    assert onnx_export_problem(None) is None
+
+    student = tmp_path / "nemo"
+    student.mkdir()
+    (student / "config.json").write_text(json.dumps(NEMO))
+    recipe = {"models": {"student": str(student)}, "distill": {"enabled": False}, "quantize": {"enabled": False},
+              "export": {"formats": ["safetensors", "onnx", "onnx-int4"]}}
+    with pytest.raises(InputError, match=r"export.formats \['onnx', 'onnx-int4'\]: the model to export cannot be "
+                                         r"exported to ONNX correctly: its config sets head_dim 128.*Mistral-NeMo.*"
+                                         r"drop the onnx formats \(export.formats: \[safetensors\]\)"):
+        preflight(parse_recipe(recipe))
+    preflight(parse_recipe({**recipe, "export": {"formats": ["safetensors", "bnb-nf4"]}}))
+    derived = {"models": {"teacher": str(student)}, "quantize": {"enabled": False}, "distill": {"student": {
+        "layers": [0, 1], "init": "random", "config": {"head_dim": 160}}}}  # a student that overrides head_dim
+    preflight(parse_recipe(derived))
+    with pytest.raises(InputError, match="head_dim 128"):
+        preflight(parse_recipe({**derived, "distill": {"student": {"layers": [0, 1]}}}))
+
+
+def test_onnx_of_a_head_dim_it_cannot_export_fails_that_format_only_at_run_time(tmp_path):
+    """A model validation could not read (a hub id not yet downloaded) is caught before the ONNX export starts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    d = tmp_path / "model"
+    LlamaForCausalLM(cfg).save_pretrained(d, safe_serialization=True)
+    tok.save_pretrained(d)
+    with pytest.raises(ExportError, match=r"export onnx: .* cannot be exported to ONNX correctly: its config sets "
+                                          r"head_dim 32, not hidden_size // num_attention_heads \(64 // 4 = 16\)"):
+        run_export(ExportConfig(formats=["onnx", "safetensors"]), d, tmp_path / "out", progress=False)
+    assert _names(tmp_path / "out") == ["safetensors"]
+
+
+def test_onnx_without_onnx_runtime_is_refused_at_validation(monkeypatch):
+    """ONNX Runtime comes from the cpu or gpu extra (onnxruntime or onnxruntime-gpu, never both): without either the
+    ONNX formats are refused before any work."""
+    import stages.export_support as support
+    from stages.config import parse_recipe
+    from stages.pipeline import preflight
+
+    recipe = parse_recipe({"export": {"formats": ["safetensors", "onnx-int8"]}})
+    preflight(recipe)
+    monkeypatch.setattr(support, "find_spec", lambda name: None)
+    with pytest.raises(InputError, match=r"export.formats \['onnx-int8'\]: ONNX Runtime is not installed: install "
+                                         r"the project with its cpu extra .*drop the onnx formats"):
+        preflight(recipe)
+    preflight(parse_recipe({"export": {"formats": ["safetensors", "bnb-int8"]}}))
