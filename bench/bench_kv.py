@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "kv_kvlong.json"))
     ap.add_argument("--plot", default=str(ROOT / "bench" / "kv_pareto.png"))
     ap.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
+    ap.add_argument("--from-json", help="skip measuring: redraw the plot and rewrite the section from this JSON "
+                    "(an earlier run's --out)")
     ap.add_argument("--kvtuner", type=float, nargs="*", default=[],
                     help="average-bit budgets: for each, run the KVTuner search (stages.kv.kvtuner, optuna) on "
                          "training rows first and measure the chosen per-layer KIVI cache with the others")
@@ -119,6 +121,10 @@ def main() -> None:
             raise SystemExit(f"--score-tokens {args.score_tokens} leaves no prefill at context {c}")
         if (c - 1 - args.score_tokens) % 2 and any(s.startswith("hqq:") for s in args.caches):
             raise SystemExit(f"context {c} - 1 - --score-tokens {args.score_tokens} is odd: HQQ cannot pack it")
+
+    if args.from_json:
+        data = json.loads(Path(args.from_json).read_text())
+        return publish(args, data["meta"], data["results"])
 
     import torch
 
@@ -152,21 +158,27 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 results.append(row)
 
-    meta.update({"dtypes": args.dtypes, "caches": [label(s) for s in specs], "skipped": skipped, "contexts": args.contexts,
-                 "rows": len(rows),
+    meta.update({"dtypes": args.dtypes, "caches": [label(s) for s in specs], "skipped": skipped,
+                 "contexts": args.contexts, "rows": len(rows),
                  "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
                  "threads": torch.get_num_threads(), "machine": platform.platform(),
                  "python": platform.python_version(),
-                 "torch": torch.__version__, "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M")})
+                 "torch": torch.__version__, "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M"),
+                 "command": command()})
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
+    publish(args, meta, results)
+
+
+def publish(args, meta: dict, results: list[dict]) -> None:
+    """The Pareto plot, and with --write-results the RESULTS.md section."""
     pareto_plot(results, Path(args.plot), meta)
     print(f"wrote {args.plot}")
     if args.write_results:
         sys.path.insert(0, str(ROOT / "bench"))
         from bench_divergences import write_section
 
-        path = write_section(SECTION, results_section(meta, results, command()))
+        path = write_section(SECTION, results_section(meta, results, meta.get("command") or command()))
         print(f"wrote {path}")
 
 
@@ -250,7 +262,7 @@ def tune(model, calib, settings: dict, budget: float, out_dir: Path) -> tuple[Pa
           f"{rec['measured']} measured in {seconds:.0f} s)", flush=True)
     return path, {"budget": budget, "spec": str(path.relative_to(ROOT)), "seconds": round(seconds, 1),
                   "sensitivity": result["sensitivity"], **{k: rec[k] for k in ("chosen", "avg_bits", "value",
-                                                                                 "measured", "strategy")}}
+                                                                                 "measured", "trials", "strategy")}}
 
 
 def project_spec(spec: str) -> dict | None:
@@ -454,10 +466,9 @@ def command() -> str:
 
 
 def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
-    """Memory ratio (x) vs perplexity ratio (y), a panel per dtype: a colour per context, a marker per cache, and
-    each context's Pareto front (lowest perplexity ratio at or below each memory ratio) as a step line. ``full`` is
-    measured in the model's dtype (x = 2 in float32); the hollow marker at (1, 1) is a 16-bit full cache, which the
-    ratios are relative to."""
+    """Compression (x: a 16-bit full cache's bytes / bytes held, higher is smaller) vs perplexity ratio (y), a panel
+    per (dtype, context): a colour and marker per cache, and the Pareto front (lowest perplexity ratio at or beyond
+    each compression) as a step line; the dashed lines mark the issue's goal (5x at no more than 1 % perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,34 +477,37 @@ def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
 
     caches = list(dict.fromkeys(r["cache"] for r in results))
     contexts = sorted({r["context"] for r in results})
-    markers = dict(zip(caches, "o^vsDPX*<>phH8d"))
     dtypes = list(dict.fromkeys(r["dtype"] for r in results))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(7.5 * len(dtypes), 5.5), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes):
-        for i, c in enumerate(contexts):
-            pts = sorted((r["memory_ratio"], r["ppl_ratio"], r["cache"]) for r in results
-                         if r["context"] == c and r["dtype"] == dtype)
-            for x, y, name in pts:
-                ax.scatter(x, y, color=f"C{i}", marker=markers.get(name, "o"), zorder=3)
-            front, best = [], math.inf
-            for x, y, _ in pts:
-                if y < best:
-                    front.append((x, y))
-                    best = y
-            ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{i}", alpha=0.5, drawstyle="steps-post")
-        ax.scatter(1.0, 1.0, facecolors="none", edgecolors="grey", s=60, zorder=2)
+    style = {n: (plt.get_cmap("tab20")(i % 20), "o^vsDPX*<>phH8d"[i % 15]) for i, n in enumerate(caches)}
+    panels = [(d, c) for d in dtypes for c in contexts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 3.5, 5.0), squeeze=False)
+    for ax, (dtype, c) in zip(axes[0], panels):
+        pts = sorted(((1 / r["memory_ratio"], r["ppl_ratio"], r["cache"]) for r in results
+                      if r["context"] == c and r["dtype"] == dtype), reverse=True)
+        for x, y, name in pts:
+            ax.scatter(x, y, color=style[name][0], marker=style[name][1], s=36, zorder=3, edgecolors="black",
+                       linewidths=0.3)
+        front, best = [], math.inf
+        for x, y, _ in pts:  # by decreasing compression: the lowest perplexity at or beyond each
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="grey", alpha=0.6, drawstyle="steps-pre")
+        ax.axvline(5.0, color="C3", ls="--", lw=0.8)
+        ax.axhline(1.01, color="C3", ls="--", lw=0.8)
         ax.axhline(1.0, color="grey", lw=0.5)
-        ax.set_xlabel("cache bytes held / 16-bit full cache (after a prefill of the context)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("16-bit full cache / bytes held (after a prefill of the context)")
         ax.set_ylabel("perplexity / full cache's (teacher-forced decode steps)")
-        cfg = meta["config"]
-        ax.set_title(f"KV cache on {meta['model']} ({cfg['num_hidden_layers']} layers, {cfg['num_key_value_heads']} "
-                     f"KV heads x {meta['head_dim']}), {dtype} model", fontsize=10)
-    handles = [Line2D([], [], color=f"C{i}", lw=2, label=f"context {c}") for i, c in enumerate(contexts)]
-    handles += [Line2D([], [], color="black", marker=markers[n], ls="", label=n) for n in caches]
-    handles.append(Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="full, 16-bit"))
-    axes[0][-1].legend(handles=handles, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set_title(f"context {c}, {dtype} model", fontsize=10)
+    cfg = meta["config"]
+    fig.suptitle(f"KV caches on {meta['model']} ({cfg['num_hidden_layers']} layers, {cfg['num_key_value_heads']} KV "
+                 f"heads x {meta['head_dim']}); dashed: 5x and +1 % perplexity", fontsize=10)
+    handles = [Line2D([], [], color=style[n][0], marker=style[n][1], ls="", markeredgecolor="black",
+                      markeredgewidth=0.3, label=n) for n in caches]
+    fig.legend(handles=handles, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 3.4 / (5.2 * len(panels) + 3.5), 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -534,8 +548,8 @@ def results_section(meta: dict, results: list[dict], cmd: str) -> str:
                          f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
                          f"{r['decode_tokens_per_s']:.0f} | {r['decode_vs_full']:.2f} |")
     for t in meta.get("kvtuner", []):
-        lines += ["", f"KVTuner at a budget of {t['budget']:g} bits ({t['strategy']}, {t['measured']} configurations "
-                  f"measured in {t['seconds']:.0f} s on 4 training rows of the context, prompts of half a row; "
+        lines += ["", f"KVTuner at a budget of {t['budget']:g} bits ({t['strategy']}, {t.get('trials', t['measured'])} "
+                  f"trials in {t['seconds']:.0f} s on 4 training rows of the context, prompts of half a row; "
                   f"`{t['spec']}`, its Pareto plot beside it): per layer {' '.join(t['chosen'])}, {t['avg_bits']:g} "
                   f"average bits, KL {t['value']:.5f} on the calibration rows. Layer sensitivity (KL with one layer "
                   "at KV2, the others unquantized): " + ", ".join(f"{i}: {row['KV2']:.4f}" for i, row in

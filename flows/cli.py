@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from stages.config import default_run_name
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEMO_RECIPE = REPO_CONFIGS / "demo.yaml"
 
@@ -32,12 +34,6 @@ def _prefect_env() -> None:
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def default_run_name(recipe) -> str:
-    from stages.io import stable_hash
-
-    return f"{recipe.name}-{stable_hash(recipe.model_dump(mode='json'))[:8]}"
 
 
 def _load(path: str, overrides: list[str]):

@@ -21,7 +21,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.filesystems import LocalFileSystem
 
 from stages import report as report_mod
-from stages.config import Recipe, check_run_name
+from stages.config import Recipe, check_run_name, default_run_name
 from stages.errors import CompressError, GateError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
@@ -49,7 +49,6 @@ def run_name_for(recipe: Recipe, run_name: str | None) -> str:
     of its id, so every flow run gets its own folder; else (no flow run) the recipe's default name."""
     from prefect.runtime import flow_run
 
-    from flows.cli import default_run_name
 
     if run_name:
         return run_name

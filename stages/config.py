@@ -732,6 +732,13 @@ class Recipe(Strict):
 # loading
 
 
+def default_run_name(recipe: "Recipe") -> str:
+    """<recipe name>-<first 8 hex of the recipe's hash>: the run folder when none is given."""
+    from stages.io import stable_hash
+
+    return f"{recipe.name}-{stable_hash(recipe.model_dump(mode='json'))[:8]}"
+
+
 def check_run_name(name: str) -> str:
     if not RUN_NAME_RE.match(name) or ".." in name:
         raise ValueError(f"'{name}' is not a safe name: use letters, digits, '.', '_' and '-' "

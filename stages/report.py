@@ -95,6 +95,10 @@ def markdown(report: dict) -> str:
         lines += ["", "## KV cache (teacher-forced decode through the cache, vs the full cache; memory vs 16-bit)", "",
                   "| " + " | ".join(KV_COLUMNS) + " |", "|" + "---|" * len(KV_COLUMNS),
                   "| " + " | ".join(_fmt(report["kv_cache"][c]) for c in KV_COLUMNS) + " |"]
+        ratio = report["kv_cache"].get("memory_ratio")
+        if ratio is not None and ratio < 1:
+            lines += ["", f"**Warning:** this cache holds {1 / ratio:.2f}x *more* than a 16-bit full cache of the same "
+                      "tokens (its bookkeeping outweighs what it saves on this model), so it saves no memory."]
     if report.get("kv_evaluation"):
         lines += ["", "Every evaluated model with the cache (evaluate; decode: greedy tokens/s with the cache and with "
                   "the full DynamicCache):", "", "| " + " | ".join(("model",) + KV_EVAL_COLUMNS) + " |",

@@ -495,3 +495,14 @@ def test_export_generate_check_runs_through_the_folders_kv_cache_json(tmp_path, 
     assert m["file"] == "kv_cache.json" and m["method"] == "kivi" and m["generated_tokens"] == KV_CHECK_TOKENS
     assert m["cache_tokens"] == 24 + KV_CHECK_TOKENS - 1 and m["cache_bytes"] > 0
     assert 0 <= m["top1_agreement_with_full_cache"] <= 1
+
+
+def test_report_warns_when_a_cache_holds_more_than_a_full_cache():
+    from stages.report import build, markdown
+
+    def report(ratio: float) -> str:
+        kv = {"metrics": {"method": "minicache", "memory_ratio": ratio, "bytes": 100, "full_bytes": int(100 * ratio)}}
+        return markdown(build("r", "t", {"kv": kv}, [], "completed", None, True))
+
+    assert "holds 1.25x *more* than a 16-bit full cache" in report(0.8)
+    assert "*more*" not in report(1.3)

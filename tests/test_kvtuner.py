@@ -61,7 +61,7 @@ def test_optuna_search_respects_the_budget(rows):
     model = _model(4)
     result = search(model, rows, _spec(budget=3.5, strategy="optuna", trials=8, objective="ppl"), prefill=32, seed=1)
     spec, rec = result["spec"], result["spec"]["search"]
-    assert rec["strategy"] == "optuna" and rec["measured"] == 8
+    assert rec["strategy"] == "optuna" and rec["trials"] == 8 and 1 <= rec["measured"] <= 8  # repeats measured once
     assert average_bits(spec["bits"]) <= 3.5 and len(spec["bits"]) == 4
     # the first enqueued trial is the table's additive optimum, so the winner is at least as good as it
     seeded = additive_best(result["sensitivity"], 3.5)

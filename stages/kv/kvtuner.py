@@ -176,7 +176,7 @@ def search(model, rows: torch.Tensor, spec: dict, prefill: int, *, seed: int = 0
     feasible = [t for t in trials if t["avg_bits"] <= budget + 1e-9]
     best = min(feasible, key=lambda t: (t["objective"], t["avg_bits"]))
     record = {"method": "kvtuner", "objective": spec["objective"], "budget": budget, "strategy": how,
-              "space": space, "measured": len(trials), "candidates": candidates, "chosen": best["candidates"],
+              "space": space, "trials": len(trials), "measured": len({tuple(t["candidates"]) for t in trials}), "candidates": candidates, "chosen": best["candidates"],
               "avg_bits": best["avg_bits"], "value": best["objective"], "calib_rows": int(rows.shape[0]),
               "calib_tokens": int(rows.shape[1]), "prefill": int(prefill)}
     chosen = normalize_spec({"method": "kivi", "bits": [list(parse_pair(n)) for n in best["candidates"]],
