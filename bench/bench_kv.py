@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
     ap.add_argument("--from-json", help="skip measuring: redraw the plot and rewrite the section from this JSON "
                     "(an earlier run's --out)")
+    ap.add_argument("--replace-in", help="measure --caches (full included, as the reference) and put their rows into "
+                    "this earlier run's JSON in place of rows of the same dtype, cache and context; the section and "
+                    "plot are then made from the merged JSON, which records this command under meta.remeasured")
     ap.add_argument("--kvtuner", type=float, nargs="*", default=[],
                     help="average-bit budgets: for each, run the KVTuner search (stages.kv.kvtuner, optuna) on "
                          "training rows first and measure the chosen per-layer KIVI cache with the others")
@@ -165,9 +168,27 @@ def main() -> None:
                  "python": platform.python_version(),
                  "torch": torch.__version__, "versions": versions(), "when": time.strftime("%Y-%m-%d %H:%M"),
                  "command": command()})
+    if args.replace_in:
+        meta, results = merged(Path(args.replace_in), meta, results)
+        args.out = args.replace_in
     Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
     publish(args, meta, results)
+
+
+def merged(path: Path, meta: dict, results: list[dict]) -> tuple[dict, list[dict]]:
+    """The run in ``path`` with ``results`` (but ``full``) in place of its rows of the same (dtype, cache, context),
+    new ones added at the end; its meta gains a ``remeasured`` entry (what, when, with which command)."""
+    old = json.loads(path.read_text())
+    key = lambda r: (r["dtype"], r["cache"], r["context"])  # noqa: E731
+    new = {key(r): r for r in results if r["cache"] != "full"}  # the earlier reference stays (its speed is what the
+    # earlier rows' "vs full" divide by); the new rows' quality and speed ratios are to this run's own full cache
+    rows = [new.pop(key(r), r) for r in old["results"]] + list(new.values())
+    entry = {**{k: meta[k] for k in ("when", "command", "threads", "rows")},
+             "caches": [c for c in meta["caches"] if c != "full"]}
+    old["meta"]["caches"] += [c for c in meta["caches"] if c not in old["meta"]["caches"]]
+    old["meta"].setdefault("remeasured", []).append(entry)
+    return old["meta"], rows
 
 
 def publish(args, meta: dict, results: list[dict]) -> None:
@@ -554,6 +575,9 @@ def results_section(meta: dict, results: list[dict], cmd: str) -> str:
                   f"average bits, KL {t['value']:.5f} on the calibration rows. Layer sensitivity (KL with one layer "
                   "at KV2, the others unquantized): " + ", ".join(f"{i}: {row['KV2']:.4f}" for i, row in
                                                                    enumerate(t["sensitivity"])) + "."]
+    for m in meta.get("remeasured", []):
+        lines += ["", f"Re-measured on {m['when']} (the rows of {', '.join(f'`{c}`' for c in m['caches'])}, "
+                  f"replacing earlier ones): `{m['command']}`."]
     if meta["skipped"]:
         lines += ["", "Skipped: " + "; ".join(f"`{k}`: {v}" for k, v in meta["skipped"].items()) + "."]
     return "\n".join(lines) + "\n"

@@ -12,6 +12,7 @@ from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM
 
 from stages.errors import InputError
 from stages.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
+from stages.kv.base import storage_nbytes
 from stages.kv.kivi import KIVICache, KIVILayer
 from stages.kv.minicache import MergedPair, MiniCache, MiniCacheLayer, merge_states
 from stages.kv.packing import pack_codes, unpack_codes
@@ -506,3 +507,24 @@ def test_report_warns_when_a_cache_holds_more_than_a_full_cache():
 
     assert "holds 1.25x *more* than a 16-bit full cache" in report(0.8)
     assert "*more*" not in report(1.3)
+
+
+def test_minicache_retained_tokens_cost_about_what_two_unmerged_layers_cost():
+    """gamma = 0 retains every token: layer s's states take the shared slots, layer s+1's are kept aside. Without
+    quantization both come back exactly and the pair holds 2 D elements per token plus magnitudes and a mask byte;
+    under 4-bit KIVI layer s's states come back as |x0| times their quantized direction, layer s+1's exactly."""
+    x0 = torch.randn(1, 2, 64, HEAD_DIM, generator=_gen(40)).half()
+    x1 = torch.randn(1, 2, 64, HEAD_DIM, generator=_gen(41)).half()
+    pair = MergedPair(t=0.5, gamma=0.0, bits=(16, 16), group_size=16, residual=16)
+    pair.k.add(x0, x1)
+    assert torch.equal(pair.k.restore(0, x0), x0) and torch.equal(pair.k.restore(1, x1), x1)
+    per_token = 2 * HEAD_DIM * 2 + 2 * 2 + 1  # two fp16 vectors, two fp16 magnitudes, the mask byte
+    assert storage_nbytes(pair.k.tensors()) == 2 * 64 * per_token + 2 * 2 * 4  # + d_min, d_max float32 [1, 2]
+
+    q = MergedPair(t=0.5, gamma=0.0, bits=(4, 4), group_size=16, residual=16)
+    q.k.add(x0, x1)
+    assert torch.equal(q.k.restore(1, x1), x1)
+    r0 = q.k.restore(0, x0).float()
+    unit_err = 0.5 * 2 / 15  # half a 4-bit step of a unit direction's components (range at most [-1, 1])
+    assert (r0 - x0.float()).abs().max() <= unit_err * x0.float().norm(dim=-1).max() + 1e-2
+    assert not torch.equal(r0, x0.float())  # quantized, not kept exact

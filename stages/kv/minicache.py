@@ -7,8 +7,10 @@ last layer stays unmerged. For each token, head and batch row, and separately fo
 - one shared direction e = SLERP(x0 / |x0|, x1 / |x1|; t) (``slerp``), computed in float32:
   e = sin((1 - t) W) / sin W * u0 + sin(t W) / sin W * u1, W = arccos(u0 . u1), the angle between the unit vectors;
 - each layer's own magnitude |x0|, |x1|, so a merged token is restored as |x_l| e (norms are exact);
-- the tokens whose angular distance d = W / pi is large are *retained*: both layers' exact vectors are kept and put
-  back on restore. A token is retained when d - d_min > gamma (d_max - d_min) (the paper's relative rule), with
+- the tokens whose angular distance d = W / pi is large are *retained* (unmerged): layer s's state takes the
+  token's slot in the shared storage (exact without quantization; under KIVI its unit direction, restored with its
+  own magnitude and quantized like every state there), layer s+1's exact state is kept aside and put back on
+  restore. A token is retained when d - d_min > gamma (d_max - d_min) (the paper's relative rule), with
   d_min, d_max over the tokens this pair has seen so far, per batch row and head (running, so one decode token has
   a reference range); ``gamma = 0`` retains every token (no compression; for checks), gamma > 1 none.
 
@@ -21,19 +23,21 @@ and to merged/restored states for every earlier token; nothing is pending betwee
 MiniCache over KIVI (the paper's "MiniCache-4"): with ``bits`` < 16, the merged directions are stored in KIVI
 streams (keys per channel, values per token, a full-precision recent window of ``residual`` tokens) and the layers
 below ``start_layer`` (and a leftover last one) are KIVI layers; magnitudes and retained tokens stay in the states'
-dtype. With bits 16 those layers are full-precision caches.
+dtype (layer s's retained states are quantized with the shared storage, as in a KIVI layer). With bits 16 those
+layers are full-precision caches.
 
-Stored per pair, K and V each (``held_tensors``): the direction [B, H, T, D] (or its KIVI codes, scales, offsets and
-window), magnitudes [B, H, T] x 2, the retention mask bool [B, H, T], the retained vectors [N, D] x 2 (token-major
-order: t, then b, then h), and the running d_min, d_max float32 [B, H]. Directions of retained tokens are stored
-too (rectangular storage); their magnitudes are unused.
+Stored per pair, K and V each (``held_tensors``): the shared slots [B, H, T, D] (directions, or layer s's state for
+retained tokens; or their KIVI codes, scales, offsets and window), magnitudes [B, H, T] x 2, the retention mask bool
+[B, H, T], layer s+1's retained vectors [N, D] (token-major order: t, then b, then h), and the running d_min, d_max
+float32 [B, H]. A retained token thus costs about what the two layers' unmerged states cost (2 D elements, plus
+magnitudes and a mask byte), a merged one about half.
 
 Where this differs from the paper, or where it could not be checked (the formulas here are as recalled, not read
 from the paper, and no official code exists): t = 0.5 by default (the paper reports t around 0.6; configurable); the
 retention range is per (batch row, head) and running over the tokens seen, so decode tokens are merged one step at
 a time against it, where the paper's streaming details are unknown; ``gamma`` = 0 is special-cased to retain all
 (the strict rule would merge the closest token); the paper's merge of layer l with l - 1 is written here as
-(s, s+1) from s = start; retained tokens keep a (unused) direction and magnitudes so storage stays rectangular.
+(s, s+1) from s = start; a retained token's magnitudes are stored too (rectangular storage), unused for layer s+1.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ class MergedStates:
         self.dirs = KIVIStream(bits, group_size, residual, per_channel)
         self.mags: list[torch.Tensor | None] = [None, None]  # [B, H, T] per layer, states' dtype
         self.mask: torch.Tensor | None = None  # bool [B, H, T]: retained
-        self.kept: list[torch.Tensor | None] = [None, None]  # [N, D] per layer, token-major
+        self.kept: torch.Tensor | None = None  # [N, D]: layer s+1's retained states, token-major
         self.d_min: torch.Tensor | None = None  # float32 [B, H]
         self.d_max: torch.Tensor | None = None
 
@@ -105,30 +109,42 @@ class MergedStates:
             keep = torch.ones_like(d, dtype=torch.bool)
         else:
             keep = (d - self.d_min.unsqueeze(-1)) > self.gamma * (self.d_max - self.d_min).unsqueeze(-1)
-        # Token-major order (t, b, h), so later blocks append after earlier ones in the same order.
-        kept = [x.permute(2, 0, 1, 3)[keep.permute(2, 0, 1)] for x in (x0, x1)]  # [N_new, D] each
-        self.dirs.append(direction.to(x0.dtype))
+        # A retained token's slot in the shared storage holds layer s's own state: exact x0 without quantization,
+        # its unit direction (restored with its own magnitude, like every state) under KIVI, whose per-channel
+        # groups need values of one scale. Layer s+1's retained vectors are kept aside, exact, token-major (t, b, h).
+        own = x0.float() if self.exact_slots else x0.float() / n0.clamp_min(_EPS).unsqueeze(-1)
+        slot = torch.where(keep.unsqueeze(-1), own, direction)  # [B, H, n, D]
+        kept = x1.permute(2, 0, 1, 3)[keep.permute(2, 0, 1)]  # [N_new, D]
+        self.dirs.append(slot.to(x0.dtype))
         mags = (n0.to(x0.dtype), n1.to(x0.dtype))
         if self.mask is None:
             self.mask, self.mags, self.kept = keep, list(mags), kept
         else:
             self.mask = torch.cat([self.mask, keep], dim=-1)
             self.mags = [torch.cat([old, new], dim=-1) for old, new in zip(self.mags, mags)]
-            self.kept = [torch.cat([old, new], dim=0) for old, new in zip(self.kept, kept)]
+            self.kept = torch.cat([self.kept, kept], dim=0)
+
+    @property
+    def exact_slots(self) -> bool:
+        """True when the shared storage is not quantized (bits 16): a retained x0 is stored as it is."""
+        return self.dirs.store is None
 
     def restore(self, role: int, like: torch.Tensor) -> torch.Tensor:
         """Layer ``role``'s (0 or 1) past states [B, H, T, D] in like's dtype (like: any [B, H, *, D] tensor)."""
         if self.mask is None:
             return like[..., :0, :]
-        direction = self.dirs.read(like)  # [B, H, T, D]
-        out = (self.mags[role].float().unsqueeze(-1) * direction.float()).to(like.dtype)
-        out.permute(2, 0, 1, 3)[self.mask.permute(2, 0, 1)] = self.kept[role]  # writes through the view into out
+        slots = self.dirs.read(like)  # [B, H, T, D]
+        out = (self.mags[role].float().unsqueeze(-1) * slots.float()).to(like.dtype)
+        if role == 1:
+            out.permute(2, 0, 1, 3)[self.mask.permute(2, 0, 1)] = self.kept  # writes through the view into out
+        elif self.exact_slots:
+            out = torch.where(self.mask.unsqueeze(-1), slots, out)
         return out
 
     def tensors(self) -> list[torch.Tensor]:
         if self.mask is None:
             return []
-        return self.dirs.tensors() + self.mags + [self.mask] + self.kept + [self.d_min, self.d_max]
+        return self.dirs.tensors() + self.mags + [self.mask, self.kept, self.d_min, self.d_max]
 
 
 class MergedPair:
