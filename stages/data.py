@@ -2,6 +2,7 @@
 
 The data stage writes ``train.safetensors`` and ``eval.safetensors``, each holding one tensor
 ``ids`` of shape [rows, seq_len] (int32), made by concatenating documents separated by the EOS token
+(each starting with the BOS token when the tokenizer's own encoding adds one, as Llama 3's and Mistral's do)
 and cutting the stream into rows. Later stages read these files, so tokenization happens once per
 (data, tokenizer, seq_len) and its digest is part of every downstream cache key.
 """
@@ -85,16 +86,30 @@ def load_hf_texts(name: str, config: str | None, split: str, text_field: str, ma
     return texts
 
 
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos id] if the tokenizer's default encoding (``tokenizer(text)``, add_special_tokens on) starts a text
+    with its BOS token (Llama 3, Mistral: ``add_bos_token`` or the post-processor), else []."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    default, plain = (tokenizer("a", add_special_tokens=special)["input_ids"] for special in (True, False))
+    return [bos] if default[:1] == [bos] and plain[:1] != [bos] else []
+
+
 def pack(texts: list[str], tokenizer, seq_len: int, what: str) -> torch.Tensor:
-    """Tokenize, join documents with EOS and cut into rows: [rows, seq_len] int32."""
+    """Tokenize, join documents with EOS and cut into rows: [rows, seq_len] int32.
+
+    Each document starts with the tokenizer's BOS when its default encoding adds one (``bos_prefix``).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("the tokenizer has no EOS token; it is needed to separate documents")
+    bos = bos_prefix(tokenizer)
     parts: list[np.ndarray] = []  # int32 per batch of documents: a large corpus never sits in Python ints
     batch = 256
     for i in range(0, len(texts), batch):
         enc = tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
-        parts.append(np.fromiter(itertools.chain.from_iterable(ids + [eos] for ids in enc), dtype=np.int32))
+        parts.append(np.fromiter(itertools.chain.from_iterable(bos + ids + [eos] for ids in enc), dtype=np.int32))
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     rows = len(stream) // seq_len
     if rows == 0:

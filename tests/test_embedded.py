@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stages.data import bos_prefix
 from stages.embedded import DOMAINS, MB, build_corpus, train_tokenizer
 from stages.errors import InputError
 
@@ -188,6 +189,7 @@ def test_tokenizer_loads_with_auto(tokenizer):
     assert tokenizer.eos_token == "<|endoftext|>"
     assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == tokenizer.eos_token_id
     assert tokenizer("hello")["input_ids"] == tokenizer.encode("hello", add_special_tokens=False)
+    assert bos_prefix(tokenizer) == []  # packed documents are joined by EOS alone, no BOS
     # no token_type_ids: a causal LM's generate() refuses them, so generate(**tok(...)) must not get any
     assert list(tokenizer("hello", return_tensors="pt")) == ["input_ids", "attention_mask"]
 

@@ -209,6 +209,32 @@ def test_empty_corpus_and_missing_file(tmp_path):
         load_texts([tmp_path / "missing.jsonl"])
 
 
+def _word_tokenizer(bos: bool):
+    """A local word-level tokenizer; ``bos``: a <s> token its default encoding prepends (as Llama 3's does)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", "a", "b", "c", "d"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>",
+                                   **({"bos_token": "<s>"} if bos else {}))
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_packed_documents_start_with_bos_when_the_tokenizer_adds_it(bos):
+    from stages.data import bos_prefix, pack
+
+    tok = _word_tokenizer(bos)
+    assert tok("a b")["input_ids"] == ([0, 3, 4] if bos else [3, 4])
+    stream = pack(["a b", "c", "d d a"], tok, 1, "docs").flatten().tolist()
+    docs = [3, 4, 1, 5, 1, 6, 6, 3, 1]  # each document, then EOS
+    assert bos_prefix(tok) == ([0] if bos else [])
+    assert stream == ([0, 3, 4, 1, 0, 5, 1, 0, 6, 6, 3, 1] if bos else docs)
+
+
 # ------------------------------------------------------------------ atomic writes
 
 from stages.io import atomic_dir, digest_path  # noqa: E402

@@ -42,7 +42,10 @@ CHUNK_MIN_VOCAB = 32_768  # distill.chunk: auto chunks the loss from this vocabu
 PATHS = ("plain", "chunked", "fused")
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """Autocast to ``dtype`` (mixed precision over float32 master weights); None: bfloat16 on CUDA, off elsewhere."""
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype)
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -120,6 +123,8 @@ class StepLoss:
         student: a causal LM (``model(input_ids=ids).logits``), on ``device``.
         teacher: a causal LM, or None: then only a cached top-k teacher passed per call, or CE alone.
         device: where batches live (bf16 autocast on CUDA).
+        amp_dtype: autocast to this dtype on any device (a low-precision run over float32 master weights,
+            see ``trainer.train``); None: bf16 autocast on CUDA only.
         compile: ``torch.compile`` the student's forward (its decoder on the fused path).
         path: force "plain", "chunked" or "fused" (tests, benchmarks); None chooses: plain when the vocabulary
             is under CHUNK_MIN_VOCAB with chunk auto, with chunk never, or for sinkhorn; else fused when
@@ -130,10 +135,11 @@ class StepLoss:
     """
 
     def __init__(self, cfg: DistillConfig, student, teacher=None, *, device: torch.device,
-                 compile: bool = False, path: str | None = None, chunk_tokens: int | None = None):
+                 compile: bool = False, path: str | None = None, chunk_tokens: int | None = None,
+                 amp_dtype: torch.dtype | None = None):
         if path is not None and path not in PATHS:
             raise TrainingError(f"loss path must be one of {', '.join(PATHS)}, got {path!r}")
-        self.cfg, self.teacher, self.device = cfg, teacher, device
+        self.cfg, self.teacher, self.device, self.amp_dtype = cfg, teacher, device, amp_dtype
         self.name, self.params = cfg.divergence.name, divergence_params(cfg.divergence)
         self.vocab = vocab_size(student)
         self.path, self.note = path or _wanted_path(cfg, self.vocab), ""
@@ -176,14 +182,14 @@ class StepLoss:
             return self._plain(ids, topk, mask, has_kd, w, ce_reduction)
         kd_coef = 1.0 - w if has_kd else 0.0
         ce_coef = 0.0 if mask is not None and has_kd else (w if has_kd else 1.0)
-        with _autocast(self.device):
+        with _autocast(self.device, self.amp_dtype):
             total, parts = self._chunked(ids, topk, mask, has_kd, kd_coef, ce_coef, ce_reduction)
         kd = parts[0] if has_kd else None
         ce = parts[1] if mask is None or not has_kd else None
         return total, kd, ce
 
     def _plain(self, ids, topk, mask, has_kd, w, ce_reduction):
-        with _autocast(self.device):
+        with _autocast(self.device, self.amp_dtype):
             logits = self.forward(input_ids=ids).logits  # [B, T, V]
         ce = None
         if mask is None or not has_kd:
@@ -195,7 +201,7 @@ class StepLoss:
         if topk is not None:
             kd = topk_divergence(self.name, logits, topk, mask=mask, temperature=self.cfg.temperature, **self.params)
         else:
-            with torch.no_grad(), _autocast(self.device):
+            with torch.no_grad(), _autocast(self.device, self.amp_dtype):
                 t_logits = self.teacher(input_ids=ids).logits  # [B, T, V]
             kd = DIVERGENCES[self.name](logits, t_logits, mask, self.cfg.temperature, **self.params)
             del t_logits  # free before backward: the student's activations dominate peak memory

@@ -32,6 +32,23 @@ from stages.distill.step import StepLoss, _autocast
 from stages.errors import TrainingError
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def master_weights(model) -> tuple[torch.dtype | None, list[torch.nn.Parameter]]:
+    """Upcast ``model``'s trainable bfloat16/float16 parameters to float32 in place: the weights the optimiser
+    updates (at a small lr most AdamW updates of a bf16 weight round to zero). Returns (their former dtype, the
+    forward's autocast dtype; the upcast parameters, to cast back after training), or (None, []) if none were.
+    """
+    low = [p for p in model.parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
+    dtypes = {p.dtype for p in low}
+    if len(dtypes) > 1:
+        raise TrainingError(f"the student's trainable parameters mix {sorted(map(str, dtypes))}: load it in one dtype")
+    for p in low:
+        p.data = p.data.float()
+    return (dtypes.pop() if dtypes else None), low
+
+
 def lr_at(step: int, cfg: DistillConfig) -> float:
     """Learning rate for optimiser step ``step`` (0-based): linear warmup, then cfg.schedule."""
     if step < cfg.warmup_steps:
@@ -126,15 +143,17 @@ def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.devic
 
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
-                  cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None) -> dict:
+                  cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None,
+                  amp_dtype: torch.dtype | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
 
     cfg: the divergence, its parameters, temperature and chunking (default: forward KL at T = 1, chunk auto):
         the loss is computed as in training (plain, chunked or fused; see ``StepLoss``).
     The teacher signal is ``teacher_topk`` (cached top-k rows aligned with ``eval_ids``) if given, else
-    ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value.
+    ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value. amp_dtype: autocast dtype
+    (see ``StepLoss``).
     """
-    step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device)
+    step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device, amp_dtype=amp_dtype)
     was_training = model.training
     model.eval()
     score_kd = teacher is not None or teacher_topk is not None
@@ -169,6 +188,10 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     checkpoint_dir: where the state is saved every cfg.checkpoint_every steps and resumed from (None: no checkpoints).
     eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
         forward (already resolved from cfg.compile and the device by the caller).
+
+    A student in bfloat16 or float16 is trained in mixed precision: its trainable parameters become float32 master
+    weights (``master_weights``; checkpoints hold them), the forward passes autocast to its dtype (float16 with a
+    gradient scaler), and it is cast back to its dtype at the end. The teacher stays as it is.
     """
     get_divergence(cfg.divergence.name, **divergence_params(cfg.divergence))  # bad name/parameters fail before any work
     share, prompt = cfg.on_policy.share, cfg.on_policy.prompt_tokens
@@ -183,6 +206,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
                                 f"the {name} tokens {tuple(ids_.shape)}: stale cache?")
     torch.manual_seed(seed)
     student.to(device).train()
+    amp, upcast = master_weights(student)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     if teacher is not None:
         teacher.to(device).eval()
         for p in teacher.parameters():
@@ -191,11 +216,11 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile)
+    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile, amp_dtype=amp)
     batches = _batches(len(train_ids), cfg.batch_size, seed)
     eval_sub = eval_ids[:eval_rows]
     history: list[dict] = []
-    start = _resume(student, opt, checkpoint_dir, history)
+    start = _resume(student, opt, checkpoint_dir, history, scaler)
     for _ in range(start * cfg.grad_accum):  # replay the seeded data order up to the checkpoint
         next(batches)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
@@ -219,7 +244,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
             micro_index = step * cfg.grad_accum + micro
             if is_on_policy(share, seed, micro_index):
                 gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index))
-                ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
+                with _autocast(device, amp):
+                    ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
                 mask = torch.zeros_like(ids, dtype=torch.bool)
                 mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
                 total, kd, _ = _losses(step_loss, ids, mask=mask)
@@ -230,33 +256,44 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
             if not torch.isfinite(total):
                 raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
                                     f"(lr {lr:.3g}); training diverged - lower the learning rate")
-            (total / cfg.grad_accum).backward()
+            share_of_step = total / cfg.grad_accum
+            (scaler.scale(share_of_step) if scaler else share_of_step).backward()
             rec["loss"] += total.item() / cfg.grad_accum
             rec["ce"] += ce.item()  # averaged over the off-policy micro-batches below
             if kd is not None:
                 rec["kd"] += kd.item() / cfg.grad_accum
         off_policy = cfg.grad_accum - rec.get("on_policy", 0)
         rec["ce"] = rec["ce"] / off_policy if off_policy else None
+        if scaler:
+            scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
+        if scaler:  # float16: a non-finite gradient skips the step and lowers the loss scale
+            scaler.step(opt)
+            scaler.update()
+        elif not torch.isfinite(grad_norm):
             raise TrainingError(f"{desc}: gradient norm is {grad_norm.item()} at step {step + 1}")
-        opt.step()
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk))
+            rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk,
+                                     amp_dtype=amp))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
-            _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir))
+            _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir), scaler)
+    for p in upcast:  # back to the dtype the student came in (and is saved in)
+        p.data = p.data.to(amp)
     student.eval()
     return history
 
 
-def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path) -> None:
-    """Model weights (safetensors), optimiser state, step and history; replaced atomically."""
+def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path, scaler=None) -> None:
+    """Model weights (safetensors), optimiser state, step and history (and the float16 loss scaler's state);
+    replaced atomically."""
     from safetensors.torch import save_model
 
     from stages.io import atomic_dir
@@ -264,10 +301,12 @@ def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path)
     with atomic_dir(ckpt_dir) as tmp:
         save_model(model, str(tmp / "model.safetensors"))  # stores tied weights (lm_head = embeddings) once
         torch.save(opt.state_dict(), tmp / "optimizer.pt")  # only tensors/numbers: loads with weights_only=True
+        if scaler:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
 
 
-def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict]) -> int:
+def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict], scaler=None) -> int:
     """Load the checkpoint in ``checkpoint_dir`` if there is one; return the step to start from."""
     if not checkpoint_dir or not (Path(checkpoint_dir) / "state.json").is_file():
         return 0
@@ -281,6 +320,8 @@ def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict]) 
         raise TrainingError(f"checkpoint {ckpt} does not match the model ({str(e).strip()[:200]}); "
                             "delete it to start over") from None
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if scaler and (ckpt / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     history.extend(state["history"])
     return int(state["step"])
 
