@@ -28,6 +28,11 @@ async def _deploy_schedule_and_read_runs():
                                        parameters={"recipe": parse_recipe({}).model_dump(mode="json"), "run_name": "n"})
     deployment_id = await dep.aapply()
 
+    async with get_client() as client:
+        before = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    assert before == []  # creating the deployment schedules nothing; the scheduler does
+
     # one pass of the scheduler service's loop (what `prefect server start` runs every minute) ...
     await schedule_deployments()
     # ... and the model function it and the API's "schedule runs" call insert through, asked for more runs
