@@ -108,6 +108,9 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true", help=f"write the '{SECTION}' section of RESULTS.md")
     ap.add_argument("--from-json", help="skip measuring: redraw the plot and rewrite the section from this JSON "
                     "(an earlier run's --out)")
+    ap.add_argument("--stage-dirs", nargs=2, metavar=("BOOTSTRAP_DIR", "DATA_DIR"),
+                    help="take the model and rows from these finished stage folders (their manifest.json) instead of "
+                         "the cached pipeline stages, e.g. to add rows to an earlier run after the stages' code changed")
     ap.add_argument("--replace-in", help="measure --caches (full included, as the reference) and put their rows into "
                     "this earlier run's JSON in place of rows of the same dtype, cache and context; the section and "
                     "plot are then made from the merged JSON, which records this command under meta.remeasured")
@@ -133,7 +136,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, rows, calib, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows,
-                                       max(args.contexts))
+                                       max(args.contexts), args.stage_dirs)
     specs = ["full"] + [s for s in args.caches if s != "full"]
     meta["kvtuner"] = []
     for budget in args.kvtuner:
@@ -203,10 +206,11 @@ def publish(args, meta: dict, results: list[dict]) -> None:
         print(f"wrote {path}")
 
 
-def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
+def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, stage_dirs: list[str] | None = None):
     """The recipe's bootstrap teacher (eval mode, float32), ``n_rows`` held-out rows [n_rows, T >= max_context] and
     16 training rows (KVTuner's calibration), trained or reused through the pipeline's cached bootstrap and data
-    stages; plus what describes them."""
+    stages, or read from ``stage_dirs`` (an earlier run's 00-bootstrap and 02-data folders: no retraining when the
+    stages' code has changed since); plus what describes them."""
     import torch
     import torch.nn.functional as F
 
@@ -220,8 +224,11 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int):
     recipe = parse_recipe(base)
     done: dict = {}
     t0 = time.perf_counter()
-    for stage in ("bootstrap", "data"):
-        done[stage] = run_call(recipe, make_call(recipe, stage, done), artifacts / "bench-kv", artifacts)
+    for i, stage in enumerate(("bootstrap", "data")):
+        if stage_dirs:
+            done[stage] = json.loads((Path(stage_dirs[i]) / "manifest.json").read_text())
+        else:
+            done[stage] = run_call(recipe, make_call(recipe, stage, done), artifacts / "bench-kv", artifacts)
     prep_s = time.perf_counter() - t0
     out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
     model = load_causal_lm(out("bootstrap", "teacher"), what="teacher")
