@@ -143,6 +143,8 @@ def _quality(fmt: str, m: dict, facts: dict) -> list[str]:
     if kv.get("file"):
         out.append(f"- generating through its `{kv['file']}` ({kv.get('method')}): top-1 agreement with the full "
                    f"cache {_fmt(kv.get('top1_agreement_with_full_cache'))} over {kv.get('generated_tokens')} tokens")
+    elif kv.get("reason"):
+        out.append(f"- no `kv_cache.json` here: {kv['reason']}")
     return out
 
 
@@ -159,6 +161,10 @@ def _latency(fmt: str, facts: dict) -> list[str]:
         return ["Not measured in this run."]
     line = (f"{_fmt(s['latency_ms_per_token'])} ms per generated token (greedy decoding with the KV cache, median; "
             f"the source checkpoint in transformers on `{facts.get('evaluate_device', UNKNOWN)}`).")
+    q = (facts.get("made") or {}).get("quantize")
+    if q:
+        line += (f" Its weights hold {q.get('setting')} values stored as floats: that is the speed of float matmuls, "
+                 "not of low-bit kernels.")
     if fmt != "safetensors":
         line += f" That is the source checkpoint's timing; this `{fmt}` folder was not timed."
     return [line]

@@ -412,6 +412,7 @@ def test_card_reports_latency_only_for_a_model_without_run_time_parts():
     assert 'load_causal_lm("safetensors")' in code and "from_pretrained" not in code  # only our loader re-creates it
     std = _card("safetensors", "standard", {})
     assert "3.25 ms per generated token" in std and "not the speed" not in std
+    assert "W4A4KV4 values stored as floats" in std  # the float checkpoint's speed, not a low-bit kernel's
     nf4 = _card("bnb-nf4", "standard", {}, files=("config.json", "kv_cache.json"))
     assert "this `bnb-nf4` folder was not timed" in nf4  # the timing is the source's, never the format's
     assert "from stages.kv import load_kv_cache" in nf4
