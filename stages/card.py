@@ -6,12 +6,13 @@ student, data, input digests, each upstream stage's cache key), the measured qua
 timed model is a standard one, and how to load it in two lines. Torch-free: :mod:`stages.export` writes it into the
 format's temporary folder, so it is published atomically with the rest.
 
-``facts`` (all optional; :meth:`stages.pipeline.export.Export.run` fills them from its inputs and config; a direct
-:func:`stages.export.run_export` call without them gives ``model_dir``): ``source`` (the exported model's name in evaluate's figures), ``made`` (stage -> its key settings), ``lineage``
-(stage -> its cache key), ``digests`` (export input -> digest), ``teacher``, ``student``, ``data``,
-``license`` / ``license_source`` (:func:`teacher_license`), ``evaluation`` (evaluate's ``eval.json``: model name ->
-figures), ``evaluate_device``, ``kv_method``, ``runtime_needs`` (:func:`stages.quantize.record.runtime_needs` of the
-source).
+``facts`` (all optional; :func:`stages.pipeline.export.card_facts` fills them from the stage's inputs and config; a
+direct :func:`stages.export.run_export` call without them gives ``model_dir``): ``source`` (the exported model's
+name in evaluate's figures), ``made`` (stage -> its key settings), ``lineage`` (stage -> its cache key),
+``digests`` (export input -> digest), ``teacher``, ``student``, ``data``, ``license`` / ``license_source``
+(:func:`teacher_license`), ``evaluation`` (evaluate's ``eval.json``: model name -> figures), ``evaluate_device``,
+``runtime_needs`` (:func:`stages.quantize.record.runtime_needs` of the source: :func:`stages.export.run_export`
+adds it).
 """
 
 from __future__ import annotations
