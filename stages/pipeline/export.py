@@ -65,20 +65,20 @@ class Export(Stage):
 
 
 def made_settings(recipe, up: Upstream) -> dict[str, dict]:
-    """The key settings of each finished stage that shaped the model (stage -> setting -> value)."""
+    """The key settings of each enabled, finished stage that shaped the model (stage -> setting -> value)."""
     made: dict[str, dict] = {}
-    if "select" in up:
+    if recipe.select.enabled and "select" in up:
         made["select"] = {"method": recipe.select.method}
     if "data" in up:
         made["data"] = {"source": recipe.data.source, "seq_len": recipe.data.seq_len}
-    if "distill" in up:
+    if recipe.distill.enabled and "distill" in up:
         d = recipe.distill
         made["distill"] = {"divergence": d.divergence.name, "steps": d.steps, "temperature": d.temperature}
-    if "quantize" in up:
+    if recipe.quantize.enabled and "quantize" in up:
         q = recipe.quantize.scheme
         made["quantize"] = {"method": q.method, "setting": q.setting,
                             **({"group_size": q.group_size} if getattr(q, "group_size", None) else {})}
-    if "kv" in up:
+    if recipe.kv.enabled and "kv" in up:
         made["kv"] = {"method": recipe.kv.cache.method}
     return made
 
