@@ -18,6 +18,10 @@ from stages.refs import distilled_model_config
 from stages.stage import Context, Stage, Upstream
 
 
+# The stages whose results reach the export (with the model-making ones): their cache keys are in its card.
+LINEAGE = ("bootstrap", "select", "data", "kv", "evaluate")
+
+
 class Export(Stage):
     name, index = "export", 8
     sections = ("export",)
@@ -42,12 +46,14 @@ class Export(Stage):
         return {"model": up.model, "eval": up.out("data", "eval"), "teacher": up.teacher, **ev, **kv}
 
     def config(self, recipe, up: Upstream, env) -> dict:
-        """Its sections, plus what its model card says of the upstream stages: each one's cache key, the key
-        settings of the stages that made the model, and which model is exported (its name in evaluate's figures)."""
+        """Its sections, plus what its model card says of the upstream stages: the cache key of each one whose
+        results reach the export (:data:`LINEAGE` and the model-making stages), the key settings of the stages
+        that made the model, and which model is exported (its name in evaluate's figures)."""
         cfg = super().config(recipe, up, env)
         models = up.models()
         cfg["card"] = {"source": list(models)[-1] if models else "teacher", "made": made_settings(recipe, up),
-                       "lineage": {s: m["cache_key"] for s, m in up.done.items() if "cache_key" in m},
+                       "lineage": {s: m["cache_key"] for s, m in up.done.items()
+                                   if "cache_key" in m and (s in LINEAGE or s in up.model_stages)},
                        "teacher": recipe.models.teacher, "student": recipe.models.student,
                        "revision": recipe.models.revision, "data": recipe.data.source,
                        "evaluate_device": (up.done.get("evaluate") or {}).get("device")}
