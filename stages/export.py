@@ -14,6 +14,9 @@ bitsandbytes) carry a copy of it, and their reload check also greedy-generates a
 ``stages.kv.load_kv_cache(<format dir>, reloaded model)``; the ONNX formats carry none (ONNX Runtime runs the graph's
 own past key values, not transformers caches), which their metrics say.
 
+Each published format folder carries a model card, ``README.md`` (:mod:`stages.card`): recipe, lineage,
+measured quality and size, the teacher's license, and how to load it in two lines.
+
 Every format is built in a temporary sibling directory, then loaded back *from disk* in a fresh
 object and run on a fixed batch of token ids; its logits are compared with the source model's. A
 format that fails to build or load back, or whose comparison misses its check (``ExportConfig.checks``), is
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stages.card import write_card
 from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
 from stages.export_support import ONNX_FORMATS, onnx_export_problem
@@ -330,9 +334,12 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
 
 
 def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: torch.Tensor | None = None,
-               seed: int = 0, device: str = "cpu", progress: bool = True, kv_spec: Path | None = None) -> StageResult:
+               seed: int = 0, device: str = "cpu", progress: bool = True, kv_spec: Path | None = None,
+               card: dict | None = None) -> StageResult:
     """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload;
     with ``kv_spec`` (a ``kv_cache.json``) the transformers formats carry it and are checked generating with it.
+    Each published folder carries a model card (``README.md``, :mod:`stages.card`) from ``card`` (its facts:
+    lineage, evaluate's figures, the teacher's license) and the format's own figures.
     Metrics: one dict per format, and ``failed``, the formats that failed (empty when this returns).
 
     Raises InputError for a missing or unloadable ``model_dir`` (or bad ``check_ids``). Each format stands alone:
@@ -350,6 +357,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
         raise ExportError(f"export {', '.join(others)}: {model_dir} needs at run time {needs}, which only this "
                           "project's loader re-creates; export it as safetensors only, or quantize without "
                           "an online Hadamard and with A16/KV16 (see quantize.scheme)")
+    facts = {**(card or {"model_dir": str(model_dir)}), "runtime_needs": needs}
     dev = resolve_device(device)
     formats = list(dict.fromkeys(cfg.formats))  # keep order, drop repeats
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -370,7 +378,8 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
         for fmt in bar:
             bar.set_postfix_str(fmt)
             try:
-                metrics[fmt] = _publish_one(fmt, cfg, src_model, tok, model_dir, out_dir, ids, ref, dev, kv_spec)
+                metrics[fmt] = _publish_one(fmt, cfg, src_model, tok, model_dir, out_dir, ids, ref, dev, kv_spec,
+                                            facts)
                 outputs[fmt] = str(out_dir / fmt)
             except ExportError as e:  # this format only: the others are still built, checked and published
                 metrics[fmt] = {**getattr(e, "figures", {}), "passed": False, "error": str(e)}
@@ -389,8 +398,9 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
 
 
 def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, out_dir: Path, ids: torch.Tensor,
-                 ref: torch.Tensor, dev: torch.device, kv_spec: Path | None) -> dict[str, Any]:
-    """Export, reload and check one format, and publish it as ``out_dir/<fmt>`` if it passes; its metrics.
+                 ref: torch.Tensor, dev: torch.device, kv_spec: Path | None, facts: dict) -> dict[str, Any]:
+    """Export, reload and check one format, and publish it as ``out_dir/<fmt>`` with its model card (from
+    ``facts``) if it passes; its metrics.
 
     Raises ExportError (with the figures measured so far as ``.figures``) when it fails: nothing is published then,
     and an older ``out_dir/<fmt>`` is left as it was."""
@@ -408,4 +418,5 @@ def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, o
                               f"{ids.shape[0]}x{ids.shape[1]} check tokens: {'; '.join(failures)}")
             err.figures = m
             raise err
+        write_card(tmp, fmt, m, facts)  # in the temporary folder: published with the rest, or not at all
     return m

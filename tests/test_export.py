@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.card import CARD_FILE, front_matter, render, teacher_license
 from stages.config import ExportCheck, ExportConfig
 from stages.errors import ExportError, InputError
 from stages.export import FORMATS, check_batch, compare_logits, run_export
@@ -87,6 +88,27 @@ def _names(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
+def _check_card(fmt: str, d: Path, m: dict) -> str:
+    """The folder's model card: YAML front matter with the fields a hub reads, the format named, its own figures,
+    and the two loading lines of its folder type. Returns the card's text."""
+    text = (d / CARD_FILE).read_text()
+    head = front_matter(text)
+    assert head is not None and head["license"] and fmt in head["tags"]
+    assert head["library_name"] == ("onnx" if fmt.startswith("onnx") else "transformers")
+    assert f"({fmt})" in text and f"`{fmt}`" in text and f"{m['bytes']:,}" in text
+    code = text.split("```python\n", 1)[1].split("```", 1)[0].splitlines()
+    if fmt.startswith("onnx"):
+        assert code == ["from optimum.onnxruntime import ORTModelForCausalLM",
+                        f'model = ORTModelForCausalLM.from_pretrained("{fmt}")']
+    else:
+        assert code[0] == "from transformers import AutoModelForCausalLM, AutoTokenizer"
+        assert code[1] == (f'tok, model = AutoTokenizer.from_pretrained("{fmt}"), '
+                           f'AutoModelForCausalLM.from_pretrained("{fmt}")')
+        assert ("bitsandbytes` must be installed" in text) == fmt.startswith("bnb")
+    assert ("load_kv_cache" in text) == (d / "kv_cache.json").is_file()
+    return text
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -101,9 +123,11 @@ def test_round_trip(fmt, model_dir, ids, ref_logits, tmp_path):
     m = res.metrics[fmt]
     json.dumps(m)  # JSON-able
     assert m["passed"] is True
-    assert m["bytes"] == path_size(d) and m["check_tokens"] == ids.numel()
+    assert m["bytes"] == path_size(d) - (d / "README.md").stat().st_size and m["check_tokens"] == ids.numel()
     assert m["load_seconds"] >= 0 and m["kl"] >= 0
     assert 0 <= m["mean_abs_diff"] <= m["max_abs_diff"]
+
+    _check_card(fmt, d, m)
 
     # The stage's figures are those of the model on disk: recompute them from a fresh load here.
     out = _reload_logits(fmt, d, ids)
@@ -347,3 +371,52 @@ def test_onnx_without_onnx_runtime_is_refused_at_validation(monkeypatch):
                                          r"the project with its cpu extra .*drop the onnx formats"):
         preflight(recipe)
     preflight(parse_recipe({"export": {"formats": ["safetensors", "bnb-int8"]}}))
+
+
+# --------------------------------------------------------------------------------------------
+# the model card
+
+
+def test_teacher_license_is_read_from_its_readme_front_matter_and_never_guessed(tmp_path):
+    t = tmp_path / "teacher"
+    t.mkdir()
+    (t / "config.json").write_text("{}")
+    lic, where = teacher_license(str(t))
+    assert lic == "unknown" and where.startswith("not known")
+    (t / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# A teacher\n")
+    assert teacher_license(str(t))[0] == "apache-2.0"
+    (t / "README.md").write_text("# no front matter\nlicense: mit\n")
+    assert teacher_license(str(t))[0] == "unknown"
+    (t / "config.json").write_text('{"license": "llama3.2"}')
+    assert teacher_license(str(t))[0] == "llama3.2"
+
+
+FIGURES = {"ppl": 20.0, "ppl_ratio": 1.25, "kl_to_teacher": 0.12, "top1_agreement": 0.8, "params": 1000,
+           "bytes_on_disk": 4000, "size_ratio": 0.5, "latency_ms_per_token": 3.25}
+EXPORTED = {"bytes": 4100, "check_tokens": 64, "max_abs_diff": 0.0, "kl": 0.0, "top1_agreement": 1.0}
+
+
+def _card(fmt: str, runtime: str, needs: dict, files=("config.json",)) -> str:
+    facts = {"source": "quantize", "teacher": "org/teacher", "license": "mit", "license_source": "its README",
+             "made": {"quantize": {"method": "ostquant", "setting": "W4A4KV4"}}, "runtime_needs": needs,
+             "evaluation": {"teacher": {**FIGURES, "runtime": "standard"}, "quantize": {**FIGURES, "runtime": runtime}},
+             "lineage": {"quantize": "abc123"}, "evaluate_device": "cpu"}
+    return render(fmt, EXPORTED, facts, list(files))
+
+
+def test_card_reports_latency_only_for_a_model_without_run_time_parts():
+    fake = _card("safetensors", "online Hadamard (128), A4 KV4 (fake-quantized at run time)",
+                 {"online_hadamard": {"size": 128, "seed": 0}, "simulated": "A4 KV4 (fake-quantized at run time)"})
+    assert "3.25 ms" not in fake and "not the speed of a quantized model" in fake
+    code = fake.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'load_causal_lm("safetensors")' in code and "from_pretrained" not in code  # only our loader re-creates it
+    std = _card("safetensors", "standard", {})
+    assert "3.25 ms per generated token" in std and "not the speed" not in std
+    assert "W4A4KV4 values stored as floats" in std  # the float checkpoint's speed, not a low-bit kernel's
+    nf4 = _card("bnb-nf4", "standard", {}, files=("config.json", "kv_cache.json"))
+    assert "this `bnb-nf4` folder was not timed" in nf4  # the timing is the source's, never the format's
+    assert "from stages.kv import load_kv_cache" in nf4
+    head = front_matter(std)
+    assert head == {"license": "mit", "library_name": "transformers", "base_model": "org/teacher",
+                    "tags": ["compressed", "safetensors", "quantize"]}
+    assert "1.25x the teacher's" in std and "cache key: `abc123`" in std

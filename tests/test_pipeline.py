@@ -43,6 +43,29 @@ def test_tiny_run_completes_and_publishes(tiny_run):
     assert not [p for p in (root / run).iterdir() if p.name.startswith(".")]
 
 
+def test_each_export_folder_carries_a_model_card(tiny_run):
+    """The card of every published format: recipe, lineage through the stage's inputs and upstream keys, evaluate's
+    figures of the exported model, latency (a standard W4A16 checkpoint: nothing fake-quantized at run time)."""
+    from stages.card import front_matter
+
+    root, run, _ = tiny_run
+    exp = json.loads((stage_dir(root, run, "export") / "manifest.json").read_text())
+    ev = json.loads((stage_dir(root, run, "evaluate") / "eval.json").read_text())["quantize"]
+    assert exp["inputs"]["evaluation"]["ref"].endswith("eval.json") and "teacher" in exp["inputs"]
+    for fmt in ("safetensors", "bnb-nf4", "bnb-int8", "onnx"):
+        text = (stage_dir(root, run, "export") / fmt / "README.md").read_text()
+        head = front_matter(text)
+        assert head["license"] == "unknown" and "not known" in text  # the embedded teacher has no license
+        assert head["library_name"] == ("onnx" if fmt == "onnx" else "transformers") and "base_model" not in head
+        assert "divergence `forward_kl`" in text and "setting `W4A16`" in text
+        for s in RAN[:-1]:
+            m = json.loads((stage_dir(root, run, s) / "manifest.json").read_text())
+            assert f"stage `{s}` cache key: `{m['cache_key']}`" in text
+        assert exp["inputs"]["teacher"]["sha256"] in text
+        assert f"top-1 agreement with the teacher {ev['top1_agreement']:.4g}" in text
+        assert f"{ev['latency_ms_per_token']:.4g} ms per generated token" in text
+
+
 def test_manifests_record_config_inputs_outputs_and_environment(tiny_run, tiny_recipe):
     root, run, _ = tiny_run
     manifests = {s: json.loads((stage_dir(root, run, s) / "manifest.json").read_text()) for s in RAN}
@@ -347,6 +370,10 @@ def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_r
     assert ex["safetensors"]["kv_cache"]["generated_tokens"] == 8 and ex["safetensors"]["passed"]
     assert not (Path(done["export"]["outputs"]["onnx"]["path"]) / "kv_cache.json").exists()
     assert ex["onnx"]["kv_cache"]["file"] is None and "ONNX Runtime" in ex["onnx"]["kv_cache"]["reason"]
+    card = (st / "README.md").read_text()  # the card names the cache and shows how to generate through it
+    assert "kv: method `kivi`" in card and 'load_kv_cache("safetensors", model)' in card
+    onnx_card = (Path(done["export"]["outputs"]["onnx"]["path"]) / "README.md").read_text()
+    assert "load_kv_cache" not in onnx_card and "no `kv_cache.json` here: ONNX Runtime" in onnx_card
     exported = load_causal_lm(str(st))
     cache = load_kv_cache(st, exported)
     out = exported.generate(torch.ones(1, 8, dtype=torch.long), past_key_values=cache, max_new_tokens=12,
@@ -566,6 +593,10 @@ def test_ostquant_w4a4kv4_through_the_pipeline(tiny_run, tiny_recipe):
     assert back._fakequant_handle.setting.a_bits == 4 and get_online_hadamard(back).shape == (128, 128)
     exp = done["export"]["metrics"]["safetensors"]
     assert exp["passed"] and exp["max_abs_diff"] < 1e-3
+    card = (Path(done["export"]["outputs"]["safetensors"]["path"]) / "README.md").read_text()
+    latency = card.split("## Latency", 1)[1].split("##", 1)[0]
+    assert "Not reported" in latency and "ms per generated token" not in latency  # fake-quantized: no speed claim
+    assert "load_causal_lm" in card and "setting `W4A4KV4`" in card
 
 
 def _evaluate_only_variant(recipe, repeats: int):
