@@ -47,6 +47,7 @@ import functools
 import json
 import math
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -490,7 +491,7 @@ def versions() -> dict:
 
 
 def command() -> str:
-    return "python bench/bench_kv.py " + " ".join(sys.argv[1:])
+    return "python bench/bench_kv.py " + shlex.join(sys.argv[1:])
 
 
 def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
