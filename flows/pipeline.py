@@ -114,6 +114,18 @@ def _result_storage(root: Path) -> LocalFileSystem:
     return block
 
 
+NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TimeoutError)
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect's retry condition: retry a stage only after an error that may pass on its own, an OSError (I/O,
+    network, a hub download: requests' errors are OSErrors), but not a missing file or path, a permission, or a
+    timeout (the stage's own limit). The project's errors (bad input, a missed gate, a NaN loss, a failed export
+    check) are not OSErrors: they fail at once."""
+    exc = state.data  # the exception the task raised (Prefect wraps it in the Failed state it passes here)
+    return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT)
+
+
 @flow(name="compress", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
 def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "artifacts") -> dict:
     """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export.
@@ -136,8 +148,11 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
         env = Env.resolve(recipe)
         for stage in enabled(recipe):
             call = make_call(recipe, stage, done, env, digest_memo_dir(root))
+            rt = recipe.runtime
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
-                                             result_storage=storage)
+                                             result_storage=storage, retries=rt.retries,
+                                             retry_delay_seconds=rt.retry_delay_s, retry_condition_fn=transient,
+                                             timeout_seconds=rt.timeouts.get(stage))
             args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
                         artifacts_root=str(root))
             state = task_fn(**args, return_state=True)

@@ -673,6 +673,20 @@ class RuntimeConfig(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1, description="torch CPU threads (all cores if unset).")
     progress: bool = Field(True, description="Show progress bars.")
+    retries: int = Field(1, ge=0, le=10, description="Prefect flow runs: times a stage is retried after a transient "
+                         "error (I/O or network: OSError, e.g. a hub download); never after bad input, a missed gate, "
+                         "a NaN loss, a failed export check, a missing file or a timeout.")
+    retry_delay_s: float = Field(30.0, ge=0, description="Seconds before a retry.")
+    timeouts: dict[str, float] = Field(default_factory=dict, description="Prefect flow runs: wall-clock limit in "
+                                       "seconds per stage name, e.g. {distill: 36000}; a stage not named has none.")
+
+    @field_validator("timeouts")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: t for k, t in v.items() if not t > 0}
+        if bad:
+            raise ValueError(f"timeouts must be positive seconds, got {bad}")
+        return v
 
 
 class Recipe(Strict):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.errors import InputError
 from stages.io import digest_path
 from stages.pipeline import get_stage
 
@@ -648,3 +649,83 @@ def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_
     assert [s["state"] for s in second["stages"]] == ["cached"] * 5  # the content-keyed cache is shared
     m = json.loads((stage_dir(root, b, "evaluate") / "manifest.json").read_text())
     assert m["reused_from"] == str(stage_dir(root, a, "evaluate"))
+
+
+def _probe_stage(behaviour):
+    """A stage in slot 06 whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
+    from stages.result import StageResult
+    from stages.stage import Stage
+
+    class Probe(Stage):
+        name, index = "probe", 6
+        sections = ("unlearn",)
+        attempts = 0
+
+        def enabled(self, recipe):
+            return True
+
+        def inputs(self, recipe, up):
+            return {"model": up.model}
+
+        def run(self, ctx):
+            type(self).attempts += 1
+            behaviour(type(self).attempts)
+            (ctx.out_dir / "probe.json").write_text("{}")
+            return StageResult(outputs={"probe": "probe.json"})
+
+    return Probe()
+
+
+@pytest.mark.parametrize("error, attempts, completes", [
+    (ConnectionError("the hub is away"), 2, True),  # transient: retried once (runtime.retries 1), then fine
+    (FileNotFoundError("no such file"), 1, False),  # a missing file does not come back on its own
+    (InputError("bad input"), 1, False),  # the project's errors fail at once
+])
+def test_a_stage_is_retried_after_a_transient_error_only(tiny_run, tiny_recipe, monkeypatch, error, attempts,
+                                                          completes):
+    import stages.pipeline as pipeline
+    from flows.pipeline import compress
+    from stages.config import parse_recipe
+
+    def behaviour(attempt):
+        if attempt == 1:
+            raise error
+
+    probe = _probe_stage(behaviour)
+    stages = list(pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [probe] + stages[6:]))
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    name = f"retry-{type(error).__name__}"
+    data["runtime"].update(retries=1, retry_delay_s=0)
+    data["unlearn"]["forget"] = [name]  # in the probe's key only: a fresh probe, every other stage cached
+    recipe = parse_recipe(data)
+    if completes:
+        report = compress(recipe=recipe, run_name=name, artifacts_dir=str(root))
+        assert report["status"] == "completed" and (root / name / "06-probe" / "probe.json").is_file()
+    else:
+        with pytest.raises(type(error)):
+            compress(recipe=recipe, run_name=name, artifacts_dir=str(root))
+    assert type(probe).attempts == attempts
+
+
+def test_a_stage_over_its_timeout_fails_the_run_without_a_retry(tiny_run, tiny_recipe, monkeypatch):
+    import stages.pipeline as pipeline
+    from flows.pipeline import compress
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+
+    probe = _probe_stage(lambda attempt: time.sleep(3))
+    stages = list(pipeline.STAGES)
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [probe] + stages[6:]))
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["runtime"].update(retries=2, retry_delay_s=0, timeouts={"probe": 0.5})
+    data["unlearn"]["forget"] = ["timeout"]
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        compress(recipe=parse_recipe(data), run_name="timeout", artifacts_dir=str(root))
+    assert type(probe).attempts == 1 and time.perf_counter() - t0 < 60
+    data["runtime"]["timeouts"] = {"distil": 10}
+    with pytest.raises(InputError, match=r"runtime.timeouts: unknown stage\(s\) \['distil'\]"):
+        compress(recipe=parse_recipe(data), run_name="timeout", artifacts_dir=str(root))

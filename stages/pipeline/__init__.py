@@ -46,6 +46,9 @@ def preflight(recipe: Recipe) -> None:
     Cheap and torch-free: paths exist, local models hold a config.json, vocabularies match, the model type suits
     the method. Raises InputError naming the field.
     """
+    unknown = sorted(set(recipe.runtime.timeouts) - {s.name for s in STAGES})
+    if unknown:
+        raise InputError(f"runtime.timeouts: unknown stage(s) {unknown}; stages: {', '.join(s.name for s in STAGES)}")
     for s in STAGES:
         if s.enabled(recipe):
             s.check(recipe)
