@@ -78,9 +78,29 @@ def _publish_artifacts(run_name: str, rep: dict, md: str) -> None:
     if rep["evaluation"]:
         create_table_artifact(table=rep["evaluation"], key=_artifact_key(run_name, "metrics"),
                               description="quality, size and latency of each model vs the teacher")
-    for e in rep["exports"] if rep["published"] else []:
+    exports = rep["exports"] if rep["published"] else []
+    for e in exports:
         create_link_artifact(link=Path(e["path"]).resolve().as_uri(), link_text=f"{e['format']} export",
                              key=_artifact_key(run_name, f"export-{e['format']}"))
+    if exports:
+        create_markdown_artifact(markdown=exports_markdown(run_name, exports), key=_artifact_key(run_name, "exports"),
+                                 description=f"where the exports of run {run_name} are and how to fetch them")
+
+
+def exports_markdown(run_name: str, exports: list[dict]) -> str:
+    """The published exports as a browser cannot open them from the UI (``file://`` links on the worker): the
+    machine and folder of each, its size, and the commands that fetch and load it."""
+    import socket
+
+    host = socket.gethostname()
+    lines = [f"# Exports of run `{run_name}`", "",
+             f"The files are on the machine that ran the flow, `{host}`. Each folder holds a model card (README.md) "
+             "with its lineage, figures and loading lines.", "",
+             "| format | folder on the worker | bytes | fetch |", "|---|---|---|---|"]
+    for e in exports:
+        path = Path(e["path"]).resolve()
+        lines.append(f"| {e['format']} | `{path}` | {e.get('bytes', '')} | `rsync -a {host}:{path} .` |")
+    return "\n".join(lines) + "\n"
 
 
 def _publish_curves(run_name: str, stage: str, manifest: dict) -> None:

@@ -425,8 +425,11 @@ def test_kv_stage_kvtuner_searches_per_layer_bits_and_writes_them(tiny_run, tiny
 
 
 def test_report_and_metrics_are_prefect_artifacts(tiny_run):
+    import socket
+
     from prefect.artifacts import Artifact
 
+    root, run, _ = tiny_run
     report = Artifact.get("report-tiny-a")
     assert report is not None and "## Evaluation" in report.data
     table = Artifact.get("metrics-tiny-a")
@@ -435,6 +438,10 @@ def test_report_and_metrics_are_prefect_artifacts(tiny_run):
     assert curves is not None and curves.type == "image" and str(curves.data).startswith("data:image/png;base64,")
     evals = Artifact.get("distill-eval-tiny-a")
     assert evals is not None and "eval_kd" in str(evals.data)
+    exports = Artifact.get("exports-tiny-a")  # where the files are, not only file:// links the UI cannot open
+    folder = stage_dir(root, run, "export") / "safetensors"
+    assert exports is not None and f"`{folder.resolve()}`" in exports.data
+    assert f"rsync -a {socket.gethostname()}:{folder.resolve()} ." in exports.data
 
 
 def test_cached_teacher_top_k_and_on_policy_through_the_pipeline(tiny_run, tiny_recipe):
