@@ -49,7 +49,6 @@ def run_name_for(recipe: Recipe, run_name: str | None) -> str:
     of its id, so every flow run gets its own folder; else (no flow run) the recipe's default name."""
     from prefect.runtime import flow_run
 
-
     if run_name:
         return run_name
     base, run_id = default_run_name(recipe), flow_run.id
@@ -165,10 +164,9 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
     status, error, published = "completed", None, False
     call, failed = None, None
     try:
-        env = Env.resolve(recipe)
+        env, rt = Env.resolve(recipe), recipe.runtime
         for stage in enabled(recipe):
             call = make_call(recipe, stage, done, env, digest_memo_dir(root))
-            rt = recipe.runtime
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
                                              result_storage=storage, retries=rt.retries,
                                              retry_delay_seconds=rt.retry_delay_s, retry_condition_fn=transient,

@@ -41,6 +41,15 @@ def _not_built(kind: str, value: Any) -> None:
         raise ValueError(f"{PLANNED[kind][value]} is planned but not built yet in this version")
 
 
+def _method_union(data: Any, field: str, default: str, kind: str) -> Any:
+    """A section's raw ``data`` with ``default`` as the method of its ``field`` union when none is given, and a
+    planned method refused by name (``_not_built``): the before-validator of the quantize and kv sections."""
+    if isinstance(data, dict) and isinstance(data.get(field), dict):
+        data = {**data, field: {"method": default, **data[field]}}
+        _not_built(kind, data[field]["method"])
+    return data
+
+
 # --------------------------------------------------------------------------------------------
 # models and data
 
@@ -478,10 +487,7 @@ class QuantizeConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _planned(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("scheme"), dict):
-            data = {**data, "scheme": {"method": "rtn", **data["scheme"]}}  # rtn is the default method
-            _not_built("quantize", data["scheme"]["method"])
-        return data
+        return _method_union(data, "scheme", "rtn", "quantize")
 
 
 # KV-cache methods, keyed on ``method``. Defaults and ranges are those of ``stages.kv.spec`` (torch-free), which
@@ -584,10 +590,7 @@ class KVConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _planned(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("cache"), dict):
-            data = {**data, "cache": {"method": "kivi", **data["cache"]}}  # kivi is the default method
-            _not_built("kv", data["cache"]["method"])
-        return data
+        return _method_union(data, "cache", "kivi", "kv")
 
     @model_validator(mode="after")
     def _spec(self) -> "KVConfig":

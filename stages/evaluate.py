@@ -122,9 +122,9 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
     (the KV stage's ``kv_cache.json``) and the recipe's ``kv`` section, each model also gets its ``kv`` figures."""
     device = resolve_device(runtime.device)
     torch.manual_seed(runtime.seed)
-    eval_ids = load_tokens(eval_path)
-    rows = max(1, min(len(eval_ids), cfg.max_eval_tokens // eval_ids.shape[1]))
-    eval_ids = eval_ids[:rows]
+    all_ids = load_tokens(eval_path)  # [rows, T]: scored up to max_eval_tokens; the KV figures take their own rows
+    rows = max(1, min(len(all_ids), cfg.max_eval_tokens // all_ids.shape[1]))
+    eval_ids = all_ids[:rows]
     load = dict(dtype=models_cfg.dtype, device=device, trust_remote_code=models_cfg.trust_remote_code,
                 revision=models_cfg.revision)
     teacher = load_causal_lm(teacher_ref, what="teacher", **load)
@@ -138,7 +138,7 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         from stages.kv.spec import read_spec
 
         spec = read_spec(kv_spec)
-        kv_rows, kv_prefill = held_out_rows(eval_path, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
+        kv_rows, kv_prefill = held_out_rows(all_ids, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
     refs = {"teacher": teacher_ref, **candidates}
     for name, model in models.items():
         scores[name]["params"] = count_parameters(model)

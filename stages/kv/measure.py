@@ -46,13 +46,13 @@ def compare(comp: torch.Tensor, full: torch.Tensor, targets: torch.Tensor) -> di
             "kl_to_full": max(0.0, kl), "top1_agreement": (comp.argmax(-1) == full.argmax(-1)).float().mean().item()}
 
 
-def held_out_rows(eval_path, kv_cfg, device) -> tuple[torch.Tensor, int]:
-    """The first ``kv_cfg.eval_rows`` held-out token rows [rows, T] on ``device`` and the prompt length, at least
-    one token: the share ``kv_cfg.prefill`` of each row."""
-    from stages.data import load_tokens
+def held_out_rows(eval_ids: torch.Tensor, kv_cfg, device) -> tuple[torch.Tensor, int]:
+    """The first ``kv_cfg.eval_rows`` of the held-out token rows ``eval_ids`` (the data stage's whole eval file),
+    [rows, T] on ``device``, and the prompt length (``stages.kv.spec.prompt_length`` of ``kv_cfg.prefill``)."""
+    from stages.kv.spec import prompt_length
 
-    rows = load_tokens(eval_path)[: kv_cfg.eval_rows].to(device)  # [rows, T]
-    return rows, max(1, int(rows.shape[1] * kv_cfg.prefill))
+    rows = eval_ids[: kv_cfg.eval_rows].to(device)  # [rows, T]
+    return rows, prompt_length(rows.shape[1], kv_cfg.prefill)
 
 
 def rounded(metrics: dict) -> dict:

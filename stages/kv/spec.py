@@ -100,6 +100,12 @@ def check_minicache_settings(start_layer: int | None, t: float, gamma: float, nu
                          "model")
 
 
+def prompt_length(tokens: int, share: float) -> int:
+    """The prompt of a ``tokens``-long row given as the share ``share`` (``kv.prefill``), at least one token: what
+    the KV stage, KVTuner's calibration and evaluate's KV figures all split rows with."""
+    return max(1, int(tokens * share))
+
+
 def parse_pair(name: Any) -> tuple[int, int]:
     """(key bits, value bits) of a KVTuner candidate name: ``KV4`` = (4, 4), ``K8V4`` = (8, 4)."""
     m = re.fullmatch(r"KV(\d+)|K(\d+)V(\d+)", name) if isinstance(name, str) else None

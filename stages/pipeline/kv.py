@@ -25,11 +25,12 @@ class KV(Stage):
     libraries = ("torch", "transformers")
 
     def check(self, recipe) -> None:
-        from stages.kv.spec import check_against_model, normalize_spec
+        from stages.kv.spec import check_against_model, normalize_spec, prompt_length
 
         cache = recipe.kv.cache
-        if cache.method == "kvtuner" and int(recipe.data.seq_len * recipe.kv.prefill) <= cache.residual:
-            raise InputError(f"kv.cache: KVTuner's calibration prompts ({int(recipe.data.seq_len * recipe.kv.prefill)} "
+        prompt = prompt_length(recipe.data.seq_len, recipe.kv.prefill)  # of KVTuner's calibration rows
+        if cache.method == "kvtuner" and prompt <= cache.residual:
+            raise InputError(f"kv.cache: KVTuner's calibration prompts ({prompt} "
                              f"tokens: data.seq_len x kv.prefill) fit in the residual window ({cache.residual}), so "
                              "no KV would be quantized and every configuration would score the same; lower "
                              "kv.cache.residual or raise data.seq_len")
@@ -47,6 +48,7 @@ class KV(Stage):
     def run(self, ctx: Context):
         import torch
 
+        from stages.data import load_tokens
         from stages.kv import save_kv_cache_json
         from stages.kv.measure import held_out_rows, measure, rounded
         from stages.kv.spec import check_against_model, normalize_spec
@@ -66,7 +68,7 @@ class KV(Stage):
         outputs, found = {"kv_cache": "kv_cache.json"}, {}
         if spec["method"] == "kvtuner":
             spec, found, outputs = self._search(ctx, model, spec)
-        rows, prefill = held_out_rows(ctx.inputs["eval"], kv, ctx.device)  # [rows, T], prompt tokens
+        rows, prefill = held_out_rows(load_tokens(ctx.inputs["eval"]), kv, ctx.device)  # [rows, T], prompt tokens
         metrics = measure(model, rows, spec, prefill=prefill)
         save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
         metrics = {"method": spec["method"], **found, **rounded(metrics)}
@@ -78,9 +80,10 @@ class KV(Stage):
         from stages.data import load_tokens
         from stages.io import write_json_atomic
         from stages.kv.kvtuner import plot_pareto, search
+        from stages.kv.spec import prompt_length
 
         calib = load_tokens(ctx.inputs["calib"])[: spec["calib_rows"]].to(ctx.device)  # [rows, T]
-        prefill = max(1, int(calib.shape[1] * ctx.recipe.kv.prefill))
+        prefill = prompt_length(calib.shape[1], ctx.recipe.kv.prefill)
         try:
             result = search(model, calib, spec, prefill, seed=ctx.recipe.runtime.seed)
         except InputError as e:
