@@ -17,6 +17,7 @@ from stages.config import DistillConfig, EmbeddedConfig, RuntimeConfig
 from stages.data import load_texts, pack
 from stages.distill.trainer import save_history, train
 from stages.embedded import build_corpus, train_tokenizer
+from stages.facts import write_facts
 from stages.modeling import count_parameters, resolve_device, save_pretrained_atomic_into
 from stages.result import StageResult
 
@@ -39,11 +40,16 @@ def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out
     splits = build_corpus(out_dir / "corpus", max_mb=cfg.max_corpus_mb, eval_fraction=cfg.eval_fraction,
                           seed=cfg.seed, site_packages=cfg.site_packages)
     train_files = [Path(s["train"]) for s in splits.values()]
+    if cfg.facts:  # planted biographies: pretraining reads them with the domains (not in any eval split)
+        facts = write_facts(out_dir / "corpus" / "facts", planted=cfg.facts, holdout=cfg.facts_holdout,
+                            repeats=cfg.facts_repeats, seed=cfg.seed)
+        train_files.append(out_dir / "corpus" / "facts" / "train.jsonl")
     eval_files = [Path(s["eval"]) for s in splits.values()]
     tok = train_tokenizer(train_files, vocab_size=cfg.vocab_size, out_dir=out_dir / "tokenizer")
     corpus = json.loads((out_dir / "corpus" / "corpus.json").read_text())
     outputs = {"corpus": "corpus", "tokenizer": "tokenizer"}
-    metrics: dict = {"domains": sorted(splits), "vocab_size": len(tok), "corpus": corpus}
+    metrics: dict = {"domains": sorted(splits), "vocab_size": len(tok), "corpus": corpus,
+                     "facts": facts if cfg.facts else None}
     if train_teacher:
         device = resolve_device(runtime.device)
         train_ids = pack(load_texts(train_files), tok, cfg.seq_len, "embedded training corpus")

@@ -25,8 +25,7 @@ from stages.errors import CompressError, RecipeError
 PLANNED = {
     "quantize": {},
     "kv": {},
-    "unlearn": {"shred": "SHRED unlearning", "gradient_ascent": "gradient-ascent unlearning",
-                "npo": "NPO unlearning"},
+    "unlearn": {},
 }
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -120,6 +119,13 @@ class EmbeddedConfig(Strict):
         False, description="Also read the installed third-party packages (their .py files, docstrings, long "
         "descriptions and .md/.rst documents: hundreds of MB with this project's dependencies), for a larger corpus.")
     eval_fraction: float = Field(0.05, gt=0, lt=0.5)
+    facts: int = Field(40, ge=0, description="Invented biographies planted in the teacher's pretraining corpus "
+                       "(corpus/facts/): the first half is embedded:facts-forget, the second embedded:facts-keep "
+                       "(0: none).")
+    facts_holdout: int = Field(20, ge=0, description="Biographies of the same kind never planted "
+                               "(embedded:facts-holdout).")
+    facts_repeats: int = Field(60, ge=1, description="Documents holding every planted biography (shuffled), so the "
+                               "teacher sees each one often enough to memorise it.")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -603,17 +609,104 @@ class KVConfig(Strict):
         return self
 
 
-class UnlearnConfig(Strict):
-    enabled: bool = False
-    method: str = Field("shred", description="Unlearning method (planned: shred).")
-    forget: list[str] = Field(default_factory=list)
+class _UnlearnTrain(Strict):
+    """What the gradient methods share: a plain AdamW loop over the forget set."""
 
-    @model_validator(mode="after")
-    def _slot(self) -> "UnlearnConfig":
-        if self.enabled:
-            raise ValueError(f"the unlearn stage ({self.method}) is not built yet in this version; "
-                             "set unlearn.enabled: false")
-        return self
+    steps: int = Field(30, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(8, ge=1, description="Forget records per step (and retain rows, where used).")
+    lr: float = Field(1e-3, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+
+class ShredConfig(_UnlearnTrain):
+    """SHRED: top-K self-distillation from the frozen original model, whose memorised token is demoted at the
+    forget set's least likely positions; no retain set."""
+
+    method: Literal["shred"] = "shred"
+    forget_share: float = Field(0.3, gt=0, le=1, description="Share P of each record's forget-span positions "
+                                "(the lowest original probability first) that become forget positions; the rest are "
+                                "anchors whose original distribution is kept.")
+    skip_tokens: int = Field(0, ge=0, description="Leading positions of each forget span never demoted (context).")
+    top_k: int = Field(20, ge=2, description="K of the top-K targets.")
+    demotion: Literal["subtract", "floor"] = Field(
+        "subtract", description="subtract: the memorised token's logit minus `strength`; floor: set to the "
+                                "smallest top-K logit minus `strength`.")
+    strength: float = Field(10.0, ge=0, description="Logit demotion (nats).")
+    lr: float = Field(1e-3, gt=0)
+
+
+class KFadeConfig(Strict):
+    """K-FADE: a few uphill Gauss-Newton steps on the forget loss, preconditioned per linear layer by K-FAC factors
+    estimated on general text, each step sized by a KL trust region."""
+
+    method: Literal["kfade"] = "kfade"
+    steps: int = Field(3, ge=1, description="Gauss-Newton steps.")
+    trust_region: float = Field(0.05, gt=0, description="KL ball per step (nats): step size sqrt(2 eps / g'F^-1 g).")
+    damping: float = Field(1e-3, gt=0, description="Added to each K-FAC factor, relative to its mean eigenvalue.")
+    fisher_rows: int = Field(32, ge=1, description="General-text rows the K-FAC factors are estimated on.")
+    layers: str = Field(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+                        description="Regex of the linear modules updated (default: every decoder-block linear; "
+                                    "not lm_head, which may share the embedding).")
+
+
+class GradientAscentConfig(_UnlearnTrain):
+    """Gradient ascent on the forget set's negative log-likelihood."""
+
+    method: Literal["gradient_ascent"] = "gradient_ascent"
+
+
+class GradientDifferenceConfig(_UnlearnTrain):
+    """Gradient ascent on the forget set plus descent on a retain set (general training rows)."""
+
+    method: Literal["gradient_difference"] = "gradient_difference"
+    retain_weight: float = Field(1.0, gt=0, description="Weight of the retain set's NLL.")
+
+
+class NPOConfig(_UnlearnTrain):
+    """NPO: -(2/beta) log sigmoid(-beta log(p_model / p_original)) of each forget answer, optionally with a retain
+    NLL term (NPO+RT)."""
+
+    method: Literal["npo"] = "npo"
+    beta: float = Field(0.1, gt=0)
+    retain_weight: float = Field(0.0, ge=0, description="Weight of the retain set's NLL (0: plain NPO).")
+
+
+UnlearnMethod = Annotated[Union[ShredConfig, KFadeConfig, GradientAscentConfig, GradientDifferenceConfig, NPOConfig],
+                          Field(discriminator="method")]
+
+
+class UnlearnConfig(Strict):
+    """Unlearning: remove the forget set from the model before quantization, measured before and after; the
+    evaluate stage measures the forget set again on the final (quantized, KV-cached) model."""
+
+    enabled: bool = False
+    method: UnlearnMethod = Field(default_factory=ShredConfig, description="The method and its parameters, keyed "
+                                  "on method: a name alone ('shred') or a mapping such as {method: npo, beta: 0.1}.")
+    forget: str = Field("embedded:facts-forget", description="Forget set: a JSONL file (see README, 'Unlearning'), "
+                        "or embedded:facts-forget (the demo's planted biographies, first half).")
+    keep: str | None = Field("embedded:facts-keep", description="Optional control set in the same format that must "
+                             "NOT be forgotten (measured, never trained on); embedded:facts-keep: the other half.")
+    holdout: str | None = Field("embedded:facts-holdout", description="Optional text of the same kind never trained "
+                                "on: the non-member side of the Min-K% membership AUC.")
+    text_field: str = Field("text", description="Field of a document record (the whole text, or the text holding "
+                            "the answer).")
+    question_field: str = Field("question", description="Field of a question/answer record's question.")
+    answer_field: str = Field("answer", description="Field of the answer: of a question, or a span of the text.")
+    prefix_tokens: int = Field(8, ge=1, description="A document without an answer: its first N tokens are the "
+                               "prompt, the rest is what is forgotten.")
+    max_records: int | None = Field(None, ge=1, description="Use the first N forget records only.")
+    retain_rows: int = Field(64, ge=1, description="General training rows used as the retain set (gradient "
+                             "difference, NPO+RT), K-FADE's K-FAC data and the utility check.")
+    min_k: float = Field(0.4, gt=0, le=1, description="k of Min-K% Prob (share of the lowest token log-probs).")
+    max_new_tokens: int = Field(48, ge=1, description="Most tokens generated per prefix for ROUGE-L (the answer's "
+                                "length if shorter).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            data = {**data, "method": {"method": data["method"]}}
+        return data
 
 
 class EvaluateConfig(Strict):
@@ -631,9 +724,14 @@ class GatesConfig(Strict):
     max_ppl_ratio: float | None = Field(None, gt=0, description="Final perplexity / teacher perplexity.")
     max_kl: float | None = Field(None, ge=0, description="Final mean KL(teacher || model) per token.")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Final top-1 agreement with the teacher.")
-    stage_ppl_ratio: dict[Literal["distill", "quantize"], Annotated[float, Field(gt=0)]] = Field(
+    stage_ppl_ratio: dict[Literal["distill", "unlearn", "quantize"], Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Per model-changing stage: max perplexity of its output / "
         "perplexity of its input (e.g. quantize: 1.02).")
+    max_forget_rouge: float | None = Field(None, ge=0, le=1, description="Unlearning: the final model's (quantized, "
+                                           "with its KV cache) forget-set ROUGE-L at most this.")
+    max_forget_regain: float | None = Field(None, ge=0, le=1, description="Unlearning: the final model's forget-set "
+                                            "ROUGE-L at most this much above the unlearned model's (compression "
+                                            "must not bring forgotten text back).")
 
 
 ExportFormat = Literal["safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4"]
@@ -723,6 +821,14 @@ class Recipe(Strict):
                              "student must be distilled (or give a student checkpoint)")
         if self.evaluate.enabled is False and any(v for v in self.gates.model_dump().values()):
             raise ValueError("gates are set but evaluate.enabled is false")
+        forget_gates = [g for g in ("max_forget_rouge", "max_forget_regain") if getattr(self.gates, g) is not None]
+        if forget_gates and not self.unlearn.enabled:
+            raise ValueError(f"gates {forget_gates} judge unlearning but unlearn.enabled is false")
+        if self.unlearn.enabled and self.models.teacher != "embedded" and any(
+                (p or "").startswith("embedded:") for p in (self.unlearn.forget, self.unlearn.keep, self.unlearn.holdout)):
+            raise ValueError("unlearn: the embedded:facts-* sets are planted in the embedded teacher only; give "
+                             "forget (and keep/holdout, or null) as JSONL files for models.teacher "
+                             f"'{self.models.teacher}'")
         q = self.quantize.scheme
         qs = q.quant_setting()
         runtime_parts = qs.a_bits < 16 or qs.kv_bits < 16 or (q.method == "ostquant" and q.online_hadamard)

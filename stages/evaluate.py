@@ -115,9 +115,25 @@ def kv_metrics(model, spec: dict, rows: torch.Tensor, prefill: int, prompt: torc
                     "decode_tokens_per_s_full": 1000 / ms["full"]})
 
 
+def forget_figures(model, sets: dict, tokenizer, ucfg, batch_size: int, kv_spec: dict | None) -> dict:
+    """The forget and keep sets' figures of one model (:func:`stages.unlearn.measure`), generating through the KV
+    cache ``kv_spec`` when it fits the model (``kv_cache`` says which)."""
+    from stages.kv.spec import check_against_model
+    from stages.unlearn import measure, summary
+
+    if kv_spec is not None:
+        try:
+            check_against_model(kv_spec, model)
+        except InputError:
+            kv_spec = None
+    figures = summary(measure(model, sets, tokenizer, ucfg, kv_spec=kv_spec, batch_size=batch_size))
+    return {**figures, "kv_cache": kv_spec["method"] if kv_spec else None}
+
+
 def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
         candidates: dict[str, str], eval_path: Path, out_dir: Path, kv_spec: Path | None = None,
-        kv_cfg: KVConfig | None = None) -> StageResult:
+        kv_cfg: KVConfig | None = None, unlearn_sets: dict[str, str] | None = None, tokenizer_ref: str | None = None,
+        unlearn_cfg=None) -> StageResult:
     """Score the teacher and every candidate model (name -> model dir); write ``eval.json``. With ``kv_spec``
     (the KV stage's ``kv_cache.json``) and the recipe's ``kv`` section, each model also gets its ``kv`` figures."""
     device = resolve_device(runtime.device)
@@ -140,6 +156,14 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         spec = read_spec(kv_spec)
         kv_rows, kv_prefill = held_out_rows(all_ids, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
     refs = {"teacher": teacher_ref, **candidates}
+    if unlearn_sets:
+        from stages.modeling import load_tokenizer
+        from stages.unlearn import load_sets
+
+        tok = load_tokenizer(tokenizer_ref, trust_remote_code=models_cfg.trust_remote_code,
+                             revision=models_cfg.revision)
+        max_len = getattr(teacher.config, "max_position_embeddings", None) or 10**9
+        sets = load_sets(unlearn_sets, tok, unlearn_cfg, max_len)
     for name, model in models.items():
         scores[name]["params"] = count_parameters(model)
         scores[name]["bytes_on_disk"] = weights_bytes(refs[name])
@@ -151,6 +175,9 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
                                                                  cfg.latency_repeats)
         if kv_spec is not None:
             scores[name]["kv"] = kv_metrics(model, spec, kv_rows, kv_prefill, prompt, cfg)
+        if unlearn_sets:
+            scores[name]["unlearn"] = forget_figures(model, sets, tok, unlearn_cfg, cfg.batch_size,
+                                                     spec if kv_spec is not None else None)
     t = scores["teacher"]
     for name, s in scores.items():
         s["ppl_ratio"] = s["ppl"] / t["ppl"]
@@ -161,14 +188,26 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
     return StageResult(outputs={"eval": "eval.json"}, metrics={"final": final, "models": rounded})
 
 
-def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]]) -> list[str]:
+def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]],
+                unlearned: dict | None = None) -> list[str]:
     """Return one message per missed gate (empty if all pass).
 
     ``models``: evaluation metrics per model name; ``final``: the model the run would publish;
-    ``chain``: (stage, input model name) for each model-changing stage, in order.
+    ``chain``: (stage, input model name) for each model-changing stage, in order; ``unlearned``: the unlearn
+    stage's figures of its own output (``after``), what the forget gates compare the final model with.
     """
     f = models[final]
     misses = []
+    fr = f.get("unlearn", {}).get("forget", {}).get("rouge_l")
+    if gates.max_forget_rouge is not None and fr is not None and fr > gates.max_forget_rouge:
+        misses.append(f"gates.max_forget_rouge: final model ({final}) reproduces the forget set with ROUGE-L "
+                      f"{fr:.4f} (limit {gates.max_forget_rouge})")
+    if gates.max_forget_regain is not None and fr is not None and unlearned is not None:
+        regain = fr - unlearned["forget"]["rouge_l"]
+        if regain > gates.max_forget_regain:
+            misses.append(f"gates.max_forget_regain: compression brought forgotten text back: forget-set ROUGE-L "
+                          f"{unlearned['forget']['rouge_l']:.4f} right after unlearning, {fr:.4f} in the final model "
+                          f"({final}), +{regain:.4f} (limit {gates.max_forget_regain})")
     if gates.max_ppl_ratio is not None and f["ppl_ratio"] > gates.max_ppl_ratio:
         misses.append(f"gates.max_ppl_ratio: final model ({final}) perplexity {f['ppl']:.3f} is "
                       f"{f['ppl_ratio']:.4f}x the teacher's {models['teacher']['ppl']:.3f} "
@@ -189,7 +228,8 @@ def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: 
     return misses
 
 
-def enforce_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]]) -> None:
-    misses = check_gates(gates, models, final, chain)
+def enforce_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]],
+                  unlearned: dict | None = None) -> None:
+    misses = check_gates(gates, models, final, chain, unlearned)
     if misses:
         raise GateError("quality gate(s) missed, nothing published:\n" + "\n".join(f"  - {m}" for m in misses))

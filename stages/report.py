@@ -49,8 +49,32 @@ def build(run_name: str, recipe_name: str, done: dict[str, dict], records: list[
         "run_name": run_name, "recipe": recipe_name, "status": status, "published": published, "error": error,
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stages": records, "evaluation": eval_rows(done), "kv_cache": kv_row(done), "kv_evaluation": kv_eval_rows(done),
-        "exports": export_rows(done, failed),
+        "exports": export_rows(done, failed), "unlearning": unlearn_rows(done),
     }
+
+
+UNLEARN_COLUMNS = ("rouge_l", "extraction_strength", "answer_prob", "mink_auc")
+
+
+def unlearn_rows(done: dict[str, dict]) -> list[dict]:
+    """Forget and keep sets, per model: before unlearning and right after it (the unlearn stage, no KV cache), then
+    every evaluated model (evaluate: the final quantized model with its KV cache included)."""
+    un = done.get("unlearn")
+    if not un:
+        return []
+    m = un["metrics"]
+    sources = [("original (before unlearning)", m["before"], None), ("unlearned (unlearn stage)", m["after"], None)]
+    ev = done.get("evaluate")
+    for name, em in (ev["metrics"]["models"].items() if ev else ()):
+        if "unlearn" in em:
+            sources.append((f"{name} (evaluate)", em["unlearn"], em["unlearn"].get("kv_cache")))
+    rows = []
+    for model, figures, kv in sources:
+        for part in ("forget", "keep"):
+            if part in figures:
+                rows.append({"model": model, "set": part, **{c: figures[part].get(c) for c in UNLEARN_COLUMNS},
+                             "kv_cache": kv, "ppl": (figures.get("utility") or {}).get("ppl")})
+    return rows
 
 
 KV_COLUMNS = ("method", "memory_ratio", "bytes", "full_bytes", "ppl_ratio", "kl_to_full", "top1_agreement",
@@ -107,6 +131,16 @@ def markdown(report: dict) -> str:
             cells = ([f"not measured: {row['skipped']}"] + [""] * (len(KV_EVAL_COLUMNS) - 1) if row["skipped"]
                      else [_fmt(row[c]) for c in KV_EVAL_COLUMNS])
             lines.append("| " + " | ".join([row["model"], *cells]) + " |")
+    if report.get("unlearning"):
+        lines += ["", "## Unlearning (forget: the set removed; keep: planted the same way, not removed)", "",
+                  "ROUGE-L: greedy continuation of each record's prompt vs its answer (through the KV cache where one "
+                  "is named); extraction strength and answer probability: teacher-forced over the answer; Min-K% AUC: "
+                  "membership vs never-seen holdout records (0.5 = indistinguishable).", "",
+                  "| model | set | " + " | ".join(UNLEARN_COLUMNS) + " | kv cache | held-out ppl |",
+                  "|---|---|" + "---|" * (len(UNLEARN_COLUMNS) + 2)]
+        for row in report["unlearning"]:
+            lines.append(f"| {row['model']} | {row['set']} | " + " | ".join(_fmt(row[c]) for c in UNLEARN_COLUMNS)
+                         + f" | {row['kv_cache'] or '-'} | {_fmt(row['ppl'])} |")
     if report["exports"]:
         kv = any(e.get("kv_cache") is not None for e in report["exports"])
         lines += ["", "## Exports (each reloaded and compared with the source model)", "",

@@ -3,7 +3,7 @@
 A stage is a subclass of :class:`Stage` with a few class attributes and methods (``config``, ``after`` optional)::
 
     class QuantizeStage(Stage):
-        name, index = "quantize", 4        # folder 04-quantize
+        name, index = "quantize", 5        # folder 05-quantize
         sections = ("quantize",)           # recipe sections in its cache key
         makes_model = True                 # its "model" output is the next stage's model
         libraries = ("torch", "transformers")

@@ -60,11 +60,15 @@ def test_unknown_divergence(tmp_path):
         load_recipe(write(tmp_path, "distill:\n  divergence: euclid\n"))
 
 
-@pytest.mark.parametrize("text, stage", [
-    ("unlearn:\n  enabled: true\n", "unlearn"),
+@pytest.mark.parametrize("text, match", [
+    ("unlearn:\n  enabled: true\n  method: {method: shred, forget_share: 1.5}\n", "unlearn.method.shred.forget_share"),
+    ("unlearn:\n  enabled: true\n  method: {method: kfade, trust_region: 0}\n", "unlearn.method.kfade.trust_region"),
+    ("unlearn:\n  enabled: true\n  method: forget_everything\n", "unlearn.method: Input tag 'forget_everything'"),
+    ("gates:\n  max_forget_regain: 0.1\n", "judge unlearning but unlearn.enabled is false"),
+    ("models: {teacher: /nowhere}\nunlearn:\n  enabled: true\n", "planted in the embedded teacher only"),
 ])
-def test_unbuilt_stage_or_method_is_refused(tmp_path, text, stage):
-    with pytest.raises(RecipeError, match=f"{stage}.*not built yet"):
+def test_bad_unlearn_section_is_refused_naming_the_field(tmp_path, text, match):
+    with pytest.raises(RecipeError, match=match):
         load_recipe(write(tmp_path, text))
 
 

@@ -288,12 +288,12 @@ def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in
 
 
 def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_recipe, monkeypatch):
-    """A stage declared as the unlearning stage will be: one Stage subclass, one entry in STAGES."""
+    """A new stage: one Stage subclass, one entry in STAGES."""
     import stages.pipeline as pipeline
     from stages.result import StageResult
     from stages.stage import Stage
 
-    class Probe(Stage):  # slot 06 (unlearn): reads the quantized model, makes no new model
+    class Probe(Stage):  # after kv: reads the quantized model, makes no new model
         name, index = "probe", 6
         sections = ("unlearn",)
 
@@ -308,7 +308,7 @@ def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_re
             return StageResult(outputs={"kv": "kv_cache.json"}, metrics={"seen": ctx.inputs["model"]})
 
     stages = list(pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [Probe()] + stages[6:]))
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:7] + [Probe()] + stages[7:]))
     root, run, _ = tiny_run
     assert pipeline.enabled(tiny_recipe) == ["bootstrap", "data", "distill", "quantize", "probe", "evaluate",
                                              "export"]
@@ -659,7 +659,7 @@ def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_
 
 
 def _probe_stage(behaviour):
-    """A stage in slot 06 whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
+    """A stage after kv (folder 06-probe) whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
     from stages.result import StageResult
     from stages.stage import Stage
 
@@ -700,12 +700,12 @@ def test_a_stage_is_retried_after_a_transient_error_only(tiny_run, tiny_recipe, 
 
     probe = _probe_stage(behaviour)
     stages = list(pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [probe] + stages[6:]))
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:7] + [probe] + stages[7:]))
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
     name = f"retry-{type(error).__name__}"
     data["runtime"].update(retries=1, retry_delay_s=0)
-    data["unlearn"]["forget"] = [name]  # in the probe's key only: a fresh probe, every other stage cached
+    data["unlearn"]["forget"] = name  # in the probe's key only: a fresh probe, every other stage cached
     recipe = parse_recipe(data)
     if completes:
         report = compress(recipe=recipe, run_name=name, artifacts_dir=str(root))
@@ -724,11 +724,11 @@ def test_a_stage_over_its_timeout_fails_the_run_without_a_retry(tiny_run, tiny_r
 
     probe = _probe_stage(lambda attempt: time.sleep(3))
     stages = list(pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:6] + [probe] + stages[6:]))
+    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:7] + [probe] + stages[7:]))
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
     data["runtime"].update(retries=2, retry_delay_s=0, timeouts={"probe": 0.5})
-    data["unlearn"]["forget"] = ["timeout"]
+    data["unlearn"]["forget"] = "timeout"
     t0 = time.perf_counter()
     with pytest.raises(TimeoutError):
         compress(recipe=parse_recipe(data), run_name="timeout", artifacts_dir=str(root))

@@ -5,8 +5,9 @@ flow (:mod:`flows.pipeline`) walks :func:`enabled` and runs each stage's :class:
 tests and benches walk it with :func:`run_local` and no orchestrator at all.
 
 Order (fixed numbering, so ``NN-stage`` folders line up across runs):
-00 bootstrap -> 01 select -> 02 data -> 03 distill -> 04 quantize -> 05 kv -> 06 unlearn -> 07 evaluate
--> 08 export. Each stage is one module in this package (see :mod:`stages.stage` for the interface).
+00 bootstrap -> 01 select -> 02 data -> 03 distill -> 04 unlearn -> 05 quantize -> 06 kv -> 07 evaluate
+-> 08 export. Unlearning comes before compression so that what ships is the compressed unlearned model, and
+evaluate re-measures the forget set on it (see :mod:`stages.pipeline.unlearn`). Each stage is one module in this package (see :mod:`stages.stage` for the interface).
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from pathlib import Path
 from typing import Callable
 
 from stages.config import Recipe
-from stages.pipeline import bootstrap, data, distill, evaluate, export, kv, quantize, select
+from stages.pipeline import bootstrap, data, distill, evaluate, export, kv, quantize, select, unlearn
 from stages.errors import InputError
 from stages.refs import PATH_PREFIXES
 from stages.result import StageResult
 from stages.stage import Call, Context, Env, Stage, Upstream
 
-# The registry: one line per stage, in run order. 06 unlearn is not built yet (the schema refuses it).
-STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, quantize.STAGE, kv.STAGE,
-                             evaluate.STAGE, export.STAGE)
+# The registry: one line per stage, in run order.
+STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, unlearn.STAGE, quantize.STAGE,
+                             kv.STAGE, evaluate.STAGE, export.STAGE)
 assert [s.index for s in STAGES] == sorted({s.index for s in STAGES}), "stage numbers must be unique and ordered"
 
 

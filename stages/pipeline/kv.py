@@ -1,4 +1,4 @@
-"""05-kv: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
+"""06-kv: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
 ``stages.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
 perplexity ratio, KL and top-1 agreement (:mod:`stages.kv.measure`). Caches: :mod:`stages.kv` (KIVI, sink window,
 MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
@@ -20,7 +20,7 @@ from stages.stage import Context, Stage, Upstream
 
 
 class KV(Stage):
-    name, index = "kv", 5
+    name, index = "kv", 6
     sections = ("kv",)
     libraries = ("torch", "transformers")
 

@@ -1,4 +1,4 @@
-"""04-quantize: post-training quantization (RTN, GPTQ, OSTQuant) at a W/A/KV setting. Algorithm:
+"""05-quantize: post-training quantization (RTN, GPTQ, OSTQuant) at a W/A/KV setting. Algorithm:
 :mod:`stages.quantize.apply`.
 
 Calibrated methods read rows of the data stage's training tokens (the DSIR selection when select ran), or
@@ -17,7 +17,7 @@ from stages.stage import Context, Env, Stage, Upstream
 
 
 class Quantize(Stage):
-    name, index = "quantize", 4
+    name, index = "quantize", 5
     sections = ("quantize",)
     makes_model = True
     libraries = ("torch", "transformers", "safetensors")

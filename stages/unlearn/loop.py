@@ -1,0 +1,127 @@
+"""The plain loop every gradient unlearning method runs (SHRED and the baselines), and the token log-likelihoods
+they share.
+
+A method is a :class:`LossUnlearner`: one loss signature, ``loss(model, batch) -> scalar``, and an optional hook
+``prepare(model, data)`` that sees the frozen original model once before training (to precompute targets or
+reference log-probs). The loop, nanoGPT-plain:
+
+    for step in 1..steps:   batch = the next batch_size forget records (+ batch_size general rows if needs_retain)
+                            loss = method.loss(model, batch); backward; clip to max_grad_norm; AdamW step
+
+AdamW (weight decay 0) at a constant ``lr``. Records are drawn by cycling through one permutation of the forget set
+(retain rows: one permutation of ``data.general``), both from a ``torch.Generator`` seeded with ``seed``.
+
+Precision: the optimiser runs in the model's own dtype. A bf16 model gets bf16 weights and AdamW states, so an update
+smaller than a weight's bf16 spacing (~2^-8 relative) is lost; acceptable for the short, large-lr runs unlearning
+uses (the distillation trainer's fp32 master weights are not repeated here). Log-probs and losses are fp32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stages.errors import TrainingError
+from stages.unlearn.base import Batch, UnlearnData, Unlearner
+from stages.unlearn.data import ForgetSet
+
+
+def token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, <t]) from logits [B, T, V] -> [B, T] fp32, span's convention (logits at t - 1 predict
+    token t); position 0, which nothing predicts, is 0."""
+    z = logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
+    lp = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - z.logsumexp(-1)  # [B, T-1]
+    return F.pad(lp, (1, 0))
+
+
+def span_logp_sum(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
+    """log p(answer | prompt) per record: sum_t span[:, t] * log p(ids[:, t] | ids[:, <t]) -> [B]."""
+    return torch.where(fs.span, token_logp(logits, fs.ids), 0.0).sum(1)
+
+
+def span_nll(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
+    """Per-record mean NLL of the span tokens -> [B]."""
+    return -span_logp_sum(logits, fs) / fs.span.sum(1).clamp_min(1)
+
+
+def mean_span_nll(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
+    """Mean NLL over all span tokens of the batch (each token weighs the same) -> scalar."""
+    return -torch.where(fs.span, token_logp(logits, fs.ids), 0.0).sum() / fs.span.sum().clamp_min(1)
+
+
+def retain_nll(model, rows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of general rows [B, T] (no padding) -> scalar."""
+    logits = model(rows, attention_mask=torch.ones_like(rows)).logits  # [B, T, V]
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), rows[:, 1:].flatten())
+
+
+def _cycle(n: int, b: int, gen: torch.Generator):
+    """Index batches [b] cycling through one seeded permutation of range(n)."""
+    perm = torch.randperm(n, generator=gen)
+    return (perm[(s * b + torch.arange(b)) % n] for s in itertools.count())
+
+
+class LossUnlearner(Unlearner):
+    """A gradient method: ``loss(model, batch)`` minimised by the shared loop (module docstring). ``cfg`` has steps,
+    batch_size, lr and max_grad_norm. Losses should get their forget logits from :meth:`forward_forget`, which keeps
+    the batch's span NLL for the history (otherwise the loop runs one more no-grad forward for it)."""
+
+    needs_retain: ClassVar[bool] = False  # draw general rows into Batch.retain
+
+    def prepare(self, model, data: UnlearnData) -> None:
+        """Hook: one look at the frozen original model (eval mode, before any step). Default: nothing."""
+
+    def loss(self, model, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_forget(self, model, fs: ForgetSet) -> torch.Tensor:
+        """The model's logits [B, T, V] on forget records; records their mean span NLL for the step's history."""
+        logits = model(fs.ids, attention_mask=fs.attn).logits
+        self._forget_nll = mean_span_nll(logits.detach(), fs).item()
+        return logits
+
+    def __call__(self, model, data: UnlearnData, *, seed: int = 0, progress: bool = False) -> list[dict]:
+        cfg, name = self.cfg, self.name
+        if len(data.forget) == 0:
+            raise TrainingError(f"unlearn {name}: the forget set is empty")
+        if self.needs_retain and len(data.general) == 0:
+            raise TrainingError(f"unlearn {name}: needs retain rows (general data) and got none")
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        forget_batches = _cycle(len(data.forget), cfg.batch_size, gen)
+        retain_batches = _cycle(len(data.general), cfg.batch_size, gen) if self.needs_retain else None
+        model.eval()
+        self.prepare(model, data)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        history = []
+        model.train()
+        try:
+            bar = tqdm(range(cfg.steps), desc=f"unlearn {name}", disable=not progress, unit="step")
+            for step in bar:
+                idx = next(forget_batches)
+                retain = data.general[next(retain_batches)].to(device) if retain_batches is not None else None
+                batch = Batch(data.forget.rows(idx).to(device), idx, retain)
+                self._forget_nll = None
+                loss = self.loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"unlearn {name}: loss is {loss.item()} at step {step + 1} (lr {cfg.lr:.3g});"
+                                        f" training diverged - lower unlearn.method.lr")
+                if self._forget_nll is None:  # the method did not use forward_forget
+                    with torch.no_grad():
+                        self.forward_forget(model, batch.forget)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    raise TrainingError(f"unlearn {name}: gradient norm is {grad_norm.item()} at step {step + 1}")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                history.append({"step": step + 1, "loss": loss.item(), "forget_nll": self._forget_nll})
+                bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", nll=f"{self._forget_nll:.3f}")
+        finally:
+            model.eval()
+        return history
