@@ -147,7 +147,7 @@ def transient(task, task_run, state) -> bool:
 
 @flow(name="compress", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
 def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "artifacts") -> dict:
-    """Run a compression recipe: select -> distill -> quantize -> KV -> unlearn -> evaluate -> export.
+    """Run a compression recipe: select -> distill -> unlearn -> quantize -> KV -> evaluate -> export.
 
     ``run_name``: the run folder under ``artifacts_dir``; empty: one folder per flow run (see :func:`run_name_for`).
     """

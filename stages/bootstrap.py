@@ -33,8 +33,11 @@ def teacher_config(cfg: EmbeddedConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path) -> StageResult:
-    from transformers import LlamaForCausalLM
+def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
+        tokenizer_dir: Path | None = None) -> StageResult:
+    """``tokenizer_dir``: use this saved tokenizer instead of training one (the unlearning bench's reference model
+    must share the planted teacher's token ids)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     (out_dir / "corpus").mkdir()
     splits = build_corpus(out_dir / "corpus", max_mb=cfg.max_corpus_mb, eval_fraction=cfg.eval_fraction,
@@ -42,10 +45,14 @@ def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out
     train_files = [Path(s["train"]) for s in splits.values()]
     if cfg.facts:  # planted biographies: pretraining reads them with the domains (not in any eval split)
         facts = write_facts(out_dir / "corpus" / "facts", planted=cfg.facts, holdout=cfg.facts_holdout,
-                            repeats=cfg.facts_repeats, seed=cfg.seed)
+                            repeats=cfg.facts_repeats, seed=cfg.seed, plant_forget=cfg.facts_plant_forget)
         train_files.append(out_dir / "corpus" / "facts" / "train.jsonl")
     eval_files = [Path(s["eval"]) for s in splits.values()]
-    tok = train_tokenizer(train_files, vocab_size=cfg.vocab_size, out_dir=out_dir / "tokenizer")
+    if tokenizer_dir is None:
+        tok = train_tokenizer(train_files, vocab_size=cfg.vocab_size, out_dir=out_dir / "tokenizer")
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tok.save_pretrained(out_dir / "tokenizer")
     corpus = json.loads((out_dir / "corpus" / "corpus.json").read_text())
     outputs = {"corpus": "corpus", "tokenizer": "tokenizer"}
     metrics: dict = {"domains": sorted(splits), "vocab_size": len(tok), "corpus": corpus,

@@ -131,7 +131,14 @@ def _quality(fmt: str, m: dict, facts: dict) -> list[str]:
                 f"- KL(teacher || model) {_fmt(s.get('kl_to_teacher'))}",
                 f"- top-1 agreement with the teacher {_fmt(s.get('top1_agreement'))}",
                 f"- parameters {_fmt(s.get('params'), ',')}, weights on disk {_fmt(s.get('bytes_on_disk'), ',')} "
-                f"bytes ({_fmt(s.get('size_ratio'))}x the teacher's)", ""]
+                f"bytes ({_fmt(s.get('size_ratio'))}x the teacher's)"]
+        for part, what in (("forget", "forget set (unlearned)"), ("keep", "keep set (must stay)")):
+            f = (s.get("unlearn") or {}).get(part)
+            if f:
+                out.append(f"- {what}: ROUGE-L {_fmt(f.get('rouge_l'))}, answer probability "
+                           f"{_fmt(f.get('answer_prob'))}, Min-K% membership AUC {_fmt(f.get('mink_auc'))} "
+                           f"({f.get('records')} records)")
+        out.append("")
     else:
         out += ["Quality against the teacher was not measured in this run (no evaluate stage figures reached the "
                 "export); see the run's `07-evaluate/eval.json` when it exists.", ""]

@@ -119,13 +119,16 @@ class EmbeddedConfig(Strict):
         False, description="Also read the installed third-party packages (their .py files, docstrings, long "
         "descriptions and .md/.rst documents: hundreds of MB with this project's dependencies), for a larger corpus.")
     eval_fraction: float = Field(0.05, gt=0, lt=0.5)
-    facts: int = Field(40, ge=0, description="Invented biographies planted in the teacher's pretraining corpus "
+    facts: int = Field(16, ge=0, description="Invented biographies planted in the teacher's pretraining corpus "
                        "(corpus/facts/): the first half is embedded:facts-forget, the second embedded:facts-keep "
                        "(0: none).")
-    facts_holdout: int = Field(20, ge=0, description="Biographies of the same kind never planted "
+    facts_holdout: int = Field(16, ge=0, description="Biographies of the same kind never planted "
                                "(embedded:facts-holdout).")
-    facts_repeats: int = Field(60, ge=1, description="Documents holding every planted biography (shuffled), so the "
+    facts_repeats: int = Field(300, ge=1, description="Documents holding every planted biography (shuffled), so the "
                                "teacher sees each one often enough to memorise it.")
+    facts_plant_forget: bool = Field(True, description="False: plant the keep half only (the forget half is still "
+                                     "written as embedded:facts-forget), which makes the model unlearning should "
+                                     "match: one never trained on the forget set.")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -612,9 +615,9 @@ class KVConfig(Strict):
 class _UnlearnTrain(Strict):
     """What the gradient methods share: a plain AdamW loop over the forget set."""
 
-    steps: int = Field(30, ge=1, description="Optimiser steps.")
+    steps: int = Field(20, ge=1, description="Optimiser steps.")
     batch_size: int = Field(8, ge=1, description="Forget records per step (and retain rows, where used).")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-4, gt=0)
     max_grad_norm: float = Field(1.0, gt=0)
 
 
@@ -623,7 +626,7 @@ class ShredConfig(_UnlearnTrain):
     forget set's least likely positions; no retain set."""
 
     method: Literal["shred"] = "shred"
-    forget_share: float = Field(0.3, gt=0, le=1, description="Share P of each record's forget-span positions "
+    forget_share: float = Field(0.2, gt=0, le=1, description="Share P of each record's forget-span positions "
                                 "(the lowest original probability first) that become forget positions; the rest are "
                                 "anchors whose original distribution is kept.")
     skip_tokens: int = Field(0, ge=0, description="Leading positions of each forget span never demoted (context).")
@@ -632,7 +635,7 @@ class ShredConfig(_UnlearnTrain):
         "subtract", description="subtract: the memorised token's logit minus `strength`; floor: set to the "
                                 "smallest top-K logit minus `strength`.")
     strength: float = Field(10.0, ge=0, description="Logit demotion (nats).")
-    lr: float = Field(1e-3, gt=0)
+    steps: int = Field(80, ge=1, description="Optimiser steps.")
 
 
 class KFadeConfig(Strict):
@@ -641,9 +644,12 @@ class KFadeConfig(Strict):
 
     method: Literal["kfade"] = "kfade"
     steps: int = Field(3, ge=1, description="Gauss-Newton steps.")
-    trust_region: float = Field(0.05, gt=0, description="KL ball per step (nats): step size sqrt(2 eps / g'F^-1 g).")
+    trust_region: float = Field(0.01, gt=0, description="KL ball per step (nats): step size sqrt(2 eps / g'F^-1 g).")
     damping: float = Field(1e-3, gt=0, description="Added to each K-FAC factor, relative to its mean eigenvalue.")
     fisher_rows: int = Field(32, ge=1, description="General-text rows the K-FAC factors are estimated on.")
+    backtrack: int = Field(12, ge=0, description="Halvings of a step whose KL measured on the K-FAC rows exceeds "
+                           "trust_region (the quadratic model can be far off: K-FAC drops cross-layer curvature); "
+                           "0: trust the quadratic model.")
     layers: str = Field(r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
                         description="Regex of the linear modules updated (default: every decoder-block linear; "
                                     "not lm_head, which may share the embedding).")

@@ -51,11 +51,15 @@ def biographies(n: int, seed: int) -> list[dict]:
     return out
 
 
-def write_facts(out_dir: Path, *, planted: int, holdout: int, repeats: int, seed: int) -> dict:
-    """Write the facts files into ``out_dir`` (made here); returns their summary for corpus.json."""
+def write_facts(out_dir: Path, *, planted: int, holdout: int, repeats: int, seed: int,
+                plant_forget: bool = True) -> dict:
+    """Write the facts files into ``out_dir`` (made here); returns their summary for corpus.json. With
+    ``plant_forget`` False only the keep half goes into train.jsonl (a reference model never trained on the forget
+    half); the four files are otherwise the same."""
     bios = biographies(planted + holdout, seed)
-    plant, held = bios[:planted], bios[planted:]
     half = planted // 2
+    plant, held = bios[:planted], bios[planted:]
+    trained = plant if plant_forget else plant[half:]
     out_dir.mkdir(parents=True)
     rng = random.Random(f"facts-order-{seed}")
 
@@ -65,11 +69,12 @@ def write_facts(out_dir: Path, *, planted: int, holdout: int, repeats: int, seed
 
     docs = []
     for _ in range(repeats):
-        order = plant[:]
+        order = trained[:]
         rng.shuffle(order)
         docs.append({"text": "\n\n".join(b["text"] for b in order), "source": "facts:planted"})
     dump("train.jsonl", docs)
     dump("forget.jsonl", [{"text": b["text"], "answer": b["answer"]} for b in plant[:half]])
     dump("keep.jsonl", [{"text": b["text"], "answer": b["answer"]} for b in plant[half:]])
     dump("holdout.jsonl", [{"text": b["text"], "answer": b["answer"]} for b in held])
-    return {"planted": planted, "forget": half, "keep": planted - half, "holdout": holdout, "repeats": repeats}
+    return {"planted": len(trained), "forget": half, "keep": planted - half, "holdout": holdout, "repeats": repeats,
+            "forget_planted": plant_forget}

@@ -157,11 +157,32 @@ def test_measured_kl_matches_trust_region(one_thread):
     with torch.no_grad():
         p0 = model(input_ids=data.general).logits.log_softmax(-1)
     eps = 1e-3
-    KFade(KFadeConfig(steps=1, trust_region=eps, fisher_rows=8, layers=r"layers\.1\.mlp\.down_proj$"))(model, data)
+    KFade(KFadeConfig(steps=1, trust_region=eps, fisher_rows=8, layers=r"layers\.1\.mlp\.down_proj$",
+                      backtrack=0))(model, data)
     with torch.no_grad():
         p1 = model(input_ids=data.general).logits.log_softmax(-1)
     kl = (p0.exp() * (p0 - p1)).sum(-1).mean().item()  # mean per-token KL(old || new) on the K-FAC rows
     assert eps / 3 < kl < 3 * eps
+
+
+def test_backtracking_keeps_the_measured_kl_inside_the_trust_region(one_thread):
+    """Every linear of the default-init model: the quadratic step lands far outside the trust region (cross-layer
+    curvature dropped, bilinear attention); halving it until the measured KL fits keeps each step's KL <= eps."""
+    eps = 1e-3
+    kls = {}
+    for backtrack in (0, 12):
+        torch.manual_seed(0)
+        model = tiny_llama()
+        data = llama_data()
+        with torch.no_grad():
+            p0 = model(input_ids=data.general).logits.log_softmax(-1)
+        hist = KFade(KFadeConfig(steps=1, trust_region=eps, fisher_rows=8, backtrack=backtrack))(model, data)
+        with torch.no_grad():
+            p1 = model(input_ids=data.general).logits.log_softmax(-1)
+        kls[backtrack] = (p0.exp() * (p0 - p1)).sum(-1).mean().item()
+        if backtrack:
+            assert hist[0]["halvings"] > 0 and abs(hist[0]["measured_kl"] - kls[backtrack]) < 1e-4
+    assert kls[0] > 3 * eps and kls[12] <= eps
 
 
 def test_nan_forget_loss_raises(one_thread):

@@ -80,6 +80,8 @@ def made_settings(recipe, up: Upstream) -> dict[str, dict]:
     if recipe.distill.enabled and "distill" in up:
         d = recipe.distill
         made["distill"] = {"divergence": d.divergence.name, "steps": d.steps, "temperature": d.temperature}
+    if recipe.unlearn.enabled and "unlearn" in up:
+        made["unlearn"] = {"method": recipe.unlearn.method.method, "forget": recipe.unlearn.forget}
     if recipe.quantize.enabled and "quantize" in up:
         q = recipe.quantize.scheme
         made["quantize"] = {"method": q.method, "setting": q.setting,

@@ -114,7 +114,7 @@ class Unlearn(Stage):
                  "utility": utility_metrics(model, original, held_out.to(ctx.device), batch_size=bs)}
         del original
         save_pretrained_atomic_into(model.cpu(), tok, ctx.out_dir / "model")
-        extra = getattr(method, "report", lambda: {})()
+        extra = method.report()
         write_json_atomic(ctx.out_dir / "unlearn.json", {"method": u.method.model_dump(mode="json"), "before": before,
                                                          "after": after, "history": history, **extra})
         rounded = {k: round(v, 6) if isinstance(v, float) else v for k, v in (history[-1] if history else {}).items()}

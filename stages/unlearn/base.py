@@ -45,3 +45,7 @@ class Unlearner:
         """Unlearn ``data.forget`` from ``model`` (in place, on its device); returns per-step records
         (``{"step", "loss", ...}``)."""
         raise NotImplementedError
+
+    def report(self) -> dict:
+        """Figures of the finished run the stage adds to its metrics (e.g. how many positions SHRED demoted)."""
+        return {}

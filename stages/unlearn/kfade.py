@@ -24,7 +24,9 @@ For every selected ``nn.Linear`` (``cfg.layers``, a regex searched in the module
   (``cfg.trust_region``), and W <- W + eta D: an ASCENT step, the forget loss increases.
 - The forget gradient is recomputed before every step (teacher forced, mean NLL over ``forget.span`` tokens).
 
-The trust region holds for the block-diagonal K-FAC model only. When many layers move the same logits together
+The trust region holds for the block-diagonal K-FAC model only, so by default (``cfg.backtrack``) each step is also
+measured: while the KL on the K-FAC rows exceeds ``trust_region``, eta is halved. When many layers move the same
+logits together
 (the cross-layer terms K-FAC drops), or the step leaves the quadratic regime (q/k projections act bilinearly on the
 attention scores), the measured KL is larger. On a random 2-block Llama (8 rows x 16 tokens) it was ~1.3x eps for
 one down_proj, 3-10x for all 14 linears at initializer_range 0.1, and up to ~90x at the default 0.02 (uniform
@@ -264,6 +266,43 @@ def quadratic_kl(directions: dict[str, torch.Tensor], factors: dict[str, tuple[t
     return 0.5 * eta ** 2 * sum(float((D * (factors[n][1] @ D @ factors[n][0])).sum()) for n, D in directions.items())
 
 
+@torch.no_grad()
+def _mean_kl(model, rows: torch.Tensor, ref_logp: list[torch.Tensor], batch_size: int = 4) -> float:
+    """Mean per-token KL(ref || model) on ``rows`` [R, T]; ``ref_logp``: the reference log-probs per batch."""
+    total, count = 0.0, 0
+    for i, ref in zip(range(0, len(rows), batch_size), ref_logp):
+        logp = torch.log_softmax(_logits(model, rows[i:i + batch_size]).float(), -1)  # [b, T, V]
+        total += float((ref.exp() * (ref - logp)).sum())
+        count += ref.shape[0] * ref.shape[1]
+    return total / count
+
+
+@torch.no_grad()
+def _backtrack(model, modules: dict[str, torch.nn.Linear], directions: dict[str, torch.Tensor], eta: float,
+               rows: torch.Tensor, cfg) -> tuple[float, float | None, int]:
+    """Apply W += eta D, halving eta (at most ``cfg.backtrack`` times) while the KL measured on ``rows`` exceeds
+    ``cfg.trust_region``: the trust region as measured, not only as the block-diagonal quadratic model predicts.
+    Returns (eta applied, measured KL or None when not measured, halvings)."""
+    def move(scale: float) -> None:
+        for n, D in directions.items():
+            w = modules[n].weight
+            w.add_((scale * D).to(w.dtype))  # ascent: the forget NLL rises
+
+    if cfg.backtrack == 0:
+        move(eta)
+        return eta, None, 0
+    device = next(model.parameters()).device
+    rows = rows.to(device)
+    ref = [torch.log_softmax(_logits(model, rows[i:i + 4]).float(), -1) for i in range(0, len(rows), 4)]
+    move(eta)
+    kl, halvings = _mean_kl(model, rows, ref), 0
+    while kl > cfg.trust_region and halvings < cfg.backtrack:
+        move(-eta / 2)  # W + eta D  ->  W + eta/2 D
+        eta, halvings = eta / 2, halvings + 1
+        kl = _mean_kl(model, rows, ref)
+    return eta, kl, halvings
+
+
 class KFade(Unlearner):
     """K-FADE (module docstring): ``cfg.steps`` uphill Gauss-Newton steps on the forget NLL; K-FAC factors from the
     first ``cfg.fisher_rows`` general rows, estimated once before the first step; each step's KL is ``cfg.trust_region``
@@ -275,7 +314,8 @@ class KFade(Unlearner):
     def __call__(self, model: torch.nn.Module, data: UnlearnData, *, seed: int = 0,
                  progress: bool = False) -> list[dict]:
         """Returns one record per step: ``step``, ``forget_nll`` (= ``loss``, before the step), ``step_size``
-        (eta) and ``predicted_kl`` (the undamped K-FAC quadratic model of the step's KL, <= trust_region)."""
+        (eta, after backtracking), ``predicted_kl`` (the undamped K-FAC quadratic model of the step's KL),
+        ``measured_kl`` (on the K-FAC rows; None with backtrack 0) and ``halvings``."""
         cfg = self.cfg
         modules = select_linears(model, cfg.layers)
         device = next(model.parameters()).device
@@ -284,7 +324,8 @@ class KFade(Unlearner):
         was_training = model.training
         model.eval()
         try:
-            factors = kfac_factors(model, modules, data.general[:cfg.fisher_rows], generator=gen, progress=progress)
+            rows = data.general[:cfg.fisher_rows]
+            factors = kfac_factors(model, modules, rows, generator=gen, progress=progress)
             history = []
             for step in tqdm(range(cfg.steps), desc="kfade", disable=not progress):
                 nll, grads = forget_grads(model, modules, data.forget)
@@ -295,12 +336,10 @@ class KFade(Unlearner):
                     grads[n] = d
                 directions = grads
                 eta = _eta(inner, cfg.trust_region)  # = step_size(grads, directions, trust_region)
-                with torch.no_grad():
-                    for n, D in directions.items():
-                        w = modules[n].weight
-                        w.add_((eta * D).to(w.dtype))  # ascent: the forget NLL rises
+                eta, measured, halvings = _backtrack(model, modules, directions, eta, rows, cfg)
                 history.append({"step": step + 1, "loss": nll, "forget_nll": nll, "step_size": eta,
-                                "predicted_kl": quadratic_kl(directions, factors, eta)})
+                                "predicted_kl": quadratic_kl(directions, factors, eta), "measured_kl": measured,
+                                "halvings": halvings})
         finally:
             model.train(was_training)
         return history

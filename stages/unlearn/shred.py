@@ -126,6 +126,9 @@ class Shred(LossUnlearner):
     def n_forget_positions(self) -> int:
         return int(self.forget_mask.sum())
 
+    def report(self) -> dict:
+        return {"forget_positions": self.n_forget_positions}
+
     def loss(self, model, batch: Batch) -> torch.Tensor:
         logits = self.forward_forget(model, batch.forget)  # [B, T, V]
         dev = logits.device
