@@ -53,7 +53,7 @@ def test_validate_prints_the_resolved_recipe(capsys):
     assert main(["validate", str(ROOT / "configs" / "demo.yaml"), "--set", "distill.steps=7"]) == 0
     out = capsys.readouterr().out
     assert "steps: 7" in out
-    assert "stages: bootstrap -> select -> data -> distill -> quantize -> kv -> evaluate -> export" in out
+    assert "stages: bootstrap -> select -> data -> distill -> unlearn -> quantize -> kv -> evaluate -> export" in out
 
 
 def test_each_flow_run_gets_its_own_run_folder_name_unless_one_is_given(monkeypatch):

@@ -246,3 +246,19 @@ def test_nan_loss_raises(setup):
     with pytest.raises(TrainingError, match=r"gradient_ascent: loss is nan at step 2"):
         Diverges(GradientAscentConfig(steps=5, batch_size=2))(m, data)
     assert not m.training
+
+
+def test_a_bf16_model_trains_on_float32_master_weights(setup):
+    """bf16 weights updated directly lose most lr-1e-4 AdamW steps to rounding; the loop keeps float32 masters, so a
+    bf16 run moves its weights as the float32 run does, and hands back a bf16 model."""
+    model, data, _ = setup
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = copy.deepcopy(model).to(dtype)
+        start = {n: p.detach().float().clone() for n, p in m.named_parameters()}
+        GradientAscent(GradientAscentConfig(steps=5, lr=1e-4, batch_size=4))(m, data, seed=0)
+        assert all(p.dtype == dtype for p in m.parameters())
+        moved[dtype] = torch.cat([(p.detach().float() - start[n]).flatten() for n, p in m.named_parameters()])
+    a, b = moved[torch.float32], moved[torch.bfloat16]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.8
+    assert 0.7 < b.norm() / a.norm() < 1.3

@@ -83,6 +83,7 @@ class Unlearn(Stage):
         import copy
 
         import torch
+        from transformers import AutoConfig
 
         from stages.data import load_tokens
         from stages.io import write_json_atomic
@@ -95,10 +96,13 @@ class Unlearn(Stage):
         r, i, u = ctx.recipe, ctx.inputs, ctx.recipe.unlearn
         m = r.models
         tok = load_tokenizer(i["tokenizer"], trust_remote_code=m.trust_remote_code, revision=m.revision)
+        config = AutoConfig.from_pretrained(i["model"], trust_remote_code=m.trust_remote_code, revision=m.revision)
+        config = getattr(config, "text_config", None) or config
+        max_len = getattr(config, "max_position_embeddings", None) or 10**9
+        # the sets against the model's context before its weights are loaded
+        sets = load_sets({k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("set:")}, tok, u, max_len)
         model = load_causal_lm(i["model"], dtype=m.dtype, device=ctx.device, trust_remote_code=m.trust_remote_code,
                                revision=m.revision, what="unlearn stage input")
-        max_len = getattr(model.config, "max_position_embeddings", None) or 10**9
-        sets = load_sets({k.split(":", 1)[1]: v for k, v in i.items() if k.startswith("set:")}, tok, u, max_len)
         general = load_tokens(i["train"])[: u.retain_rows]  # [R, T] retain set / K-FAC rows
         held_out = load_tokens(i["eval"])[: u.retain_rows]  # [R, T] utility rows
         bs = ctx.call.config["batch_size"]

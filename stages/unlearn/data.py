@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stages.errors import InputError
+
+if TYPE_CHECKING:  # validation reads records without torch (compress validate, the Prefect form)
+    import torch
 
 
 @dataclass
@@ -48,6 +50,8 @@ class ForgetSet:
 
     def rows(self, index) -> "ForgetSet":
         """The records at ``index`` (a slice, list or tensor of positions), as a ForgetSet."""
+        import torch
+
         idx = torch.as_tensor(range(len(self))[index] if isinstance(index, slice) else index, dtype=torch.long)
         pick = idx.tolist()
         return ForgetSet(self.ids[idx], self.attn[idx], self.span[idx], self.prompt_len[idx],
@@ -116,6 +120,8 @@ def tokenize(records: list[Record], tokenizer, *, prefix_tokens: int, max_len: i
     Raises InputError when a record is longer than ``max_len`` (the model's context), or when its span or its
     prompt would be empty.
     """
+    import torch
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows, spans, prompts = [], [], []
     for n, r in enumerate(records):

@@ -11,13 +11,15 @@ reference log-probs). The loop, nanoGPT-plain:
 AdamW (weight decay 0) at a constant ``lr``. Records are drawn by cycling through one permutation of the forget set
 (retain rows: one permutation of ``data.general``), both from a ``torch.Generator`` seeded with ``seed``.
 
-Precision: the optimiser runs in the model's own dtype. A bf16 model gets bf16 weights and AdamW states, so an update
-smaller than a weight's bf16 spacing (~2^-8 relative) is lost; acceptable for the short, large-lr runs unlearning
-uses (the distillation trainer's fp32 master weights are not repeated here). Log-probs and losses are fp32.
+Precision: a bfloat16 / float16 model trains the way the distillation trainer does: its trainable parameters become
+float32 master weights (``stages.distill.trainer.master_weights``; at lr 1e-4 most AdamW updates of a bf16 weight
+would round to zero), the forward passes autocast to its dtype (float16 with a gradient scaler), and the weights are
+cast back at the end. Log-probs and losses are fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import ClassVar
 
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from stages.distill.trainer import master_weights
 from stages.errors import TrainingError
 from stages.unlearn.base import Batch, UnlearnData, Unlearner
 from stages.unlearn.data import ForgetSet
@@ -96,6 +99,9 @@ class LossUnlearner(Unlearner):
         retain_batches = _cycle(len(data.general), cfg.batch_size, gen) if self.needs_retain else None
         model.eval()
         self.prepare(model, data)
+        amp, upcast = master_weights(model)  # bf16/fp16 trainable weights -> float32 masters (cast back below)
+        autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+        scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         history = []
@@ -107,21 +113,30 @@ class LossUnlearner(Unlearner):
                 retain = data.general[next(retain_batches)].to(device) if retain_batches is not None else None
                 batch = Batch(data.forget.rows(idx).to(device), idx, retain)
                 self._forget_nll = None
-                loss = self.loss(model, batch)
+                with autocast():
+                    loss = self.loss(model, batch)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"unlearn {name}: loss is {loss.item()} at step {step + 1} (lr {cfg.lr:.3g});"
                                         f" training diverged - lower unlearn.method.lr")
                 if self._forget_nll is None:  # the method did not use forward_forget
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast():
                         self.forward_forget(model, batch.forget)
-                loss.backward()
+                (scaler.scale(loss) if scaler else loss).backward()
+                if scaler:
+                    scaler.unscale_(opt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if not torch.isfinite(grad_norm):
-                    raise TrainingError(f"unlearn {name}: gradient norm is {grad_norm.item()} at step {step + 1}")
-                opt.step()
+                if scaler:  # an inf gradient is the scaler's to skip and back off from
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    if not torch.isfinite(grad_norm):
+                        raise TrainingError(f"unlearn {name}: gradient norm is {grad_norm.item()} at step {step + 1}")
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 history.append({"step": step + 1, "loss": loss.item(), "forget_nll": self._forget_nll})
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", nll=f"{self._forget_nll:.3f}")
         finally:
             model.eval()
+            for p in upcast:
+                p.data = p.data.to(amp)
         return history
