@@ -11,6 +11,7 @@ present, with its recorded sha256): a record whose files were deleted, edited or
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -84,6 +85,27 @@ def lookup(artifacts_root: Path, key: str, log: Callable[[str], None] | None = N
     return manifest
 
 
+@contextlib.contextmanager
+def stage_lock(artifacts_root: Path, key: str, stage: str, log: Callable[[str], None] | None = None):
+    """Hold the lock of one stage key (``.cache/locks/<key>.lock``, a ``filelock`` file lock) while the stage is
+    looked up, computed and published, so two runs of the same recipe at once (a served run and a CLI run, two
+    clicks in the UI) never compute the same stage twice: the second waits, then finds the first's result."""
+    from filelock import FileLock, Timeout
+
+    path = artifacts_root / ".cache" / "locks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        (log or _log.info)(f"{stage}: another run is computing this stage (key {key[:12]}); waiting for it")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
             fn: Callable[[Path], StageResult], log: Callable[[str], None] | None = None) -> dict:
     """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
@@ -95,7 +117,17 @@ def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
     published with those outputs and a manifest saying ``"status": "failed"`` and the ``error``, then the exception
     is raised again: no cache index entry is written and :func:`lookup` never serves a failed manifest, so the next
     run of the same key runs the stage again. Any other exception publishes nothing.
+
+    All of it happens under the stage key's lock (:func:`stage_lock`): a concurrent run of the same stage waits and
+    then reuses this one's result.
     """
+    stage, key = call.stage, call.key
+    with stage_lock(artifacts_root, key, stage, log):  # looked up once the lock is ours: another run may be done
+        return _execute(call, run_dir=run_dir, artifacts_root=artifacts_root, seed=seed, fn=fn, log=log)
+
+
+def _execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, fn: Callable[[Path], StageResult],
+             log: Callable[[str], None] | None) -> dict:
     stage, key = call.stage, call.key
     hit = lookup(artifacts_root, key, log)
     if hit is not None:

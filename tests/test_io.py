@@ -96,3 +96,45 @@ def test_memo_entry_corrupt_or_racy_is_not_trusted(tmp_path, counted):
     counted.clear()
     memo_sha256(fresh, memo)
     assert counted == ["fresh.jsonl"]
+
+
+def test_a_replaced_stage_folder_is_never_missing(tmp_path):
+    """Publishing over a finished folder swaps the two in one step (renameat2 RENAME_EXCHANGE): a reader polling the
+    folder while it is replaced again and again always finds a complete one."""
+    import threading
+
+    from stages.io import atomic_dir
+
+    final = tmp_path / "04-unlearn"
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text("0")
+    missing, stop = [], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            if not (final / "manifest.json").is_file():
+                missing.append(1)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for i in range(1, 300):
+            with atomic_dir(final) as tmp:
+                (tmp / "manifest.json").write_text(str(i))
+    finally:
+        stop.set()
+        reader.join()
+    assert (final / "manifest.json").read_text() == "299"
+    assert not missing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["04-unlearn"]  # the old contents are gone
+
+
+def test_replace_falls_back_to_two_renames_where_the_os_cannot_swap(tmp_path, monkeypatch):
+    from stages.io import atomic_dir
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    final = tmp_path / "d"
+    for i in range(3):
+        with atomic_dir(final) as tmp:
+            (tmp / "f").write_text(str(i))
+    assert (final / "f").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["d"]

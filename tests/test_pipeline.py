@@ -736,3 +736,43 @@ def test_a_stage_over_its_timeout_fails_the_run_without_a_retry(tiny_run, tiny_r
     data["runtime"]["timeouts"] = {"distil": 10}
     with pytest.raises(InputError, match=r"runtime.timeouts: unknown stage\(s\) \['distil'\]"):
         compress(recipe=parse_recipe(data), run_name="timeout", artifacts_dir=str(root))
+
+
+_CONCURRENT = """
+import json, sys
+from pathlib import Path
+from stages.config import load_recipe, parse_recipe
+from stages.pipeline import run_local
+data = load_recipe(sys.argv[1]).model_dump(mode="json")
+data["export"] = {"formats": ["safetensors"]}
+data["distill"]["steps"] = 4
+done = run_local(parse_recipe(data), Path(sys.argv[2]) / sys.argv[3], Path(sys.argv[2]))
+print(json.dumps({s: [bool(m.get("reused")), m["stage_dir"]] for s, m in done.items()}))
+"""
+
+
+def test_two_concurrent_runs_of_one_recipe_compute_each_stage_once(tmp_path):
+    """Two processes run the same recipe at once into one artifacts folder (a served run and a CLI run): each stage
+    is computed by one of them while the other waits on the stage key's lock and reuses it; both complete with
+    intact manifests."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TINY
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(TINY), str(tmp_path), name], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    a, b = results
+    assert set(a) == set(b) == set(RAN)
+    assert all({a[s][0], b[s][0]} == {True, False} for s in a), (a, b)  # one computed it, the other reused it
+    for s in RAN:
+        assert a[s][1] == b[s][1]  # both runs' stage is the one folder the computing run published
+        m = json.loads((Path(a[s][1]) / "manifest.json").read_text())
+        assert m["stage"] == s and m["status"] == "completed"
+    assert not list(tmp_path.glob("*/.*tmp-*"))  # no half-published folder left behind
