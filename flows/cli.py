@@ -69,10 +69,6 @@ def _run(recipe, run_name: str | None, artifacts: str) -> int:
     from stages.pipeline import preflight
 
     preflight(recipe)  # before starting Prefect: a missing path fails in a second, not after a server start
-    if recipe.runtime.threads:
-        import torch
-
-        torch.set_num_threads(recipe.runtime.threads)
     _prefect_env()
     from flows.pipeline import compress
 

@@ -10,21 +10,25 @@ its own run folder (:func:`run_name_for`).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 import traceback
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
-                               create_table_artifact)
+                               create_progress_artifact, create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import CachePolicy
+from prefect.concurrency.sync import concurrency
 from prefect.filesystems import LocalFileSystem
 
 from stages import report as report_mod
 from stages.config import Recipe, check_run_name, default_run_name
-from stages.errors import CompressError, GateError
+from stages.errors import CompressError, GateError, InputError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
+from stages.progress import reporting
 from stages.runner import digest_memo_dir, failed_manifest, link_reused, outputs_changed
 from stages.stage import Call, Env
 
@@ -36,11 +40,77 @@ class StageKey(CachePolicy):
         return inputs["key"]
 
 
+PROGRESS_EVERY_S = 5.0  # the most often a stage's progress artifact is written (each write is a server call)
+
+
+class _ProgressArtifact:
+    """The reporter of one stage run (:mod:`stages.progress`): a Prefect progress artifact on the task run, updated
+    at most every PROGRESS_EVERY_S seconds, with the stage's note (step, loss, tokens/s) as its description. A failing
+    update is logged once and never fails the stage."""
+
+    def __init__(self, stage: str, log):
+        self.stage, self.log, self.last, self.id = stage, log, 0.0, None
+        try:
+            self.id = create_progress_artifact(progress=0.0, description=f"{stage}: starting")
+        except Exception as e:
+            self.log(f"{stage}: no progress artifact ({e})")
+
+    def __call__(self, fraction: float, note: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.id is None or (not force and now - self.last < PROGRESS_EVERY_S and fraction < 1.0):
+            return
+        self.last = now
+        try:
+            update_progress_artifact(self.id, progress=round(100 * fraction, 1), description=f"{self.stage}: {note}")
+        except Exception as e:
+            self.log(f"{self.stage}: progress artifact not updated ({e})")
+            self.id = None
+
+
+@contextlib.contextmanager
+def gpu_slot(name: str | None, device: str, stage: str, log):
+    """Hold one slot of the global concurrency limit ``name`` (``runtime.gpu_slot``) while a stage runs on CUDA;
+    strict, so a limit missing on the server is an error rather than no protection (the flow checks it first)."""
+    if not name or device != "cuda":
+        yield
+        return
+    log(f"{stage}: waiting for a slot of '{name}'")
+    with concurrency(name, occupy=1, strict=True):
+        log(f"{stage}: holds a slot of '{name}'")
+        yield
+
+
+def check_gpu_slot(name: str | None) -> None:
+    """Before any work: the global concurrency limit named by ``runtime.gpu_slot`` exists on the Prefect server."""
+    if not name:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise InputError(f"runtime.gpu_slot: the Prefect server has no global concurrency limit '{name}'; create "
+                             f"it first: prefect gcl create {name} --limit 1") from None
+
+
 @task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
 def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
-    """Run one stage (or reuse its finished outputs); returns its manifest."""
-    return run_call(Recipe.model_validate(recipe), Call(**call), Path(run_dir), Path(artifacts_root),
-                    log=get_run_logger().info)
+    """Run one stage (or reuse its finished outputs); returns its manifest. Long stages report where they are to a
+    progress artifact on this task run (distillation and pretraining steps, DSIR shards, GPTQ layers, OSTQuant and
+    unlearning steps)."""
+    log = get_run_logger()
+    r = Recipe.model_validate(recipe)
+    if r.runtime.threads:  # honoured in every flow run, not only in the CLI
+        import torch
+
+        torch.set_num_threads(r.runtime.threads)
+    progress = _ProgressArtifact(stage, log.warning)
+    with gpu_slot(r.runtime.gpu_slot, call["device"], stage, log.info), reporting(progress):
+        manifest = run_call(r, Call(**call), Path(run_dir), Path(artifacts_root), log=log.info)
+    progress(1.0, "reused" if manifest.get("reused") else "done", force=True)
+    return manifest
 
 
 def run_name_for(recipe: Recipe, run_name: str | None) -> str:
@@ -154,6 +224,7 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
     log = get_run_logger()
     run_name = check_run_name(run_name_for(recipe, run_name))
     preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
+    check_gpu_slot(recipe.runtime.gpu_slot)
     root = Path(artifacts_dir).resolve()
     run_dir = root / run_name
     run_dir.mkdir(parents=True, exist_ok=True)

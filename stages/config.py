@@ -784,6 +784,10 @@ class RuntimeConfig(Strict):
                          "error (I/O or network: OSError, e.g. a hub download); never after bad input, a missed gate, "
                          "a NaN loss, a failed export check, a missing file or a timeout.")
     retry_delay_s: float = Field(30.0, ge=0, description="Seconds before a retry.")
+    gpu_slot: str | None = Field(None, description="Prefect flow runs: the global concurrency limit (e.g. "
+                                 "'gpu:node-a') of which every stage running on CUDA holds one slot, so two runs never "
+                                 "share a GPU by accident; create it first (prefect gcl create gpu:node-a --limit 1). "
+                                 "Unset: no limit.")
     timeouts: dict[str, float] = Field(default_factory=dict, description="Prefect flow runs: wall-clock limit in "
                                        "seconds per stage name, e.g. {distill: 36000}; a stage not named has none.")
 

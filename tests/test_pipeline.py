@@ -444,6 +444,18 @@ def test_report_and_metrics_are_prefect_artifacts(tiny_run):
     assert f"rsync -a {socket.gethostname()}:{folder.resolve()} ." in exports.data
 
 
+def test_long_stages_show_their_progress_in_the_ui(tiny_run):
+    """Each stage that ran has a progress artifact on its task run: 100 % with 'done' at the end; the training stages
+    reported their steps on the way (tested on the reporter: tests/test_trainer.py)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    notes = {a.description for a in arts if a.data == 100}
+    assert {f"{s}: done" for s in ("bootstrap", "distill", "quantize", "evaluate", "export")} <= notes, notes
+
+
 def test_cached_teacher_top_k_and_on_policy_through_the_pipeline(tiny_run, tiny_recipe):
     """Cached top-k is computed once per (teacher, data, k, temperature) and reused by a run with another divergence."""
     from stages.config import parse_recipe
@@ -776,3 +788,39 @@ def test_two_concurrent_runs_of_one_recipe_compute_each_stage_once(tmp_path):
         m = json.loads((Path(a[s][1]) / "manifest.json").read_text())
         assert m["stage"] == s and m["status"] == "completed"
     assert not list(tmp_path.glob("*/.*tmp-*"))  # no half-published folder left behind
+
+
+def test_a_gpu_stage_holds_a_slot_of_the_global_concurrency_limit(prefect_server):
+    """runtime.gpu_slot: a stage on CUDA holds one slot of the named limit while it runs (so a second run waits);
+    a CPU stage takes none; strict, so a missing limit is an error."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.pipeline import gpu_slot
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-test", limit=1))
+
+        def active() -> int:
+            return client.read_global_concurrency_limit_by_name("gpu-test").active_slots
+
+        logs = []
+        with gpu_slot("gpu-test", "cpu", "distill", logs.append):
+            assert active() == 0
+        with gpu_slot("gpu-test", "cuda", "distill", logs.append):
+            assert active() == 1
+        assert active() == 0 and logs == ["distill: waiting for a slot of 'gpu-test'",
+                                          "distill: holds a slot of 'gpu-test'"]
+
+
+def test_a_missing_gpu_slot_limit_fails_the_run_before_any_work(prefect_server, tiny_recipe, tmp_path):
+    from flows.pipeline import compress
+    from stages.config import parse_recipe
+    from stages.errors import InputError
+
+    data = tiny_recipe.model_dump(mode="json")
+    data["runtime"]["gpu_slot"] = "gpu:nowhere"
+    with pytest.raises(InputError, match=r"no global concurrency limit 'gpu:nowhere'; create it first: prefect gcl "
+                                         r"create gpu:nowhere --limit 1"):
+        compress(recipe=parse_recipe(data), run_name="no-slot", artifacts_dir=str(tmp_path))
+    assert not (tmp_path / "no-slot").exists()

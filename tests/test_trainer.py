@@ -373,3 +373,16 @@ def test_low_precision_student_moves_like_float32_and_keeps_its_dtype(dtype, chu
     ref = _relative_update(torch.float32, tmp_path, chunk=chunk)
     low = _relative_update(dtype, tmp_path, chunk=chunk)
     assert ref > 0 and 1 / 1.5 < low / ref < 1.5, (low, ref)
+
+
+def test_training_reports_its_progress_to_the_installed_reporter():
+    """stages.progress: the flow installs a reporter around a stage (a Prefect progress artifact); the loop tells it
+    each step's share of the run; nothing is reported without one."""
+    from stages.progress import report, reporting
+
+    cfg = DistillConfig(steps=3, batch_size=2, eval_every=3, warmup_steps=0)
+    seen = []
+    with reporting(lambda fraction, note: seen.append((round(fraction, 3), note.split(",")[0]))):
+        train(_lm(1), cfg, teacher=_lm(2), desc="distill")
+    assert seen == [(0.333, "distill: step 1/3"), (0.667, "distill: step 2/3"), (1.0, "distill: step 3/3")]
+    report(0.5, "no reporter installed: nothing happens")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from stages.config import DistillConfig, divergence_params
 from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
 from stages.distill.step import StepLoss, _autocast
+from stages.progress import report as report_progress
 from stages.errors import TrainingError
 
 
@@ -282,6 +283,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
                                      amp_dtype=amp))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        report_progress((step + 1) / cfg.steps, f"{desc}: step {step + 1}/{cfg.steps}, loss {rec['loss']:.3f}, "
+                        f"{rec['tokens_per_s']:.0f} tokens/s")
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
                 and step + 1 < cfg.steps:
             _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir), scaler)

@@ -32,6 +32,7 @@ from stages.dsir.features import ENGINE, Batch, Featurizer
 from stages.dsir.sources import OK, REASONS, TOO_SHORT, Shard
 from stages.errors import InputError
 from stages.io import stable_hash, write_json_atomic
+from stages.progress import report as report_progress
 from stages.result import StageResult
 
 EPS = 1e-8  # added inside every log, as in the reference package (empty buckets stay finite)
@@ -660,6 +661,7 @@ def _run_phase(name: str, tasks: list[ShardTask], run: _Run) -> list[dict[str, n
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc=f"dsir {name}", unit="shard")
+    done = 0
     try:
         for summary in run.executor(run_shard, todo):
             i = pos[summary["index"]]
@@ -669,6 +671,8 @@ def _run_phase(name: str, tasks: list[ShardTask], run: _Run) -> list[dict[str, n
             results[i] = got
             if bar is not None:
                 bar.update(1)
+            done += 1
+            report_progress(done / len(todo), f"dsir {name}: shard {done}/{len(todo)}")
     finally:
         if bar is not None:
             bar.close()

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from stages.errors import InputError
+from stages.progress import report as report_progress
 from stages.quantize.quantizers import (_check_bits, _group_count, fake_quant_with_qparams, search_clip_ratio,
                                         weight_qparams)
 
@@ -277,6 +278,7 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
                     if log is not None:
                         log(f"gptq {full}: rel_error={rel_errors[full]:.4g} loss={res.loss:.4g}")
             inps = [_layer_output(layer(hs, *rest, **kw)) for hs, (rest, kw) in zip(inps, extra[i])]
+            report_progress((i + 1) / len(layers), f"gptq: layer {i + 1}/{len(layers)} solved")
     finally:
         model.train(was_training)
     if not rel_errors:

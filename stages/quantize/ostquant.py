@@ -28,6 +28,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from stages.errors import TrainingError
+from stages.progress import report as report_progress
 from stages.quantize.fakequant import attach_fake_quant
 from stages.quantize.hadamard import random_rotation
 from stages.quantize.quantizers import QuantSetting, _weight_groups, fake_quant_round_ste
@@ -142,6 +143,7 @@ def calibrate(model: torch.nn.Module, calib_ids: torch.Tensor, cfg: OSTQuantConf
                 o.step()
             history.append({"step": step + 1, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.4f}")
+            report_progress((step + 1) / cfg.steps, f"ostquant: step {step + 1}/{cfg.steps}, loss {loss.item():.4f}")
     finally:
         handle.remove()
     qsur_after = {}

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from stages.errors import InputError, RecipeError, TrainingError
+from stages.progress import report as report_progress
 from stages.unlearn.base import Unlearner, UnlearnData
 from stages.unlearn.data import ForgetSet
 
@@ -337,6 +338,7 @@ class KFade(Unlearner):
                 directions = grads
                 eta = _eta(inner, cfg.trust_region)  # = step_size(grads, directions, trust_region)
                 eta, measured, halvings = _backtrack(model, modules, directions, eta, rows, cfg)
+                report_progress((step + 1) / cfg.steps, f"kfade: step {step + 1}/{cfg.steps}, forget NLL {nll:.3f}")
                 history.append({"step": step + 1, "loss": nll, "forget_nll": nll, "step_size": eta,
                                 "predicted_kl": quadratic_kl(directions, factors, eta), "measured_kl": measured,
                                 "halvings": halvings})

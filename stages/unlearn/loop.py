@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from stages.distill.trainer import master_weights
 from stages.errors import TrainingError
+from stages.progress import report as report_progress
 from stages.unlearn.base import Batch, UnlearnData, Unlearner
 from stages.unlearn.data import ForgetSet
 
@@ -135,6 +136,8 @@ class LossUnlearner(Unlearner):
                 opt.zero_grad(set_to_none=True)
                 history.append({"step": step + 1, "loss": loss.item(), "forget_nll": self._forget_nll})
                 bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", nll=f"{self._forget_nll:.3f}")
+                report_progress((step + 1) / cfg.steps, f"unlearn {name}: step {step + 1}/{cfg.steps}, forget NLL "
+                                f"{self._forget_nll:.3f}")
         finally:
             model.eval()
             for p in upcast:
