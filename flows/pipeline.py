@@ -15,6 +15,7 @@ import re
 import time
 import traceback
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
@@ -24,7 +25,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.filesystems import LocalFileSystem
 
 from stages import report as report_mod
-from stages.config import Recipe, check_run_name, default_run_name
+from stages.config import Recipe, check_run_name, default_run_name, load_recipe
 from stages.errors import CompressError, GateError, InputError
 from stages.io import stable_hash
 from stages.pipeline import after, enabled, make_call, preflight, run_call
@@ -215,13 +216,34 @@ def transient(task, task_run, state) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT)
 
 
+StageName = Literal["bootstrap", "select", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
+
+
+def resolve_recipe(recipe: Recipe | None, recipe_path: str | None) -> Recipe:
+    """The flow's recipe: the ``recipe`` parameter, or the YAML file at ``recipe_path`` read when the run starts
+    (so a scheduled deployment picks up edits to the file); exactly one of the two."""
+    if (recipe is None) == (recipe_path is None):
+        raise InputError("give the flow exactly one of recipe (the recipe itself) and recipe_path (a YAML file)")
+    return recipe if recipe is not None else load_recipe(recipe_path)
+
+
 @flow(name="compress", flow_run_name=_flow_run_name, log_prints=True, validate_parameters=True)
-def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "artifacts") -> dict:
+def compress(recipe: Recipe | None = None, run_name: str | None = None, artifacts_dir: str = "artifacts",
+             recipe_path: str | None = None, until: StageName | None = None) -> dict:
     """Run a compression recipe: select -> distill -> unlearn -> quantize -> KV -> evaluate -> export.
 
-    ``run_name``: the run folder under ``artifacts_dir``; empty: one folder per flow run (see :func:`run_name_for`).
+    ``recipe`` (the form) or ``recipe_path`` (a YAML file on the worker, relative to its working directory);
+    ``run_name``: the run folder under ``artifacts_dir``; empty: one folder per flow run (see :func:`run_name_for`);
+    ``until``: stop after this stage (e.g. ``select`` for a selection-only deployment; the stages before it run as
+    the recipe says, nothing is exported).
     """
     log = get_run_logger()
+    recipe = resolve_recipe(recipe, recipe_path)
+    stages = enabled(recipe)
+    if until is not None:
+        if until not in stages:
+            raise InputError(f"until: stage '{until}' is not enabled in this recipe (enabled: {', '.join(stages)})")
+        stages = stages[: stages.index(until) + 1]
     run_name = check_run_name(run_name_for(recipe, run_name))
     preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
     check_gpu_slot(recipe.runtime.gpu_slot)
@@ -236,7 +258,7 @@ def compress(recipe: Recipe, run_name: str | None = None, artifacts_dir: str = "
     call, failed = None, None
     try:
         env, rt = Env.resolve(recipe), recipe.runtime
-        for stage in enabled(recipe):
+        for stage in stages:
             call = make_call(recipe, stage, done, env, digest_memo_dir(root))
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
                                              result_storage=storage, retries=rt.retries,

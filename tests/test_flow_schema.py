@@ -11,7 +11,12 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     from flows.pipeline import compress
 
     schema = parameter_schema(compress)
-    assert list(schema.properties) == ["recipe", "run_name", "artifacts_dir"]
+    assert list(schema.properties) == ["recipe", "run_name", "artifacts_dir", "recipe_path", "until"]
+    from stages.pipeline import STAGES
+
+    assert schema.properties["until"]["anyOf"][0]["enum"] == [s.name for s in STAGES]  # a dropdown of the stages
+    unlearn = schema.definitions["UnlearnConfig"]["properties"]["method"]["discriminator"]["mapping"]
+    assert set(unlearn) == {"shred", "kfade", "gradient_ascent", "gradient_difference", "npo"}
     distill = schema.definitions["DistillConfig"]["properties"]
     # the divergence is a union keyed on its name: each choice shows its own parameters with their ranges
     choices = distill["divergence"]["discriminator"]["mapping"]

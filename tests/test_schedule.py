@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 
 async def _deploy_schedule_and_read_runs():
     from prefect.client.orchestration import get_client
@@ -55,3 +57,42 @@ def test_cron_deployment_gets_scheduled_runs(prefect_server):
     # every run starts at 02:00 (the cron above, UTC by default) and carries the deployment's parameters
     assert all(r.expected_start_time.hour == 2 and r.expected_start_time.minute == 0 for r in runs)
     assert all(r.parameters["run_name"] == "n" for r in runs)
+
+
+def test_prefect_yaml_deploys_the_pipeline_and_a_selection_only_deployment(prefect_server, tmp_path):
+    """`prefect deploy --all` with the repo's prefect.yaml, against the test server: both deployments, their crons,
+    parameters (a recipe path, `until: select`) and the process work pool."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "LLM_COMPRESS_DIR": str(ROOT)}
+    prefect = [sys.executable, "-m", "prefect"]
+    for cmd in (["work-pool", "create", "local-process", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+        out = subprocess.run(prefect + cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments()}
+    full, select = deps["demo-nightly"], deps["select-nightly"]
+    assert full.parameters == {"recipe_path": "configs/demo.yaml", "artifacts_dir": "artifacts"}
+    assert select.parameters["until"] == "select" and select.work_pool_name == "local-process"
+    assert [s.schedule.cron for s in full.schedules] == ["0 2 * * *"]
+    assert [s.schedule.cron for s in select.schedules] == ["0 1 * * *"]
+
+
+def test_a_recipe_path_run_stops_after_the_until_stage(prefect_server, tmp_path):
+    from flows.pipeline import compress
+    from stages.errors import InputError
+    from tests.conftest import TINY
+
+    rep = compress(recipe_path=str(TINY), run_name="until-data", artifacts_dir=str(tmp_path), until="data")
+    assert [s["stage"] for s in rep["stages"]] == ["bootstrap", "data"] and not rep["published"]
+    with pytest.raises(InputError, match="until: stage 'kv' is not enabled in this recipe"):
+        compress(recipe_path=str(TINY), run_name="until-kv", artifacts_dir=str(tmp_path), until="kv")
+    with pytest.raises(InputError, match="exactly one of recipe"):
+        compress(run_name="nothing", artifacts_dir=str(tmp_path))
