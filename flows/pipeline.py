@@ -15,7 +15,6 @@ import re
 import time
 import traceback
 from pathlib import Path
-from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
@@ -28,7 +27,9 @@ from stages import report as report_mod
 from stages.config import Recipe, check_run_name, default_run_name, load_recipe
 from stages.errors import CompressError, GateError, InputError
 from stages.io import stable_hash
-from stages.pipeline import after, enabled, make_call, preflight, run_call
+# StageName is imported, not defined here: Prefect loads a served flow's signature from the file without running
+# its module-level assignments (imports do run), and a name defined here would be missing when it validates
+from stages.pipeline import StageName, after, enabled, make_call, preflight, run_call
 from stages.progress import reporting
 from stages.runner import digest_memo_dir, failed_manifest, link_reused, outputs_changed
 from stages.stage import Call, Env
@@ -214,9 +215,6 @@ def transient(task, task_run, state) -> bool:
     check) are not OSErrors: they fail at once."""
     exc = state.data  # the exception the task raised (Prefect wraps it in the Failed state it passes here)
     return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT)
-
-
-StageName = Literal["bootstrap", "select", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
 
 
 def resolve_recipe(recipe: Recipe | None, recipe_path: str | None) -> Recipe:

@@ -13,7 +13,7 @@ evaluate re-measures the forget set on it (see :mod:`stages.pipeline.unlearn`). 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 from stages.config import Recipe
 from stages.pipeline import bootstrap, data, distill, evaluate, export, kv, quantize, select, unlearn
@@ -26,6 +26,10 @@ from stages.stage import Call, Context, Env, Stage, Upstream
 STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, unlearn.STAGE, quantize.STAGE,
                              kv.STAGE, evaluate.STAGE, export.STAGE)
 assert [s.index for s in STAGES] == sorted({s.index for s in STAGES}), "stage numbers must be unique and ordered"
+
+# The stage names as a type (the flow's `until` dropdown)
+StageName = Literal["bootstrap", "select", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
+assert list(get_args(StageName)) == [s.name for s in STAGES], "StageName must list the registry's stages in order"
 
 
 def get_stage(name: str) -> Stage:
