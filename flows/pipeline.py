@@ -6,9 +6,11 @@ manifests, never tensors. Each stage task's cache key is the stage's content key
 crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest; a cached
 stage whose files on disk are no longer the ones its manifest records is recomputed. Each flow run writes
 its own run folder (:func:`run_name_for`).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the flow's signature must hold real types, not strings, because a
+served or deployed run validates its parameters against a model Prefect builds in another process, where a string
+annotation such as ``StageName | None`` was not resolved ("CompressModel is not fully defined").
+"""
 
 import contextlib
 import re
@@ -27,8 +29,6 @@ from stages import report as report_mod
 from stages.config import Recipe, check_run_name, default_run_name, load_recipe
 from stages.errors import CompressError, GateError, InputError
 from stages.io import stable_hash
-# StageName is imported, not defined here: Prefect loads a served flow's signature from the file without running
-# its module-level assignments (imports do run), and a name defined here would be missing when it validates
 from stages.pipeline import StageName, after, enabled, make_call, preflight, run_call
 from stages.progress import reporting
 from stages.runner import digest_memo_dir, failed_manifest, link_reused, outputs_changed
