@@ -96,3 +96,34 @@ def test_a_recipe_path_run_stops_after_the_until_stage(prefect_server, tmp_path)
         compress(recipe_path=str(TINY), run_name="until-kv", artifacts_dir=str(tmp_path), until="kv")
     with pytest.raises(InputError, match="exactly one of recipe"):
         compress(run_name="nothing", artifacts_dir=str(tmp_path))
+
+
+async def _served_run(tmp_path) -> tuple[str, dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from flows.pipeline import compress
+    from tests.conftest import TINY
+
+    from stages.config import load_recipe
+
+    recipe = load_recipe(TINY).model_dump(mode="json")  # the form's value, as `compress serve` passes it
+    dep = await compress.ato_deployment(name="served-test", parameters={
+        "recipe": recipe, "until": "data", "run_name": "served", "artifacts_dir": str(tmp_path)})
+    deployment_id = await dep.aapply()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id)
+        await Runner().execute_flow_run(run.id)  # a subprocess loads the flow and runs it, as `compress serve` does
+        run = await client.read_flow_run(run.id)
+    return run.state.type.value, run.parameters
+
+
+def test_a_deployment_run_in_its_own_process_validates_and_completes(prefect_server, tmp_path):
+    """What `compress serve` and a worker do: the flow run happens in another process that loads the flow from its
+    entrypoint and validates the deployment's parameters (the recipe form's value, `until`) there. (The one failure
+    seen on that path, 'CompressModel is not fully defined' from a string annotation in the flow's signature, showed
+    in a served run from a fresh install, not here; flows/pipeline.py keeps real annotations for it.)"""
+    state, params = asyncio.run(_served_run(tmp_path))
+    assert state == "COMPLETED" and params["until"] == "data"
+    report = (tmp_path / "served" / "report.md").read_text()
+    assert "| bootstrap | ran |" in report and "| data | ran |" in report and "distill" not in report
