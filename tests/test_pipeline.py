@@ -824,3 +824,25 @@ def test_a_missing_gpu_slot_limit_fails_the_run_before_any_work(prefect_server, 
                                          r"create gpu:nowhere --limit 1"):
         compress(recipe=parse_recipe(data), run_name="no-slot", artifacts_dir=str(tmp_path))
     assert not (tmp_path / "no-slot").exists()
+
+
+def test_two_concurrent_prefect_flow_runs_of_one_recipe_both_complete_computing_each_stage_once(prefect_server,
+                                                                                                  tmp_path):
+    """Two `compress run` processes of one recipe at once against one Prefect server (what two clicks in the UI
+    or a served run next to a CLI run give): both flow runs complete and publish, and each stage ran in one of them
+    only (the other waited on the stage key's lock, or found Prefect's cached record)."""
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
+    args = ["run", str(TINY), "--set", "export.formats=[safetensors]", "--set", "distill.steps=3",
+            "--artifacts", str(tmp_path)]
+    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--run-name", name], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("ua", "ub")]
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-3000:]
+    reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("ua", "ub")]
+    assert all(r["status"] == "completed" and r["published"] for r in reports)
+    states = [{s["stage"]: s["state"] for s in r["stages"]} for r in reports]
+    assert set(states[0]) == set(states[1]) == set(RAN)
+    assert all(sorted([states[0][s], states[1][s]]) == ["cached", "ran"] for s in RAN), states
