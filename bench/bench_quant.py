@@ -68,6 +68,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_recipe(RECIPES[args.model]).model_dump(mode="json")
     base["runtime"]["progress"] = False
+    # the world these figures were measured in (bench/RESULTS.md): no planted biographies, the prose-only selection,
+    # no unlearning (the demo gained all three with the unlearning issue; a recipe without them is unchanged)
+    base["embedded"]["facts"] = 0
+    base["select"]["targets"] = [{"paths": ["embedded:prose"]}]
+    base["unlearn"]["enabled"], base["gates"]["max_forget_regain"] = False, None
     root = Path(args.artifacts).resolve()
     recipe = parse_recipe(base)
     done: dict = {}
