@@ -834,8 +834,9 @@ class Recipe(Strict):
         forget_gates = [g for g in ("max_forget_rouge", "max_forget_regain") if getattr(self.gates, g) is not None]
         if forget_gates and not self.unlearn.enabled:
             raise ValueError(f"gates {forget_gates} judge unlearning but unlearn.enabled is false")
-        if self.unlearn.enabled and self.models.teacher != "embedded" and any(
-                (p or "").startswith("embedded:") for p in (self.unlearn.forget, self.unlearn.keep, self.unlearn.holdout)):
+        u = self.unlearn
+        if u.enabled and self.models.teacher != "embedded" and any(
+                (p or "").startswith("embedded:") for p in (u.forget, u.keep, u.holdout)):
             raise ValueError("unlearn: the embedded:facts-* sets are planted in the embedded teacher only; give "
                              "forget (and keep/holdout, or null) as JSONL files for models.teacher "
                              f"'{self.models.teacher}'")

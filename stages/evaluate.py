@@ -10,22 +10,19 @@ With the KV stage on, each model the cache supports also gets ``kv``: the cache'
 perplexity ratio, KL and top-1 agreement to the full cache on the KV stage's held-out rows
 (:func:`stages.kv.measure.measure`), and greedy decode tokens/s with the cache and with the full ``DynamicCache``
 (the latency figure's code, given a cache per ``generate``); a model it does not support gets ``kv.skipped``.
-All models are scored batch by batch against one teacher forward, so teacher logits are never
-stored for the whole eval set (they would be rows x T x V floats).
+All models are scored batch by batch against one teacher forward (:func:`stages.scoring.score`), so teacher logits
+are never stored for the whole eval set (they would be rows x T x V floats).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from stages.config import EvaluateConfig, GatesConfig, KVConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
@@ -33,6 +30,7 @@ from stages.errors import GateError, InputError
 from stages.modeling import count_parameters, load_causal_lm, resolve_device
 from stages.quantize.record import runtime_needs
 from stages.result import StageResult
+from stages.scoring import score
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")
 
@@ -42,33 +40,6 @@ def weights_bytes(model_dir: str | Path) -> int:
     if not p.is_dir():
         return 0  # a hub id: not on local disk
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
-@torch.no_grad()
-def score(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, eval_ids: torch.Tensor, batch_size: int,
-          device: torch.device, progress: bool = True) -> dict[str, dict]:
-    """Perplexity, KL(teacher || model) and top-1 agreement for each model, one pass over the data."""
-    acc = {k: {"nll": 0.0, "kl": 0.0, "agree": 0, "n_pred": 0, "n_pos": 0} for k in models}
-    for i in tqdm(range(0, len(eval_ids), batch_size), desc="evaluate", disable=not progress, unit="batch"):
-        ids = eval_ids[i:i + batch_size].to(device)  # [B, T]
-        log_p = F.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)  # [B, T, V]
-        top_p = log_p.argmax(-1)  # [B, T]
-        for name, model in models.items():
-            logits = log_p if model is teacher else model(input_ids=ids).logits.float()
-            log_q = F.log_softmax(logits, dim=-1)
-            a = acc[name]
-            a["nll"] += F.nll_loss(log_q[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            a["n_pred"] += ids[:, 1:].numel()
-            a["kl"] += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
-            a["agree"] += (log_q.argmax(-1) == top_p).sum().item()
-            a["n_pos"] += ids.numel()
-    out = {}
-    for name, a in acc.items():
-        nll = a["nll"] / a["n_pred"]
-        kl = max(0.0, a["kl"] / a["n_pos"])  # float rounding can give -1e-9 for the teacher itself
-        out[name] = {"ppl": math.exp(min(nll, 50.0)), "nll": nll, "kl_to_teacher": kl,
-                     "top1_agreement": a["agree"] / a["n_pos"], "eval_tokens": a["n_pos"]}
-    return out
 
 
 @torch.no_grad()

@@ -30,8 +30,7 @@ class SoftmaxRegression(torch.nn.Module):
 
 
 def forget_set(ids: torch.Tensor, attn: torch.Tensor, span: torch.Tensor) -> ForgetSet:
-    n = ids.shape[0]
-    return ForgetSet(ids, attn, span, span.int().argmax(1), [""] * n, [""] * n, 0)
+    return ForgetSet(ids, attn, span, span.int().argmax(1), 0)
 
 
 def span_nll(model, fs: ForgetSet) -> torch.Tensor:

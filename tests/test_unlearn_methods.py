@@ -48,7 +48,7 @@ def setup():
     attn = torch.arange(T)[None] < lens[:, None]
     ids[~attn] = 0
     span = attn & (torch.arange(T)[None] >= 5)
-    fs = ForgetSet(ids, attn, span, torch.full((N,), 5), [""] * N, [""] * N, 0)
+    fs = ForgetSet(ids, attn, span, torch.full((N,), 5), 0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(100):  # memorise the forget set
         lp = token_logp(model(ids, attention_mask=attn).logits, ids)

@@ -42,8 +42,7 @@ def forget_set(rows: list[list[int]], prompt_lens: list[int]) -> ForgetSet:
         ids[n, :len(r)] = torch.tensor(r)
         attn[n, :len(r)] = True
         span[n, p:len(r)] = True
-    texts = [" ".join(map(str, r)) for r in rows]
-    return ForgetSet(ids, attn, span, torch.tensor(prompt_lens), texts, texts, PAD)
+    return ForgetSet(ids, attn, span, torch.tensor(prompt_lens), PAD)
 
 
 class WordTokenizer:

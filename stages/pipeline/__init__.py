@@ -7,7 +7,8 @@ tests and benches walk it with :func:`run_local` and no orchestrator at all.
 Order (fixed numbering, so ``NN-stage`` folders line up across runs):
 00 bootstrap -> 01 select -> 02 data -> 03 distill -> 04 unlearn -> 05 quantize -> 06 kv -> 07 evaluate
 -> 08 export. Unlearning comes before compression so that what ships is the compressed unlearned model, and
-evaluate re-measures the forget set on it (see :mod:`stages.pipeline.unlearn`). Each stage is one module in this package (see :mod:`stages.stage` for the interface).
+evaluate re-measures the forget set on it (see :mod:`stages.pipeline.unlearn`). Each stage is one module in this
+package (see :mod:`stages.stage` for the interface).
 """
 
 from __future__ import annotations

@@ -12,8 +12,27 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from stages.unlearn.data import ForgetSet
+
+
+def token_logp(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, <t]) from logits [B, T, V] -> [B, T] fp32, span's convention (logits at t - 1 predict
+    token t); position 0, which nothing predicts, is 0."""
+    z = logits[:, :-1].float()  # [B, T-1, V] predicts ids[:, 1:]
+    lp = z.gather(-1, ids[:, 1:, None]).squeeze(-1) - z.logsumexp(-1)  # [B, T-1]
+    return F.pad(lp, (1, 0))
+
+
+def span_logp_sum(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
+    """log p(answer | prompt) per record: sum_t span[:, t] * log p(ids[:, t] | ids[:, <t]) -> [B]."""
+    return torch.where(fs.span, token_logp(logits, fs.ids), 0.0).sum(1)
+
+
+def span_nll(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
+    """Per-record mean NLL of the span tokens -> [B]."""
+    return -span_logp_sum(logits, fs) / fs.span.sum(1).clamp_min(1)
 
 
 @dataclass

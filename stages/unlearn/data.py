@@ -41,8 +41,6 @@ class ForgetSet:
     attn: torch.Tensor  # [N, T] bool: real tokens
     span: torch.Tensor  # [N, T] bool: tokens to forget
     prompt_len: torch.Tensor  # [N] int64: tokens before the first span token (a probe's prompt)
-    texts: list[str]
-    answers: list[str]  # the span's tokens decoded, per record
     pad_id: int
 
     def __len__(self) -> int:
@@ -53,13 +51,11 @@ class ForgetSet:
         import torch
 
         idx = torch.as_tensor(range(len(self))[index] if isinstance(index, slice) else index, dtype=torch.long)
-        pick = idx.tolist()
-        return ForgetSet(self.ids[idx], self.attn[idx], self.span[idx], self.prompt_len[idx],
-                         [self.texts[i] for i in pick], [self.answers[i] for i in pick], self.pad_id)
+        return ForgetSet(self.ids[idx], self.attn[idx], self.span[idx], self.prompt_len[idx], self.pad_id)
 
     def to(self, device) -> "ForgetSet":
         return ForgetSet(self.ids.to(device), self.attn.to(device), self.span.to(device), self.prompt_len.to(device),
-                         self.texts, self.answers, self.pad_id)
+                         self.pad_id)
 
 
 def read_records(path: str | Path, *, text_field: str = "text", question_field: str = "question",
@@ -152,5 +148,4 @@ def tokenize(records: list[Record], tokenizer, *, prefix_tokens: int, max_len: i
         ids[n, : len(r)] = torch.tensor(r)
         attn[n, : len(r)] = True
         span[n, : len(m)] = torch.tensor(m)
-    answers = [tokenizer.decode([t for t, keep in zip(r, m) if keep]) for r, m in zip(rows, spans)]  # the span
-    return ForgetSet(ids, attn, span, torch.tensor(prompts), [r.text for r in records], answers, pad)
+    return ForgetSet(ids, attn, span, torch.tensor(prompts), pad)

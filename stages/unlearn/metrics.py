@@ -19,10 +19,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 
+from stages.scoring import score
+from stages.unlearn.base import span_nll, token_logp
 from stages.unlearn.data import ForgetSet
 
 
@@ -72,12 +73,6 @@ def greedy_continuations(model, fs: ForgetSet, *, max_new_tokens: int, batch_siz
     return out
 
 
-def _shifted(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor):
-    """Next-token view: log-probs [N, T-1, V] (float32) at positions 0..T-2, targets ids[:, 1:], mask[:, 1:]."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    return logp, ids[:, 1:].to(logits.device), mask[:, 1:].to(logits.device)
-
-
 def extraction_strength(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
     """ES per record, [N]: with preds = argmax logits and the span's L labels in order, k = smallest index such
     that preds[k:] == labels[k:] (k = L if the last one differs); ES = 1 - k / L."""
@@ -92,18 +87,16 @@ def extraction_strength(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
 
 def answer_prob(logits: torch.Tensor, fs: ForgetSet) -> torch.Tensor:
     """Length-normalised answer probability per record, [N]: exp(-(1/L) sum_{t in span} -log p(y_t | y_<t))."""
-    logp, labels, span = _shifted(logits, fs.ids, fs.span)
-    tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, T-1] log p of each next token
-    mean_nll = -(tok * span).sum(-1) / span.sum(-1).clamp(min=1)
-    return torch.exp(-mean_nll)
+    return torch.exp(-span_nll(logits, fs.to(logits.device)))
 
 
 def min_k_scores(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
     """Min-K% Prob score per row, [N]: -mean of the ceil(k n) lowest log p(ids[t] | ids[<t]) over the n positions t
     with mask[t] (mask[:, 0] is ignored: nothing predicts the first token). Higher = less likely a member."""
-    logp, labels, m = _shifted(logits, ids, mask)
-    tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [N, T-1]
-    tok = tok.masked_fill(~m.bool(), float("inf")).sort(-1).values  # ascending: the lowest first, unused last
+    m = mask.to(logits.device).bool().clone()
+    m[:, 0] = False
+    tok = token_logp(logits, ids.to(logits.device))  # [N, T]
+    tok = tok.masked_fill(~m, float("inf")).sort(-1).values  # ascending: the lowest first, unused last
     n = m.sum(-1)
     kk = torch.tensor([max(1, math.ceil(k * c - 1e-9)) for c in n.tolist()], device=tok.device)  # 1e-9: 0.3*10
     keep = torch.arange(tok.shape[1], device=tok.device)[None, :] < kk[:, None]  # [N, T-1]
@@ -133,7 +126,7 @@ def _teacher_forced(model, fs: ForgetSet, batch_size: int, min_k: float, device)
     for i in range(0, len(fs), batch_size):
         b = fs.rows(slice(i, i + batch_size))
         T = int(b.attn.sum(1).max())  # the batch's longest record: drop padding columns
-        b = ForgetSet(b.ids[:, :T], b.attn[:, :T], b.span[:, :T], b.prompt_len, b.texts, b.answers, b.pad_id)
+        b = ForgetSet(b.ids[:, :T], b.attn[:, :T], b.span[:, :T], b.prompt_len, b.pad_id)
         b = b.to(device)
         logits = model(b.ids, attention_mask=b.attn.long()).logits.float()  # [B, T, V]
         acc["extraction_strength"].append(extraction_strength(logits, b).cpu())
@@ -172,31 +165,18 @@ def forget_metrics(model, fs: ForgetSet, *, tokenizer, holdout: ForgetSet | None
     return out
 
 
-@torch.no_grad()
 def utility_metrics(model, original, rows: torch.Tensor, *, batch_size: int = 8) -> dict:
     """On held-out general token rows [R, T]: ``ppl`` = exp(mean next-token NLL) and, with an ``original`` model,
-    ``kl_to_original`` = mean over positions of sum_v p_orig log(p_orig / p_model) (KL(original || model))."""
+    ``kl_to_original`` = mean over positions of KL(original || model) (:func:`stages.scoring.score`, the original
+    as the reference). Both models run in eval mode; their train/eval modes are restored after."""
     device = next(model.parameters()).device
     modes = [(m, m.training) for m in (model, original) if m is not None]
     for m, _ in modes:
         m.eval()
-    nll = kl = 0.0
-    n_pred = n_pos = 0
     try:
-        for i in range(0, len(rows), batch_size):
-            ids = rows[i:i + batch_size].to(device)  # [B, T]
-            log_q = F.log_softmax(model(ids).logits.float(), dim=-1)  # [B, T, V]
-            nll += F.nll_loss(log_q[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            n_pred += ids[:, 1:].numel()
-            if original is not None:
-                o_dev = next(original.parameters()).device
-                log_p = F.log_softmax(original(ids.to(o_dev)).logits.float(), dim=-1).to(device)
-                kl += (log_p.exp() * (log_p - log_q)).sum(-1).sum().item()
-                n_pos += ids.numel()
+        s = score({"model": model}, original if original is not None else model, rows, batch_size, device,
+                  progress=False)["model"]
     finally:
         for m, mode in modes:
             m.train(mode)
-    out = {"ppl": math.exp(min(nll / n_pred, 50.0))}
-    if original is not None:
-        out["kl_to_original"] = max(0.0, kl / n_pos)  # float rounding gives -1e-9 for the model itself
-    return out
+    return {"ppl": s["ppl"], **({"kl_to_original": s["kl_to_teacher"]} if original is not None else {})}

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stages.unlearn.base import Batch, UnlearnData
-from stages.unlearn.loop import LossUnlearner, retain_nll, span_logp_sum
+from stages.unlearn.base import Batch, UnlearnData, span_logp_sum
+from stages.unlearn.loop import LossUnlearner, retain_nll
 
 
 class NPO(LossUnlearner):

@@ -35,8 +35,8 @@ import math
 
 import torch
 
-from stages.unlearn.base import Batch, UnlearnData
-from stages.unlearn.loop import LossUnlearner, token_logp
+from stages.unlearn.base import Batch, UnlearnData, token_logp
+from stages.unlearn.loop import LossUnlearner
 
 
 def forget_positions(logp_true: torch.Tensor, span: torch.Tensor, share: float, skip_tokens: int) -> torch.Tensor:
