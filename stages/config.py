@@ -365,13 +365,21 @@ class DistillConfig(Strict):
         return self
 
 
+# the settings the quantization papers report (GPTQ, QuaRot, SpinQuant, OSTQuant): the form's dropdown
+COMMON_SETTINGS = ("W4A16", "W3A16", "W2A16", "W8A16", "W8A8", "W4A8", "W6A6", "W4A4", "W4A16KV4", "W4A16KV8",
+                   "W8A8KV8", "W4A8KV4", "W4A8KV8", "W4A4KV4", "W4A4KV8")
+
+
 class _QuantBase(Strict):
     """What every quantization method shares: the setting and the weight grid."""
 
-    setting: str = Field(
+    # the form offers the settings the papers report as a dropdown, and any other W/A/KV combination as text
+    setting: Annotated[Literal[COMMON_SETTINGS], Field(title="Common setting")] | Annotated[
+        str, Field(title="Other setting")] = Field(
         "W4A16", description="Bits as the papers name them: W<weights>A<activations>[KV<kv cache>], e.g. W4A16, "
-        "W8A8, W4A8, W4A4KV4, W4A4KV16 (KV defaults to 16). Activations are fake-quantized per token and KV per "
-        "head (asymmetric) when the model runs; weights are quantized into the checkpoint.")
+        "W8A8, W4A8, W4A4KV4, W4A4KV16 (KV defaults to 16; bits 2-8 or 16, weights 2-8). Activations are "
+        "fake-quantized per token and KV per head (asymmetric) when the model runs; weights are quantized into "
+        "the checkpoint.")
     group_size: int | None = Field(
         None, description="Weight quantization group along the input dimension (e.g. 32, 64, 128); "
         "unset = one scale per output channel.")

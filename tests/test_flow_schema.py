@@ -25,7 +25,11 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     alpha = schema.definitions["SkewKL"]["properties"]["alpha"]
     assert (alpha["default"], alpha["minimum"], alpha["exclusiveMaximum"]) == (0.1, 0, 1)
     assert set(schema.definitions["Sinkhorn"]["properties"]) == {"name", "epsilon", "iterations", "debias", "reduction"}
-    assert "W4A4KV4" in schema.definitions["RTNConfig"]["properties"]["setting"]["description"]
+    setting = schema.definitions["RTNConfig"]["properties"]["setting"]
+    assert "W4A4KV4" in setting["description"]
+    # a dropdown of the papers' settings, or any other combination as text (validated by the same grammar)
+    common, other = setting["anyOf"]
+    assert {"W4A16", "W8A8", "W4A4KV4"} <= set(common["enum"]) and other == {"title": "Other setting", "type": "string"}
     assert "kl_top" in schema.definitions["OSTQuantConfig"]["properties"]["loss"]["enum"]
 
 

@@ -826,21 +826,46 @@ def test_a_missing_gpu_slot_limit_fails_the_run_before_any_work(prefect_server, 
     assert not (tmp_path / "no-slot").exists()
 
 
-def test_two_concurrent_prefect_flow_runs_of_one_recipe_both_complete_computing_each_stage_once(prefect_server,
-                                                                                                  tmp_path):
-    """Two `compress run` processes of one recipe at once against one Prefect server (what two clicks in the UI
-    or a served run next to a CLI run give): both flow runs complete and publish, and each stage ran in one of them
-    only (the other waited on the stage key's lock, or found Prefect's cached record)."""
+async def _served_deployment_run(recipe_path: Path, artifacts: Path, run_name: str) -> str:
+    """A deployment's flow run, created through the API as the UI's Run button does and executed in its own process
+    as `compress serve` does; returns its final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from flows.pipeline import compress
+
+    dep = await compress.ato_deployment(name="side-by-side", parameters={
+        "recipe_path": str(recipe_path), "run_name": run_name, "artifacts_dir": str(artifacts)})
+    deployment_id = await dep.aapply()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id)
+        await Runner().execute_flow_run(run.id)
+        return (await client.read_flow_run(run.id)).state.type.value
+
+
+def test_a_served_run_and_a_cli_run_of_one_recipe_at_once_both_complete_computing_each_stage_once(prefect_server,
+                                                                                                   tmp_path):
+    """A deployment run (created through the API, executed in its own process, as a served deployment's is) and a
+    `compress run` process of the same recipe at once against one Prefect server: both flow runs complete and
+    publish, and each stage ran in one of them only (the other waited on the stage key's lock, or found Prefect's
+    cached record)."""
+    import asyncio
+
+    import yaml
     from prefect.settings import PREFECT_API_URL
 
+    data = yaml.safe_load(TINY.read_text())
+    data["export"], data["distill"]["steps"] = {"formats": ["safetensors"]}, 3
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
-    args = ["run", str(TINY), "--set", "export.formats=[safetensors]", "--set", "distill.steps=3",
-            "--artifacts", str(tmp_path)]
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--run-name", name], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in ("ua", "ub")]
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out[-3000:]
+    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), "--artifacts", str(tmp_path),
+                            "--run-name", "ua"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    served = asyncio.run(_served_deployment_run(recipe, tmp_path, "ub"))
+    out, _ = cli.communicate(timeout=600)
+    assert cli.returncode == 0, out[-3000:]
+    assert served == "COMPLETED"
     reports = [json.loads((tmp_path / name / "report.json").read_text()) for name in ("ua", "ub")]
     assert all(r["status"] == "completed" and r["published"] for r in reports)
     states = [{s["stage"]: s["state"] for s in r["stages"]} for r in reports]
