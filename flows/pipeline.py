@@ -117,7 +117,7 @@ def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, arti
 
 def run_name_for(recipe: Recipe, run_name: str | None) -> str:
     """The run folder's name: ``run_name`` if given; else, inside a flow run (a deployment's, or a direct call of
-    the flow), the recipe's default name (recipe name + config hash) followed by the flow run's name and the start
+    the flow), the recipe's default name (recipe name + config hash) followed by the flow run's name and the end
     of its id, so every flow run gets its own folder; else (no flow run) the recipe's default name."""
     from prefect.runtime import flow_run
 
@@ -127,7 +127,9 @@ def run_name_for(recipe: Recipe, run_name: str | None) -> str:
     if not run_id:
         return base
     own = re.sub(r"[^A-Za-z0-9_-]+", "-", flow_run.name or "").strip("-_")[:40]  # a UI-given name may be any text
-    return f"{base}-{own}"[:90].rstrip("-") + f"-{str(run_id).replace('-', '')[:8]}"
+    # the id's last 8 hex digits: Prefect's ids are UUIDv7, whose first ones are a timestamp shared by runs a
+    # scheduler pass creates together
+    return f"{base}-{own}"[:90].rstrip("-") + f"-{str(run_id).replace('-', '')[-8:]}"
 
 
 def _flow_run_name() -> str:

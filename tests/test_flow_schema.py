@@ -78,12 +78,13 @@ def test_each_flow_run_gets_its_own_run_folder_name_unless_one_is_given(monkeypa
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__NAME", "crafty-owl")
     first = run_name_for(recipe, None)
-    assert first == f"{base}-crafty-owl-0f1e2d3c" and run_name_for(recipe, "mine") == "mine"
-    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "9a8b7c6d-0000-4000-8000-000000000000")
-    assert run_name_for(recipe, None) == f"{base}-crafty-owl-9a8b7c6d"  # another run, another folder
+    assert first == f"{base}-crafty-owl-c3d2e1f0" and run_name_for(recipe, "mine") == "mine"
+    # UUIDv7 ids of runs made in one scheduler pass share their leading (timestamp) digits, not their last ones
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__ID", "0f1e2d3c-4b5a-7978-8796-000000000001")
+    assert run_name_for(recipe, None) == f"{base}-crafty-owl-00000001"  # another run, another folder
     monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__NAME", "nightly run #2 / ../" + "x" * 200)  # typed in the UI
     name = check_run_name(run_name_for(parse_recipe({"name": "r" * 80}), None))
-    assert len(name) <= 100 and name.endswith("-9a8b7c6d") and "/" not in name and ".." not in name
+    assert len(name) <= 100 and name.endswith("-00000001") and "/" not in name and ".." not in name
 
 
 def test_serve_leaves_the_run_name_to_each_flow_run(monkeypatch):

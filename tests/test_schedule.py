@@ -12,6 +12,7 @@ setter), as the real scheduler does every minute.
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -127,3 +128,74 @@ def test_a_deployment_run_in_its_own_process_validates_and_completes(prefect_ser
     assert state == "COMPLETED" and params["until"] == "data"
     report = (tmp_path / "served" / "report.md").read_text()
     assert "| bootstrap | ran |" in report and "| data | ran |" in report and "distill" not in report
+
+
+async def _scheduled_runs(recipe_path, artifacts) -> list:
+    """A cron deployment of a selection recipe, its runs made by one pass of the server's scheduler, soonest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.server.services.scheduler import schedule_deployments
+
+    from flows.pipeline import compress
+
+    dep = await compress.ato_deployment(name="reselect", cron="0 1 * * *", parameters={
+        "recipe_path": str(recipe_path), "artifacts_dir": str(artifacts), "until": "data"})
+    deployment_id = await dep.aapply()
+    await schedule_deployments()
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    return sorted(runs, key=lambda r: r.expected_start_time)
+
+
+async def _execute(run_id) -> str:
+    """Execute a scheduled flow run in its own process, as a served deployment or a worker does at its time."""
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from prefect.states import Scheduled
+
+    async with get_client() as client:
+        # its time has come (the runner waits for a run's scheduled time; the cron's is up to a day away)
+        await client.set_flow_run_state(run_id, Scheduled(), force=True)
+        await Runner().execute_flow_run(run_id)
+        return (await client.read_flow_run(run_id)).state.type.value
+
+
+def test_a_scheduled_run_reselects_after_the_raw_data_changed_and_reuses_everything_otherwise(tiny_run, tmp_path):
+    """Nightly re-selection: scheduled runs of one deployment (recipe_path, until: data) on files. The second run,
+    with nothing changed, is served from the cache; after a raw file changed, the third reruns selection and the
+    data stage after it, and still reuses the bootstrap. Each run writes its own run folder."""
+    import shutil
+
+    import yaml
+
+    from tests.conftest import TINY
+
+    root, run, _ = tiny_run
+    corpus = root / run / "00-bootstrap" / "corpus"
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for d in ("code", "prose"):
+        shutil.copy(corpus / d / "train.jsonl", pool / f"{d}.jsonl")
+    data = yaml.safe_load(TINY.read_text())
+    data["select"] = {"enabled": True, "raw": [str(pool)], "targets": [{"paths": [str(corpus / "prose" / "eval.jsonl")]}],
+                      "dsir": {"k": 30, "min_length": 10, "processes": 1}}
+    recipe = tmp_path / "reselect.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+
+    runs = asyncio.run(_scheduled_runs(recipe, root))
+    assert len(runs) >= 3 and all(r.state.is_scheduled() for r in runs)
+
+    def run_and_read(flow_run) -> dict[str, str]:
+        assert asyncio.run(_execute(flow_run.id)) == "COMPLETED"
+        folders = [p for p in root.glob(f"*{str(flow_run.id).replace('-', '')[-8:]}") if p.is_dir()]
+        assert len(folders) == 1  # its own run folder, named after the flow run
+        report = json.loads((folders[0] / "report.json").read_text())
+        return {s["stage"]: s["state"] for s in report["stages"]}
+
+    assert run_and_read(runs[0]) == {"bootstrap": "cached", "select": "ran", "data": "ran"}
+    assert run_and_read(runs[1]) == {"bootstrap": "cached", "select": "cached", "data": "cached"}
+    with open(pool / "prose.jsonl", "a") as f:  # fresh data arrived in the raw pool
+        f.write(json.dumps({"text": "A new document about a quiet river town and the ferry that crosses it. " * 4}) + "\n")
+    assert run_and_read(runs[2]) == {"bootstrap": "cached", "select": "ran", "data": "ran"}
