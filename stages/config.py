@@ -748,20 +748,30 @@ class GatesConfig(Strict):
                                             "must not bring forgotten text back).")
 
 
-ExportFormat = Literal["safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4"]
+ExportFormat = Literal["safetensors", "compressed-tensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4"]
 
 
 class ExportCheck(Strict):
     max_abs_diff: float | None = Field(None, ge=0, description="Max |logit difference| vs the source.")
     min_top1_agreement: float | None = Field(None, ge=0, le=1, description="Share of positions whose argmax matches.")
+    max_kl: float | None = Field(None, ge=0, description="Max mean KL(source || export) per position.")
+
+
+# Formats that ship the quantize stage's own codes (compressed-tensors; ONNX int4/int8 of a model quantized at 4/8
+# bits): they must reproduce the quantized model, up to the float rounding of a bf16/fp16 checkpoint. A re-rounded
+# export (another grid over the same weights) misses these by orders of magnitude in KL.
+FROM_CODES_CHECK = ExportCheck(min_top1_agreement=0.98, max_kl=1e-3)
 
 
 def _default_checks() -> dict[str, ExportCheck]:
     return {
         "safetensors": ExportCheck(max_abs_diff=1e-4, min_top1_agreement=0.99),
+        "compressed-tensors": FROM_CODES_CHECK,
         "onnx": ExportCheck(max_abs_diff=1e-2, min_top1_agreement=0.99),
         "bnb-int8": ExportCheck(min_top1_agreement=0.80),
         "bnb-nf4": ExportCheck(min_top1_agreement=0.50),
+        # a model without the quantize stage's codes: onnxruntime quantizes it afresh (a new model, loose limits);
+        # with codes (see export.run_export) FROM_CODES_CHECK applies unless the recipe sets a check
         "onnx-int8": ExportCheck(min_top1_agreement=0.80),
         "onnx-int4": ExportCheck(min_top1_agreement=0.50),
     }
@@ -770,17 +780,21 @@ def _default_checks() -> dict[str, ExportCheck]:
 class ExportConfig(Strict):
     enabled: bool = True
     formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["safetensors", "bnb-nf4", "bnb-int8", "onnx"])
+        default_factory=lambda: ["safetensors", "bnb-nf4", "bnb-int8", "onnx"],
+        description="compressed-tensors and onnx-int4/-int8 ship the quantize stage's own codes (W4/W8 for ONNX); "
+        "bnb-* re-quantize the weights on bitsandbytes' grids.")
     checks: dict[ExportFormat, ExportCheck] = Field(
-        default_factory=_default_checks,
-        description="Per format: how close the reloaded export's logits must be to the source's.")
-    check_batch_size: int = Field(2, ge=1)
-    check_seq_len: int = Field(32, ge=2)
+        default_factory=dict,
+        description="Per format: how close the reloaded export's logits must be to the source's (unset: the "
+        "format's default; see check_for).")
+    check_batch_size: int = Field(16, ge=1, description="Held-out rows the export checks run (eval rows).")
+    check_seq_len: int = Field(256, ge=2, description="Tokens per check row (at most the eval rows' length).")
 
-    @field_validator("checks", mode="after")
-    @classmethod
-    def _fill(cls, v: dict) -> dict:
-        return {**_default_checks(), **v}
+    def check_for(self, fmt: str, from_codes: bool = False) -> ExportCheck:
+        """The recipe's check of ``fmt``, else its default (FROM_CODES_CHECK for a format built from codes)."""
+        if fmt in self.checks:
+            return self.checks[fmt]
+        return FROM_CODES_CHECK if from_codes else _default_checks().get(fmt, ExportCheck())
 
 
 class RuntimeConfig(Strict):
@@ -858,11 +872,30 @@ class Recipe(Strict):
                              "needs run-time parts (activation/KV fake quantization, online Hadamard) that only "
                              "safetensors exports keep; export [safetensors] or use a W*A16 setting "
                              "(and online_hadamard: false)")
+        if self.export.enabled:
+            self._packed_exports(qs)
         op = self.distill.on_policy
         if self.distill.enabled and op.share > 0 and op.prompt_tokens >= self.data.seq_len - 1:
             raise ValueError(f"distill.on_policy.prompt_tokens ({op.prompt_tokens}) must be below data.seq_len - 1 "
                              f"({self.data.seq_len - 1}): the student needs room to sample")
         return self
+
+    def _packed_exports(self, qs) -> None:
+        """The formats that ship the quantize stage's codes need them, at a bit width they can hold."""
+        formats, q = self.export.formats, self.quantize
+        if "compressed-tensors" in formats and not q.enabled:
+            raise ValueError("export.formats: compressed-tensors packs the quantize stage's integer codes, but "
+                             "quantize.enabled is false; enable quantize (e.g. gptq at W4A16) or drop the format")
+        if not q.enabled:
+            return  # onnx-int4/-int8 then quantize the float model afresh with onnxruntime's quantizers
+        for fmt, bits in (("onnx-int4", 4), ("onnx-int8", 8)):
+            if fmt in formats and qs.w_bits != bits:
+                raise ValueError(f"export.formats: {fmt} ships the quantize stage's codes, which are "
+                                 f"{qs.w_bits}-bit ({q.scheme.setting}); re-rounding them onto a {bits}-bit grid "
+                                 f"would ship another model: use a W{bits} setting or drop {fmt}")
+            if fmt in formats and q.scheme.group_size is not None and q.scheme.group_size < 16:
+                raise ValueError(f"export.formats: {fmt} (MatMulNBits) needs weight groups of at least 16 input "
+                                 f"columns; quantize.scheme.group_size is {q.scheme.group_size}")
 
     @property
     def uses_embedded(self) -> bool:

@@ -2,12 +2,16 @@
 
 Formats (each in ``out_dir/<format>/`` with the tokenizer beside it):
 
-- ``safetensors``: the plain transformers checkpoint, float32.
+- ``safetensors``: the plain transformers checkpoint, float32 (a quantized model's dequantized weights).
+- ``compressed-tensors``: the quantize stage's own integer codes, scales and zero points packed as
+  compressed-tensors ``pack-quantized`` (:mod:`stages.packed`), loadable by stock transformers and vLLM.
 - ``bnb-nf4``: bitsandbytes 4-bit NormalFloat weights with double-quantized scales (QLoRA's format).
-- ``bnb-int8``: bitsandbytes LLM.int8() weights (row-wise absmax int8, outlier columns in 16 bit).
+- ``bnb-int8``: bitsandbytes LLM.int8() weights (row-wise absmax int8, outlier columns in 16 bit). Both bnb
+  formats re-quantize the weights on their own grids: of a quantized model they ship another rounding.
 - ``onnx``: an ONNX graph exported by optimum, run with onnxruntime (with past key values inputs).
-- ``onnx-int4`` / ``onnx-int8``: that graph with 4-bit (MatMulNBits, blocks of 32) or int8 (MatMulInteger)
-  weights, made by onnxruntime's quantizers.
+- ``onnx-int4`` / ``onnx-int8``: that graph with MatMulNBits nodes holding the quantize stage's 4- / 8-bit codes;
+  for a model the quantize stage did not touch, onnxruntime's quantizers make them (MatMulNBits RTN blocks of 32,
+  or dynamic int8 MatMulInteger).
 
 With a KV-cache spec (the KV stage's ``kv_cache.json``), the formats a transformers user loads (safetensors,
 bitsandbytes) carry a copy of it, and their reload check also greedy-generates a few tokens through
@@ -45,13 +49,15 @@ from stages.errors import ExportError, InputError
 from stages.export_support import ONNX_FORMATS, onnx_export_problem
 from stages.io import atomic_dir, path_size
 from stages.kv.spec import KV_CACHE_JSON
-from stages.modeling import check_model_ref, load_causal_lm, load_tokenizer, resolve_device, vocab_size_of
+from stages.modeling import (DTYPES, check_model_ref, load_causal_lm, load_tokenizer, resolve_device,
+                             vocab_size_of)
+from stages.quantize.codes import CODES_FILE, load_codes
 from stages.quantize.record import QUANT_FILE, runtime_needs
 from stages.refs import model_config
 from stages.result import StageResult
 
-FORMATS = ("safetensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
-KV_FORMATS = ("safetensors", "bnb-nf4", "bnb-int8")  # loaded with transformers: they carry KV_CACHE_JSON
+FORMATS = ("safetensors", "compressed-tensors", "bnb-nf4", "bnb-int8", "onnx", "onnx-int8", "onnx-int4")
+KV_FORMATS = ("safetensors", "compressed-tensors", "bnb-nf4", "bnb-int8")  # loaded with transformers: they carry KV_CACHE_JSON
 NO_KV_REASON = "ONNX Runtime runs the graph's own past key values, not transformers caches"
 KV_CHECK_TOKENS = 8  # tokens generated through the exported cache spec after a check row
 
@@ -92,6 +98,9 @@ def check_failures(m: dict[str, float], check: ExportCheck) -> list[str]:
     lim = check.min_top1_agreement
     if lim is not None and not m["top1_agreement"] >= lim:
         out.append(f"top1_agreement {m['top1_agreement']:.4f} is below the minimum {lim:.4f}")
+    lim = check.max_kl
+    if lim is not None and not m["kl"] <= lim:
+        out.append(f"kl {m['kl']:.4g} exceeds the limit {lim:.4g}")
     if not all(abs(m[k]) < float("inf") for k in ("max_abs_diff", "mean_abs_diff", "kl")):
         out.append("the exported logits hold NaN or inf")
     return out
@@ -139,7 +148,7 @@ def _free(device: torch.device) -> None:
 # a function (model, ids [B, T]) -> logits [B, T, V] float32 on CPU, extra metrics)
 
 
-def _build_safetensors(src_model, model_dir: Path, dst: Path, device: torch.device):
+def _build_safetensors(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype):
     # The source model is already loaded (float32): saving it is the export, with the quantization record
     # that load_causal_lm uses to re-create its run-time parts (online Hadamard, activation/KV bits).
     src_model.save_pretrained(dst, safe_serialization=True)
@@ -164,7 +173,7 @@ def _bnb_config(fmt: str, device: torch.device):
 
 
 def _build_bnb(fmt: str):
-    def build(src_model, model_dir: Path, dst: Path, device: torch.device):
+    def build(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
         # bitsandbytes quantizes while loading: Linear layers (but lm_head) become Linear4bit /
@@ -185,7 +194,9 @@ def _build_bnb(fmt: str):
                 str(dst), device_map=device_map, dtype=torch.float32, use_safetensors=True,
                 trust_remote_code=False).eval()
 
-        return load, hf_logits, {}
+        weights = ("re-quantized by bitsandbytes from the quantize stage's dequantized weights (not its codes)"
+                   if load_codes(model_dir) is not None else "quantized by bitsandbytes")
+        return load, hf_logits, {"weights": weights}
 
     return build
 
@@ -198,7 +209,7 @@ def _ort_provider(device: torch.device) -> str:
     return "CPUExecutionProvider"
 
 
-def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device):
+def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype = None):
     from optimum.onnxruntime import ORTModelForCausalLM
 
     # Exported with past key values (a decoder that also takes/returns the KV cache), so the
@@ -226,17 +237,21 @@ def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device):
 
 
 def _build_onnx_quantized(bits: int):
-    """ONNX with really low-bit weights, made from the float32 ONNX export by onnxruntime's quantizers.
+    """ONNX with really low-bit weights, built on the float32 ONNX export.
 
-    int4: ``MatMulNBitsQuantizer`` (blockwise symmetric 4-bit, blocks of 32 along the input dimension, MatMulNBits
-    ops). int8: ``quantize_dynamic`` (int8 weights per output channel, activations quantized dynamically at run
-    time, MatMulInteger ops). Embedding gathers stay float32.
+    A model with the quantize stage's codes (:mod:`stages.quantize.codes`, at ``bits`` bits: validation checks it):
+    each quantized Linear's MatMul becomes a MatMulNBits holding those codes, scales and zero points
+    (:func:`stages.packed.replace_matmuls`), so the graph computes the quantized model itself. A model without
+    codes is quantized afresh by onnxruntime: int4 with ``MatMulNBitsQuantizer`` (blockwise symmetric, blocks of
+    32), int8 with ``quantize_dynamic`` (per-channel int8 weights, activations quantized at run time,
+    MatMulInteger). Embedding gathers and lm_head stay float32.
     """
-    def build(src_model, model_dir: Path, dst: Path, device: torch.device):
+    def build(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype):
         import tempfile
 
         import onnx
 
+        codes = load_codes(model_dir)
         with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".onnx-fp32-") as tmp:
             load, logits, extra = _build_onnx(src_model, model_dir, Path(tmp), device)
             for f in Path(tmp).iterdir():  # config, generation config: everything but the float32 graph
@@ -244,17 +259,29 @@ def _build_onnx_quantized(bits: int):
                     shutil.copy2(f, dst / f.name)
             src = Path(tmp) / "model.onnx"
             big = path_size(Path(tmp)) > 1.8e9  # protobuf's 2 GB limit: keep weights in a side file
-            if bits == 4:
+            if codes is not None:
+                from stages.packed import replace_matmuls
+
+                if codes.bits != bits:
+                    raise ExportError(f"the quantize stage's codes are {codes.bits}-bit, not {bits}-bit")
+                graph = onnx.load(str(src))
+                replaced = replace_matmuls(graph, codes)
+                onnx.save_model(graph, str(dst / "model.onnx"), save_as_external_data=big,
+                                location="model.onnx_data" if big else None)
+                extra["weights"] = f"the quantize stage's {bits}-bit codes ({len(replaced)} MatMulNBits)"
+            elif bits == 4:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
                 q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True)
                 q.process()
                 q.model.save_model_to_file(str(dst / "model.onnx"), use_external_data_format=big)
+                extra["weights"] = "quantized by onnxruntime (RTN, blocks of 32): the model had no codes"
             else:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
                 quantize_dynamic(src, dst / "model.onnx", weight_type=QuantType.QInt8, per_channel=True,
                                  use_external_data_format=big)
+                extra["weights"] = "quantized by onnxruntime (dynamic int8, W8A8): the model had no codes"
         ops = sorted({n.op_type for n in onnx.load(str(dst / "model.onnx"), load_external_data=False).graph.node
                       if n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear")})
         files = sorted(f.name for f in dst.iterdir() if ".onnx" in f.name)
@@ -265,13 +292,37 @@ def _build_onnx_quantized(bits: int):
 
             return ORTModelForCausalLM.from_pretrained(str(dst), provider=provider, use_cache=True)
 
-        return load_q, logits, {**extra, "onnx_files": files, "quantized_ops": ops, "weight_bits": bits}
+        return load_q, logits, {**extra, "onnx_files": files, "quantized_ops": ops, "weight_bits": bits,
+                                "from_codes": codes is not None}
 
     return build
 
 
+def _build_compressed_tensors(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype):
+    """compressed-tensors ``pack-quantized``: the quantize stage's codes packed as they are (:mod:`stages.packed`),
+    the rest of the model dense in the recipe's dtype; reloaded with stock transformers (``from_pretrained``, the
+    ``compressed-tensors`` package unpacks it)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.packed import write_compressed_tensors
+
+    codes = load_codes(model_dir)
+    if codes is None:
+        raise ExportError(f"{model_dir} has no {CODES_FILE}: compressed-tensors packs the quantize stage's codes")
+    sizes = write_compressed_tensors(src_model, codes, dst, dtype)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(str(dst), dtype=dtype, device_map=str(device),
+                                                    use_safetensors=True, trust_remote_code=False).eval()
+
+    return load, hf_logits, {**sizes, "weight_bits": codes.bits, "group_size": codes.group_size,
+                             "symmetric": codes.symmetric, "packed_layers": len(codes.layers), "from_codes": True,
+                             "dtype": str(dtype).removeprefix("torch.")}
+
+
 BUILDERS: dict[str, Callable] = {
     "safetensors": _build_safetensors,
+    "compressed-tensors": _build_compressed_tensors,
     "bnb-nf4": _build_bnb("bnb-nf4"),
     "bnb-int8": _build_bnb("bnb-int8"),
     "onnx": _build_onnx,
@@ -297,13 +348,14 @@ def _check_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch.Tensor, ref: torch.Tensor,
-                device: torch.device, kv_spec: Path | None = None) -> dict[str, Any]:
+                device: torch.device, kv_spec: Path | None = None,
+                dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Build ``fmt`` into ``dst`` with the tokenizer (and ``kv_spec`` where it applies), reload it from disk, and
     measure it against ``ref``."""
     t0 = time.perf_counter()
     with_kv = kv_spec is not None and fmt in KV_FORMATS
     try:
-        load, logits_of, extra = BUILDERS[fmt](src_model, model_dir, dst, device)
+        load, logits_of, extra = BUILDERS[fmt](src_model, model_dir, dst, device, dtype)
         tok.save_pretrained(dst)
         if with_kv:
             shutil.copy2(kv_spec, dst / KV_CACHE_JSON)
@@ -335,7 +387,7 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
 
 def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: torch.Tensor | None = None,
                seed: int = 0, device: str = "cpu", progress: bool = True, kv_spec: Path | None = None,
-               card: dict | None = None) -> StageResult:
+               card: dict | None = None, dtype: str = "float32") -> StageResult:
     """Write ``model_dir`` in each of ``cfg.formats`` to ``out_dir/<format>/``, each checked after a reload;
     with ``kv_spec`` (a ``kv_cache.json``) the transformers formats carry it and are checked generating with it.
     Each published folder carries a model card (``README.md``, :mod:`stages.card`) from ``card`` (its facts:
@@ -370,6 +422,8 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
     else:
         ids = _check_ids(check_ids, vocab_size_of(src_model))  # [B, T]
     ref = hf_logits(src_model, ids)  # [B, T, V] float32, the reference every format is held to
+    codes = load_codes(model_dir)  # the quantize stage's integer solution, if the model has one
+    from_codes = {"compressed-tensors"} | ({f"onnx-int{codes.bits}"} if codes is not None else set())
 
     outputs: dict[str, str] = {}
     metrics: dict[str, Any] = {}
@@ -379,7 +433,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
             bar.set_postfix_str(fmt)
             try:
                 metrics[fmt] = _publish_one(fmt, cfg, src_model, tok, model_dir, out_dir, ids, ref, dev, kv_spec,
-                                            facts)
+                                            facts, DTYPES[dtype], from_codes)
                 outputs[fmt] = str(out_dir / fmt)
             except ExportError as e:  # this format only: the others are still built, checked and published
                 metrics[fmt] = {**getattr(e, "figures", {}), "passed": False, "error": str(e)}
@@ -398,7 +452,8 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
 
 
 def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, out_dir: Path, ids: torch.Tensor,
-                 ref: torch.Tensor, dev: torch.device, kv_spec: Path | None, facts: dict) -> dict[str, Any]:
+                 ref: torch.Tensor, dev: torch.device, kv_spec: Path | None, facts: dict,
+                 dtype: torch.dtype = torch.float32, from_codes: set[str] = frozenset()) -> dict[str, Any]:
     """Export, reload and check one format, and publish it as ``out_dir/<fmt>`` with its model card (from
     ``facts``) if it passes; its metrics.
 
@@ -408,11 +463,11 @@ def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, o
     if why:  # validation refuses it when it can read the config up front; this catches the rest
         raise ExportError(f"export {fmt}: {model_dir} cannot be exported to ONNX correctly: {why}")
     with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
-        m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec)
-        check = cfg.checks.get(fmt) or ExportCheck()
+        m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec, dtype)
+        check = cfg.check_for(fmt, fmt in from_codes)
         failures = check_failures(m, check)
         m.update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
-                 limit_min_top1_agreement=check.min_top1_agreement)
+                 limit_min_top1_agreement=check.min_top1_agreement, limit_max_kl=check.max_kl)
         if failures:
             err = ExportError(f"export {fmt}: the reloaded export does not match the source model on "
                               f"{ids.shape[0]}x{ids.shape[1]} check tokens: {'; '.join(failures)}")

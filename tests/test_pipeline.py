@@ -139,7 +139,7 @@ def test_a_failed_export_format_keeps_the_others_and_fails_the_run_uncached(tiny
     root, _, _ = tiny_run
     crashes = []
 
-    def broken(src_model, model_dir, dst, device):
+    def broken(src_model, model_dir, dst, device, dtype):
         crashes.append(dst)
         raise RuntimeError("simulated exporter crash")
 

@@ -67,7 +67,8 @@ class Export(Stage):
         ids = load_tokens(i["eval"])[: e.check_batch_size, : e.check_seq_len]
         return export.run_export(e, Path(i["model"]), ctx.out_dir, check_ids=ids, seed=ctx.recipe.runtime.seed,
                                  device=ctx.device, progress=ctx.recipe.runtime.progress,
-                                 kv_spec=Path(i["kv_cache"]) if "kv_cache" in i else None, card=card_facts(ctx))
+                                 kv_spec=Path(i["kv_cache"]) if "kv_cache" in i else None, card=card_facts(ctx),
+                                 dtype=ctx.recipe.models.dtype)
 
 
 def made_settings(recipe, up: Upstream) -> dict[str, dict]:

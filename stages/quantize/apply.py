@@ -5,7 +5,9 @@ dequantized in the model's dtype) and a ``quantization.json`` that records every
 run time beyond its weights: the setting (activation and KV bits are simulated per token when the model runs)
 and, for OSTQuant, the online Hadamard before down_proj (its size and seed, re-created on load).
 ``load_causal_lm`` calls :func:`restore` on every local checkpoint, so evaluation and later stages run the model
-as quantized. Real low-bit files are made by the export stage.
+as quantized. Beside them, ``quant_codes.safetensors`` holds the quantizer's integer codes, scales and zero points
+(:mod:`stages.quantize.codes`), which the packed export formats write as they are. Real low-bit files are made
+by the export stage.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from stages.config import ModelsConfig, QuantizeConfig, RuntimeConfig
 from stages.errors import InputError
+from stages.quantize.codes import CODES_FILE, save_codes
 from stages.quantize.record import QUANT_FILE
 from stages.result import StageResult
 
@@ -43,8 +46,11 @@ def calibration_rows(path: Path, samples: int, seed: int, *, tokenizer=None, seq
     return ids[torch.randperm(len(ids), generator=g)[:samples]].long()
 
 
-def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress: bool = False) -> dict:
+def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress: bool = False,
+          codes: dict | None = None) -> dict:
     """Quantize ``model`` in place as ``scheme`` (a RTN/GPTQ/OSTQuant config) says; returns the record.
+    ``codes``, if given, is filled with each quantized Linear's integer codes, scale and zero
+    (:mod:`stages.quantize.codes`).
 
     The record is what ``quantization.json`` holds (setting, weight quantizer, online Hadamard, QSUR, calibration
     losses, per-layer weight errors) plus "metrics" and "history" entries. Activation/KV fake quantization is
@@ -93,11 +99,12 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         from stages.quantize.gptq import gptq_quantize_model
 
         stats = gptq_quantize_model(model, calib.to(device), setting.w_bits, s.group_size, s.symmetric, s.act_order,
-                                    s.percdamp, s.clip_search, skip=tuple(s.skip))
+                                    s.percdamp, s.clip_search, skip=tuple(s.skip), codes=codes)
     else:
         from stages.quantize.rtn import quantize_model
 
-        stats = quantize_model(model, setting.w_bits, s.group_size, s.symmetric, s.skip, clip_search=s.clip_search)
+        stats = quantize_model(model, setting.w_bits, s.group_size, s.symmetric, s.skip, clip_search=s.clip_search,
+                               codes=codes)
     record.update(weight_quantizer=wq, quantized_params=stats["quantized_params"],
                   mean_rel_error=stats["mean_rel_error"], layers=stats["layers"])
     if setting.a_bits < 16 or setting.kv_bits < 16:
@@ -135,7 +142,8 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
         calib = calibration_rows(calib_path, s.calibration.samples, seed, tokenizer=tok if calib_seq_len else None,
                                  seq_len=calib_seq_len, text_field=s.calibration.text_field,
                                  vocab_size=model.get_input_embeddings().num_embeddings)
-    record = apply(model, s, calib, seed=seed, progress=runtime.progress if runtime else False)
+    codes: dict = {}
+    record = apply(model, s, calib, seed=seed, progress=runtime.progress if runtime else False, codes=codes)
     metrics, history = record.pop("metrics"), record.pop("history")
     handle = getattr(model, "_fakequant_handle", None)
     if handle is not None:
@@ -143,6 +151,9 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     model.to(torch.device("cpu"))
     save_pretrained_atomic_into(model, tok, out_dir / "model")
     # Record the scheme next to the weights: what the model needs at run time besides them.
+    # ... and the integer solution the weights are the dequantization of: what the packed exports ship
+    save_codes(out_dir / "model", codes, record["w_bits"], s.group_size, s.symmetric)
+    record["codes_file"] = CODES_FILE
     (out_dir / "model" / QUANT_FILE).write_text(json.dumps(record, indent=2))
     outputs = {"model": "model"}
     if history:

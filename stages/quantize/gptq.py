@@ -32,8 +32,7 @@ from torch import nn
 
 from stages.errors import InputError
 from stages.progress import report as report_progress
-from stages.quantize.quantizers import (_check_bits, _group_count, fake_quant_with_qparams, search_clip_ratio,
-                                        weight_qparams)
+from stages.quantize.quantizers import _check_bits, _codes, _group_count, search_clip_ratio, weight_qparams
 
 
 @dataclass
@@ -42,6 +41,7 @@ class GPTQResult:
     scale: torch.Tensor  # [out, groups, 1] float32, groups in original column order
     zero: torch.Tensor  # [out, groups, 1] float32 (0 when symmetric)
     loss: float  # GPTQ's estimate Σ (w - q)² / (2 [H⁻¹]_jj) of the added layer-wise loss
+    codes: torch.Tensor | None = None  # [out, in] int8 (symmetric) / uint8: weight = (codes - zero) * scale
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, percdamp: float, name: str) -> torch.Tensor:
@@ -95,6 +95,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | No
     zero = torch.zeros(rows, n_groups, 1, device=dev)
     ready = [False] * n_groups
     Q = torch.zeros_like(Wq)
+    C = torch.zeros_like(Wq)  # the integer codes of Q
     loss = torch.zeros((), device=dev)
 
     for i1 in range(0, cols, block_size):
@@ -122,18 +123,19 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | No
                 ready[k] = True
             w = W1[:, i]  # [rows]
             d = U1[i, i]
-            q = fake_quant_with_qparams(w, scale[:, k, 0], zero[:, k, 0], bits, symmetric)  # [rows]
-            Q[:, i1 + i] = q
+            c = _codes(w, scale[:, k, 0], zero[:, k, 0], bits, symmetric)  # [rows] integers (float32)
+            q = (c - zero[:, k, 0]) * scale[:, k, 0]  # [rows] fake-quantized
+            Q[:, i1 + i], C[:, i1 + i] = q, c
             err = (w - q) / d  # [rows]
             loss += err.square().sum() / 2
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # rank-1 update of the rest of the block
             Err1[:, i] = err
         Wq[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of the columns after the block
 
-    Q = Q[:, invperm]
+    Q, C = Q[:, invperm], C[:, invperm]
     if not torch.isfinite(Q).all():
         raise InputError(f"GPTQ of {name} produced non-finite weights")
-    return GPTQResult(Q.to(W.dtype), scale, zero, float(loss))
+    return GPTQResult(Q.to(W.dtype), scale, zero, float(loss), C.to(torch.int8 if symmetric else torch.uint8))
 
 
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int | None = None,
@@ -226,13 +228,14 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
                         symmetric: bool = True, act_order: bool = False, percdamp: float = 0.01,
                         clip_search: bool = False, skip: Sequence[str] = ("lm_head",), batch_size: int = 8, *,
                         block_size: int = 128, true_sequential: bool = True,
-                        log: Callable[[str], None] | None = None) -> dict:
+                        log: Callable[[str], None] | None = None, codes: dict | None = None) -> dict:
     """GPTQ every nn.Linear of the decoder layers of a Llama-family model in place, layer by layer.
 
     calib_input_ids: [N, L] token ids (split into batches of batch_size) or a sequence of [L] / [b, L] tensors.
     Linears whose full name ends with an entry of ``skip`` stay in floating point (lm_head is never touched).
     Returns {"layers": {name: relative error ||W - Q|| / ||W||}, "gptq_loss": {name: loss}, "quantized_params",
-    "mean_rel_error"}, the first and last two as in ``rtn.quantize_model``.
+    "mean_rel_error"}, the first and last two as in ``rtn.quantize_model``; ``codes`` (if given) is filled as
+    there.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -274,6 +277,8 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
                     w.data.copy_(res.weight)
                     rel_errors[full] = round(rel.item(), 6)
                     losses[full] = res.loss
+                    if codes is not None:
+                        codes[full] = (res.codes, res.scale, res.zero)
                     n_params += w.numel()
                     if log is not None:
                         log(f"gptq {full}: rel_error={rel_errors[full]:.4g} loss={res.loss:.4g}")

@@ -179,12 +179,20 @@ def weight_qparams(w: torch.Tensor, bits: int, group_size: int | None = None, sy
     return _minmax_qparams(x, bits, symmetric, clip_ratio)
 
 
+def weight_codes(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                 clip_ratio: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN of a 2-D weight [out, in] as integer codes: (codes [out, in] int8 (symmetric) / uint8, scale and zero
+    float32 [out, groups, 1]); ``dequantize_codes`` of them is ``quantize_weight``'s result in float32."""
+    scale, zero = weight_qparams(w, bits, group_size, symmetric, clip_ratio)  # [out, groups, 1]
+    x = _weight_groups(w, group_size)  # [out, groups, g]
+    codes = _codes(x, scale, zero, bits, symmetric).reshape(w.shape)
+    return codes.to(torch.int8 if symmetric else torch.uint8), scale, zero
+
+
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
                     clip_ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
     """RTN fake quantization of a 2-D weight [out, in], per output channel or per group; same shape/dtype back."""
-    scale, zero = weight_qparams(w, bits, group_size, symmetric, clip_ratio)  # [out, groups, 1]
-    x = _weight_groups(w, group_size)  # [out, groups, g]
-    return fake_quant_with_qparams(x, scale, zero, bits, symmetric).reshape(w.shape).to(w.dtype)
+    return dequantize_codes(*weight_codes(w, bits, group_size, symmetric, clip_ratio), dtype=w.dtype)
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from stages.errors import InputError
-from stages.quantize.quantizers import quantize_weight, search_clip_ratio
+from stages.quantize.quantizers import dequantize_codes, quantize_weight, search_clip_ratio, weight_codes
 
 
 def quantize_tensor(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
@@ -38,10 +38,12 @@ def _check_layer(w: torch.Tensor, group_size: int | None) -> None:
 
 @torch.no_grad()
 def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, skip: list[str],
-                   clip_search: bool = False) -> dict:
+                   clip_search: bool = False, codes: dict | None = None) -> dict:
     """Fake-quantize every nn.Linear in place except names ending with an entry of ``skip``.
 
     clip_search: per row (group) clipping ratio minimising the error (``quantizers.search_clip_ratio``).
+    codes: if given, filled with {name: (codes [out, in], scale, zero [out, groups, 1])}, the integer solution the
+    weights are the dequantization of (what the packed exports write).
 
     Returns per-layer relative Frobenius error ||W - Q(W)|| / ||W|| and totals.
     """
@@ -53,7 +55,10 @@ def quantize_model(model, bits: int, group_size: int | None, symmetric: bool, sk
         w = mod.weight.data
         _check_layer(w, group_size)  # before the search, so a bad group size is named in the recipe's terms
         ratio = search_clip_ratio(w, bits, group_size, symmetric) if clip_search else 1.0
-        q = quantize_weight(w, bits, group_size, symmetric, ratio)
+        c, scale, zero = weight_codes(w, bits, group_size, symmetric, ratio)
+        q = dequantize_codes(c, scale, zero, dtype=w.dtype)  # = quantize_weight(w, ...)
+        if codes is not None:
+            codes[name] = (c, scale, zero)
         layers[name] = round(((w.float() - q.float()).norm() / w.float().norm().clamp_min(1e-12)).item(), 6)
         mod.weight.data.copy_(q)
         n_quant += w.numel()
