@@ -97,6 +97,10 @@ def load_lines(fmt: str, has_kv: bool = False, needs: dict | None = None) -> lis
     if needs:  # online Hadamard / activation-KV fake quantization: only this project's loader re-creates them
         lines = ["from stages.modeling import load_causal_lm, load_tokenizer",
                  f"tok, model = load_tokenizer({p}), load_causal_lm({p})"]
+    elif fmt == "compressed-tensors":  # without a dtype its loader casts to float16; "auto": the saved dtype
+        lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                 f'tok, model = AutoTokenizer.from_pretrained({p}), AutoModelForCausalLM.from_pretrained({p}, '
+                 'dtype="auto")']
     else:
         lines = ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                  f"tok, model = AutoTokenizer.from_pretrained({p}), AutoModelForCausalLM.from_pretrained({p})"]
@@ -203,9 +207,16 @@ def render(fmt: str, metrics: dict, facts: dict, files: list[str]) -> str:
              "```python", *load_lines(fmt, has_kv, needs), "```", ""]
     if fmt.startswith("bnb"):
         lines += ["The `quantization_config` is in `config.json`; `bitsandbytes` must be installed.", ""]
+    if fmt == "compressed-tensors":
+        lines += ["The `quantization_config` (`compressed-tensors`, `pack-quantized`) is in `config.json`; the "
+                  "`compressed-tensors` package must be installed (transformers unpacks the codes to dense weights on "
+                  "load; vLLM serves them as they are: `vllm serve compressed-tensors`).", ""]
     if needs:
         lines += [f"It needs at run time {', '.join(needs)} (recorded in `quantization.json`), which only "
-                  "`stages.modeling.load_causal_lm` re-creates; a plain `from_pretrained` would drop them.", ""]
+                  "`stages.modeling.load_causal_lm` re-creates. A plain `from_pretrained` (or vLLM) would drop them "
+                  "and run another model, so `config.json` names the model type `llm_compress_runtime` and they "
+                  "refuse to load it (with `trust_remote_code=True`, `modeling_llm_compress.py` raises, naming the "
+                  "loader above).", ""]
     if has_kv:
         lines += ["`kv_cache.json` is the KV cache it was checked with: the last two lines generate through it "
                   "(`ids`: a [1, T] tensor of token ids).", ""]

@@ -52,7 +52,7 @@ from stages.kv.spec import KV_CACHE_JSON
 from stages.modeling import (DTYPES, check_model_ref, load_causal_lm, load_tokenizer, resolve_device,
                              vocab_size_of)
 from stages.quantize.codes import CODES_FILE, load_codes
-from stages.quantize.record import QUANT_FILE, runtime_needs
+from stages.quantize.record import QUANT_FILE, mark_runtime_checkpoint, runtime_needs
 from stages.refs import model_config
 from stages.result import StageResult
 
@@ -154,6 +154,9 @@ def _build_safetensors(src_model, model_dir: Path, dst: Path, device: torch.devi
     src_model.save_pretrained(dst, safe_serialization=True)
     if (model_dir / QUANT_FILE).is_file():
         shutil.copy2(model_dir / QUANT_FILE, dst / QUANT_FILE)
+    needs = runtime_needs(model_dir)
+    if needs:  # stock from_pretrained / vLLM would run it without them: make them refuse it, naming our loader
+        mark_runtime_checkpoint(dst, needs)
 
     def load():
         return load_causal_lm(str(dst), device=device, what="exported safetensors model")

@@ -57,12 +57,17 @@ def load_causal_lm(ref: str, *, dtype: str = "float32", device: str | torch.devi
     """Load a causal LM for training/evaluation (eval mode, given dtype, on device)."""
     from transformers import AutoModelForCausalLM
 
+    config = None
     if is_local_ref(ref):
         check_model_ref(ref, what)
+        from stages.quantize.record import runtime_checkpoint_config
+
+        config = runtime_checkpoint_config(Path(ref).expanduser())  # an export that refuses stock loaders
     try:
+        extra = {"config": config} if config is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
             str(Path(ref).expanduser()) if is_local_ref(ref) else ref, dtype=DTYPES[dtype],
-            use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision)
+            use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision, **extra)
     except (OSError, ValueError, EnvironmentError) as e:
         if is_local_ref(ref):
             raise InputError(f"{what}: cannot load {ref}: {e}") from None

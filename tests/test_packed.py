@@ -108,6 +108,9 @@ def test_compressed_tensors_reloads_in_stock_transformers_as_the_quantized_model
     # the bits say it: 4-bit codes + a scale and a packed zero point per 32 weights, vs float32
     assert m["quantized_layer_size_ratio"] <= 0.3
 
+    card = (d / "README.md").read_text()
+    assert 'AutoModelForCausalLM.from_pretrained("compressed-tensors", dtype="auto")' in card
+    assert "vllm serve compressed-tensors" in card
     # a process that does not import this project: plain from_pretrained, compressed-tensors unpacks the codes
     torch.save(ids, tmp_path / "ids.pt")
     out = subprocess.run([sys.executable, "-c", _STOCK, str(d), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
@@ -174,3 +177,38 @@ def test_packed_formats_are_refused_where_they_would_not_ship_the_codes():
         parse_recipe({"quantize": {"scheme": {"method": "rtn", "setting": "W4A4"}},
                       "export": {"formats": ["compressed-tensors"]}})
     parse_recipe({"quantize": {"enabled": False}, "export": {"formats": ["onnx-int4"]}})  # onnxruntime quantizes it
+
+
+_STOCK_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+try:
+    AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "1")
+except Exception as e:
+    print(type(e).__name__, e)
+else:
+    print("LOADED")
+"""
+
+
+def test_a_checkpoint_with_run_time_parts_refuses_stock_loaders_and_loads_with_ours(tmp_path):
+    """W4A4 needs activation quantization at run time: stock from_pretrained must fail loudly (with or without
+    trust_remote_code), never load it as a plain Llama; this project's loader runs it as quantized."""
+    model_dir = _quantized(tmp_path, {"method": "rtn", "setting": "W4A4", "group_size": 32})
+    ids = check_batch(320, 2, 16, 1)
+    res = run_export(ExportConfig(formats=["safetensors"]), model_dir, tmp_path / "out", check_ids=ids,
+                     progress=False)
+    d = tmp_path / "out" / "safetensors"
+    assert res.metrics["safetensors"]["passed"] and res.metrics["safetensors"]["max_abs_diff"] == 0.0
+    for trust in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", _STOCK_LOAD, str(d), trust], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=300)
+        assert "LOADED" not in out.stdout, out.stdout
+        if trust == "0":  # the unknown model type is only served by the folder's code, which must be trusted ...
+            assert "contains custom code which must be executed" in out.stdout, out.stdout
+        else:  # ... and that code refuses too, naming the loader that re-creates the run-time parts
+            assert "ImportError this checkpoint needs llm-compress's loader" in out.stdout, out.stdout
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["llm_compress"]["model_type"] == "llama" and "simulated" in cfg["llm_compress"]["runtime_needs"]
+    ours = load_causal_lm(str(d))
+    assert getattr(ours, "_fakequant_handle", None) is not None  # the activation quantization is back

@@ -63,3 +63,57 @@ def runtime_needs(model_dir: str | Path) -> dict:
     if int(q.get("a_bits", 16)) < 16 or int(q.get("kv_bits", 16)) < 16:
         out["simulated"] = f"A{q.get('a_bits', 16)} KV{q.get('kv_bits', 16)} (fake-quantized at run time)"
     return out
+
+
+# An export that needs run-time parts must not load in stock transformers (or vLLM) as another model: its config
+# names a model type they do not know, and the real one is kept under "llm_compress" for this project's loader.
+RUNTIME_MODEL_TYPE = "llm_compress_runtime"
+RUNTIME_MODULE = "modeling_llm_compress.py"
+_RUNTIME_MODULE_TEXT = '''"""This checkpoint needs run-time parts that only llm-compress re-creates: {needs}.
+
+Loaded as a plain {model_type} it would run without them, a different model; so its config.json names model type
+"{marker}", which transformers and vLLM refuse. Load it with llm-compress's loader:
+
+    from stages.modeling import load_causal_lm
+    model = load_causal_lm("path/to/this/folder")
+"""
+
+raise ImportError("this checkpoint needs llm-compress's loader (it re-creates {needs}): "
+                  "from stages.modeling import load_causal_lm; model = load_causal_lm(<this folder>)")
+'''
+
+
+def mark_runtime_checkpoint(folder: str | Path, needs: dict) -> None:
+    """Make the checkpoint in ``folder`` refuse stock loaders: model_type becomes RUNTIME_MODEL_TYPE (the real one
+    and ``needs`` go under "llm_compress"), with an auto_map to a module that raises, naming this project's loader,
+    even under trust_remote_code=True."""
+    folder = Path(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    real = cfg["model_type"]
+    cfg.update(model_type=RUNTIME_MODEL_TYPE, llm_compress={"model_type": real, "runtime_needs": needs,
+                                                           "loader": "stages.modeling.load_causal_lm"},
+               auto_map={"AutoConfig": "modeling_llm_compress.Config",
+                         "AutoModelForCausalLM": "modeling_llm_compress.Model"})
+    (folder / RUNTIME_MODULE).write_text(_RUNTIME_MODULE_TEXT.format(needs=", ".join(needs), model_type=real,
+                                                                     marker=RUNTIME_MODEL_TYPE))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def runtime_checkpoint_config(folder: str | Path):
+    """For a folder marked by :func:`mark_runtime_checkpoint`: its transformers config with the real model type
+    (to pass to from_pretrained); None for any other folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # from_pretrained names the problem
+    if cfg.get("model_type") != RUNTIME_MODEL_TYPE:
+        return None
+    from transformers import AutoConfig
+
+    real = cfg.pop("llm_compress")["model_type"]
+    for k in ("model_type", "auto_map"):
+        cfg.pop(k, None)
+    return AutoConfig.for_model(real, **cfg)
