@@ -758,15 +758,18 @@ class ExportCheck(Strict):
 
 
 # Formats that ship the quantize stage's own codes (compressed-tensors; ONNX int4/int8 of a model quantized at 4/8
-# bits): they must reproduce the quantized model, up to the float rounding of a bf16/fp16 checkpoint. A re-rounded
-# export (another grid over the same weights) misses these by orders of magnitude in KL.
-FROM_CODES_CHECK = ExportCheck(min_top1_agreement=0.98, max_kl=1e-3)
+# bits) must reproduce the quantized model: exactly up to float32 rounding, or up to the rounding of a bf16/fp16
+# checkpoint (measured on the demo's W4 model: KL 3e-5, top-1 0.988 in bf16). A re-rounded export (another grid over
+# the same weights: onnxruntime's RTN, bitsandbytes nf4, onnxruntime-genai's builder) measured KL 5e-4 to 2e-3 and
+# top-1 0.93-0.97 there, so both defaults fail it (the 16-bit one on KL: bf16 near-ties flip top-1 on a random tiny
+# model down to 0.977, so its top-1 floor is only a sanity bound). The exports also decode their codes from disk.
+FROM_CODES_CHECK = ExportCheck(max_abs_diff=1e-3, min_top1_agreement=0.999, max_kl=1e-6)
+FROM_CODES_CHECK_16BIT = ExportCheck(min_top1_agreement=0.95, max_kl=2e-4)
 
 
 def _default_checks() -> dict[str, ExportCheck]:
     return {
         "safetensors": ExportCheck(max_abs_diff=1e-4, min_top1_agreement=0.99),
-        "compressed-tensors": FROM_CODES_CHECK,
         "onnx": ExportCheck(max_abs_diff=1e-2, min_top1_agreement=0.99),
         "bnb-int8": ExportCheck(min_top1_agreement=0.80),
         "bnb-nf4": ExportCheck(min_top1_agreement=0.50),
@@ -790,11 +793,14 @@ class ExportConfig(Strict):
     check_batch_size: int = Field(16, ge=1, description="Held-out rows the export checks run (eval rows).")
     check_seq_len: int = Field(256, ge=2, description="Tokens per check row (at most the eval rows' length).")
 
-    def check_for(self, fmt: str, from_codes: bool = False) -> ExportCheck:
-        """The recipe's check of ``fmt``, else its default (FROM_CODES_CHECK for a format built from codes)."""
+    def check_for(self, fmt: str, from_codes: bool = False, float32: bool = True) -> ExportCheck:
+        """The recipe's check of ``fmt``, else its default: for a format built from codes FROM_CODES_CHECK, or
+        FROM_CODES_CHECK_16BIT when it computes in bf16/fp16 (``float32`` false)."""
         if fmt in self.checks:
             return self.checks[fmt]
-        return FROM_CODES_CHECK if from_codes else _default_checks().get(fmt, ExportCheck())
+        if from_codes:
+            return FROM_CODES_CHECK if float32 else FROM_CODES_CHECK_16BIT
+        return _default_checks().get(fmt, ExportCheck())
 
 
 class RuntimeConfig(Strict):

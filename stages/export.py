@@ -263,7 +263,7 @@ def _build_onnx_quantized(bits: int):
             src = Path(tmp) / "model.onnx"
             big = path_size(Path(tmp)) > 1.8e9  # protobuf's 2 GB limit: keep weights in a side file
             if codes is not None:
-                from stages.packed import replace_matmuls
+                from stages.packed import replace_matmuls, verify_matmulnbits
 
                 if codes.bits != bits:
                     raise ExportError(f"the quantize stage's codes are {codes.bits}-bit, not {bits}-bit")
@@ -272,6 +272,7 @@ def _build_onnx_quantized(bits: int):
                 onnx.save_model(graph, str(dst / "model.onnx"), save_as_external_data=big,
                                 location="model.onnx_data" if big else None)
                 extra["weights"] = f"the quantize stage's {bits}-bit codes ({len(replaced)} MatMulNBits)"
+                extra["codes_verified"] = verify_matmulnbits(onnx.load(str(dst / "model.onnx")), codes)
             elif bits == 4:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -307,12 +308,13 @@ def _build_compressed_tensors(src_model, model_dir: Path, dst: Path, device: tor
     ``compressed-tensors`` package unpacks it)."""
     from transformers import AutoModelForCausalLM
 
-    from stages.packed import write_compressed_tensors
+    from stages.packed import verify_compressed_tensors, write_compressed_tensors
 
     codes = load_codes(model_dir)
     if codes is None:
         raise ExportError(f"{model_dir} has no {CODES_FILE}: compressed-tensors packs the quantize stage's codes")
     sizes = write_compressed_tensors(src_model, codes, dst, dtype)
+    sizes["codes_verified"] = verify_compressed_tensors(dst, codes, dtype)  # read back: the codes, bit for bit
 
     def load():
         return AutoModelForCausalLM.from_pretrained(str(dst), dtype=dtype, device_map=str(device),
@@ -467,7 +469,8 @@ def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, o
         raise ExportError(f"export {fmt}: {model_dir} cannot be exported to ONNX correctly: {why}")
     with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
         m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec, dtype)
-        check = cfg.check_for(fmt, fmt in from_codes)
+        # the ONNX graphs compute in float32 whatever the recipe's dtype; compressed-tensors in that dtype
+        check = cfg.check_for(fmt, fmt in from_codes, float32=fmt.startswith("onnx") or dtype == torch.float32)
         failures = check_failures(m, check)
         m.update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
                  limit_min_top1_agreement=check.min_top1_agreement, limit_max_kl=check.max_kl)

@@ -107,6 +107,27 @@ def write_compressed_tensors(model, codes: Codes, dst: Path, dtype: torch.dtype)
             "quantized_layer_size_ratio": round(packed / dense32, 4)}
 
 
+def verify_compressed_tensors(dst: Path, codes: Codes, dtype: torch.dtype) -> int:
+    """Read the written checkpoint back and unpack every layer with compressed-tensors' own unpacker: raise
+    ExportError unless its codes and zero points are ``codes``' and its scales theirs in ``dtype``; returns the
+    number of layers checked."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        for name, lc in codes.layers.items():
+            shape = torch.Size(f.get_tensor(f"{name}.weight_shape").tolist())
+            q = unpack_from_int32(f.get_tensor(f"{name}.weight_packed"), codes.bits, shape)
+            ok = torch.equal(q, _signed(lc.codes, codes.bits))
+            ok = ok and torch.equal(f.get_tensor(f"{name}.weight_scale"), lc.scale.to(dtype))
+            if lc.zero is not None:
+                z = unpack_from_int32(f.get_tensor(f"{name}.weight_zero_point"), codes.bits, lc.zero.shape, 0)
+                ok = ok and torch.equal(z, _signed(lc.zero, codes.bits))
+            if not ok:
+                raise ExportError(f"compressed-tensors: {name} on disk does not hold the quantize stage's codes")
+    return len(codes.layers)
+
+
 # --------------------------------------------------------------------------------------------
 # ONNX Runtime MatMulNBits
 
@@ -207,3 +228,36 @@ def replace_matmuls(onnx_model, codes: Codes) -> list[str]:
     if not any(o.domain == "com.microsoft" for o in onnx_model.opset_import):
         onnx_model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return done
+
+
+def verify_matmulnbits(onnx_model, codes: Codes) -> int:
+    """Decode every MatMulNBits of ``onnx_model`` (as read back from disk) into unsigned codes and zero points and
+    raise ExportError unless they are the quantize stage's; returns the number of layers checked."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx_model.graph.initializer}
+    seen = 0
+    for node in onnx_model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        name = _linear_name(node.name.removesuffix("NBits"))
+        lc = codes.layers[name]
+        attrs = {a.name: a.i for a in node.attribute}
+        bits, n = attrs["bits"], attrs["N"]
+        b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]])).to(torch.int16)  # [N, blocks, blob]
+        per = 8 // bits
+        u = torch.stack([(b >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)  # [N, K]
+        want = lc.codes.to(torch.int16) + (1 << (bits - 1) if lc.codes.dtype == torch.int8 else 0)
+        scales = torch.from_numpy(numpy_helper.to_array(inits[node.input[2]]))
+        rep = scales.shape[1] // lc.scale.shape[1]
+        ok = torch.equal(u, want) and torch.equal(scales, lc.scale.repeat_interleave(rep, dim=1))
+        if lc.zero is not None:
+            zb = torch.from_numpy(numpy_helper.to_array(inits[node.input[3]])).to(torch.int16)
+            z = torch.stack([(zb >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)
+            ok = ok and torch.equal(z[:, : scales.shape[1]], lc.zero.repeat_interleave(rep, dim=1).to(torch.int16))
+        if not ok:
+            raise ExportError(f"onnx: the MatMulNBits of {name} does not hold the quantize stage's codes")
+        seen += 1
+    if seen != len(codes.layers):
+        raise ExportError(f"onnx: {seen} MatMulNBits for {len(codes.layers)} coded layers")
+    return seen

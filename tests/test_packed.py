@@ -101,6 +101,7 @@ def test_compressed_tensors_reloads_in_stock_transformers_as_the_quantized_model
     d = tmp_path / "compressed-tensors"
     m = res.metrics["compressed-tensors"]
     assert m["passed"] and m["from_codes"] and m["limit_max_kl"] == FROM_CODES_CHECK.max_kl
+    assert m["codes_verified"] == 14  # every layer unpacked from disk by compressed-tensors equals the codes
     cfg = json.loads((d / "config.json").read_text())["quantization_config"]
     assert (cfg["quant_method"], cfg["format"], cfg["quantization_status"]) == (
         "compressed-tensors", "pack-quantized", "compressed")
@@ -131,7 +132,7 @@ def test_onnx_low_bit_is_built_from_the_codes(scheme, fmt, ids, tmp_path):
     model_dir = _quantized(tmp_path, scheme)
     res = run_export(ExportConfig(formats=[fmt]), model_dir, tmp_path / "out", check_ids=ids, progress=False)
     m = res.metrics[fmt]
-    assert m["passed"] and m["from_codes"] and m["quantized_ops"] == ["MatMulNBits"]
+    assert m["passed"] and m["from_codes"] and m["quantized_ops"] == ["MatMulNBits"] and m["codes_verified"] == 14
     assert m["max_abs_diff"] < 1e-4 and m["top1_agreement"] == 1.0
     graph = onnx.load(str(tmp_path / "out" / fmt / "model.onnx")).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -212,3 +213,45 @@ def test_a_checkpoint_with_run_time_parts_refuses_stock_loaders_and_loads_with_o
     assert cfg["llm_compress"]["model_type"] == "llama" and "simulated" in cfg["llm_compress"]["runtime_needs"]
     ours = load_causal_lm(str(d))
     assert getattr(ours, "_fakequant_handle", None) is not None  # the activation quantization is back
+
+
+def test_a_bf16_compressed_tensors_export_is_held_to_the_16_bit_default(w4, ids, tmp_path):
+    from stages.config import FROM_CODES_CHECK_16BIT
+
+    res = run_export(ExportConfig(formats=["compressed-tensors"]), w4, tmp_path, check_ids=ids, progress=False,
+                     dtype="bfloat16")
+    m = res.metrics["compressed-tensors"]
+    assert m["passed"] and m["dtype"] == "bfloat16" and m["limit_max_kl"] == FROM_CODES_CHECK_16BIT.max_kl
+    assert 0 < m["kl"] <= FROM_CODES_CHECK_16BIT.max_kl
+
+
+def test_a_changed_code_on_disk_is_caught(w4, tmp_path):
+    """The read-back checks decode what was written: one code changed in the file fails them."""
+    import onnx
+    from safetensors.torch import load_file, save_file
+
+    from stages.errors import ExportError
+    from stages.packed import replace_matmuls, verify_compressed_tensors, verify_matmulnbits, write_compressed_tensors
+
+    codes = load_codes(w4)
+    model = load_causal_lm(str(w4))
+    write_compressed_tensors(model, codes, tmp_path / "ct", torch.float32)
+    assert verify_compressed_tensors(tmp_path / "ct", codes, torch.float32) == 14
+    t = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    t["model.layers.1.mlp.down_proj.weight_packed"][0, 0] ^= 1  # one 4-bit code off by one
+    save_file(t, str(tmp_path / "ct" / "model.safetensors"))
+    with pytest.raises(ExportError, match="model.layers.1.mlp.down_proj on disk does not hold"):
+        verify_compressed_tensors(tmp_path / "ct", codes, torch.float32)
+
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    ORTModelForCausalLM.from_pretrained(str(w4), export=True).save_pretrained(tmp_path / "onnx")
+    proto = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
+    replace_matmuls(proto, codes)
+    assert verify_matmulnbits(proto, codes) == 14
+    b = next(i for i in proto.graph.initializer if i.name == "model.layers.0.self_attn.q_proj.nbits.B")
+    raw = bytearray(b.raw_data)
+    raw[0] ^= 1
+    b.raw_data = bytes(raw)
+    with pytest.raises(ExportError, match="MatMulNBits of model.layers.0.self_attn.q_proj does not hold"):
+        verify_matmulnbits(proto, codes)
