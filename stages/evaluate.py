@@ -42,6 +42,28 @@ def weights_bytes(model_dir: str | Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
+def fits_together(refs, device: torch.device, headroom: float = 0.7) -> bool:
+    """Whether every model (local folders' weight bytes) fits the device's free memory at once, with room for
+    activations (``headroom``: the share of free memory the weights may take). Always true off CUDA (host memory
+    is the limit there either way) and when a size is unknown (a hub id: measured by loading)."""
+    if device.type != "cuda":
+        return True
+    sizes = [weights_bytes(r) for r in refs]
+    if not all(sizes):
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(sizes) <= headroom * free
+
+
+def free_device(device: torch.device) -> None:
+    """Give a dropped model's GPU memory back before the next one loads."""
+    if device.type == "cuda":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def latency_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int,
                       new_cache: Callable[[], Any] | None = None) -> float:
@@ -114,10 +136,14 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
     eval_ids = all_ids[:rows]
     load = dict(dtype=models_cfg.dtype, device=device, trust_remote_code=models_cfg.trust_remote_code,
                 revision=models_cfg.revision)
+    refs = {"teacher": teacher_ref, **candidates}
+    resident = fits_together(refs.values(), device)
     teacher = load_causal_lm(teacher_ref, what="teacher", **load)
     models = {"teacher": teacher}
-    for name, ref in candidates.items():
-        models[name] = load_causal_lm(ref, what=f"{name} model", **load)
+    if resident:  # all on the device: one pass over the data scores every model
+        for name, ref in candidates.items():
+            models[name] = load_causal_lm(ref, what=f"{name} model", **load)
+    # else the teacher stays, and each candidate comes to the device alone below, is scored against it, and leaves
     scores = score(models, teacher, eval_ids, cfg.batch_size, device, runtime.progress)
     prompt = eval_ids[:1, : cfg.latency_prompt_tokens].to(device)
     if kv_spec is not None:
@@ -126,7 +152,6 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
 
         spec = read_spec(kv_spec)
         kv_rows, kv_prefill = held_out_rows(all_ids, kv_cfg or KVConfig(), device)  # the KV stage's rows [rows, T]
-    refs = {"teacher": teacher_ref, **candidates}
     if unlearn_sets:
         from stages.modeling import load_tokenizer
         from stages.unlearn import load_sets
@@ -135,8 +160,12 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
                              revision=models_cfg.revision)
         max_len = getattr(teacher.config, "max_position_embeddings", None) or 10**9
         sets = load_sets(unlearn_sets, tok, unlearn_cfg, max_len)
-    for name, model in models.items():
-        scores[name]["params"] = count_parameters(model)
+    for name in refs:
+        model = models.get(name)
+        if model is None:  # not resident: load it now, drop it after its figures
+            model = load_causal_lm(refs[name], what=f"{name} model", **load)
+            scores.update(score({name: model}, teacher, eval_ids, cfg.batch_size, device, runtime.progress))
+        scores[name]["placement"] = "all models on the device" if resident else "one candidate at a time"
         scores[name]["bytes_on_disk"] = weights_bytes(refs[name])
         needs = runtime_needs(refs[name]) if Path(refs[name]).is_dir() else {}
         scores[name]["runtime"] = ", ".join(
@@ -149,6 +178,9 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
         if unlearn_sets:
             scores[name]["unlearn"] = forget_figures(model, sets, tok, unlearn_cfg, cfg.batch_size,
                                                      spec if kv_spec is not None else None)
+        if name not in models:
+            del model
+            free_device(device)
     t = scores["teacher"]
     for name, s in scores.items():
         s["ppl_ratio"] = s["ppl"] / t["ppl"]

@@ -871,3 +871,24 @@ def test_a_served_run_and_a_cli_run_of_one_recipe_at_once_both_complete_computin
     states = [{s["stage"]: s["state"] for s in r["stages"]} for r in reports]
     assert set(states[0]) == set(states[1]) == set(RAN)
     assert all(sorted([states[0][s], states[1][s]]) == ["cached", "ran"] for s in RAN), states
+
+
+def test_evaluate_scores_candidates_one_at_a_time_when_they_do_not_fit_together(tiny_run, tiny_recipe, monkeypatch):
+    """A device too small for the teacher and every candidate at once: the teacher stays, each candidate is loaded,
+    scored against it and dropped in turn, with the same figures as the one-pass evaluation."""
+    import stages.evaluate as evaluate
+    from stages.pipeline import run_local
+
+    root, _, _ = tiny_run
+    together = run_local(_evaluate_only_variant(tiny_recipe, 3), root / "tiny-eval-together", root)
+    loaded = []
+    real_load = evaluate.load_causal_lm
+    monkeypatch.setattr(evaluate, "fits_together", lambda refs, device: False)
+    monkeypatch.setattr(evaluate, "load_causal_lm", lambda ref, **kw: loaded.append(kw["what"]) or real_load(ref, **kw))
+    alone = run_local(_evaluate_only_variant(tiny_recipe, 4), root / "tiny-eval-alone", root)
+    assert loaded == ["teacher", "distill model", "quantize model"]  # one candidate loaded at a time, in order
+    a, b = together["evaluate"]["metrics"]["models"], alone["evaluate"]["metrics"]["models"]
+    for name in ("teacher", "distill", "quantize"):
+        for k in ("ppl", "kl_to_teacher", "top1_agreement"):
+            assert b[name][k] == pytest.approx(a[name][k], rel=1e-6, abs=1e-9)
+        assert a[name]["placement"] == "all models on the device" and b[name]["placement"] == "one candidate at a time"

@@ -43,12 +43,14 @@ PATHS = ("plain", "chunked", "fused")
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None = None):
-    """Autocast to ``dtype`` (mixed precision over float32 master weights); None: bfloat16 on CUDA, off elsewhere."""
+    """Autocast to ``dtype`` (mixed precision over float32 master weights); None: bfloat16 on a CUDA device that
+    supports it (Ampere and later), else off: float16 without a gradient scaler could underflow, so a float32
+    model on an older GPU trains in float32."""
     if dtype is not None:
         return torch.autocast(device.type, dtype=dtype)
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
 
 
 def vocab_size(model) -> int:
