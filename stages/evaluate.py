@@ -166,6 +166,7 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
             model = load_causal_lm(refs[name], what=f"{name} model", **load)
             scores.update(score({name: model}, teacher, eval_ids, cfg.batch_size, device, runtime.progress))
         scores[name]["placement"] = "all models on the device" if resident else "one candidate at a time"
+        scores[name]["params"] = count_parameters(model)
         scores[name]["bytes_on_disk"] = weights_bytes(refs[name])
         needs = runtime_needs(refs[name]) if Path(refs[name]).is_dir() else {}
         scores[name]["runtime"] = ", ".join(

@@ -892,3 +892,4 @@ def test_evaluate_scores_candidates_one_at_a_time_when_they_do_not_fit_together(
         for k in ("ppl", "kl_to_teacher", "top1_agreement"):
             assert b[name][k] == pytest.approx(a[name][k], rel=1e-6, abs=1e-9)
         assert a[name]["placement"] == "all models on the device" and b[name]["placement"] == "one candidate at a time"
+        assert a[name]["params"] == b[name]["params"] > 0
