@@ -486,12 +486,21 @@ class OSTQuantConfig(_QuantBase):
     train_weight_quant: bool | None = Field(
         None, description="Fake-quantize weights while learning the transforms (unset: on for A16 settings, off "
         "otherwise, as the paper's scripts).")
-    online_hadamard: bool = Field(
-        True, description="A fixed Hadamard on every down_proj input (folded into W_down; applied at run time).")
+    online_hadamard: bool | None = Field(
+        None, description="A fixed Hadamard on every down_proj input (folded into W_down; applied at run time, so "
+        "only this project's loader runs the checkpoint). Unset: on when activations are quantized (A < 16), off "
+        "for weight-only settings, whose checkpoint is then a standard one (the learnt rotations are folded into "
+        "the weights) that exports to every format.")
     init: Literal["hadamard", "klt"] = Field("hadamard", description="Init of R_res: random Hadamard, or KLT of "
                                              "the weights times a random Hadamard.")
     transforms: OSTTransforms = Field(default_factory=OSTTransforms)
     calibration: Calibration = Field(default_factory=Calibration)
+
+    @model_validator(mode="after")
+    def _online_hadamard(self) -> "OSTQuantConfig":
+        if self.online_hadamard is None:
+            self.online_hadamard = self.quant_setting().a_bits < 16
+        return self
 
 
 QuantMethod = Annotated[Union[RTNConfig, GPTQConfig, OSTQuantConfig], Field(discriminator="method")]

@@ -177,9 +177,13 @@ def test_exports_that_drop_run_time_parts_are_refused(tmp_path):
     with pytest.raises(RecipeError, match="safetensors"):
         parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "W4A4KV4"}}})
     with pytest.raises(RecipeError, match="online_hadamard"):
-        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16"}}})
-    parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16",
-                                                       "online_hadamard": False}}})  # standard model: all formats
+        parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16",
+                                                           "online_hadamard": True}}})
+    # weight-only: the online Hadamard is off unless asked for, so the model is standard and takes every format
+    r = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A16"}}})
+    assert r.quantize.scheme.online_hadamard is False
+    assert parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A8"}},
+                         "export": {"formats": ["safetensors"]}}).quantize.scheme.online_hadamard is True
     d = _save(_model(), tmp_path)
     (d / "quantization.json").write_text(json.dumps({"a_bits": 8, "kv_bits": 16, "w_bits": 4}))
     with pytest.raises(ExportError, match="safetensors only"):
