@@ -121,11 +121,11 @@ def main() -> None:
         from optimum.onnxruntime import ORTModelForCausalLM
 
         m = ORTModelForCausalLM.from_pretrained(str(folder), use_cache=True)
-        s = timed(lambda: m(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False))
+        s = timed(lambda: m(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False), 20, 3)
         return {"forward_ms": round(1000 * s, 2), "tokens_per_s": round(one.numel() / s)}
 
     with torch.no_grad():
-        s = timed(lambda: source(input_ids=one))
+        s = timed(lambda: source(input_ids=one), 20, 3)
     speed["eager"] = {"forward_ms": round(1000 * s, 2), "tokens_per_s": round(one.numel() / s)}
     for fmt, m in [*((f, res.metrics[f]) for f in FORMATS), ("onnx-int4 re-rounded", rerounded.metrics["onnx-int4"])]:
         row = {"format": fmt, "bytes": m["bytes"], **_round(m), "passed": m["passed"],

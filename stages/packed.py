@@ -244,15 +244,15 @@ def verify_matmulnbits(onnx_model, codes: Codes) -> int:
         lc = codes.layers[name]
         attrs = {a.name: a.i for a in node.attribute}
         bits, n = attrs["bits"], attrs["N"]
-        b = torch.from_numpy(numpy_helper.to_array(inits[node.input[1]])).to(torch.int16)  # [N, blocks, blob]
+        b = torch.tensor(numpy_helper.to_array(inits[node.input[1]])).to(torch.int16)  # [N, blocks, blob]
         per = 8 // bits
         u = torch.stack([(b >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)  # [N, K]
         want = lc.codes.to(torch.int16) + (1 << (bits - 1) if lc.codes.dtype == torch.int8 else 0)
-        scales = torch.from_numpy(numpy_helper.to_array(inits[node.input[2]]))
+        scales = torch.tensor(numpy_helper.to_array(inits[node.input[2]]))
         rep = scales.shape[1] // lc.scale.shape[1]
         ok = torch.equal(u, want) and torch.equal(scales, lc.scale.repeat_interleave(rep, dim=1))
         if lc.zero is not None:
-            zb = torch.from_numpy(numpy_helper.to_array(inits[node.input[3]])).to(torch.int16)
+            zb = torch.tensor(numpy_helper.to_array(inits[node.input[3]])).to(torch.int16)
             z = torch.stack([(zb >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)
             ok = ok and torch.equal(z[:, : scales.shape[1]], lc.zero.repeat_interleave(rep, dim=1).to(torch.int16))
         if not ok:

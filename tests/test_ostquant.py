@@ -263,3 +263,21 @@ def test_calibration_rows_from_a_text_file_and_a_token_file(tmp_path):
     assert calibration_rows(ids, 4, 0, vocab_size=500).shape == (4, 16)
     with pytest.raises(InputError, match=r"outside the model's vocabulary \(256\); they were tokenized for another"):
         calibration_rows(ids, 4, 0, vocab_size=256)
+
+
+def test_qsur_is_skipped_and_said_when_the_calibration_tokens_are_fewer_than_the_mlp_width():
+    """QSUR is a diagnostic: a model whose MLP is wider than the calibration tokens (Qwen2.5-0.5B's 4,864 at 128-token
+    rows and few samples) still quantizes; the record says why QSUR is missing."""
+    from stages.config import parse_recipe
+    from stages.quantize.apply import apply
+
+    recipe = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A4KV4",
+                                                                "steps": 1, "batch_size": 2}},
+                           "export": {"formats": ["safetensors"]}})
+    m = _model()
+    few = IDS[:2]  # 64 tokens, fewer than the MLP width
+    assert m.config.intermediate_size >= few.numel()
+    rec = apply(m, recipe.quantize.scheme, few)
+    assert rec["qsur"].startswith("not measured: 2 calibration rows of 32 tokens") and "qsur_mean_before" not in \
+        rec["metrics"]
+    assert rec["metrics"]["scheme"] == "W4A4KV4 per-channel"

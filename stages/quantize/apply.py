@@ -79,21 +79,30 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         from stages.quantize.transforms import check_supported
 
         check_supported(model)  # before QSUR, which walks the same Llama-style layers
-        probe = calib[: max(1, min(len(calib), 4096 // calib.shape[1] + 1))].to(device)  # > hidden tokens
-        with torch.no_grad():
-            qsur_before = layer_qsur(model, probe)  # the model as given
+        # QSUR needs more tokens than the widest input it measures (the MLP's, at down_proj): a diagnostic, so with
+        # too few calibration tokens it is skipped (and said), never the reason a run fails
+        widest = max(model.config.hidden_size, model.config.intermediate_size)
+        rows = -(-(widest + 1) // calib.shape[1])  # ceil: > widest tokens
+        probe = calib[:rows].to(device) if rows <= len(calib) else None
+        if probe is not None:
+            with torch.no_grad():
+                qsur_before = layer_qsur(model, probe)  # the model as given
         res = calibrate(model, calib, s, seed=seed, progress=progress, qsur_ids=probe)
-        qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
         history = res["history"]
         summary = loss_summary(history)
         record["online_hadamard"] = res["online_hadamard"]
         record["ostquant"] = {"loss": s.loss, "topk": s.topk, "steps": s.steps,
                               "train_weight_quant": res["train_weight_quant"], **summary}
-        record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
-                          for k in qsur_before}
         metrics.update({f"calib_{k}": v for k, v in summary.items()})
-        metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
-        metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
+        if probe is None:
+            record["qsur"] = (f"not measured: {len(calib)} calibration rows of {calib.shape[1]} tokens are not more "
+                              f"than the widest input ({widest}); use more calibration.samples")
+        else:
+            qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
+            record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
+                              for k in qsur_before}
+            metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
+            metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
     wq = s.weight_quantizer if s.method == "ostquant" else s.method
     if wq == "gptq":
         from stages.quantize.gptq import gptq_quantize_model
@@ -111,7 +120,7 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         from stages.quantize.fakequant import attach_fake_quant
 
         attach_fake_quant(model, setting, a_clip_ratio=s.a_clip_ratio, kv_group_size=s.kv_group_size)
-    label = setting.name + (f" g{s.group_size}" if s.group_size else " per-channel")
+    label = setting.name + ("" if s.group_size else " per-channel")  # the name carries g<group> when grouped
     metrics.update({"scheme": label, "method": s.method, "weight_quantizer": wq, "w_bits": setting.w_bits,
                     "a_bits": setting.a_bits, "kv_bits": setting.kv_bits, "group_size": s.group_size,
                     "symmetric": s.symmetric, "quantized_params": stats["quantized_params"],

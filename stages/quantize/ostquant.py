@@ -163,7 +163,8 @@ def loss_summary(history: list[dict], window: int = 10) -> dict:
     """First and last (mean of ``window`` steps) calibration losses."""
     if not history:
         return {}
-    first = sum(r["loss"] for r in history[:window]) / len(history[:window])
-    last = sum(r["loss"] for r in history[-window:]) / len(history[-window:])
+    window = max(1, min(window, len(history) // 2))  # the two windows never overlap (unless one step)
+    first = sum(r["loss"] for r in history[:window]) / window
+    last = sum(r["loss"] for r in history[-window:]) / window
     return {"loss_first": round(first, 6), "loss_last": round(last, 6),
             "loss_reduction": round(1 - last / first, 4) if first > 0 and math.isfinite(first) else None}
