@@ -812,6 +812,18 @@ class ExportConfig(Strict):
         return _default_checks().get(fmt, ExportCheck())
 
 
+class ExecutorConfig(Strict):
+    """Where sharded work (DSIR's shards) runs: this machine's processes, or a Dask or Ray cluster."""
+
+    kind: Literal["local", "dask", "ray"] = Field(
+        "local", description="local: a process pool here (select.dsir.processes); dask / ray: a cluster (the "
+        "project's dask / ray extra), given by address or started here with `workers` processes.")
+    address: str | None = Field(None, description="dask: the scheduler (tcp://host:8786); ray: the cluster "
+                                "(ray://host:10001, or auto). Unset: a local cluster of `workers`.")
+    workers: int = Field(2, ge=1, description="Worker processes of a local Dask / Ray cluster.")
+    retries: int = Field(1, ge=0, le=10, description="Times a failed shard is retried on the cluster.")
+
+
 class RuntimeConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -825,6 +837,8 @@ class RuntimeConfig(Strict):
                                  "'gpu:node-a') of which every stage running on CUDA holds one slot, so two runs never "
                                  "share a GPU by accident; create it first (prefect gcl create gpu:node-a --limit 1). "
                                  "Unset: no limit.")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig,
+                                     description="Where sharded work runs (data selection's shards).")
     timeouts: dict[str, float] = Field(default_factory=dict, description="Prefect flow runs: wall-clock limit in "
                                        "seconds per stage name, e.g. {distill: 36000}; a stage not named has none.")
 

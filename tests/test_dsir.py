@@ -515,3 +515,35 @@ def test_shards_run_on_dask_through_prefect(corpus, tmp_path, prefect_server):
     assert np.array_equal(np.load(tmp_path / "dask" / "weights.npy"), np.load(tmp_path / "inline" / "weights.npy"))
     assert np.array_equal(np.load(tmp_path / "dask" / "selected_ids.npy"),
                           np.load(tmp_path / "inline" / "selected_ids.npy"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_shards_run_on_a_local_cluster_from_the_recipe_and_match_inline(kind, corpus, tmp_path):
+    """runtime.executor: a local cluster of 2 worker processes (Dask or Ray) computes the same selection as one
+    process; a rerun on it reuses every cached shard; a path the workers cannot see fails before any shard runs."""
+    from stages.config import ExecutorConfig
+    from stages.dsir.executors import make_executor
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cfg = ExecutorConfig(kind=kind, workers=2)
+    ex = make_executor(cfg, [corpus["pool"], corpus["prose"], cache])
+    try:
+        m = run_selection(_cfg(shard_bytes=60_000), [corpus["pool"]], [corpus["prose"]], tmp_path / kind,
+                          cache_dir=cache, progress=False, executor=ex).metrics
+        again = run_selection(_cfg(shard_bytes=60_000), [corpus["pool"]], [corpus["prose"]], tmp_path / "again",
+                              cache_dir=cache, progress=False, executor=ex).metrics
+    finally:
+        ex.close()
+    assert m["executor"] == kind and m["processes"] == 2 and m["cache"]["weights_computed"] == m["shards"] >= 2
+    assert again["cache"]["weights_computed"] == 0  # every shard came from the cache
+    run_selection(_cfg(shard_bytes=60_000), [corpus["pool"]], [corpus["prose"]], tmp_path / "inline", progress=False)
+    for f in ("weights.npy", "selected_ids.npy"):
+        assert np.array_equal(np.load(tmp_path / kind / f), np.load(tmp_path / "inline" / f))
+    with pytest.raises(InputError, match=rf"runtime.executor {kind}: worker .* cannot see .*nowhere.jsonl"):
+        make_executor(cfg, [corpus["pool"], tmp_path / "nowhere.jsonl"])
+    if kind == "ray":
+        import ray
+
+        assert not ray.is_initialized()  # the refused executor shut down the cluster it started

@@ -893,3 +893,26 @@ def test_evaluate_scores_candidates_one_at_a_time_when_they_do_not_fit_together(
             assert b[name][k] == pytest.approx(a[name][k], rel=1e-6, abs=1e-9)
         assert a[name]["placement"] == "all models on the device" and b[name]["placement"] == "one candidate at a time"
         assert a[name]["params"] == b[name]["params"] > 0
+
+
+def test_the_recipe_runs_selection_shards_on_a_dask_cluster(tiny_run, tiny_recipe):
+    """runtime.executor from the recipe, through the flow: the select stage's shards run on a local Dask cluster of
+    2 workers (the stage's metrics say so), and the selection is the one local processes make."""
+    import numpy as np
+
+    from flows.pipeline import compress
+    from stages.config import parse_recipe
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["select"] = {"enabled": True, "raw": ["embedded"], "targets": [{"paths": ["embedded:prose"]}],
+                      "dsir": {"k": 30, "min_length": 10, "processes": 1, "shard_bytes": 50_000}}
+    local = compress(recipe=parse_recipe(data), run_name="tiny-select-local", artifacts_dir=str(root), until="select")
+    data["runtime"]["executor"] = {"kind": "dask", "workers": 2}
+    data["select"]["dsir"]["shard_bytes"] = 50_001  # another key: computed afresh, not served from the first
+    dask = compress(recipe=parse_recipe(data), run_name="tiny-select-dask", artifacts_dir=str(root), until="select")
+    assert [s["stage"] for s in dask["stages"]] == ["bootstrap", "select"]
+    m = json.loads((stage_dir(root, "tiny-select-dask", "select") / "manifest.json").read_text())["metrics"]
+    assert m["executor"] == "dask" and m["processes"] == 2 and m["shards"] >= 2
+    ids = [np.load(stage_dir(root, r, "select") / "selected_ids.npy") for r in ("tiny-select-local", "tiny-select-dask")]
+    assert local["status"] == "completed" and np.array_equal(ids[0], ids[1])  # shard size changes no weight

@@ -24,8 +24,13 @@ reference package ``data-selection`` 1.0.3 (nltk WordPunct tokens, sha256 bucket
 Use the same ``spawn``-safe entry point rules as any multiprocessing code: call :func:`run_selection` from under
 ``if __name__ == "__main__":`` in a script (workers re-import the main module).
 
-Dask through Prefect
---------------------
+Dask or Ray from the recipe
+---------------------------
+``runtime.executor`` (kind ``dask`` or ``ray``, an ``address`` or a local cluster of ``workers``) makes the select
+stage pass :mod:`stages.dsir.executors`' map, which checks that every worker sees the inputs and the cache first.
+
+Dask through Prefect, by hand
+-----------------------------
 Every unit of work is ``run_shard(ShardTask) -> dict``: a top-level function whose argument is picklable and
 self-contained (the shard's location, the settings, the fitted log-ratio array), which reads its input from
 shared storage and writes its result into the cache folder. ``run_selection`` takes an ``executor`` -- any

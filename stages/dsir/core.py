@@ -488,8 +488,10 @@ def run_selection(cfg: DSIRConfig, raw: list[str | Path], targets: list[Any], ou
         "log_weight_mean_selected": [float(wts.logw[assigned == ti, ti].mean()) if k_per[ti] else None
                                      for ti in range(n_t)],
         "shards": len(raw_shards),
-        "executor": "pool" if pool is not None else ("inline" if executor is inline_map else "custom"),
-        "processes": processes if pool is not None else (1 if executor is inline_map else None),
+        "executor": "pool" if pool is not None else (
+            "inline" if executor is inline_map else getattr(executor, "kind", "custom")),
+        "processes": processes if pool is not None else (
+            1 if executor is inline_map else getattr(executor, "workers", None)),
         "cache": run.cache, "cache_dir": None if own_cache else str(root),
         "features_kept_shards": kept_shards,  # raw shards read and featurized once, not twice (in-process)
         "timings": timings,

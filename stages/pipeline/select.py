@@ -54,8 +54,17 @@ class Select(Stage):
                    for t, spec in enumerate(sel.targets)]
         # Per-shard results live beside the runs, keyed by shard content + settings: an interrupted
         # selection resumes, and other runs over the same pool reuse the featurized shards.
-        return run_selection(sel.dsir, raw, targets, ctx.out_dir, cache_dir=ctx.cache_dir("dsir"),
-                             progress=ctx.recipe.runtime.progress)
+        from stages.dsir.executors import make_executor
+
+        cache = ctx.cache_dir("dsir")
+        cache.mkdir(parents=True, exist_ok=True)  # workers are checked to see it
+        executor = make_executor(ctx.recipe.runtime.executor, [*raw, *(p for t in targets for p in t.paths), cache])
+        try:
+            return run_selection(sel.dsir, raw, targets, ctx.out_dir, cache_dir=cache,
+                                 progress=ctx.recipe.runtime.progress, executor=executor)
+        finally:
+            if executor is not None:
+                executor.close()
 
 
 STAGE = Select()
