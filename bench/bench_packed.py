@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_export import timed  # noqa: E402
-from bench.bench_quant import RECIPES  # noqa: E402
+from bench.bench_quant import RECIPES, pinned_base, prepare  # noqa: E402
 
 FORMATS = ["safetensors", "compressed-tensors", "onnx-int4", "bnb-nf4"]
 
@@ -56,30 +56,21 @@ def main() -> None:
 
     import torch
 
-    from stages.config import ExportConfig, load_recipe, parse_recipe
+    from stages.config import ExportConfig, parse_recipe
     from stages.data import load_tokens
     from stages.export import compare_logits, run_export
     from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call, run_call
     from stages.quantize.apply import run as quantize
     from stages.quantize.codes import CODES_FILE
 
     torch.set_num_threads(args.threads)
-    base = load_recipe(RECIPES[args.model]).model_dump(mode="json")
-    base["runtime"]["progress"] = False
-    base["embedded"]["facts"] = 0  # the pinned world of bench_quant.py
-    base["select"]["targets"] = [{"paths": ["embedded:prose"]}]
-    base["unlearn"]["enabled"], base["gates"]["max_forget_regain"] = False, None
+    base = pinned_base(args.model)  # the pinned world of bench_quant.py
     base["quantize"]["scheme"] = {"method": args.method, "setting": "W4A16", "group_size": args.group,
                                   **({"calibration": {"samples": 128}} if args.method == "gptq" else {})}
     base["export"]["formats"] = FORMATS
     recipe = parse_recipe(base)
     root = Path(args.artifacts).resolve()
-    done: dict = {}
-    for stage in ("bootstrap", "select", "data"):
-        if stage == "select" and not recipe.select.enabled:
-            continue
-        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / f"bench-packed-{args.model}", root)
+    done = prepare(recipe, root, f"bench-packed-{args.model}")
     out = lambda s, o: Path(done[s]["outputs"][o]["path"])  # noqa: E731
     ids = load_tokens(out("data", "eval"))[: args.rows].long()  # [rows, T]
 

@@ -35,6 +35,32 @@ RECIPES = {"demo": ROOT / "configs" / "demo.yaml", "wide": ROOT / "bench" / "rec
            "long": ROOT / "bench" / "recipes" / "long.yaml"}
 
 
+def pinned_base(model: str) -> dict:
+    """The bench model's recipe (a plain dict) in the world its RESULTS figures were measured in: no planted
+    biographies, the prose-only selection, no unlearning (the demo gained all three with the unlearning issue; a
+    recipe without them is unchanged)."""
+    from stages.config import load_recipe
+
+    base = load_recipe(RECIPES[model]).model_dump(mode="json")
+    base["runtime"]["progress"] = False
+    base["embedded"]["facts"] = 0
+    base["select"]["targets"] = [{"paths": ["embedded:prose"]}]
+    base["unlearn"]["enabled"], base["gates"]["max_forget_regain"] = False, None
+    return base
+
+
+def prepare(recipe, root: Path, run: str) -> dict:
+    """The bootstrap, select and data stages of ``recipe`` (cached like any stage): their manifests."""
+    from stages.pipeline import make_call, run_call
+
+    done: dict = {}
+    for stage in ("bootstrap", "select", "data"):
+        if stage == "select" and not recipe.select.enabled:
+            continue
+        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / run, root)
+    return done
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(RECIPES), default="demo")
@@ -59,28 +85,17 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from stages.config import load_recipe, parse_recipe
+    from stages.config import parse_recipe
     from stages.data import load_tokens
     from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call, run_call
     from stages.quantize.apply import apply, calibration_rows
 
     torch.set_num_threads(args.threads)
-    base = load_recipe(RECIPES[args.model]).model_dump(mode="json")
-    base["runtime"]["progress"] = False
-    # the world these figures were measured in (bench/RESULTS.md): no planted biographies, the prose-only selection,
-    # no unlearning (the demo gained all three with the unlearning issue; a recipe without them is unchanged)
-    base["embedded"]["facts"] = 0
-    base["select"]["targets"] = [{"paths": ["embedded:prose"]}]
-    base["unlearn"]["enabled"], base["gates"]["max_forget_regain"] = False, None
+    base = pinned_base(args.model)  # the world these figures were measured in (bench/RESULTS.md)
     root = Path(args.artifacts).resolve()
     recipe = parse_recipe(base)
-    done: dict = {}
     t0 = time.perf_counter()
-    for stage in ("bootstrap", "select", "data"):
-        if stage == "select" and not recipe.select.enabled:
-            continue
-        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / f"bench-quant-{args.model}", root)
+    done = prepare(recipe, root, f"bench-quant-{args.model}")
     prep_s = time.perf_counter() - t0
     out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
     fp = load_causal_lm(out("bootstrap", "teacher"), what="teacher").to(args.device)
