@@ -143,19 +143,19 @@ def test_a_failed_export_format_keeps_the_others_and_fails_the_run_uncached(tiny
         crashes.append(dst)
         raise RuntimeError("simulated exporter crash")
 
-    monkeypatch.setitem(export.BUILDERS, "onnx-int8", broken)
+    monkeypatch.setitem(export.BUILDERS, "onnx-int4", broken)
     recipe = tiny_recipe.model_copy(deep=True)
-    recipe.export.formats = ["onnx-int8", "safetensors"]
+    recipe.export.formats = ["onnx-int4", "safetensors"]
     for attempt in (1, 2):  # the failed stage is not served from a cache: the second run exports again
-        with pytest.raises(ExportError, match="1 of 2 formats failed.*onnx-int8.*simulated exporter crash"):
+        with pytest.raises(ExportError, match="1 of 2 formats failed.*onnx-int4.*simulated exporter crash"):
             compress(recipe=recipe, run_name="tiny-export-fail", artifacts_dir=str(root))
         assert len(crashes) == attempt
     rep = json.loads((root / "tiny-export-fail" / "report.json").read_text())
-    assert rep["status"] == "failed" and rep["published"] is False and "onnx-int8" in rep["error"]
+    assert rep["status"] == "failed" and rep["published"] is False and "onnx-int4" in rep["error"]
     assert rep["stages"][-1]["stage"] == "export" and rep["stages"][-1]["state"] == "failed"
     rows = {e["format"]: e for e in rep["exports"]}
-    assert rows["safetensors"]["passed"] is True and rows["onnx-int8"]["passed"] is False
-    assert "simulated exporter crash" in rows["onnx-int8"]["error"] and rows["onnx-int8"]["path"] is None
+    assert rows["safetensors"]["passed"] is True and rows["onnx-int4"]["passed"] is False
+    assert "simulated exporter crash" in rows["onnx-int4"]["error"] and rows["onnx-int4"]["path"] is None
     d = stage_dir(root, "tiny-export-fail", "export")
     assert sorted(p.name for p in d.iterdir()) == ["manifest.json", "safetensors"]
     assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
