@@ -199,3 +199,33 @@ def test_a_scheduled_run_reselects_after_the_raw_data_changed_and_reuses_everyth
     with open(pool / "prose.jsonl", "a") as f:  # fresh data arrived in the raw pool
         f.write(json.dumps({"text": "A new document about a quiet river town and the ferry that crosses it. " * 4}) + "\n")
     assert run_and_read(runs[2]) == {"bootstrap": "cached", "select": "ran", "data": "ran"}
+
+
+async def _run_with(recipe: dict, tmp_path) -> tuple[str, str]:
+    """A deployment run created through the API with ``recipe`` as the form's value, executed in its own process;
+    its final state type and message."""
+    from prefect.client.orchestration import get_client
+    from prefect.runner import Runner
+
+    from flows.pipeline import compress
+
+    dep = await compress.ato_deployment(name="bad-param", parameters={"run_name": "bad", "artifacts_dir": str(tmp_path)})
+    deployment_id = await dep.aapply()
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment_id, parameters={"recipe": recipe})
+        await Runner().execute_flow_run(run.id)
+        run = await client.read_flow_run(run.id)
+    return run.state.type.value, run.state.message or ""
+
+
+def test_a_run_with_a_bad_parameter_fails_before_any_work_naming_the_field(prefect_server, tmp_path):
+    """The form's value is validated by the recipe's model when the run starts: a recipe that JSON-schema accepts but
+    the model refuses (onnx-int8 of 4-bit codes) fails the flow run with the field named, and nothing is written."""
+    from stages.config import load_recipe
+    from tests.conftest import TINY
+
+    recipe = load_recipe(TINY).model_dump(mode="json")
+    recipe["export"]["formats"] = ["safetensors", "onnx-int8"]  # the tiny recipe quantizes to W4
+    state, message = asyncio.run(_run_with(recipe, tmp_path))
+    assert state == "FAILED" and "export.formats: onnx-int8 ships the quantize stage's codes" in message, message
+    assert not (tmp_path / "bad").exists()
