@@ -40,7 +40,9 @@ async def _deploy_schedule_and_read_runs():
     await schedule_deployments()
     # ... and the model function it and the API's "schedule runs" call insert through, asked for more runs
     db = provide_database_interface()
-    async with db.session_context(begin_transaction=True) as session:
+    # BEGIN IMMEDIATE: take SQLite's write lock up front (waiting for the server's writers), where a deferred
+    # transaction that reads first fails at once with "database is locked" if the server wrote meanwhile
+    async with db.session_context(begin_transaction=True, with_for_update=True) as session:
         more = await models.deployments.schedule_runs(session=session, deployment_id=deployment_id,
                                                       min_runs=5, max_runs=5)
 
