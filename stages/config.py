@@ -896,8 +896,9 @@ class Recipe(Strict):
         runtime_parts = qs.a_bits < 16 or qs.kv_bits < 16 or (q.method == "ostquant" and q.online_hadamard)
         others = [f for f in self.export.formats if f != "safetensors"]
         if self.quantize.enabled and self.export.enabled and runtime_parts and others:
+            online = ", online_hadamard" if q.method == "ostquant" and q.online_hadamard else ""
             raise ValueError(f"export.formats {others} load weights only, but quantize.scheme ({q.method}, "
-                             f"{q.setting}{', online_hadamard' if q.method == 'ostquant' and q.online_hadamard else ''}) "
+                             f"{q.setting}{online}) "
                              "needs run-time parts (activation/KV fake quantization, online Hadamard) that only "
                              "safetensors exports keep; export [safetensors] or use a W*A16 setting "
                              "(and online_hadamard: false)")

@@ -28,6 +28,7 @@ from stages.config import EvaluateConfig, GatesConfig, KVConfig, ModelsConfig, R
 from stages.data import load_tokens
 from stages.errors import GateError, InputError
 from stages.modeling import count_parameters, load_causal_lm, resolve_device
+from stages.quantize.codes import CODES_FILE
 from stages.quantize.record import runtime_needs
 from stages.result import StageResult
 from stages.scoring import score
@@ -39,7 +40,9 @@ def weights_bytes(model_dir: str | Path) -> int:
     p = Path(model_dir)
     if not p.is_dir():
         return 0  # a hub id: not on local disk
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    # the quantize stage's codes file sits beside its weights (for the packed exports); it is not the checkpoint
+    return sum(f.stat().st_size for f in p.rglob("*")
+               if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES) and f.name != CODES_FILE)
 
 
 def fits_together(refs, device: torch.device, headroom: float = 0.7) -> bool:
