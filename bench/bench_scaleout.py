@@ -54,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gb", type=float, default=1.0)
     ap.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4])
-    ap.add_argument("--kinds", nargs="*", default=["local", "dask", "ray"])
+    ap.add_argument("--kinds", nargs="*", default=["local", "ray", "dask"])
     ap.add_argument("-k", type=int, default=20_000)
     ap.add_argument("--work", default=None, help="folder for the pool (kept when given)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "scaleout.json"))
