@@ -43,10 +43,20 @@ class DaskMap:
     kind = "dask"
 
     def __init__(self, address: str | None, workers: int, retries: int, paths: list[str]):
+        import dask
         from distributed import Client, LocalCluster
 
-        self.cluster = None if address else LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                         dashboard_address=None)
+        self.cluster = None
+        if not address:
+            # Dask starts its worker processes with MALLOC_TRIM_THRESHOLD_=65536 (give freed memory back to the OS
+            # at once); DSIR's featurizer allocates and frees many small arrays per batch, and ran 3.4x slower
+            # under it (bench/RESULTS.md). Workers started here keep glibc's default; start a cluster's workers
+            # without that variable too.
+            env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+                   if k != "MALLOC_TRIM_THRESHOLD_"}
+            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                            dashboard_address=None)
         self.client = Client(address or self.cluster)
         self.retries = retries
         try:
