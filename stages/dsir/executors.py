@@ -52,12 +52,24 @@ class DaskMap:
             # at once); DSIR's featurizer allocates and frees many small arrays per batch, and ran 3.4x slower
             # under it (bench/RESULTS.md). Workers started here keep glibc's default; start a cluster's workers
             # without that variable too.
+            # Dask's nanny also writes these variables into this process' environment before it spawns (and
+            # leaves them there, so a cluster started earlier in this process passes them on): spawn from a clean
+            # environment, and give this process its own back afterwards.
             env = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                    if k != "MALLOC_TRIM_THRESHOLD_"}
-            with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
-                self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                            dashboard_address=None)
-        self.client = Client(address or self.cluster)
+            saved = dict(os.environ)
+            os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+            try:
+                with dask.config.set({"distributed.nanny.pre-spawn-environ": env}):
+                    self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                dashboard_address=None)
+                    self.client = Client(self.cluster)
+                    self.client.wait_for_workers(workers)  # every worker spawned before the environment returns
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        else:
+            self.client = Client(address)
         self.retries = retries
         try:
             _check_visible(self.client.run(_missing, paths), "dask")
