@@ -27,7 +27,7 @@ import torch
 from stages.config import EvaluateConfig, GatesConfig, KVConfig, ModelsConfig, RuntimeConfig
 from stages.data import load_tokens
 from stages.errors import GateError, InputError
-from stages.modeling import count_parameters, load_causal_lm, resolve_device
+from stages.modeling import count_parameters, free_device, load_causal_lm, resolve_device
 from stages.quantize.codes import CODES_FILE
 from stages.quantize.record import runtime_needs
 from stages.result import StageResult
@@ -56,15 +56,6 @@ def fits_together(refs, device: torch.device, headroom: float = 0.7) -> bool:
         return True
     free, _ = torch.cuda.mem_get_info(device)
     return sum(sizes) <= headroom * free
-
-
-def free_device(device: torch.device) -> None:
-    """Give a dropped model's GPU memory back before the next one loads."""
-    if device.type == "cuda":
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 @torch.no_grad()

@@ -32,7 +32,6 @@ passed and a manifest marked failed, which no cache serves).
 
 from __future__ import annotations
 
-import gc
 import shutil
 import time
 import warnings
@@ -49,8 +48,8 @@ from stages.errors import ExportError, InputError
 from stages.export_support import ONNX_FORMATS, onnx_export_problem
 from stages.io import atomic_dir, path_size
 from stages.kv.spec import KV_CACHE_JSON
-from stages.modeling import (DTYPES, check_model_ref, load_causal_lm, load_tokenizer, resolve_device,
-                             vocab_size_of)
+from stages.modeling import (DTYPES, check_model_ref, free_device, load_causal_lm, load_tokenizer,
+                             resolve_device, vocab_size_of)
 from stages.quantize.codes import CODES_FILE, load_codes
 from stages.quantize.record import QUANT_FILE, mark_runtime_checkpoint, runtime_needs
 from stages.refs import model_config
@@ -143,14 +142,6 @@ def kv_generate_check(model, folder: Path, ids: torch.Tensor) -> dict[str, Any]:
             "top1_agreement_with_full_cache": float((new == full).float().mean())}
 
 
-def _free(device: torch.device) -> None:
-    """Give a dropped model's GPU memory back before the next one loads (on CPU refcounting suffices,
-    and a full gc.collect costs ~0.4 s per call with torch + transformers imported)."""
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
 # --------------------------------------------------------------------------------------------
 # formats: each builds the export into `dst` and returns (a loader of a fresh object from `dst`,
 # a function (model, ids [B, T]) -> logits [B, T, V] float32 on CPU, extra metrics)
@@ -198,7 +189,7 @@ def _build_bnb(fmt: str):
             dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
         model.save_pretrained(dst, safe_serialization=True)
         del model
-        _free(device)
+        free_device(device)
 
         def load():
             return AutoModelForCausalLM.from_pretrained(
@@ -386,7 +377,7 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
                           f"{e}") from e
     finally:
         del model
-        _free(device)
+        free_device(device)
     try:
         m: dict[str, Any] = compare_logits(ref, out)
     except ExportError as e:
@@ -452,7 +443,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
                 metrics[fmt] = {**getattr(e, "figures", {}), "passed": False, "error": str(e)}
                 failed.append(fmt)
     del src_model
-    _free(dev)
+    free_device(dev)
     metrics["failed"] = failed
     result = StageResult(outputs=outputs, metrics=metrics)
     if failed:
