@@ -197,7 +197,7 @@ def _build_bnb(fmt: str):
                 trust_remote_code=False).eval()
 
         weights = ("re-quantized by bitsandbytes from the quantize stage's dequantized weights (not its codes)"
-                   if load_codes(model_dir) is not None else "quantized by bitsandbytes")
+                   if (model_dir / CODES_FILE).is_file() else "quantized by bitsandbytes")
         return load, hf_logits, {"weights": weights}
 
     return build
@@ -426,8 +426,6 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
     else:
         ids = _check_ids(check_ids, vocab_size_of(src_model))  # [B, T]
     ref = hf_logits(src_model, ids)  # [B, T, V] float32, the reference every format is held to
-    codes = load_codes(model_dir)  # the quantize stage's integer solution, if the model has one
-    from_codes = {"compressed-tensors"} | ({f"onnx-int{codes.bits}"} if codes is not None else set())
 
     outputs: dict[str, str] = {}
     metrics: dict[str, Any] = {}
@@ -437,7 +435,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
             bar.set_postfix_str(fmt)
             try:
                 metrics[fmt] = _publish_one(fmt, cfg, src_model, tok, model_dir, out_dir, ids, ref, dev, kv_spec,
-                                            facts, DTYPES[dtype], from_codes)
+                                            facts, DTYPES[dtype])
                 outputs[fmt] = str(out_dir / fmt)
             except ExportError as e:  # this format only: the others are still built, checked and published
                 metrics[fmt] = {**getattr(e, "figures", {}), "passed": False, "error": str(e)}
@@ -457,7 +455,7 @@ def run_export(cfg: ExportConfig, model_dir: Path, out_dir: Path, *, check_ids: 
 
 def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, out_dir: Path, ids: torch.Tensor,
                  ref: torch.Tensor, dev: torch.device, kv_spec: Path | None, facts: dict,
-                 dtype: torch.dtype = torch.float32, from_codes: set[str] = frozenset()) -> dict[str, Any]:
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Export, reload and check one format, and publish it as ``out_dir/<fmt>`` with its model card (from
     ``facts``) if it passes; its metrics.
 
@@ -468,8 +466,9 @@ def _publish_one(fmt: str, cfg: ExportConfig, src_model, tok, model_dir: Path, o
         raise ExportError(f"export {fmt}: {model_dir} cannot be exported to ONNX correctly: {why}")
     with atomic_dir(out_dir / fmt) as tmp:  # an exception inside removes tmp: nothing is published
         m = _export_one(fmt, src_model, tok, model_dir, tmp, ids, ref, dev, kv_spec, dtype)
-        # the ONNX graphs compute in float32 whatever the recipe's dtype; compressed-tensors in that dtype
-        check = cfg.check_for(fmt, fmt in from_codes, float32=fmt.startswith("onnx") or dtype == torch.float32)
+        # the builder says whether it shipped the codes; the ONNX graphs compute in float32 whatever the recipe's
+        # dtype, compressed-tensors in that dtype
+        check = cfg.check_for(fmt, bool(m.get("from_codes")), float32=fmt.startswith("onnx") or dtype == torch.float32)
         failures = check_failures(m, check)
         m.update(passed=not failures, limit_max_abs_diff=check.max_abs_diff,
                  limit_min_top1_agreement=check.min_top1_agreement, limit_max_kl=check.max_kl)
