@@ -155,6 +155,17 @@ def _pack_rows(u: torch.Tensor, bits: int) -> torch.Tensor:
     return (u << shifts).sum(-1).to(torch.uint8)
 
 
+def _unpack_rows(b: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of :func:`_pack_rows`: uint8 bytes [n, ...] -> unsigned codes int16 [n, m]."""
+    b = b.to(torch.int16)
+    return torch.stack([(b >> (bits * j)) & ((1 << bits) - 1) for j in range(8 // bits)], -1).reshape(n, -1)
+
+
+def _unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """MatMulNBits' unsigned codes (int16): symmetric (int8) codes shift up by 2^(b-1), its default zero point."""
+    return codes.to(torch.int16) + ((1 << (bits - 1)) if codes.dtype == torch.int8 else 0)
+
+
 def matmulnbits_inputs(lc: LayerCodes, codes: Codes) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """B, scales (and zero points) of one layer, and the node's attributes."""
     bits = codes.bits
@@ -163,7 +174,7 @@ def matmulnbits_inputs(lc: LayerCodes, codes: Codes) -> tuple[dict[str, torch.Te
     n, k = lc.codes.shape
     bs = block_size_for(codes, k)
     blocks = k // bs
-    u = lc.codes.to(torch.int16) + (1 << (bits - 1)) if lc.codes.dtype == torch.int8 else lc.codes.to(torch.int16)
+    u = _unsigned(lc.codes, bits)
     rep = blocks // lc.scale.shape[1]  # 1 for group codes (bs = G); K / bs per channel
     b = _pack_rows(u.reshape(n, blocks, bs), bits)  # [N, blocks, bs * bits / 8]
     out = {"B": b, "scales": lc.scale.repeat_interleave(rep, dim=1).float().contiguous()}  # [N, blocks]
@@ -244,17 +255,16 @@ def verify_matmulnbits(onnx_model, codes: Codes) -> int:
         lc = codes.layers[name]
         attrs = {a.name: a.i for a in node.attribute}
         bits, n = attrs["bits"], attrs["N"]
-        b = torch.tensor(numpy_helper.to_array(inits[node.input[1]])).to(torch.int16)  # [N, blocks, blob]
-        per = 8 // bits
-        u = torch.stack([(b >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)  # [N, K]
-        want = lc.codes.to(torch.int16) + (1 << (bits - 1) if lc.codes.dtype == torch.int8 else 0)
-        scales = torch.tensor(numpy_helper.to_array(inits[node.input[2]]))
+        def init(i: int) -> torch.Tensor:
+            return torch.tensor(numpy_helper.to_array(inits[node.input[i]]))
+
+        u = _unpack_rows(init(1), bits, n)  # [N, K] from B [N, blocks, blob]
+        scales = init(2)  # [N, blocks]
         rep = scales.shape[1] // lc.scale.shape[1]
-        ok = torch.equal(u, want) and torch.equal(scales, lc.scale.repeat_interleave(rep, dim=1))
+        ok = torch.equal(u, _unsigned(lc.codes, bits)) and torch.equal(scales, lc.scale.repeat_interleave(rep, dim=1))
         if lc.zero is not None:
-            zb = torch.tensor(numpy_helper.to_array(inits[node.input[3]])).to(torch.int16)
-            z = torch.stack([(zb >> (bits * j)) & ((1 << bits) - 1) for j in range(per)], -1).reshape(n, -1)
-            ok = ok and torch.equal(z[:, : scales.shape[1]], lc.zero.repeat_interleave(rep, dim=1).to(torch.int16))
+            z = _unpack_rows(init(3), bits, n)[:, : scales.shape[1]]  # [N, blocks], the row's padding dropped
+            ok = ok and torch.equal(z, lc.zero.repeat_interleave(rep, dim=1).to(torch.int16))
         if not ok:
             raise ExportError(f"onnx: the MatMulNBits of {name} does not hold the quantize stage's codes")
         seen += 1
