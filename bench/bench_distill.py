@@ -59,7 +59,7 @@ def main() -> None:
     from stages import distill, evaluate
     from stages.config import load_recipe, parse_recipe
     from stages.data import load_tokens
-    from stages.modeling import load_causal_lm, load_tokenizer
+    from stages.modeling import load_causal_lm
     from stages.pipeline import make_call, run_call
     from stages.pipeline.distill import teacher_topk_key
 
@@ -94,7 +94,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             res = distill.run(r.distill, r.models, r.runtime, teacher_ref=teacher_ref, student_ref="derive",
-                              tokenizer=load_tokenizer(tok_ref), train_path=Path(out("data", "train")),
+                              tokenizer_ref=tok_ref, train_path=Path(out("data", "train")),
                               eval_path=Path(out("data", "eval")), out_dir=Path(tmp),
                               teacher_cache_dir=root / ".cache" / "teacher-topk" / teacher_topk_key(r, call))
             secs = time.perf_counter() - t0

@@ -824,6 +824,24 @@ class ExecutorConfig(Strict):
     retries: int = Field(1, ge=0, le=10, description="Times a failed shard is retried on the cluster.")
 
 
+class DistributedConfig(Strict):
+    """Data-parallel distillation: processes on this node (and more nodes), launched with torchrun by the stage."""
+
+    processes: int = Field(1, ge=1, description="Processes per node that distill together (DDP): one per GPU on "
+                           "CUDA, or CPU processes (gloo). Each takes distill.batch_size / (processes x nodes) rows "
+                           "of every batch; 1: one process, no torch.distributed.")
+    nodes: int = Field(1, ge=1, description="Nodes taking part; this one is node 0. The others join with torchrun "
+                       "(README, 'Scaling out') and must see the artifacts folder at the same path.")
+    master_addr: str | None = Field(None, description="With nodes > 1: this node's address as the others reach it.")
+    master_port: int = Field(29500, ge=1, le=65535, description="With nodes > 1: the port the others join on.")
+
+    @model_validator(mode="after")
+    def _master(self) -> "DistributedConfig":
+        if self.nodes > 1 and not self.master_addr:
+            raise ValueError("nodes > 1 needs master_addr: this node's address as the other nodes reach it")
+        return self
+
+
 class RuntimeConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -839,6 +857,8 @@ class RuntimeConfig(Strict):
                                  "Unset: no limit.")
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig,
                                      description="Where sharded work runs (data selection's shards).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="Data-parallel distillation over processes and nodes.")
     timeouts: dict[str, float] = Field(default_factory=dict, description="Prefect flow runs: wall-clock limit in "
                                        "seconds per stage name, e.g. {distill: 36000}; a stage not named has none.")
 
@@ -908,6 +928,15 @@ class Recipe(Strict):
         if self.distill.enabled and op.share > 0 and op.prompt_tokens >= self.data.seq_len - 1:
             raise ValueError(f"distill.on_policy.prompt_tokens ({op.prompt_tokens}) must be below data.seq_len - 1 "
                              f"({self.data.seq_len - 1}): the student needs room to sample")
+        d = self.runtime.distributed
+        world = d.processes * d.nodes
+        if self.distill.enabled and self.distill.batch_size % world:
+            raise ValueError(f"distill.batch_size ({self.distill.batch_size}) must be a multiple of the "
+                             f"runtime.distributed processes x nodes ({world}): each process takes an equal share "
+                             "of every batch")
+        if self.distill.enabled and world > 1 and self.distill.divergence.name == "sinkhorn":
+            raise ValueError("sinkhorn's loss couples all the tokens of a batch, so it cannot be split over "
+                             "runtime.distributed processes; use processes: 1 or a token-wise divergence")
         return self
 
     def _packed_exports(self, qs) -> None:

@@ -27,6 +27,11 @@ def report(fraction: float, note: str) -> None:
         fn(min(max(float(fraction), 0.0), 1.0), note)
 
 
+def current_reporter() -> Reporter | None:
+    """The installed reporter, to hand on (a stage that waits for worker processes feeds it their reports)."""
+    return _reporter.get()
+
+
 @contextlib.contextmanager
 def reporting(fn: Reporter) -> Iterator[None]:
     """Install ``fn`` as the reporter of the stage run inside the block."""

@@ -15,7 +15,8 @@ from stages.distill.chunked import CompressedTeacher
 from stages.distill.step import loss_path
 from stages.distill.trainer import evaluate_loss, precompute_topk, save_history, train
 from stages.errors import InputError
-from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, resolve_device,
+from stages.distributed import Rank, devices, launch, world_of
+from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, load_tokenizer, resolve_device,
                              save_pretrained_atomic_into)
 from stages.result import StageResult
 
@@ -71,37 +72,112 @@ def derive_student(teacher, spec: DeriveStudent, seed: int = 0):
 
 
 def cached_teacher_topk(teacher, ids: torch.Tensor, k: int, temperature: float, cache_dir: Path, name: str,
-                        batch_size: int, device: torch.device, progress: bool) -> tuple[CompressedTeacher, bool]:
+                        batch_size: int, device: torch.device, progress: bool,
+                        rank: Rank | None = None) -> tuple[CompressedTeacher, bool]:
     """The teacher's top-k over ``ids``, loaded from ``cache_dir/name.safetensors`` or computed and saved there.
 
     The caller names ``cache_dir`` by what the values depend on (teacher, tokens, k, temperature, device,
     dtype), so any run with the same ones reuses it. Returns (values, reused).
+    rank: with several processes each computes its share of the batches (``Rank.shard``: the single process's
+    batches, so the values are the same) into a part file, rank 0 puts them in order into the cache file, and
+    every rank loads that.
     """
-    from safetensors.torch import load_file, save_file
-
     path = cache_dir / f"{name}.safetensors"
-    if path.is_file():
-        try:
-            t = load_file(str(path))
-            c = CompressedTeacher(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"])
-            if tuple(c.tail_logprob.shape) == tuple(ids.shape):
-                return c, True
-        except Exception:  # a corrupt cache file is recomputed, never trusted
-            pass
-    c = precompute_topk(teacher, ids, k, temperature, batch_size, device, progress)
+    cached = _load_topk(path, ids)
+    if cached is not None:
+        return cached, True
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if rank is None or rank.world == 1:
+        c = precompute_topk(teacher, ids, k, temperature, batch_size, device, progress)
+        _save_topk(c, path)
+        return c, False
+    n_batches = -(-len(ids) // batch_size)
+    mine = precompute_topk(teacher, ids, k, temperature, batch_size, device, progress, batches=rank.shard(n_batches))
+    part = cache_dir / f"{name}.part{rank.rank}of{rank.world}.safetensors"
+    _save_topk(mine, part)
+    rank.barrier()  # every part is written
+    if rank.main:
+        parts = [_load_topk(cache_dir / f"{name}.part{r}of{rank.world}.safetensors") for r in range(rank.world)]
+        # batch b is rank b % world's (b // world)-th batch of batch_size rows (the last one may be shorter)
+        pieces = []
+        for b in range(n_batches):
+            r, j = b % rank.world, b // rank.world
+            rows = slice(j * batch_size, j * batch_size + min(batch_size, len(ids) - b * batch_size))
+            pieces.append([t[rows] for t in parts[r]])
+        _save_topk(CompressedTeacher(*(torch.cat([p[i] for p in pieces]) for i in range(3))), path)
+        for r in range(rank.world):
+            (cache_dir / f"{name}.part{r}of{rank.world}.safetensors").unlink(missing_ok=True)
+    rank.barrier()  # the cache file is in place
+    return _load_topk(path, ids), False
+
+
+def _load_topk(path: Path, ids: torch.Tensor | None = None) -> CompressedTeacher | None:
+    """Cached top-k values from ``path``, or None if missing, unreadable or not for tokens shaped like ``ids``."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        c = CompressedTeacher(t["topk_ids"], t["topk_logprobs"], t["tail_logprob"])
+    except Exception:  # a corrupt cache file is recomputed, never trusted
+        return None
+    return c if ids is None or tuple(c.tail_logprob.shape) == tuple(ids.shape) else None
+
+
+def _save_topk(c: CompressedTeacher, path: Path) -> None:
+    from safetensors.torch import save_file
+
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"topk_ids": c.topk_ids.contiguous(), "topk_logprobs": c.topk_logprobs.contiguous(),
                "tail_logprob": c.tail_logprob.contiguous()}, str(tmp))
     os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
-    return c, False
 
 
 def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
-        student_ref: str, tokenizer, train_path: Path, eval_path: Path, out_dir: Path,
+        student_ref: str, tokenizer_ref: str, train_path: Path, eval_path: Path, out_dir: Path,
         checkpoint_dir: Path | None = None, teacher_cache_dir: Path | None = None) -> StageResult:
-    """Distil the teacher into the student; ``teacher_cache_dir`` holds cached top-k (teacher.source cached_topk)."""
-    device = resolve_device(runtime.device)
+    """Distil the teacher into the student; ``teacher_cache_dir`` holds cached top-k (teacher.source cached_topk).
+
+    With ``runtime.distributed`` asking for more than one process, the distillation runs data-parallel in
+    processes that torchrun starts (``stages.distill.worker``, one per GPU or CPU process), and this process
+    waits for them, passing on rank 0's progress; the result is the same as one process's within float tolerance.
+    """
+    args = dict(cfg=cfg.model_dump(mode="json"), models=models.model_dump(mode="json"),
+                runtime=runtime.model_dump(mode="json"), teacher_ref=teacher_ref, student_ref=student_ref,
+                tokenizer_ref=tokenizer_ref, train_path=str(train_path), eval_path=str(eval_path),
+                out_dir=str(out_dir), checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                teacher_cache_dir=str(teacher_cache_dir) if teacher_cache_dir else None)
+    if world_of(runtime) == 1:
+        return run_rank(cfg, models, runtime, rank=None, **{k: v for k, v in args.items()
+                                                            if k not in ("cfg", "models", "runtime")})
+    from stages.progress import current_reporter
+
+    device = resolve_device(runtime.device).type
+    if device == "cuda" and torch.cuda.device_count() < runtime.distributed.processes:
+        raise InputError(f"runtime.distributed.processes is {runtime.distributed.processes} but this node has "
+                         f"{torch.cuda.device_count()} CUDA devices (one process per GPU)")
+    shared = [p for p in (teacher_ref, student_ref, tokenizer_ref) if Path(p).exists()]
+    spec = {**args, "shared_paths": [str(train_path), str(eval_path), str(out_dir), *shared]}
+    work = out_dir / ".ranks"  # spec, progress, result and error files; every node sees out_dir
+    try:
+        result = launch("stages.distill.worker", spec, runtime, device, work, report=current_reporter())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+
+
+def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, rank: Rank | None,
+             teacher_ref: str, student_ref: str, tokenizer_ref: str, train_path: str, eval_path: str, out_dir: str,
+             checkpoint_dir: str | None = None, teacher_cache_dir: str | None = None) -> StageResult | None:
+    """The distillation in this process: all of it (``rank`` None), or one rank's part of a data-parallel run, of
+    which rank 0 writes the model, history and curves and returns the result (the other ranks return None)."""
+    out_dir, train_path, eval_path = Path(out_dir), Path(train_path), Path(eval_path)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    teacher_cache_dir = Path(teacher_cache_dir) if teacher_cache_dir else None
+    main = rank is None or rank.main
+    progress = runtime.progress and main
+    device = torch.device(rank.device) if rank else resolve_device(runtime.device)
     teacher = load_causal_lm(teacher_ref, dtype=models.dtype, device=device,
                              trust_remote_code=models.trust_remote_code, revision=models.revision, what="teacher")
     if student_ref == "derive":
@@ -126,8 +202,9 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
             raise InputError("distill.teacher.source cached_topk needs a cache folder (run it through the pipeline)")
         args = (cfg.teacher.topk, cfg.temperature, teacher_cache_dir)
         train_topk, reused_t = cached_teacher_topk(teacher, train_ids, *args, "train", cfg.batch_size, device,
-                                                   runtime.progress)
-        eval_topk, reused_e = cached_teacher_topk(teacher, eval_rows, *args, "eval", cfg.batch_size, device, False)
+                                                   progress, rank)
+        eval_topk, reused_e = cached_teacher_topk(teacher, eval_rows, *args, "eval", cfg.batch_size, device, False,
+                                                  rank)
         topk_info = {"teacher_topk": int(train_topk.topk_ids.shape[-1]), "teacher_topk_reused": reused_t and reused_e,
                      "teacher_topk_bytes": sum(t.numel() * t.element_size() for t in (*train_topk, *eval_topk))}
         if cfg.on_policy.share == 0:  # nothing needs the teacher any more: free its memory for the student
@@ -137,13 +214,18 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
                 torch.cuda.empty_cache()
     student.to(device)
     path, why = loss_path(cfg, student)  # plain, chunked or fused (stages/distill/step.py), for the metrics
-    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk)
+    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk,
+                           rank=rank)
     history = train(student, train_ids, eval_ids, cfg, teacher=teacher, device=device, train_topk=train_topk,
-                    eval_topk=eval_topk, seed=runtime.seed, progress=runtime.progress,
+                    eval_topk=eval_topk, seed=runtime.seed, progress=progress,
                     desc=f"distill ({cfg.divergence.name})", checkpoint_dir=checkpoint_dir, eval_rows=EVAL_ROWS,
-                    compile=compile_)
+                    compile=compile_, rank=rank)
+    compute = {"processes": rank.world if rank else 1, "devices": devices(rank) if rank else [str(device)]}
+    if not main:
+        return None
     model_dir = out_dir / "model"
-    save_pretrained_atomic_into(student.cpu(), tokenizer, model_dir)
+    save_pretrained_atomic_into(student.cpu(), load_tokenizer(tokenizer_ref, trust_remote_code=models.trust_remote_code,
+                                                              revision=models.revision), model_dir)
     resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
@@ -159,4 +241,4 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
         "eval_kd_before": round(before.get("eval_kd", float("nan")), 5), "eval_kd_after": round(last["eval_kd"], 5),
         "eval_ppl_before": round(before["eval_ppl"], 3), "eval_ppl_after": round(last["eval_ppl"], 3),
     }
-    return StageResult(outputs=outputs, metrics=metrics)
+    return StageResult(outputs=outputs, metrics=metrics, compute=compute)

@@ -17,11 +17,13 @@ sampled tokens, are functions of (seed, micro-batch index), so a resumed run dra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +33,9 @@ from stages.distill.chunked import CompressedTeacher, compress_teacher, get_dive
 from stages.distill.step import StepLoss, _autocast
 from stages.progress import report as report_progress
 from stages.errors import TrainingError
+
+if TYPE_CHECKING:
+    from stages.distributed import Rank
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -118,20 +123,25 @@ def _losses(step: StepLoss, ids: torch.Tensor, *, topk: CompressedTeacher | None
 
 @torch.no_grad()
 def precompute_topk(teacher, ids: torch.Tensor, k: int, temperature: float, batch_size: int,
-                    device: torch.device, progress: bool = False) -> CompressedTeacher:
+                    device: torch.device, progress: bool = False, batches: range | None = None) -> CompressedTeacher:
     """The teacher's top-k log-probs + tail bucket for every position of ``ids`` [rows, T].
 
     Returns CompressedTeacher with ids int32 [rows, T, k], log-probs float32 [rows, T, k], tail [rows, T],
     on the CPU: 8 k + 4 bytes per token instead of the full V-entry distribution.
+    batches: only these batches of ``batch_size`` rows (a rank's share, ``Rank.shard``), their rows concatenated.
     """
     k = min(k, teacher.get_output_embeddings().weight.shape[0])
     parts: list[CompressedTeacher] = []
     teacher.to(device).eval()
-    for i in tqdm(range(0, len(ids), batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
+    starts = [b * batch_size for b in (batches if batches is not None else range(-(-len(ids) // batch_size)))]
+    for i in tqdm(starts, desc="teacher top-k", disable=not progress, unit="batch"):
         with _autocast(device):
             logits = teacher(input_ids=ids[i:i + batch_size].to(device).long()).logits  # [b, T, V]
         c = compress_teacher(logits.float(), k, temperature)
         parts.append(CompressedTeacher(c.topk_ids.int().cpu(), c.topk_logprobs.cpu(), c.tail_logprob.cpu()))
+    if not parts:  # a rank with no batch (fewer batches than ranks)
+        return CompressedTeacher(torch.zeros(0, ids.shape[1], k, dtype=torch.int32), torch.zeros(0, ids.shape[1], k),
+                                 torch.zeros(0, ids.shape[1]))
     return CompressedTeacher(*(torch.cat([p[j] for p in parts]) for j in range(3)))
 
 
@@ -145,21 +155,24 @@ def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.devic
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
                   cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None,
-                  amp_dtype: torch.dtype | None = None) -> dict:
+                  amp_dtype: torch.dtype | None = None, rank: Rank | None = None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
 
     cfg: the divergence, its parameters, temperature and chunking (default: forward KL at T = 1, chunk auto):
         the loss is computed as in training (plain, chunked or fused; see ``StepLoss``).
     The teacher signal is ``teacher_topk`` (cached top-k rows aligned with ``eval_ids``) if given, else
     ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value. amp_dtype: autocast dtype
-    (see ``StepLoss``).
+    (see ``StepLoss``). rank: with several processes each scores its share of the batches (``Rank.shard``) and
+    the sums are added up over the process group, so every rank returns the same figures.
     """
     step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device, amp_dtype=amp_dtype)
     was_training = model.training
     model.eval()
     score_kd = teacher is not None or teacher_topk is not None
     ce_sum, kd_sum, n = 0.0, 0.0, 0
-    for i in range(0, len(eval_ids), batch_size):
+    n_batches = -(-len(eval_ids) // batch_size)
+    for b in (rank.shard(n_batches) if rank else range(n_batches)):
+        i = b * batch_size
         ids = eval_ids[i:i + batch_size].to(device).long()
         rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
         _, kd, ce = step(ids, topk=rows, ce_reduction="sum")
@@ -167,6 +180,10 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
         if score_kd:
             kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
+    if rank is not None and rank.world > 1:
+        sums = torch.tensor([ce_sum, kd_sum, float(n)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)  # [3]: the sums over every rank's batches
+        ce_sum, kd_sum, n = sums[0].item(), sums[1].item(), int(sums[2].item())
     model.train(was_training)
     out = {"eval_ce": ce_sum / n, "eval_ppl": math.exp(min(ce_sum / n, 50.0))}
     if score_kd:
@@ -177,7 +194,8 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
 def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: DistillConfig, *, teacher=None,
           device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
           eval_topk: CompressedTeacher | None = None, seed: int = 0, progress: bool = True, desc: str = "train",
-          checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False) -> list[dict]:
+          checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False,
+          rank: Rank | None = None) -> list[dict]:
     """Train ``student`` in place on packed token rows [rows, T]; return the history (a dict per step, evals included).
 
     cfg: the validated distillation settings (optimiser, schedule, divergence, temperature, ce_weight, chunking,
@@ -189,6 +207,12 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     checkpoint_dir: where the state is saved every cfg.checkpoint_every steps and resumed from (None: no checkpoints).
     eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
         forward (already resolved from cfg.compile and the device by the caller).
+
+    rank: this process's place among several (``stages.distributed``): the student is wrapped in
+        DistributedDataParallel, each rank takes its equal slice of every global batch of cfg.batch_size rows, the
+        gradients are averaged by DDP (so a step equals the single process's on the whole batch), logged losses
+        and evaluations are averaged over the ranks, and only rank 0 writes checkpoints. A checkpoint holds no
+        world size: a run resumes from it with any number of processes. Every rank returns the same history.
 
     A student in bfloat16 or float16 is trained in mixed precision: its trainable parameters become float32 master
     weights (``master_weights``; checkpoints hold them), the forward passes autocast to its dtype (float16 with a
@@ -222,6 +246,16 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     eval_sub = eval_ids[:eval_rows]
     history: list[dict] = []
     start = _resume(student, opt, checkpoint_dir, history, scaler)
+    world, me = (rank.world, rank.rank) if rank else (1, 0)
+    if cfg.batch_size % world:
+        raise TrainingError(f"distill.batch_size {cfg.batch_size} cannot be split over {world} processes")
+    local = cfg.batch_size // world  # rows of every global batch this rank takes
+    ddp = None
+    if world > 1:  # after _resume: DDP starts from the (identical) weights every rank loaded
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(_WithLoss(student, step_loss),
+                                      device_ids=[device.index] if device.type == "cuda" else None)
     for _ in range(start * cfg.grad_accum):  # replay the seeded data order up to the checkpoint
         next(batches)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
@@ -240,29 +274,38 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         if share > 0:
             rec["on_policy"] = 0
         for micro in range(cfg.grad_accum):
-            idx = next(batches)
-            ids = train_ids[idx].to(device).long()  # [B, T]
+            idx = next(batches)[me * local:(me + 1) * local]  # [B / world]: this rank's slice of the global batch
+            ids = train_ids[idx].to(device).long()  # [B / world, T]
             micro_index = step * cfg.grad_accum + micro
-            if is_on_policy(share, seed, micro_index):
-                gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index))
-                with _autocast(device, amp):
-                    ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature, gen)
-                mask = torch.zeros_like(ids, dtype=torch.bool)
-                mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
-                total, kd, _ = _losses(step_loss, ids, mask=mask)
-                ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
-                rec["on_policy"] += 1
-            else:
-                total, kd, ce = _losses(step_loss, ids, topk=_rows(train_topk, idx, device))
-            if not torch.isfinite(total):
-                raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
-                                    f"(lr {lr:.3g}); training diverged - lower the learning rate")
-            share_of_step = total / cfg.grad_accum
-            (scaler.scale(share_of_step) if scaler else share_of_step).backward()
+            # DDP averages the gradients over the ranks on the last micro-batch's backward only
+            sync = ddp.no_sync() if ddp is not None and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                if is_on_policy(share, seed, micro_index):  # the same micro-batches on every rank
+                    gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index) + me)
+                    with _autocast(device, amp):
+                        ids = sample_continuations(student, ids[:, :prompt], ids.shape[1], cfg.on_policy.temperature,
+                                                   gen)
+                    mask = torch.zeros_like(ids, dtype=torch.bool)
+                    mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
+                    total, kd, _ = _losses(ddp or step_loss, ids, mask=mask)
+                    ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
+                    rec["on_policy"] += 1
+                else:
+                    total, kd, ce = _losses(ddp or step_loss, ids, topk=_rows(train_topk, idx, device))
+                if not torch.isfinite(total):
+                    raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
+                                        f"(lr {lr:.3g}); training diverged - lower the learning rate")
+                share_of_step = total / cfg.grad_accum
+                (scaler.scale(share_of_step) if scaler else share_of_step).backward()
             rec["loss"] += total.item() / cfg.grad_accum
             rec["ce"] += ce.item()  # averaged over the off-policy micro-batches below
             if kd is not None:
                 rec["kd"] += kd.item() / cfg.grad_accum
+        if world > 1:  # the logged losses are the whole batch's: the mean of the ranks' (equal-sized) shares
+            logged = [k for k in ("loss", "ce", "kd") if k in rec]
+            sums = torch.tensor([rec[k] for k in logged], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(sums)
+            rec.update({k: v / world for k, v in zip(logged, sums.tolist())})
         off_policy = cfg.grad_accum - rec.get("on_policy", 0)
         rec["ce"] = rec["ce"] / off_policy if off_policy else None
         if scaler:
@@ -280,18 +323,32 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk,
-                                     amp_dtype=amp))
+                                     amp_dtype=amp, rank=rank))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         report_progress((step + 1) / cfg.steps, f"{desc}: step {step + 1}/{cfg.steps}, loss {rec['loss']:.3f}, "
                         f"{rec['tokens_per_s']:.0f} tokens/s")
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                and step + 1 < cfg.steps:
+                and step + 1 < cfg.steps and me == 0:  # the ranks' weights and optimiser states are identical
             _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir), scaler)
     for p in upcast:  # back to the dtype the student came in (and is saved in)
         p.data = p.data.to(amp)
     student.eval()
     return history
+
+
+class _WithLoss(torch.nn.Module):
+    """The student and its loss as one module, for DistributedDataParallel: the chunked and fused loss paths run
+    the decoder and the lm_head outside the student's own forward, so DDP wraps the whole loss, and its forward
+    (which readies the gradient averaging for the backward that follows) sees every parameter the loss uses."""
+
+    def __init__(self, student, step: StepLoss):
+        super().__init__()
+        self.student = student  # registers the parameters DDP averages
+        self.step = step  # not a module: the plain, chunked or fused loss over ``student``
+
+    def forward(self, ids: torch.Tensor, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
+        return self.step(ids, topk=topk, mask=mask)  # (total, kd, ce), as StepLoss.__call__
 
 
 def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path, scaler=None) -> None:

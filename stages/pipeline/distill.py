@@ -55,12 +55,11 @@ class Distill(Stage):
 
     def run(self, ctx: Context):
         from stages import distill
-        from stages.modeling import load_tokenizer
 
         r, i = ctx.recipe, ctx.inputs
-        tok = load_tokenizer(i["tokenizer"], trust_remote_code=r.models.trust_remote_code, revision=r.models.revision)
         return distill.run(r.distill, r.models, r.runtime, teacher_ref=i["teacher"],
-                           student_ref=i.get("student", "derive"), tokenizer=tok, train_path=Path(i["train"]),
+                           student_ref=i.get("student", "derive"), tokenizer_ref=i["tokenizer"],
+                           train_path=Path(i["train"]),
                            eval_path=Path(i["eval"]), out_dir=ctx.out_dir,
                            checkpoint_dir=ctx.cache_dir("checkpoints") / ctx.call.key,
                            teacher_cache_dir=ctx.cache_dir("teacher-topk") / teacher_topk_key(r, ctx.call))
