@@ -146,10 +146,32 @@ def record_error(work_dir: Path, err: BaseException) -> None:
                       {"type": type(err).__name__, "message": str(err)})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have Linux send this process ``sig`` when its parent dies (prctl PR_SET_PDEATHSIG; survives exec).
+
+    torchrun starts each rank in a session of its own, out of reach of a kill of the stage's process group, so
+    without this a killed stage (or launcher) would leave ranks training on, writing checkpoints a resumed run
+    also writes. The launcher is started with it (its parent: the stage) and every rank sets it (its parent: the
+    launcher). Elsewhere than Linux: nothing.
+    """
+    if _PRCTL is None:
+        return
+    _PRCTL(1, int(sig))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the call: the signal will never come
+        os.kill(os.getpid(), sig)
+
+
+def _prctl():
+    """libc's prctl, looked up at import: ``die_with_parent`` also runs between fork and exec (preexec_fn), where
+    loading a library could deadlock in a process with threads (a Prefect task's)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PRCTL = _prctl()
 
 
 def torchrun_args(runtime, module: str, spec_path: Path, device: str) -> list[str]:
@@ -177,7 +199,8 @@ def launch(module: str, spec: dict, runtime, device: str, work_dir: Path, report
     if runtime.threads:
         env["OMP_NUM_THREADS"] = str(runtime.threads)  # else torchrun gives each of several workers 1 thread
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(torchrun_args(runtime, module, work_dir / SPEC, device), env=env, start_new_session=True)
+    proc = subprocess.Popen(torchrun_args(runtime, module, work_dir / SPEC, device), env=env, start_new_session=True,
+                            preexec_fn=die_with_parent)
     seen = None
     try:
         while proc.poll() is None:

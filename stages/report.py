@@ -105,11 +105,13 @@ def markdown(report: dict) -> str:
              f"- status: **{report['status']}**", f"- published: **{'yes' if report['published'] else 'no'}**"]
     if report.get("error"):
         lines += ["", "## Error", "", "```", report["error"], "```"]
-    lines += ["", "## Stages", "", "| stage | state | compute seconds | cache key | outputs |", "|---|---|---|---|---|"]
+    lines += ["", "## Stages", "", "| stage | state | compute seconds | processes / devices | cache key | outputs |",
+              "|---|---|---|---|---|---|"]
     for r in report["stages"]:
         outs = ", ".join(f"`{k}`" for k in r.get("outputs", {}))
         key = r.get("cache_key", "")[:12]
-        lines.append(f"| {r['stage']} | {r['state']} | {_fmt(r.get('duration_s'))} | `{key}` | {outs} |")
+        lines.append(f"| {r['stage']} | {r['state']} | {_fmt(r.get('duration_s'))} | {compute_cell(r.get('compute'))} "
+                     f"| `{key}` | {outs} |")
     if report["evaluation"]:
         lines += ["", "## Evaluation (held-out data, vs the teacher)", "",
                   "| " + " | ".join(("model",) + EVAL_COLUMNS) + " |", "|" + "---|" * (len(EVAL_COLUMNS) + 1)]
@@ -158,6 +160,16 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compute_cell(compute: dict | None) -> str:
+    """'2 / 2 cuda', '4 / 1 cpu', '16 / 16 cuda on 2 hosts': processes / distinct devices (``host:device``)."""
+    if not compute:
+        return "-"
+    devices = set(compute.get("devices", []))
+    hosts = {d.split(":", 1)[0] for d in devices}
+    kind = "cuda" if any(":cuda" in d for d in devices) else "cpu"
+    return f"{compute['processes']} / {len(devices)} {kind}" + (f" on {len(hosts)} hosts" if len(hosts) > 1 else "")
+
+
 def write(run_dir: Path, report: dict) -> str:
     md = markdown(report)
     write_json_atomic(run_dir / "report.json", report)
@@ -168,6 +180,7 @@ def write(run_dir: Path, report: dict) -> str:
 def stage_record(manifest: dict, state: str) -> dict:
     return {"stage": manifest["stage"], "index": manifest["index"], "state": state,
             "cache_key": manifest["cache_key"], "duration_s": manifest.get("duration_s"),
+            "compute": manifest.get("compute"),
             "manifest": str(Path(manifest["stage_dir"]) / "manifest.json"),
             "outputs": {k: v["path"] for k, v in manifest["outputs"].items()},
             "metrics": manifest["metrics"]}

@@ -158,7 +158,7 @@ def _execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, fn: 
             "status": "completed" if failure is None else "failed",
             **({} if failure is None else {"error": f"{type(failure).__name__}: {failure}"}),
             "config": call.config, "device": call.device,
-            "compute": result.compute or {"processes": 1, "devices": [call.device]},
+            "compute": result.compute or {"processes": 1, "devices": [f"{platform.node()}:{call.device}"]},
             "inputs": {k: {"ref": v, "sha256": call.input_digests.get(k)} for k, v in call.inputs.items()},
             "outputs": outputs, "metrics": result.metrics, "seed": seed,
             "code_version": code_version(), "stage_code_version": call.code, "git_commit": git_commit(),

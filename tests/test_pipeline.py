@@ -916,3 +916,25 @@ def test_the_recipe_runs_selection_shards_on_a_dask_cluster(tiny_run, tiny_recip
     assert m["executor"] == "dask" and m["processes"] == 2 and m["shards"] >= 2
     ids = [np.load(stage_dir(root, r, "select") / "selected_ids.npy") for r in ("tiny-select-local", "tiny-select-dask")]
     assert local["status"] == "completed" and np.array_equal(ids[0], ids[1])  # shard size changes no weight
+
+
+def test_the_flow_runs_distillation_on_two_processes_and_the_report_says_so(tiny_run, tiny_recipe):
+    """runtime.distributed from the recipe, through the flow: the distill stage's Prefect task launches torchrun
+    with 2 CPU ranks and waits for them; report.json and report.md give each stage's processes and devices."""
+    from flows.pipeline import compress
+    from stages.config import parse_recipe
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["runtime"]["distributed"] = {"processes": 2}
+    data["distill"]["steps"] = 12  # another key than tiny_run's distillation: computed afresh, by two ranks
+    report = compress(recipe=parse_recipe(data), run_name="tiny-ddp", artifacts_dir=str(root), until="distill")
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert report["status"] == "completed" and stages["distill"]["state"] == "ran"
+    assert stages["distill"]["compute"]["processes"] == 2 and len(stages["distill"]["compute"]["devices"]) == 2
+    assert stages["data"]["compute"]["processes"] == 1
+    md = (root / "tiny-ddp" / "report.md").read_text()
+    assert "| processes / devices |" in md
+    assert next(line for line in md.splitlines() if line.startswith("| distill |")).split(" | ")[3] == "2 / 1 cpu"
+    metrics = json.loads((stage_dir(root, "tiny-ddp", "distill") / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == 12 and metrics["eval_ppl_after"] < metrics["eval_ppl_before"]

@@ -30,9 +30,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from stages import distill
     from stages.config import DistillConfig, ModelsConfig, RuntimeConfig
-    from stages.distributed import finish, init, progress_writer, receive_spec, record_error
+    from stages.distributed import die_with_parent, finish, init, progress_writer, receive_spec, record_error
     from stages.progress import reporting
 
+    die_with_parent()  # a rank never outlives its launcher
     rank = init(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = None
     try:

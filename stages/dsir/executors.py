@@ -76,7 +76,8 @@ class DaskMap:
         except BaseException:
             self.close()
             raise
-        self.workers = len(self.client.scheduler_info()["workers"])
+        workers_info = self.client.scheduler_info()["workers"].values()
+        self.workers, self.hosts = len(workers_info), sorted({w["host"] for w in workers_info})
 
     def __call__(self, fn: Callable, tasks: list) -> Iterator[dict]:
         futures = self.client.map(fn, tasks, retries=self.retries, pure=False)
@@ -114,6 +115,7 @@ class RayMap:
             self.close()
             raise
         self.workers = int(ray.cluster_resources().get("CPU", 0))
+        self.hosts = sorted({n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")})
 
     def __call__(self, fn: Callable, tasks: list) -> Iterator[dict]:
         remote = self.ray.remote(max_retries=self.retries, retry_exceptions=True)(fn)

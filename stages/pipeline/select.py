@@ -7,6 +7,7 @@ compute the key on every run.
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 from stages.errors import InputError
@@ -60,8 +61,11 @@ class Select(Stage):
         cache.mkdir(parents=True, exist_ok=True)  # workers are checked to see it
         executor = make_executor(ctx.recipe.runtime.executor, [*raw, *(p for t in targets for p in t.paths), cache])
         try:
-            return run_selection(sel.dsir, raw, targets, ctx.out_dir, cache_dir=cache,
-                                 progress=ctx.recipe.runtime.progress, executor=executor)
+            result = run_selection(sel.dsir, raw, targets, ctx.out_dir, cache_dir=cache,
+                                   progress=ctx.recipe.runtime.progress, executor=executor)
+            hosts = executor.hosts if executor is not None else [platform.node()]
+            result.compute = {"processes": result.metrics["processes"], "devices": [f"{h}:cpu" for h in hosts]}
+            return result
         finally:
             if executor is not None:
                 executor.close()
