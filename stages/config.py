@@ -830,6 +830,10 @@ class DistributedConfig(Strict):
     processes: int = Field(1, ge=1, description="Processes per node that distill together (DDP): one per GPU on "
                            "CUDA, or CPU processes (gloo). Each takes distill.batch_size / (processes x nodes) rows "
                            "of every batch; 1: one process, no torch.distributed.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every process holds the whole student (DistributedDataParallel); fsdp: the "
+        "student's weights, gradients and optimiser state (and an online teacher's weights) are sharded over the "
+        "processes (FSDP2 fully_shard, per decoder layer), for a student that does not fit one device.")
     nodes: int = Field(1, ge=1, description="Nodes taking part; this one is node 0. The others join with torchrun "
                        "(README, 'Scaling out') and must see the artifacts folder at the same path.")
     master_addr: str | None = Field(None, description="With nodes > 1: this node's address as the others reach it.")
@@ -934,6 +938,9 @@ class Recipe(Strict):
             raise ValueError(f"distill.batch_size ({self.distill.batch_size}) must be a multiple of the "
                              f"runtime.distributed processes x nodes ({world}): each process takes an equal share "
                              "of every batch")
+        if self.distill.enabled and world > 1 and d.strategy == "fsdp" and self.distill.on_policy.share > 0:
+            raise ValueError("distill.on_policy samples from the student outside its sharded forward, which "
+                             "runtime.distributed.strategy fsdp does not allow; use strategy ddp or on_policy.share 0")
         if self.distill.enabled and world > 1 and self.distill.divergence.name == "sinkhorn":
             raise ValueError("sinkhorn's loss couples all the tokens of a batch, so it cannot be split over "
                              "runtime.distributed processes; use processes: 1 or a token-wise divergence")

@@ -37,10 +37,10 @@ def data(tmp_path_factory) -> dict:
             "train_path": out("data", "train"), "eval_path": out("data", "eval")}
 
 
-def _recipe(processes: int = 1, nodes: int = 1, port: int | None = None, **distill):
+def _recipe(processes: int = 1, nodes: int = 1, port: int | None = None, strategy: str = "ddp", **distill):
     r = load_recipe(ROOT / "configs" / "tiny.yaml").model_dump(mode="json")
     r["distill"].update({"checkpoint_every": 0, "eval_every": 5, **distill})
-    r["runtime"]["distributed"] = {"processes": processes, "nodes": nodes,
+    r["runtime"]["distributed"] = {"processes": processes, "nodes": nodes, "strategy": strategy,
                                    **({"master_addr": "127.0.0.1", "master_port": port} if port else {})}
     return parse_recipe(r)
 
@@ -79,15 +79,17 @@ def one_process(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_processes_train_like_one_on_the_same_global_batch(data, one_process, tmp_path):
-    """World size 2 (each rank 4 of the 8 rows of every batch, DDP-averaged gradients) gives one process's losses,
-    held-out figures and weights; the teacher top-k made by two ranks is the same file; the result says 2 processes;
-    rank 0's progress reaches the reporter installed around the stage (the flow's)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_on_the_same_global_batch(data, one_process, tmp_path, strategy):
+    """World size 2 (each rank 4 of the 8 rows of every batch; gradients averaged by DDP, or reduce-scattered over
+    FSDP's shards) gives one process's losses, held-out figures and weights; the teacher top-k made by two ranks is
+    the same file; the result says 2 processes; rank 0's progress reaches the reporter installed around the stage."""
     from stages.progress import reporting
 
     seen = []
     with reporting(lambda fraction, note: seen.append((fraction, note))):
-        res = _run(data, tmp_path / "two", _recipe(processes=2, **CACHED))
+        res = _run(data, tmp_path / "two", _recipe(processes=2, strategy=strategy, **CACHED))
+    assert res.compute["strategy"] == strategy
     assert seen and seen[-1][0] == 1.0 and "step 10/10" in seen[-1][1]
     _same_training(one_process, tmp_path / "two")
     assert res.compute["processes"] == 2 and len(res.compute["devices"]) == 2
@@ -98,14 +100,24 @@ def test_two_processes_train_like_one_on_the_same_global_batch(data, one_process
     assert not list((tmp_path / "two-topk").glob("*.part*")) and not (tmp_path / "two" / ".ranks").exists()
 
 
-def test_fused_loss_with_accumulation_and_an_online_teacher_trains_like_one_process(data, tmp_path):
-    """The fused lm_head loss (run inside DDP's forward, outside the student's) with 2 accumulated micro-batches,
-    the teacher run on every batch: two processes match one."""
-    kw = dict(chunk="always", grad_accum=2, teacher={"source": "online"}, steps=6)
-    one = _run(data, tmp_path / "one", _recipe(**kw))
-    two = _run(data, tmp_path / "two", _recipe(processes=2, **kw))
-    assert one.metrics["loss_path"] == two.metrics["loss_path"] == "fused"
-    _same_training(tmp_path / "one", tmp_path / "two")
+@pytest.fixture(scope="module")
+def one_process_fused(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one-fused") / "run"
+    assert _run(data, out, _recipe(**FUSED)).metrics["loss_path"] == "fused"
+    return out
+
+
+FUSED = dict(chunk="always", grad_accum=2, teacher={"source": "online"}, steps=6)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_fused_loss_with_accumulation_and_an_online_teacher_trains_like_one_process(data, one_process_fused, tmp_path,
+                                                                                      strategy):
+    """The fused lm_head loss (run inside DDP's forward / FSDP's root, outside the student's own forward) with 2
+    accumulated micro-batches, the teacher run on every batch (sharded too under FSDP): two processes match one."""
+    two = _run(data, tmp_path / "two", _recipe(processes=2, strategy=strategy, **FUSED))
+    assert two.metrics["loss_path"] == "fused"
+    _same_training(one_process_fused, tmp_path / "two")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -136,18 +148,19 @@ def _alive(pids: set[int]) -> set[int]:
     return out
 
 
-def test_a_killed_two_process_run_leaves_no_rank_and_resumes_with_one_process(data, tmp_path):
+@pytest.mark.parametrize("killed, resumed", [("fsdp", (1, "ddp")), ("ddp", (2, "fsdp"))])
+def test_a_killed_two_process_run_leaves_no_rank_and_resumes_with_any_world_size(data, tmp_path, killed, resumed):
     """SIGKILL the stage's process of a 2-process run after its first checkpoint: its launcher and both ranks stop
-    too (none trains on, writing checkpoints), and one process resumes from the checkpoint, ending where an
-    uninterrupted run ends."""
+    too (none trains on, writing checkpoints), and a run with another world size or strategy resumes from the
+    checkpoint (whole weights and optimiser state, whoever wrote it), ending where an uninterrupted run ends."""
     kw = dict(steps=150, checkpoint_every=5, eval_every=50, **CACHED)
     ckpt = tmp_path / "ckpt"
-    args = {**data, "ckpt": str(ckpt), "out": str(tmp_path / "killed"), "kw": kw}
+    args = {**data, "ckpt": str(ckpt), "out": str(tmp_path / "killed"), "kw": kw, "strategy": killed}
     script = (
         "import json, sys; from pathlib import Path; sys.path.insert(0, {root!r}); "
         "from tests.test_distributed import _recipe, _run; a = json.loads(sys.argv[1]); "
         "_run({{k: a[k] for k in ('teacher_ref', 'tokenizer_ref', 'train_path', 'eval_path')}}, Path(a['out']), "
-        "_recipe(processes=2, **a['kw']), checkpoint=Path(a['ckpt']))").format(root=str(ROOT))
+        "_recipe(processes=2, strategy=a['strategy'], **a['kw']), checkpoint=Path(a['ckpt']))").format(root=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", script, json.dumps(args)], cwd=ROOT)
     try:
         deadline = time.monotonic() + 240
@@ -165,8 +178,10 @@ def test_a_killed_two_process_run_leaves_no_rank_and_resumes_with_one_process(da
         time.sleep(0.2)
     killed_at = json.loads((ckpt / "state.json").read_text())["step"]
     assert 0 < killed_at < kw["steps"]
-    res = _run(data, tmp_path / "resumed", _recipe(**kw), cache=tmp_path / "killed-topk", checkpoint=ckpt)
-    assert res.metrics["resumed_from_step"] == killed_at and res.compute["processes"] == 1
+    processes, strategy = resumed
+    res = _run(data, tmp_path / "resumed", _recipe(processes=processes, strategy=strategy, **kw),
+               cache=tmp_path / "killed-topk", checkpoint=ckpt)
+    assert res.metrics["resumed_from_step"] == killed_at and res.compute["processes"] == processes
     _run(data, tmp_path / "straight", _recipe(**kw))
     _same_training(tmp_path / "straight", tmp_path / "resumed", atol=2e-4)
 
@@ -210,6 +225,8 @@ def test_a_failing_rank_fails_the_stage_with_its_own_error(data, tmp_path):
 def test_the_recipe_refuses_what_cannot_be_split():
     with pytest.raises(RecipeError, match="multiple of the runtime.distributed processes"):
         _recipe(processes=3)
+    with pytest.raises(RecipeError, match="on_policy"):
+        _recipe(processes=2, strategy="fsdp", on_policy={"share": 0.5, "prompt_tokens": 8}, teacher={"source": "online"})
     with pytest.raises(RecipeError, match="sinkhorn"):
         _recipe(processes=2, divergence="sinkhorn", teacher={"source": "online"})
     with pytest.raises(RecipeError, match="master_addr"):

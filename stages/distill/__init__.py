@@ -13,7 +13,7 @@ from stages.config import DeriveStudent, DistillConfig, ModelsConfig, RuntimeCon
 from stages.data import load_tokens
 from stages.distill.chunked import CompressedTeacher
 from stages.distill.step import loss_path
-from stages.distill.trainer import evaluate_loss, precompute_topk, save_history, train
+from stages.distill.trainer import decoder_layers, gather, precompute_topk, save_history, train
 from stages.errors import InputError
 from stages.distributed import Rank, devices, launch, world_of
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, load_tokenizer, resolve_device,
@@ -23,19 +23,14 @@ from stages.result import StageResult
 EVAL_ROWS = 64  # held-out rows scored before training and every distill.eval_every steps
 
 
-def _decoder_layers(model) -> torch.nn.ModuleList:
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise InputError(f"cannot derive a student from {type(model).__name__}: expected a decoder with "
-                         "model.layers (Llama, Mistral, Qwen2 layouts)")
-    return layers
-
-
 def derive_student(teacher, spec: DeriveStudent, seed: int = 0):
     """A shallower copy of the teacher: keep some decoder layers, optionally with their weights."""
     from transformers import AutoModelForCausalLM
 
-    n = len(_decoder_layers(teacher))
+    try:
+        n = len(decoder_layers(teacher))
+    except InputError as e:
+        raise InputError(f"cannot derive a student: {e}") from None
     keep = list(range(0, n, 2)) if spec.layers == "every_other" else list(spec.layers)
     bad = [i for i in keep if not 0 <= i < n]
     if bad or not keep or len(set(keep)) != len(keep):
@@ -134,6 +129,27 @@ def _save_topk(c: CompressedTeacher, path: Path) -> None:
     os.replace(tmp, path)  # atomic: a killed run leaves no half-written cache
 
 
+def _whole(student, models: ModelsConfig):
+    """An FSDP-sharded student as a plain model on rank 0's CPU, in ``models.dtype`` (None on the other ranks; every
+    rank must call it): its gathered weights loaded into a fresh model of its config."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
+
+    from stages.modeling import DTYPES
+
+    weights, _ = gather(student, None, [])
+    if not weights:
+        return None
+    with no_init_weights():  # the weights come next: no random initialisation of a large model
+        plain = AutoModelForCausalLM.from_config(student.config, dtype=torch.float32,
+                                                 trust_remote_code=models.trust_remote_code)
+    missing, unexpected = plain.load_state_dict(weights, strict=False)
+    tied = {n for n, _ in plain.named_parameters(remove_duplicate=False)} - {n for n, _ in plain.named_parameters()}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"the gathered student does not fit its config: missing {missing}, unexpected {unexpected}")
+    return plain.to(DTYPES[models.dtype]).eval()
+
+
 def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
         student_ref: str, tokenizer_ref: str, train_path: Path, eval_path: Path, out_dir: Path,
         checkpoint_dir: Path | None = None, teacher_cache_dir: Path | None = None) -> StageResult:
@@ -178,13 +194,15 @@ def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *
     main = rank is None or rank.main
     progress = runtime.progress and main
     device = torch.device(rank.device) if rank else resolve_device(runtime.device)
-    teacher = load_causal_lm(teacher_ref, dtype=models.dtype, device=device,
+    sharded = rank is not None and rank.world > 1 and runtime.distributed.strategy == "fsdp"
+    load_to = torch.device("cpu") if sharded else device  # FSDP shards from the CPU and moves only the shards
+    teacher = load_causal_lm(teacher_ref, dtype=models.dtype, device=load_to,
                              trust_remote_code=models.trust_remote_code, revision=models.revision, what="teacher")
     if student_ref == "derive":
         student, keep = derive_student(teacher, cfg.student, runtime.seed)
         origin = {"derived_from_teacher_layers": keep, "init": cfg.student.init}
     else:
-        student = load_causal_lm(student_ref, dtype=models.dtype, device=device,
+        student = load_causal_lm(student_ref, dtype=models.dtype, device=load_to,
                                  trust_remote_code=models.trust_remote_code, revision=models.revision,
                                  what="student")
         origin = {"checkpoint": student_ref}
@@ -193,7 +211,7 @@ def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *
     train_ids, eval_ids = load_tokens(train_path), load_tokens(eval_path)
     if int(train_ids.max()) >= student.get_output_embeddings().weight.shape[0]:
         raise InputError("training tokens exceed the model's vocabulary: data tokenized with another tokenizer?")
-    compile_ = cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda")
+    compile_ = (cfg.compile == "always" or (cfg.compile == "auto" and device.type == "cuda")) and not sharded
     train_topk = eval_topk = None
     topk_info = {}
     eval_rows = eval_ids[:EVAL_ROWS]  # what every held-out evaluation during training scores
@@ -212,27 +230,30 @@ def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *
             teacher = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    student.to(device)
+    if not sharded:
+        student.to(device)
     path, why = loss_path(cfg, student)  # plain, chunked or fused (stages/distill/step.py), for the metrics
-    before = evaluate_loss(student, eval_rows, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk,
-                           rank=rank)
+    student_params = count_parameters(student)
+    before: dict = {}  # the held-out figures of the starting weights, filled in by train
     history = train(student, train_ids, eval_ids, cfg, teacher=teacher, device=device, train_topk=train_topk,
                     eval_topk=eval_topk, seed=runtime.seed, progress=progress,
                     desc=f"distill ({cfg.divergence.name})", checkpoint_dir=checkpoint_dir, eval_rows=EVAL_ROWS,
-                    compile=compile_, rank=rank)
-    compute = {"processes": rank.world if rank else 1, "devices": devices(rank) if rank else [str(device)]}
+                    compile=compile_, rank=rank, strategy=runtime.distributed.strategy, eval_before=before)
+    compute = {"processes": rank.world if rank else 1, "devices": devices(rank) if rank else [str(device)],
+               **({"strategy": runtime.distributed.strategy} if rank else {})}
+    final = _whole(student, models) if sharded else student.cpu()  # FSDP: every rank gathers, rank 0 keeps it
     if not main:
         return None
     model_dir = out_dir / "model"
-    save_pretrained_atomic_into(student.cpu(), load_tokenizer(tokenizer_ref, trust_remote_code=models.trust_remote_code,
-                                                              revision=models.revision), model_dir)
+    save_pretrained_atomic_into(final, load_tokenizer(tokenizer_ref, trust_remote_code=models.trust_remote_code,
+                                                      revision=models.revision), model_dir)
     resumed_from = next((r["resumed_from"] for r in history if "resumed_from" in r), None)
     if checkpoint_dir is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the finished model supersedes it
     outputs = {"model": "model", **save_history(history, out_dir, f"distill: {cfg.divergence.name}")}
     last = history[-1]
     metrics = {
-        "student": origin, "student_params": count_parameters(student), "teacher_params": teacher_params,
+        "student": origin, "student_params": student_params, "teacher_params": teacher_params,
         "teacher_signal": cfg.teacher.source, **topk_info, "on_policy_share": cfg.on_policy.share,
         "on_policy_batches": sum(r.get("on_policy", 0) for r in history), "compiled": compile_,
         "loss_path": path, **({"loss_path_note": why} if why else {}),

@@ -145,7 +145,9 @@ class StepLoss:
         self.name, self.params = cfg.divergence.name, divergence_params(cfg.divergence)
         self.vocab = vocab_size(student)
         self.path, self.note = path or _wanted_path(cfg, self.vocab), ""
-        self.head = self.t_head = None  # (weight, bias) of the fused lm_heads
+        # the fused lm_heads, as modules: their weight and bias are read at each call, because FSDP swaps a module's
+        # parameters (sharded between forwards, whole inside one) and a tensor kept from here would go stale
+        self._head = self._t_head = None
         forward, self.t_forward = student, teacher
         if self.path == "fused":
             fused = fused_head(student)
@@ -156,16 +158,26 @@ class StepLoss:
                               "chunked over the model's logits instead", stacklevel=2)
                 self.path, self.note = "chunked", fused
             else:
-                forward, weight, bias = fused
-                self.head = (weight, bias)
+                forward = fused[0]
+                self._head = student.get_output_embeddings()
         if self.path != "plain" and teacher is not None:
             fused = fused_head(teacher)
             if not isinstance(fused, str):  # else the teacher's logits are made whole, without gradient
-                self.t_forward, weight, bias = fused
-                self.t_head = (weight, bias)
+                self.t_forward = fused[0]
+                self._t_head = teacher.get_output_embeddings()
         self.forward = torch.compile(forward) if compile else forward  # shares the parameters
         check_chunk_tokens(chunk_tokens)
         self.chunk_tokens = chunk_tokens or auto_chunk_tokens(self.vocab, device)
+
+    @property
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight [V, H], bias [V] or None) of the student's fused lm_head, or None off the fused path."""
+        return (self._head.weight, self._head.bias) if self._head is not None else None
+
+    @property
+    def t_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) of the teacher's fused lm_head, or None when its logits are made whole."""
+        return (self._t_head.weight, self._t_head.bias) if self._t_head is not None else None
 
     def __call__(self, ids: torch.Tensor, *, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None,
                  ce_reduction: str = "mean"):

@@ -32,7 +32,7 @@ from stages.config import DistillConfig, divergence_params
 from stages.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
 from stages.distill.step import StepLoss, _autocast
 from stages.progress import report as report_progress
-from stages.errors import TrainingError
+from stages.errors import InputError, TrainingError
 
 if TYPE_CHECKING:
     from stages.distributed import Rank
@@ -155,7 +155,7 @@ def _rows(topk: CompressedTeacher | None, idx: torch.Tensor, device: torch.devic
 @torch.no_grad()
 def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.device, teacher=None,
                   cfg: DistillConfig | None = None, teacher_topk: CompressedTeacher | None = None,
-                  amp_dtype: torch.dtype | None = None, rank: Rank | None = None) -> dict:
+                  amp_dtype: torch.dtype | None = None, rank: Rank | None = None, loss=None) -> dict:
     """Mean held-out CE (and KD divergence to the teacher if given) over ``eval_ids`` [rows, T].
 
     cfg: the divergence, its parameters, temperature and chunking (default: forward KL at T = 1, chunk auto):
@@ -164,22 +164,32 @@ def evaluate_loss(model, eval_ids: torch.Tensor, batch_size: int, device: torch.
     ``teacher``; with cached top-k the reported KD is the top-k + tail-bucket value. amp_dtype: autocast dtype
     (see ``StepLoss``). rank: with several processes each scores its share of the batches (``Rank.shard``) and
     the sums are added up over the process group, so every rank returns the same figures.
+    loss: the FSDP root to score through (``shard``) instead of a StepLoss over ``model``; then every rank makes
+    the same number of forwards (each gathers the layers' weights from all ranks), repeating its last batch
+    uncounted where it has fewer.
     """
-    step = StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device, amp_dtype=amp_dtype)
+    step = loss or StepLoss(cfg if cfg is not None else DistillConfig(), model, teacher, device=device,
+                            amp_dtype=amp_dtype)
     was_training = model.training
     model.eval()
     score_kd = teacher is not None or teacher_topk is not None
     ce_sum, kd_sum, n = 0.0, 0.0, 0
     n_batches = -(-len(eval_ids) // batch_size)
-    for b in (rank.shard(n_batches) if rank else range(n_batches)):
-        i = b * batch_size
+    mine = list(rank.shard(n_batches) if rank else range(n_batches))
+    rounds = -(-n_batches // rank.world) if rank and loss is not None else len(mine)
+    for j in range(rounds):
+        i = mine[min(j, len(mine) - 1)] * batch_size if mine else 0
         ids = eval_ids[i:i + batch_size].to(device).long()
         rows = _rows(teacher_topk, torch.arange(i, i + len(ids)), device)
         _, kd, ce = step(ids, topk=rows, ce_reduction="sum")
+        if j >= len(mine):  # a collective's partner only
+            continue
         ce_sum += ce.item()
         if score_kd:
             kd_sum += kd.item() * ids.numel()
         n += ids[:, 1:].numel()
+    if loss is not None:  # the FSDP root stays gathered after a forward without backward: shard it again
+        loss.reshard()
     if rank is not None and rank.world > 1:
         sums = torch.tensor([ce_sum, kd_sum, float(n)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)  # [3]: the sums over every rank's batches
@@ -195,7 +205,7 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
           device: torch.device = torch.device("cpu"), train_topk: CompressedTeacher | None = None,
           eval_topk: CompressedTeacher | None = None, seed: int = 0, progress: bool = True, desc: str = "train",
           checkpoint_dir: str | Path | None = None, eval_rows: int = 64, compile: bool = False,
-          rank: Rank | None = None) -> list[dict]:
+          rank: Rank | None = None, strategy: str = "ddp", eval_before: dict | None = None) -> list[dict]:
     """Train ``student`` in place on packed token rows [rows, T]; return the history (a dict per step, evals included).
 
     cfg: the validated distillation settings (optimiser, schedule, divergence, temperature, ce_weight, chunking,
@@ -229,33 +239,43 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         if cache is not None and tuple(cache.tail_logprob.shape) != tuple(ids_.shape):
             raise TrainingError(f"cached teacher top-k for {name} has shape {tuple(cache.tail_logprob.shape)}, "
                                 f"the {name} tokens {tuple(ids_.shape)}: stale cache?")
-    torch.manual_seed(seed)
-    student.to(device).train()
-    amp, upcast = master_weights(student)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    if teacher is not None:
-        teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in student.named_parameters() if p.requires_grad and p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile, amp_dtype=amp)
-    batches = _batches(len(train_ids), cfg.batch_size, seed)
-    eval_sub = eval_ids[:eval_rows]
-    history: list[dict] = []
-    start = _resume(student, opt, checkpoint_dir, history, scaler)
     world, me = (rank.world, rank.rank) if rank else (1, 0)
     if cfg.batch_size % world:
         raise TrainingError(f"distill.batch_size {cfg.batch_size} cannot be split over {world} processes")
     local = cfg.batch_size // world  # rows of every global batch this rank takes
-    ddp = None
-    if world > 1:  # after _resume: DDP starts from the (identical) weights every rank loaded
+    sharded = world > 1 and strategy == "fsdp"
+    torch.manual_seed(seed)
+    if not sharded:  # FSDP moves only each rank's shards to the device
+        student.to(device)
+    student.train()
+    amp, upcast = master_weights(student)  # before sharding: FSDP shards the float32 master weights
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    if teacher is not None:
+        if not sharded:
+            teacher.to(device)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    step_loss = StepLoss(cfg, student, teacher, device=device, compile=compile and not sharded, amp_dtype=amp)
+    model = shard(student, step_loss, teacher, device, world) if sharded else None  # the FSDP root, or None
+    # the optimiser before any forward: FSDP swaps the registered parameters for whole ones while a unit is gathered
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]  # FSDP's sharded ones if sharded
+    groups = [[(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]]
+    opt = torch.optim.AdamW([{"params": [p for _, p in groups[0]], "weight_decay": cfg.weight_decay},
+                             {"params": [p for _, p in groups[1]], "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    names = [n for g in groups for n, _ in g]  # the optimiser's parameter order (its state's integer keys)
+    eval_sub = eval_ids[:eval_rows]
+    if eval_before is not None:  # the starting weights, scored as every later evaluation is
+        eval_before.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg,
+                                         teacher_topk=eval_topk, amp_dtype=amp, rank=rank, loss=model))
+    batches = _batches(len(train_ids), cfg.batch_size, seed)
+    history: list[dict] = []
+    start = _resume(student, opt, checkpoint_dir, history, scaler, names if sharded else None)
+    if world > 1 and not sharded:  # after _resume: DDP starts from the (identical) weights every rank loaded
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(_WithLoss(student, step_loss),
-                                      device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(_WithLoss(student, step_loss),
+                                        device_ids=[device.index] if device.type == "cuda" else None)
     for _ in range(start * cfg.grad_accum):  # replay the seeded data order up to the checkpoint
         next(batches)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * train_ids.shape[1]
@@ -277,8 +297,11 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
             idx = next(batches)[me * local:(me + 1) * local]  # [B / world]: this rank's slice of the global batch
             ids = train_ids[idx].to(device).long()  # [B / world, T]
             micro_index = step * cfg.grad_accum + micro
-            # DDP averages the gradients over the ranks on the last micro-batch's backward only
-            sync = ddp.no_sync() if ddp is not None and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            # DDP / FSDP average the gradients over the ranks on the last micro-batch's backward only
+            if sharded:
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+            sync = model.no_sync() if model is not None and not sharded and micro < cfg.grad_accum - 1 \
+                else contextlib.nullcontext()
             with sync:
                 if is_on_policy(share, seed, micro_index):  # the same micro-batches on every rank
                     gen = torch.Generator(device=device).manual_seed(_mix(seed, micro_index) + me)
@@ -287,11 +310,11 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
                                                    gen)
                     mask = torch.zeros_like(ids, dtype=torch.bool)
                     mask[:, prompt - 1:-1] = True  # positions whose next token was sampled
-                    total, kd, _ = _losses(ddp or step_loss, ids, mask=mask)
+                    total, kd, _ = _losses(model or step_loss, ids, mask=mask)
                     ce = torch.zeros(())  # CE against the student's own samples means nothing: not logged
                     rec["on_policy"] += 1
                 else:
-                    total, kd, ce = _losses(ddp or step_loss, ids, topk=_rows(train_topk, idx, device))
+                    total, kd, ce = _losses(model or step_loss, ids, topk=_rows(train_topk, idx, device))
                 if not torch.isfinite(total):
                     raise TrainingError(f"{desc}: loss is {total.item()} at step {step + 1} "
                                         f"(lr {lr:.3g}); training diverged - lower the learning rate")
@@ -311,6 +334,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         if scaler:
             scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
         if scaler:  # float16: a non-finite gradient skips the step and lowers the loss scale
             scaler.step(opt)
             scaler.update()
@@ -323,15 +348,19 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         rec["tokens_per_s"] = tokens_per_step * (step + 1 - start) / elapsed
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             rec.update(evaluate_loss(student, eval_sub, cfg.batch_size, device, teacher, cfg, teacher_topk=eval_topk,
-                                     amp_dtype=amp, rank=rank))
+                                     amp_dtype=amp, rank=rank, loss=model if sharded else None))
         history.append(rec)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
         report_progress((step + 1) / cfg.steps, f"{desc}: step {step + 1}/{cfg.steps}, loss {rec['loss']:.3f}, "
                         f"{rec['tokens_per_s']:.0f} tokens/s")
         if checkpoint_dir and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 \
-                and step + 1 < cfg.steps and me == 0:  # the ranks' weights and optimiser states are identical
-            _save_checkpoint(student, opt, step + 1, history, Path(checkpoint_dir), scaler)
-    for p in upcast:  # back to the dtype the student came in (and is saved in)
+                and step + 1 < cfg.steps:
+            if sharded:  # every rank takes part in gathering the whole state; rank 0 writes it
+                _save_checkpoint(*gather(student, opt, names), step + 1, history, Path(checkpoint_dir), scaler,
+                                 write=me == 0)
+            elif me == 0:  # the ranks' weights and optimiser states are identical
+                _save_checkpoint(student, opt.state_dict(), step + 1, history, Path(checkpoint_dir), scaler)
+    for p in upcast if not sharded else ():  # back to the dtype the student came in (and is saved in)
         p.data = p.data.to(amp)
     student.eval()
     return history
@@ -342,44 +371,135 @@ class _WithLoss(torch.nn.Module):
     the decoder and the lm_head outside the student's own forward, so DDP wraps the whole loss, and its forward
     (which readies the gradient averaging for the backward that follows) sees every parameter the loss uses."""
 
-    def __init__(self, student, step: StepLoss):
+    def __init__(self, student, step: StepLoss, teacher=None):
         super().__init__()
-        self.student = student  # registers the parameters DDP averages
+        self.student = student  # registers the parameters DDP averages / FSDP shards
+        if teacher is not None:  # FSDP only: the online teacher's weights are sharded too
+            self.teacher = teacher
         self.step = step  # not a module: the plain, chunked or fused loss over ``student``
 
-    def forward(self, ids: torch.Tensor, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None):
-        return self.step(ids, topk=topk, mask=mask)  # (total, kd, ce), as StepLoss.__call__
+    def forward(self, ids: torch.Tensor, topk: CompressedTeacher | None = None, mask: torch.Tensor | None = None,
+                ce_reduction: str = "mean"):
+        return self.step(ids, topk=topk, mask=mask, ce_reduction=ce_reduction)  # (total, kd, ce): StepLoss.__call__
 
 
-def _save_checkpoint(model, opt, step: int, history: list[dict], ckpt_dir: Path, scaler=None) -> None:
-    """Model weights (safetensors), optimiser state, step and history (and the float16 loss scaler's state);
-    replaced atomically."""
-    from safetensors.torch import save_model
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a Llama / Mistral / Qwen2-style causal LM (``model.model.layers``)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise InputError(f"expected a decoder with model.layers (Llama, Mistral, Qwen2 layouts), not "
+                         f"{type(model).__name__}")
+    return layers
+
+
+def shard(student, step: StepLoss, teacher, device: torch.device, world: int) -> _WithLoss:
+    """FSDP2 (``fully_shard``) over ``world`` ranks: every decoder layer of the student, and of an online teacher,
+    is a unit of its own, gathered for its forward and backward only; the root, the student with its loss, holds
+    the rest (embeddings, final norm, lm_head), gathered for the whole loss, so the fused lm_head sees its whole
+    weight. Parameters are sharded where they are (the CPU) and the shards moved to ``device``.
+    Returns the root, called as ``StepLoss``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    root = _WithLoss(student, step, teacher)
+    for model in (student, teacher) if teacher is not None else (student,):
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    return root
+
+
+def _tied_names(model) -> tuple[str, str] | None:
+    """(input embedding weight, lm_head weight) names when the two are one tensor, else None."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or out.weight is not inp.weight:
+        return None
+    where = {m: n for n, m in model.named_modules()}
+    return f"{where[inp]}.weight", f"{where[out]}.weight"
+
+
+def gather(student, opt, names: list[str]) -> tuple[dict, dict]:
+    """The whole (weights, optimiser state) of an FSDP-sharded student, on rank 0's CPU (empty on the others; every
+    rank must call it): weights by name, a tied lm_head left out as ``save_model`` leaves it; the optimiser state
+    keyed by parameter index as ``torch.optim``'s own ``state_dict`` (``names``: the optimiser's parameter order),
+    so any world size and either strategy resumes from it."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(student, options=whole)
+    tied = _tied_names(student)
+    if tied:
+        weights.pop(tied[1], None)
+    if opt is None:
+        return weights, {}
+    by_name = get_optimizer_state_dict(student, opt, options=whole)
+    index = {n: i for i, n in enumerate(names)}
+    optim = {"state": {index[n]: v for n, v in by_name.get("state", {}).items()},
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name.get("param_groups", [])]}
+    return weights, optim
+
+
+def _save_checkpoint(model, optim: dict, step: int, history: list[dict], ckpt_dir: Path, scaler=None,
+                     write: bool = True) -> None:
+    """Model weights (safetensors: of ``model``, or a ``gather``-ed state dict), optimiser state (``optim``, torch's
+    own layout), step and history (and the float16 loss scaler's state); replaced atomically. ``write`` False: a
+    rank that only took part in gathering."""
+    from safetensors.torch import save_file, save_model
 
     from stages.io import atomic_dir
 
+    if not write:
+        return
     with atomic_dir(ckpt_dir) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))  # stores tied weights (lm_head = embeddings) once
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")  # only tensors/numbers: loads with weights_only=True
+        if isinstance(model, dict):
+            save_file(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            save_model(model, str(tmp / "model.safetensors"))  # stores tied weights (lm_head = embeddings) once
+        torch.save(optim, tmp / "optimizer.pt")  # only tensors/numbers: loads with weights_only=True
         if scaler:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history}))
 
 
-def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict], scaler=None) -> int:
-    """Load the checkpoint in ``checkpoint_dir`` if there is one; return the step to start from."""
+def _resume(model, opt, checkpoint_dir: str | Path | None, history: list[dict], scaler=None,
+            sharded_names: list[str] | None = None) -> int:
+    """Load the checkpoint in ``checkpoint_dir`` if there is one; return the step to start from.
+
+    sharded_names: the optimiser's parameter names when ``model`` is FSDP-sharded: every rank reads the whole state
+    and keeps its shards (a checkpoint holds no world size or strategy)."""
     if not checkpoint_dir or not (Path(checkpoint_dir) / "state.json").is_file():
         return 0
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     ckpt = Path(checkpoint_dir)
     state = json.loads((ckpt / "state.json").read_text())
+    optim = torch.load(ckpt / "optimizer.pt", weights_only=True)
     try:
-        load_model(model, str(ckpt / "model.safetensors"), strict=True)
-    except RuntimeError as e:
-        raise TrainingError(f"checkpoint {ckpt} does not match the model ({str(e).strip()[:200]}); "
-                            "delete it to start over") from None
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        if sharded_names is None:
+            load_model(model, str(ckpt / "model.safetensors"), strict=True)
+        else:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            weights = load_file(str(ckpt / "model.safetensors"))
+            tied = _tied_names(model)
+            if tied:  # save_model keeps one name of a tied pair
+                a, b = tied
+                weights.setdefault(a, weights.get(b))
+                weights.setdefault(b, weights.get(a))
+            whole = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, weights, options=whole)
+            optim = {"state": {sharded_names[i]: v for i, v in optim["state"].items()},
+                     "param_groups": [{**g, "params": [sharded_names[i] for i in g["params"]]}
+                                      for g in optim["param_groups"]]}
+            set_optimizer_state_dict(model, opt, optim, options=whole)
+    except (RuntimeError, KeyError, IndexError) as e:
+        raise TrainingError(f"checkpoint {ckpt} does not match the model ({type(e).__name__}: {str(e).strip()[:200]})"
+                            "; delete it to start over") from None
+    if sharded_names is None:
+        opt.load_state_dict(optim)
     if scaler and (ckpt / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     history.extend(state["history"])
