@@ -4,14 +4,14 @@ A stage that runs data-parallel (distillation, ``runtime.distributed``) is one p
 which launches ``torch.distributed.run`` (torchrun) with the stage's worker module; each worker process is a rank
 that opens the process group (:func:`init`: nccl on GPUs, gloo on the CPU), does its share and leaves its files::
 
-    parent (the stage's run)                         torchrun -> rank 0 .. rank W-1 (python -m <worker> spec.json)
+    parent (the stage's run)                         torchrun -> rank 0 .. rank W-1 (python -m stages.worker spec.json)
     launch(worker, spec, ...) ---- spec.json ---->   init(); spec = receive_spec(argv)   (rank 0 broadcasts it)
           polls progress.json  <---- rank 0 ----     report(...) -> progress.json
           reads result.json    <---- rank 0 ----     finish(result)        / error-rank<r>.json from a failing rank
 
 One node: ``torchrun --standalone --nproc_per_node N``. Several nodes: the stage's node is node 0 and the master
 (``--nnodes K --node_rank 0 --master_addr A --master_port P``); every other node joins with the same torchrun line,
-its own ``--node_rank`` and the worker module without a spec (the spec reaches it through the process group), so
+its own ``--node_rank`` and ``-m stages.worker`` without a spec (the spec reaches it through the process group), so
 each node needs only the project installed and the run's folders at the same paths (checked by every rank).
 
 The workers never import Prefect. A worker started any other way that sets torch.distributed's environment
@@ -59,6 +59,11 @@ class Rank:
         """The items of ``range(n)`` this rank takes: every world-th, from its rank (so batch i of a loop is made
         by rank i % world, whatever the world size: the batches, and their results, are the single process's)."""
         return range(self.rank, n, self.world)
+
+
+def stage_args(spec: dict) -> dict:
+    """The keyword arguments of a stage's ``run_rank`` in its spec: all but its configs and the launcher's keys."""
+    return {k: v for k, v in spec.items() if k not in ("cfg", "models", "runtime", "entry", "work_dir", "shared_paths")}
 
 
 def world_of(runtime) -> int:
@@ -146,6 +151,51 @@ def record_error(work_dir: Path, err: BaseException) -> None:
                       {"type": type(err).__name__, "message": str(err)})
 
 
+def serve(argv: list[str] | None) -> None:
+    """The body of ``python -m stages.worker [spec] [--device cpu|cuda]`` (started by torchrun): join the process
+    group, receive the spec, run the function it names (``entry``, 'module:function' under ``stages``) as
+    ``fn(spec, rank)`` (rank 0's progress to the parent) and hand rank 0's StageResult back, or this rank's error."""
+    import argparse
+    import contextlib
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="python -m stages.worker", description="one rank of a data-parallel stage")
+    parser.add_argument("spec", nargs="?", help="the stage's spec file (node 0 only)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="cpu (gloo) or cuda (nccl, one GPU per process); default: cuda if there is one. "
+                        "Every node must use the same.")
+    a = parser.parse_args(argv)
+
+    import torch
+    import torch.distributed as dist
+
+    from stages.progress import reporting
+
+    die_with_parent()  # a rank never outlives its launcher
+    rank = init(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    work = None
+    try:
+        spec = receive_spec(rank, a.spec)
+        work = Path(spec["work_dir"])
+        threads = spec["runtime"].get("threads")
+        if threads:
+            torch.set_num_threads(threads)
+        module, _, name = spec["entry"].partition(":")
+        if not module.startswith("stages."):
+            raise InputError(f"spec entry {spec['entry']!r} is not a function of this project's stages")
+        run_rank = getattr(importlib.import_module(module), name)
+        with reporting(progress_writer(work)) if rank.main else contextlib.nullcontext():
+            result = run_rank(spec, rank)
+        if result is not None:
+            finish(work, {"outputs": result.outputs, "metrics": result.metrics, "compute": result.compute})
+    except BaseException as e:
+        if work is not None:
+            record_error(work, e)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Have Linux send this process ``sig`` when its parent dies (prctl PR_SET_PDEATHSIG; survives exec).
 
@@ -174,18 +224,19 @@ def _prctl():
 _PRCTL = _prctl()
 
 
-def torchrun_args(runtime, module: str, spec_path: Path, device: str) -> list[str]:
+def torchrun_args(runtime, spec_path: Path, device: str) -> list[str]:
     """The torchrun command line of node 0 for ``runtime.distributed`` (device: 'cpu' or 'cuda')."""
     d = runtime.distributed
     where = (["--standalone"] if d.nodes == 1 else
              ["--nnodes", str(d.nodes), "--node_rank", "0", "--master_addr", d.master_addr,
               "--master_port", str(d.master_port)])
     return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(d.processes),
-            "--max_restarts", "0", "--module", module, str(spec_path), "--device", device]
+            "--max_restarts", "0", "--module", "stages.worker", str(spec_path), "--device", device]
 
 
-def launch(module: str, spec: dict, runtime, device: str, work_dir: Path, report=None) -> dict:
-    """Run ``module`` on ``world_of(runtime)`` ranks (torchrun) with ``spec`` and return rank 0's result.
+def launch(entry: str, spec: dict, runtime, device: str, work_dir: Path, report=None) -> dict:
+    """Run ``entry`` ('module:function', called as ``fn(spec, rank)`` in every rank of ``stages.worker``) on
+    ``world_of(runtime)`` ranks (torchrun) with ``spec`` and return rank 0's result.
 
     device: 'cpu' (gloo) or 'cuda' (nccl); work_dir: an empty folder every node sees (the spec, progress, result and
     error files; the spec's ``work_dir``); report: the parent's
@@ -194,12 +245,12 @@ def launch(module: str, spec: dict, runtime, device: str, work_dir: Path, report
     timeout or cancellation) the launcher and its workers are stopped.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work_dir / SPEC, {**spec, "work_dir": str(work_dir)})
+    write_json_atomic(work_dir / SPEC, {**spec, "entry": entry, "work_dir": str(work_dir)})
     env = dict(os.environ)
     if runtime.threads:
         env["OMP_NUM_THREADS"] = str(runtime.threads)  # else torchrun gives each of several workers 1 thread
     env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(torchrun_args(runtime, module, work_dir / SPEC, device), env=env, start_new_session=True,
+    proc = subprocess.Popen(torchrun_args(runtime, work_dir / SPEC, device), env=env, start_new_session=True,
                             preexec_fn=die_with_parent)
     seen = None
     try:
@@ -217,7 +268,7 @@ def launch(module: str, spec: dict, runtime, device: str, work_dir: Path, report
             raise ERRORS[e["type"]](e["message"])
         raise RuntimeError(f"{errors[0].stem.split('-')[1]} failed: {e['type']}: {e['message']}")
     if proc.returncode != 0 or not (work_dir / RESULT).is_file():
-        raise RuntimeError(f"the data-parallel workers ({module}) failed with exit code {proc.returncode} and left no "
+        raise RuntimeError(f"the data-parallel workers ({entry}) failed with exit code {proc.returncode} and left no "
                          "error: see their output above")
     return json.loads((work_dir / RESULT).read_text())
 

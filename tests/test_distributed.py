@@ -199,7 +199,7 @@ def test_a_second_node_joins_with_torchrun_and_gets_the_spec_from_rank_0(data, o
     port = _free_port()
     node1 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1",
                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                              "--module", "stages.distill.worker", "--device", "cpu"], cwd=ROOT)
+                              "--module", "stages.worker", "--device", "cpu"], cwd=ROOT)
     try:
         res = _run(data, tmp_path / "two-nodes", _recipe(processes=1, nodes=2, port=port, **CACHED))
         assert node1.wait(timeout=60) == 0
@@ -238,9 +238,37 @@ def test_the_recipe_refuses_what_cannot_be_split():
 def test_the_launcher_command_line():
     from stages.distributed import torchrun_args
 
-    one = torchrun_args(_recipe(processes=2).runtime, "stages.distill.worker", Path("/x/spec.json"), "cpu")
+    one = torchrun_args(_recipe(processes=2).runtime, Path("/x/spec.json"), "cpu")
     assert one[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node" in one
-    assert one[-4:] == ["stages.distill.worker", "/x/spec.json", "--device", "cpu"]
-    two = torchrun_args(_recipe(processes=2, nodes=2, port=29400).runtime, "m", Path("s"), "cuda")
+    assert one[-4:] == ["stages.worker", "/x/spec.json", "--device", "cpu"] and one[-5] == "--module"
+    two = torchrun_args(_recipe(processes=2, nodes=2, port=29400).runtime, Path("s"), "cuda")
     assert two[3:13] == ["--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "29400",
                          "--nproc_per_node", "2"]
+
+
+def _quantize(data: dict, out: Path, processes: int, method: str = "gptq"):
+    from stages.quantize.apply import run
+
+    r = load_recipe(ROOT / "configs" / "tiny.yaml").model_dump(mode="json")
+    r["quantize"]["scheme"] = {"method": method, "setting": "W4A16", "group_size": 32, "calibration": {"samples": 48}}
+    r["runtime"]["distributed"] = {"processes": processes}
+    recipe = parse_recipe(r)
+    out.mkdir(parents=True)
+    return run(recipe.quantize, recipe.models, recipe.runtime, model_dir=Path(data["teacher_ref"]), out_dir=out,
+               calib_path=Path(data["train_path"]))
+
+
+def test_gptq_calibrates_on_two_processes_like_one(data, tmp_path):
+    """GPTQ with 2 ranks: each runs half the calibration batches, the Hessians are summed over the ranks before every
+    solve, so the codes are one process's (up to the order of float sums) and the result says 2 processes."""
+    from stages.quantize.codes import load_codes
+
+    one = _quantize(data, tmp_path / "one", 1)
+    two = _quantize(data, tmp_path / "two", 2)
+    assert two.compute["processes"] == 2 and one.compute is None
+    assert two.metrics["calibration_rows"] == one.metrics["calibration_rows"] == 48
+    assert two.metrics["mean_rel_error"] == pytest.approx(one.metrics["mean_rel_error"], rel=1e-3)
+    a, b = (load_codes(p / "model").layers for p in (tmp_path / "one", tmp_path / "two"))
+    assert a.keys() == b.keys() and a
+    same = sum(int((a[k].codes == b[k].codes).sum()) for k in a) / sum(a[k].codes.numel() for k in a)
+    assert same > 0.999, same

@@ -15,7 +15,7 @@ from stages.distill.chunked import CompressedTeacher
 from stages.distill.step import loss_path
 from stages.distill.trainer import decoder_layers, gather, precompute_topk, save_history, train
 from stages.errors import InputError
-from stages.distributed import Rank, devices, launch, world_of
+from stages.distributed import Rank, devices, launch, stage_args, world_of
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, load_tokenizer, resolve_device,
                              save_pretrained_atomic_into)
 from stages.result import StageResult
@@ -156,7 +156,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     """Distil the teacher into the student; ``teacher_cache_dir`` holds cached top-k (teacher.source cached_topk).
 
     With ``runtime.distributed`` asking for more than one process, the distillation runs data-parallel in
-    processes that torchrun starts (``stages.distill.worker``, one per GPU or CPU process), and this process
+    processes that torchrun starts (``stages.worker`` running ``rank_main``, one per GPU or CPU process), and this process
     waits for them, passing on rank 0's progress; the result is the same as one process's within float tolerance.
     """
     args = dict(cfg=cfg.model_dump(mode="json"), models=models.model_dump(mode="json"),
@@ -177,10 +177,16 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     spec = {**args, "shared_paths": [str(train_path), str(eval_path), str(out_dir), *shared]}
     work = out_dir / ".ranks"  # spec, progress, result and error files; every node sees out_dir
     try:
-        result = launch("stages.distill.worker", spec, runtime, device, work, report=current_reporter())
+        result = launch("stages.distill:rank_main", spec, runtime, device, work, report=current_reporter())
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+
+
+def rank_main(spec: dict, rank: Rank) -> StageResult | None:
+    """A rank of ``stages.worker``: ``run_rank`` with the spec ``run`` wrote."""
+    return run_rank(DistillConfig.model_validate(spec["cfg"]), ModelsConfig.model_validate(spec["models"]),
+                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **stage_args(spec))
 
 
 def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, rank: Rank | None,

@@ -13,11 +13,13 @@ by the export stage.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
 from stages.config import ModelsConfig, QuantizeConfig, RuntimeConfig
+from stages.distributed import stage_args, world_of
 from stages.errors import InputError
 from stages.quantize.codes import CODES_FILE, save_codes
 from stages.quantize.record import QUANT_FILE
@@ -47,14 +49,15 @@ def calibration_rows(path: Path, samples: int, seed: int, *, tokenizer=None, seq
 
 
 def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress: bool = False,
-          codes: dict | None = None) -> dict:
+          codes: dict | None = None, rank=None) -> dict:
     """Quantize ``model`` in place as ``scheme`` (a RTN/GPTQ/OSTQuant config) says; returns the record.
     ``codes``, if given, is filled with each quantized Linear's integer codes, scale and zero
     (:mod:`stages.quantize.codes`).
 
     The record is what ``quantization.json`` holds (setting, weight quantizer, online Hadamard, QSUR, calibration
     losses, per-layer weight errors) plus "metrics" and "history" entries. Activation/KV fake quantization is
-    attached as the setting says, so the returned model runs as quantized.
+    attached as the setting says, so the returned model runs as quantized. ``rank``: GPTQ's share of a data-parallel
+    calibration (``gptq_quantize_model``).
     """
     s = scheme
     setting = s.quant_setting()
@@ -108,7 +111,7 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         from stages.quantize.gptq import gptq_quantize_model
 
         stats = gptq_quantize_model(model, calib.to(device), setting.w_bits, s.group_size, s.symmetric, s.act_order,
-                                    s.percdamp, s.clip_search, skip=tuple(s.skip), codes=codes)
+                                    s.percdamp, s.clip_search, skip=tuple(s.skip), codes=codes, rank=rank)
     else:
         from stages.quantize.rtn import quantize_model
 
@@ -133,12 +136,46 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     """Quantize the model at ``model_dir`` into ``out_dir/model`` (+ ``quantization.json``).
 
     ``calib_path``: the data stage's token file, or (with ``calib_seq_len``) a text file to tokenize; only the
-    calibrated methods (GPTQ, OSTQuant) read it.
+    calibrated methods (GPTQ, OSTQuant) read it. With ``runtime.distributed`` asking for several processes, GPTQ
+    calibrates data-parallel in ranks that torchrun starts (``stages.worker`` running ``rank_main``); RTN and
+    OSTQuant (its transforms are trained in one process) run here.
     """
+    args = dict(model_dir=str(model_dir), out_dir=str(out_dir), calib_path=str(calib_path) if calib_path else None,
+                calib_seq_len=calib_seq_len)
+    if runtime is None or world_of(runtime) == 1 or cfg.scheme.method != "gptq" or calib_path is None:
+        return run_rank(cfg, models, runtime, rank=None, **args)
+    from stages.distributed import launch
+    from stages.modeling import resolve_device
+    from stages.progress import current_reporter
+
+    device = resolve_device(runtime.device).type
+    spec = {"cfg": cfg.model_dump(mode="json"), "models": models.model_dump(mode="json"),
+            "runtime": runtime.model_dump(mode="json"), **args,
+            "shared_paths": [str(model_dir), str(out_dir), str(calib_path)]}
+    work = Path(out_dir) / ".ranks"
+    try:
+        result = launch("stages.quantize.apply:rank_main", spec, runtime, device, work, report=current_reporter())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+
+
+def rank_main(spec: dict, rank) -> StageResult | None:
+    """A rank of ``stages.worker``: ``run_rank`` with the spec ``run`` wrote."""
+    return run_rank(QuantizeConfig.model_validate(spec["cfg"]), ModelsConfig.model_validate(spec["models"]),
+                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **stage_args(spec))
+
+
+def run_rank(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None, *, rank, model_dir: str,
+             out_dir: str, calib_path: str | None = None, calib_seq_len: int | None = None) -> StageResult | None:
+    """The quantization in this process: all of it (``rank`` None), or one rank's share of GPTQ's calibration, of
+    which rank 0 writes the model and returns the result (the other ranks return None)."""
+    from stages.distributed import devices
     from stages.modeling import load_causal_lm, load_tokenizer, resolve_device, save_pretrained_atomic_into
 
     s = cfg.scheme
-    device = resolve_device(runtime.device if runtime else "cpu")
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    device = torch.device(rank.device) if rank else resolve_device(runtime.device if runtime else "cpu")
     seed = runtime.seed if runtime else 0
     if (Path(model_dir) / QUANT_FILE).is_file():
         raise InputError(f"quantize: {model_dir} is already quantized ({QUANT_FILE} is there); quantize the "
@@ -148,11 +185,16 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     tok = load_tokenizer(str(model_dir))
     calib = None
     if calib_path and s.method != "rtn":
-        calib = calibration_rows(calib_path, s.calibration.samples, seed, tokenizer=tok if calib_seq_len else None,
-                                 seq_len=calib_seq_len, text_field=s.calibration.text_field,
+        calib = calibration_rows(Path(calib_path), s.calibration.samples, seed,
+                                 tokenizer=tok if calib_seq_len else None, seq_len=calib_seq_len,
+                                 text_field=s.calibration.text_field,
                                  vocab_size=model.get_input_embeddings().num_embeddings)
     codes: dict = {}
-    record = apply(model, s, calib, seed=seed, progress=runtime.progress if runtime else False, codes=codes)
+    record = apply(model, s, calib, seed=seed, progress=bool(runtime and runtime.progress) and (rank is None or rank.main),
+                   codes=codes, rank=rank)
+    compute = {"processes": rank.world, "devices": devices(rank)} if rank else None
+    if rank is not None and not rank.main:
+        return None
     metrics, history = record.pop("metrics"), record.pop("history")
     handle = getattr(model, "_fakequant_handle", None)
     if handle is not None:
@@ -168,4 +210,4 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     if history:
         (out_dir / "calibration.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         outputs["calibration"] = "calibration.jsonl"
-    return StageResult(outputs=outputs, metrics=metrics)
+    return StageResult(outputs=outputs, metrics=metrics, compute=compute)

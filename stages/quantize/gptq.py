@@ -171,6 +171,15 @@ class _HessianAccumulator:
         x = x * math.sqrt(2 / self.n)
         self.H.addmm_(x.t(), x)
 
+    def all_reduce(self) -> None:
+        """The Hessian over every rank's inputs: the ranks' 2/n_r Σ x xᵀ weighted by their n_r, summed, over Σ n_r."""
+        n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.H.device)
+        self.H *= self.n
+        torch.distributed.all_reduce(self.H)
+        torch.distributed.all_reduce(n)
+        self.n = int(n.item())
+        self.H /= max(self.n, 1)
+
 
 class _StopForward(Exception):
     pass
@@ -228,7 +237,7 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
                         symmetric: bool = True, act_order: bool = False, percdamp: float = 0.01,
                         clip_search: bool = False, skip: Sequence[str] = ("lm_head",), batch_size: int = 8, *,
                         block_size: int = 128, true_sequential: bool = True,
-                        log: Callable[[str], None] | None = None, codes: dict | None = None) -> dict:
+                        log: Callable[[str], None] | None = None, codes: dict | None = None, rank=None) -> dict:
     """GPTQ every nn.Linear of the decoder layers of a Llama-family model in place, layer by layer.
 
     calib_input_ids: [N, L] token ids (split into batches of batch_size) or a sequence of [L] / [b, L] tensors.
@@ -236,6 +245,9 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
     Returns {"layers": {name: relative error ||W - Q|| / ||W||}, "gptq_loss": {name: loss}, "quantized_params",
     "mean_rel_error"}, the first and last two as in ``rtn.quantize_model``; ``codes`` (if given) is filled as
     there.
+    rank: one of several processes (``stages.distributed.Rank``): it runs its share of the calibration batches
+    (batch i on rank i % world), the Hessians are summed over the ranks (each weighted by its token count) before
+    every solve, so each solve sees all the rows, and rank 0's solution is sent to every rank.
     """
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
@@ -245,6 +257,8 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
         raise InputError(f"GPTQ batch_size must be >= 1, got {batch_size}")
     device = model.get_input_embeddings().weight.device
     batches = _calibration_batches(calib_input_ids, batch_size, device)
+    if rank is not None and rank.world > 1:
+        batches = [batches[i] for i in rank.shard(len(batches))]
     was_training = model.training
     model.eval()
     try:
@@ -270,9 +284,13 @@ def gptq_quantize_model(model: nn.Module, calib_input_ids, bits: int, group_size
                 for n in names:
                     full = f"{prefix}.{i}.{n}"
                     w = linears[n].weight
+                    if rank is not None and rank.world > 1:
+                        acc[n].all_reduce()
                     res = gptq_solve(w.data, acc[n].H, bits, group_size, symmetric, act_order, percdamp, block_size,
                                      clip_search, name=full)
                     acc[n].H = None  # free before the next solve
+                    if rank is not None and rank.world > 1:  # one solution everywhere: rank 0's
+                        torch.distributed.broadcast(res.weight, src=0)
                     rel = (w.data.float() - res.weight.float()).norm() / w.data.float().norm().clamp_min(1e-12)
                     w.data.copy_(res.weight)
                     rel_errors[full] = round(rel.item(), 6)
