@@ -17,7 +17,6 @@ from stages.config import load_recipe, parse_recipe
 from stages.errors import InputError, RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
-CACHED = {"teacher": {"source": "cached_topk"}}  # the reference runs' teacher signal: its top-k, computed once
 
 
 @pytest.fixture(scope="module")
@@ -71,53 +70,47 @@ def _same_training(a: Path, b: Path, atol: float = 1e-4) -> None:
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < atol
 
 
+# the fused lm_head loss (run inside DDP's forward / FSDP's root, outside the student's own forward) over 2 accumulated
+# micro-batches: the paths a data-parallel wrapper can get wrong
+FUSED = dict(chunk="always", grad_accum=2)
+CACHED = {"teacher": {"source": "cached_topk"}, **FUSED}  # the teacher's top-k, computed once (by the ranks)
+ONLINE = {"teacher": {"source": "online"}, **FUSED}  # the teacher run on every batch (sharded too under FSDP)
+
+
 @pytest.fixture(scope="module")
 def one_process(data, tmp_path_factory) -> Path:
-    """The reference: the default tiny distillation (cached top-k teacher) in this process."""
+    """The reference: the tiny distillation with a cached top-k teacher, in this process."""
     out = tmp_path_factory.mktemp("one") / "run"
-    _run(data, out, _recipe(**CACHED))
+    assert _run(data, out, _recipe(**CACHED)).metrics["loss_path"] == "fused"
     return out
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_train_like_one_on_the_same_global_batch(data, one_process, tmp_path, strategy):
-    """World size 2 (each rank 4 of the 8 rows of every batch; gradients averaged by DDP, or reduce-scattered over
-    FSDP's shards) gives one process's losses, held-out figures and weights; the teacher top-k made by two ranks is
-    the same file; the result says 2 processes; rank 0's progress reaches the reporter installed around the stage."""
+def test_ddp_on_two_processes_trains_like_one_on_the_same_global_batch(data, one_process, tmp_path):
+    """World size 2 (each rank 4 of the 8 rows of every batch, gradients averaged by DDP) gives one process's losses,
+    held-out figures and weights; the teacher top-k made by two ranks is the same file; the result says 2 processes;
+    rank 0's progress reaches the reporter installed around the stage (the flow's)."""
     from stages.progress import reporting
 
     seen = []
     with reporting(lambda fraction, note: seen.append((fraction, note))):
-        res = _run(data, tmp_path / "two", _recipe(processes=2, strategy=strategy, **CACHED))
-    assert res.compute["strategy"] == strategy
+        res = _run(data, tmp_path / "two", _recipe(processes=2, **CACHED))
+    assert res.compute["strategy"] == "ddp" and res.compute["processes"] == 2 and len(res.compute["devices"]) == 2
     assert seen and seen[-1][0] == 1.0 and "step 10/10" in seen[-1][1]
     _same_training(one_process, tmp_path / "two")
-    assert res.compute["processes"] == 2 and len(res.compute["devices"]) == 2
     assert all(d.endswith(":cpu") for d in res.compute["devices"])
-    assert res.metrics["loss_path"] == "plain" and res.metrics["teacher_signal"] == "cached_topk"
+    assert res.metrics["loss_path"] == "fused" and res.metrics["teacher_signal"] == "cached_topk"
     assert (tmp_path / "two-topk" / "train.safetensors").read_bytes() == \
         (one_process.parent / "run-topk" / "train.safetensors").read_bytes()
     assert not list((tmp_path / "two-topk").glob("*.part*")) and not (tmp_path / "two" / ".ranks").exists()
 
 
-@pytest.fixture(scope="module")
-def one_process_fused(data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("one-fused") / "run"
-    assert _run(data, out, _recipe(**FUSED)).metrics["loss_path"] == "fused"
-    return out
-
-
-FUSED = dict(chunk="always", grad_accum=2, teacher={"source": "online"}, steps=6)
-
-
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_fused_loss_with_accumulation_and_an_online_teacher_trains_like_one_process(data, one_process_fused, tmp_path,
-                                                                                      strategy):
-    """The fused lm_head loss (run inside DDP's forward / FSDP's root, outside the student's own forward) with 2
-    accumulated micro-batches, the teacher run on every batch (sharded too under FSDP): two processes match one."""
-    two = _run(data, tmp_path / "two", _recipe(processes=2, strategy=strategy, **FUSED))
-    assert two.metrics["loss_path"] == "fused"
-    _same_training(one_process_fused, tmp_path / "two")
+def test_fsdp_on_two_processes_with_a_sharded_online_teacher_trains_like_one(data, tmp_path):
+    """FSDP: the student and the online teacher sharded over 2 ranks (gradients reduce-scattered over the shards, the
+    root gathered for the fused lm_head): one process's losses, held-out figures and weights."""
+    _run(data, tmp_path / "one", _recipe(**ONLINE))
+    res = _run(data, tmp_path / "two", _recipe(processes=2, strategy="fsdp", **ONLINE))
+    assert res.compute["strategy"] == "fsdp" and res.metrics["loss_path"] == "fused"
+    _same_training(tmp_path / "one", tmp_path / "two")
 
 
 def _descendants(pid: int) -> set[int]:
@@ -153,7 +146,7 @@ def test_a_killed_two_process_run_leaves_no_rank_and_resumes_with_any_world_size
     """SIGKILL the stage's process of a 2-process run after its first checkpoint: its launcher and both ranks stop
     too (none trains on, writing checkpoints), and a run with another world size or strategy resumes from the
     checkpoint (whole weights and optimiser state, whoever wrote it), ending where an uninterrupted run ends."""
-    kw = dict(steps=150, checkpoint_every=5, eval_every=50, **CACHED)
+    kw = dict(steps=40, checkpoint_every=5, eval_every=20, **CACHED)
     ckpt = tmp_path / "ckpt"
     args = {**data, "ckpt": str(ckpt), "out": str(tmp_path / "killed"), "kw": kw, "strategy": killed}
     script = (

@@ -218,11 +218,15 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
     eval_rows: held-out rows scored every cfg.eval_every steps; compile: ``torch.compile`` the student's training
         forward (already resolved from cfg.compile and the device by the caller).
 
-    rank: this process's place among several (``stages.distributed``): the student is wrapped in
-        DistributedDataParallel, each rank takes its equal slice of every global batch of cfg.batch_size rows, the
-        gradients are averaged by DDP (so a step equals the single process's on the whole batch), logged losses
-        and evaluations are averaged over the ranks, and only rank 0 writes checkpoints. A checkpoint holds no
-        world size: a run resumes from it with any number of processes. Every rank returns the same history.
+    rank: this process's place among several (``stages.distributed``): each rank takes its equal slice of every
+        global batch of cfg.batch_size rows, the gradients are averaged over the ranks (so a step equals the single
+        process's on the whole batch), logged losses and evaluations are averaged over the ranks, and only rank 0
+        writes checkpoints. A checkpoint holds whole weights and optimiser state and no world size or strategy: a
+        run resumes from it with any. Every rank returns the same history.
+    strategy: with several ranks, "ddp" (the student with its loss in DistributedDataParallel) or "fsdp" (sharded
+        by ``shard``; the student, and an online teacher, may then be on the CPU: only the shards go to ``device``).
+    eval_before: a dict to fill with the held-out figures of the starting weights (scored once the student is
+        placed or sharded, as every later evaluation is).
 
     A student in bfloat16 or float16 is trained in mixed precision: its trainable parameters become float32 master
     weights (``master_weights``; checkpoints hold them), the forward passes autocast to its dtype (float16 with a
@@ -244,6 +248,8 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
         raise TrainingError(f"distill.batch_size {cfg.batch_size} cannot be split over {world} processes")
     local = cfg.batch_size // world  # rows of every global batch this rank takes
     sharded = world > 1 and strategy == "fsdp"
+    if sharded and share > 0:
+        raise TrainingError("on-policy sampling runs the student outside its sharded forward: not with FSDP")
     torch.manual_seed(seed)
     if not sharded:  # FSDP moves only each rank's shards to the device
         student.to(device)
@@ -367,9 +373,9 @@ def train(student, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: Distill
 
 
 class _WithLoss(torch.nn.Module):
-    """The student and its loss as one module, for DistributedDataParallel: the chunked and fused loss paths run
-    the decoder and the lm_head outside the student's own forward, so DDP wraps the whole loss, and its forward
-    (which readies the gradient averaging for the backward that follows) sees every parameter the loss uses."""
+    """The student and its loss as one module, what DDP wraps and FSDP's root unit is: the chunked and fused loss
+    paths run the decoder and the lm_head outside the student's own forward, so the wrapper's forward (which readies
+    DDP's gradient averaging, or gathers FSDP's root weights) must cover the whole loss."""
 
     def __init__(self, student, step: StepLoss, teacher=None):
         super().__init__()
