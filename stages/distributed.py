@@ -234,18 +234,44 @@ def torchrun_args(runtime, spec_path: Path, device: str) -> list[str]:
             "--max_restarts", "0", "--module", "stages.worker", str(spec_path), "--device", device]
 
 
-def launch(entry: str, spec: dict, runtime, device: str, work_dir: Path, report=None) -> dict:
+def launch(entry: str, runtime, out_dir: Path, configs: dict, args: dict, shared_paths: list[str]):
     """Run ``entry`` ('module:function', called as ``fn(spec, rank)`` in every rank of ``stages.worker``) on
-    ``world_of(runtime)`` ranks (torchrun) with ``spec`` and return rank 0's result.
+    ``world_of(runtime)`` ranks (torchrun) and return rank 0's StageResult.
 
-    device: 'cpu' (gloo) or 'cuda' (nccl); work_dir: an empty folder every node sees (the spec, progress, result and
-    error files; the spec's ``work_dir``); report: the parent's
-    progress reporter, fed from rank 0's. A rank that fails fails the stage with its error (InputError and
-    TrainingError keep their type); torchrun stops the other ranks. If the parent is interrupted (a Prefect
-    timeout or cancellation) the launcher and its workers are stopped.
+    The spec holds ``configs`` (pydantic models by name, dumped; ``runtime`` added), ``args`` (the keyword arguments
+    of the stage's ``run_rank``, JSON-able) and ``shared_paths`` (what every rank must see). ``out_dir``: the stage's
+    folder, which every node sees; the spec, progress, result and error files live in its ``.ranks`` (removed after).
+    More ranks than this node's GPUs are refused before any start. Rank 0's progress feeds the reporter installed
+    here (``stages.progress``). A rank that fails fails the stage with its error (InputError and TrainingError keep
+    their type); torchrun stops the other ranks. If this process is interrupted (a Prefect timeout or cancellation)
+    the launcher and its ranks are stopped.
     """
+    import shutil
+
+    import torch
+
+    from stages.modeling import resolve_device
+    from stages.progress import current_reporter
+    from stages.result import StageResult
+
+    device = resolve_device(runtime.device).type
+    if device == "cuda" and torch.cuda.device_count() < runtime.distributed.processes:
+        raise InputError(f"runtime.distributed.processes is {runtime.distributed.processes} but this node has "
+                         f"{torch.cuda.device_count()} CUDA devices (one process per GPU)")
+    work_dir = Path(out_dir) / ".ranks"
+    spec = {**{k: c.model_dump(mode="json") for k, c in {**configs, "runtime": runtime}.items()}, **args,
+            "shared_paths": shared_paths, "entry": entry, "work_dir": str(work_dir)}
+    try:
+        result = _run_torchrun(entry, spec, runtime, device, work_dir, current_reporter())
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+
+
+def _run_torchrun(entry: str, spec: dict, runtime, device: str, work_dir: Path, report) -> dict:
+    """Write the spec, run torchrun until it ends (passing rank 0's progress on), and read rank 0's result."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(work_dir / SPEC, {**spec, "entry": entry, "work_dir": str(work_dir)})
+    write_json_atomic(work_dir / SPEC, spec)
     env = dict(os.environ)
     if runtime.threads:
         env["OMP_NUM_THREADS"] = str(runtime.threads)  # else torchrun gives each of several workers 1 thread

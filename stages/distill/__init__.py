@@ -159,28 +159,15 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     processes that torchrun starts (``stages.worker`` running ``rank_main``, one per GPU or CPU process), and this process
     waits for them, passing on rank 0's progress; the result is the same as one process's within float tolerance.
     """
-    args = dict(cfg=cfg.model_dump(mode="json"), models=models.model_dump(mode="json"),
-                runtime=runtime.model_dump(mode="json"), teacher_ref=teacher_ref, student_ref=student_ref,
-                tokenizer_ref=tokenizer_ref, train_path=str(train_path), eval_path=str(eval_path),
-                out_dir=str(out_dir), checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+    args = dict(teacher_ref=teacher_ref, student_ref=student_ref, tokenizer_ref=tokenizer_ref,
+                train_path=str(train_path), eval_path=str(eval_path), out_dir=str(out_dir),
+                checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                 teacher_cache_dir=str(teacher_cache_dir) if teacher_cache_dir else None)
     if world_of(runtime) == 1:
-        return run_rank(cfg, models, runtime, rank=None, **{k: v for k, v in args.items()
-                                                            if k not in ("cfg", "models", "runtime")})
-    from stages.progress import current_reporter
-
-    device = resolve_device(runtime.device).type
-    if device == "cuda" and torch.cuda.device_count() < runtime.distributed.processes:
-        raise InputError(f"runtime.distributed.processes is {runtime.distributed.processes} but this node has "
-                         f"{torch.cuda.device_count()} CUDA devices (one process per GPU)")
+        return run_rank(cfg, models, runtime, rank=None, **args)
     shared = [p for p in (teacher_ref, student_ref, tokenizer_ref) if Path(p).exists()]
-    spec = {**args, "shared_paths": [str(train_path), str(eval_path), str(out_dir), *shared]}
-    work = out_dir / ".ranks"  # spec, progress, result and error files; every node sees out_dir
-    try:
-        result = launch("stages.distill:rank_main", spec, runtime, device, work, report=current_reporter())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+    return launch("stages.distill:rank_main", runtime, out_dir, {"cfg": cfg, "models": models}, args,
+                  [str(train_path), str(eval_path), str(out_dir), *shared])
 
 
 def rank_main(spec: dict, rank: Rank) -> StageResult | None:

@@ -13,7 +13,6 @@ by the export stage.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -145,19 +144,9 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
     if runtime is None or world_of(runtime) == 1 or cfg.scheme.method != "gptq" or calib_path is None:
         return run_rank(cfg, models, runtime, rank=None, **args)
     from stages.distributed import launch
-    from stages.modeling import resolve_device
-    from stages.progress import current_reporter
 
-    device = resolve_device(runtime.device).type
-    spec = {"cfg": cfg.model_dump(mode="json"), "models": models.model_dump(mode="json"),
-            "runtime": runtime.model_dump(mode="json"), **args,
-            "shared_paths": [str(model_dir), str(out_dir), str(calib_path)]}
-    work = Path(out_dir) / ".ranks"
-    try:
-        result = launch("stages.quantize.apply:rank_main", spec, runtime, device, work, report=current_reporter())
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return StageResult(outputs=result["outputs"], metrics=result["metrics"], compute=result["compute"])
+    return launch("stages.quantize.apply:rank_main", runtime, out_dir, {"cfg": cfg, "models": models}, args,
+                  [str(model_dir), str(out_dir), str(calib_path)])
 
 
 def rank_main(spec: dict, rank) -> StageResult | None:
