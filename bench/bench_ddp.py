@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_quant import prepare  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -41,18 +43,14 @@ def main() -> None:
 
     from stages import distill
     from stages.config import load_recipe, parse_recipe
-    from stages.pipeline import make_call, run_call
 
     torch.set_num_threads(2)
     base = load_recipe(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
     base["runtime"]["progress"] = False
     base["distill"].update({"steps": args.steps, "checkpoint_every": 0, "eval_every": args.steps,
                             "teacher": {"source": "online"}})
-    root = Path(args.artifacts).resolve()
-    recipe = parse_recipe(base)
-    done: dict = {}
-    for stage in ("bootstrap", "select", "data"):  # content-keyed: reused from an earlier demo run
-        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / "bench-ddp", root)
+    # content-keyed: reused from an earlier demo run
+    done = prepare(parse_recipe(base), Path(args.artifacts).resolve(), "bench-ddp")
     out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
     ap_runs = [(run, *run.partition(":")[::2]) for run in args.runs]
     samples: dict[str, list] = {run: [] for run in args.runs}

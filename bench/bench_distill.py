@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_quant import pinned_base, prepare  # noqa: E402
+
 VARIANTS: list[tuple[str, dict]] = [
     ("ce only", {"ce_weight": 1.0}),
     ("forward_kl", {"divergence": "forward_kl"}),
@@ -57,27 +59,19 @@ def main() -> None:
     import torch
 
     from stages import distill, evaluate
-    from stages.config import load_recipe, parse_recipe
+    from stages.config import parse_recipe
     from stages.data import load_tokens
     from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call, run_call
+    from stages.pipeline import make_call
     from stages.pipeline.distill import teacher_topk_key
 
     torch.set_num_threads(args.threads)
-    base = load_recipe(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
-    base["runtime"]["progress"] = False
-    # the world these figures were measured in (bench/RESULTS.md): no planted biographies, the prose-only selection,
-    # no unlearning (the demo gained all three with the unlearning issue; a recipe without them is unchanged)
-    base["embedded"]["facts"] = 0
-    base["select"]["targets"] = [{"paths": ["embedded:prose"]}]
-    base["unlearn"]["enabled"], base["gates"]["max_forget_regain"] = False, None
+    base = pinned_base("demo")  # the world these figures were measured in (bench/RESULTS.md)
     if args.steps:
         base["distill"]["steps"] = args.steps
     root = Path(args.artifacts).resolve()
     recipe = parse_recipe(base)
-    done: dict = {}
-    for stage in ("bootstrap", "select", "data"):  # content-keyed: reused from an earlier demo run
-        done[stage] = run_call(recipe, make_call(recipe, stage, done), root / "bench-distill", root)
+    done = prepare(recipe, root, "bench-distill")  # content-keyed: reused from an earlier demo run
     out = lambda s, o: done[s]["outputs"][o]["path"]  # noqa: E731
     teacher_ref, tok_ref = out("bootstrap", "teacher"), out("bootstrap", "tokenizer")
     eval_ids = load_tokens(Path(out("data", "eval")))
