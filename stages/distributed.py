@@ -61,11 +61,6 @@ class Rank:
         return range(self.rank, n, self.world)
 
 
-def stage_args(spec: dict) -> dict:
-    """The keyword arguments of a stage's ``run_rank`` in its spec: all but its configs and the launcher's keys."""
-    return {k: v for k, v in spec.items() if k not in ("cfg", "models", "runtime", "entry", "work_dir", "shared_paths")}
-
-
 def world_of(runtime) -> int:
     """Processes the recipe's ``runtime.distributed`` asks for, over all nodes."""
     d = runtime.distributed
@@ -239,7 +234,7 @@ def launch(entry: str, runtime, out_dir: Path, configs: dict, args: dict, shared
     ``world_of(runtime)`` ranks (torchrun) and return rank 0's StageResult.
 
     The spec holds ``configs`` (pydantic models by name, dumped; ``runtime`` added), ``args`` (the keyword arguments
-    of the stage's ``run_rank``, JSON-able) and ``shared_paths`` (what every rank must see). ``out_dir``: the stage's
+    of the stage's ``run_rank``, JSON-able, under "args") and ``shared_paths`` (what every rank must see). ``out_dir``: the stage's
     folder, which every node sees; the spec, progress, result and error files live in its ``.ranks`` (removed after).
     More ranks than this node's GPUs are refused before any start. Rank 0's progress feeds the reporter installed
     here (``stages.progress``). A rank that fails fails the stage with its error (InputError and TrainingError keep
@@ -259,7 +254,7 @@ def launch(entry: str, runtime, out_dir: Path, configs: dict, args: dict, shared
         raise InputError(f"runtime.distributed.processes is {runtime.distributed.processes} but this node has "
                          f"{torch.cuda.device_count()} CUDA devices (one process per GPU)")
     work_dir = Path(out_dir) / ".ranks"
-    spec = {**{k: c.model_dump(mode="json") for k, c in {**configs, "runtime": runtime}.items()}, **args,
+    spec = {**{k: c.model_dump(mode="json") for k, c in {**configs, "runtime": runtime}.items()}, "args": args,
             "shared_paths": shared_paths, "entry": entry, "work_dir": str(work_dir)}
     try:
         result = _run_torchrun(entry, spec, runtime, device, work_dir, current_reporter())

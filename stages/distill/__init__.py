@@ -15,7 +15,7 @@ from stages.distill.chunked import CompressedTeacher
 from stages.distill.step import loss_path
 from stages.distill.trainer import decoder_layers, gather, precompute_topk, save_history, train
 from stages.errors import InputError
-from stages.distributed import Rank, devices, launch, stage_args, world_of
+from stages.distributed import Rank, devices, launch, world_of
 from stages.modeling import (check_same_vocab, count_parameters, load_causal_lm, load_tokenizer, resolve_device,
                              save_pretrained_atomic_into)
 from stages.result import StageResult
@@ -173,7 +173,7 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
 def rank_main(spec: dict, rank: Rank) -> StageResult | None:
     """A rank of ``stages.worker``: ``run_rank`` with the spec ``run`` wrote."""
     return run_rank(DistillConfig.model_validate(spec["cfg"]), ModelsConfig.model_validate(spec["models"]),
-                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **stage_args(spec))
+                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **spec["args"])
 
 
 def run_rank(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, rank: Rank | None,

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from stages.config import ModelsConfig, QuantizeConfig, RuntimeConfig
-from stages.distributed import stage_args, world_of
+from stages.distributed import world_of
 from stages.errors import InputError
 from stages.quantize.codes import CODES_FILE, save_codes
 from stages.quantize.record import QUANT_FILE
@@ -152,7 +152,7 @@ def run(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None
 def rank_main(spec: dict, rank) -> StageResult | None:
     """A rank of ``stages.worker``: ``run_rank`` with the spec ``run`` wrote."""
     return run_rank(QuantizeConfig.model_validate(spec["cfg"]), ModelsConfig.model_validate(spec["models"]),
-                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **stage_args(spec))
+                    RuntimeConfig.model_validate(spec["runtime"]), rank=rank, **spec["args"])
 
 
 def run_rank(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig | None, *, rank, model_dir: str,
