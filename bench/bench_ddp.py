@@ -4,7 +4,7 @@
 
 The demo recipe's teacher, tokenizer and tokens (its bootstrap, select and data stages, reused from ``artifacts/``
 when the demo has run); its 2-layer student distilled for ``--steps`` steps of the demo's global batch (16 rows x
-128 tokens), forward KL + 0.1 CE, the teacher run on every batch, by ``stages.distill.run`` with
+128 tokens), forward KL + 0.1 CE, the teacher run on every batch, by ``llm_compress.distill.run`` with
 ``runtime.distributed.processes`` 1 (with 1, then 2 torch threads) and 2 (torchrun, gloo, 1 thread each: torchrun's
 default), DDP and FSDP. Reports the training loop's tokens/s (rank 0's clock, from the first step to the last) and the
 stage's wall time (with torchrun's start, the model loads and the save), and checks that the runs end with the same
@@ -41,8 +41,8 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from stages import distill
-    from stages.config import load_recipe, parse_recipe
+    from llm_compress import distill
+    from llm_compress.config import load_recipe, parse_recipe
 
     torch.set_num_threads(2)
     base = load_recipe(ROOT / "configs" / "demo.yaml").model_dump(mode="json")
@@ -91,8 +91,8 @@ def main() -> None:
                                                         .abs().max().item() for k in weights[first["run"]])
     gptq = []
     codes = {}
-    from stages.quantize.apply import run as quantize
-    from stages.quantize.codes import load_codes
+    from llm_compress.quantize.apply import run as quantize
+    from llm_compress.quantize.codes import load_codes
 
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):

@@ -58,12 +58,12 @@ def main() -> None:
 
     import torch
 
-    from stages import distill, evaluate
-    from stages.config import parse_recipe
-    from stages.data import load_tokens
-    from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call
-    from stages.pipeline.distill import teacher_topk_key
+    from llm_compress import distill, evaluate
+    from llm_compress.config import parse_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import make_call
+    from llm_compress.pipeline.distill import teacher_topk_key
 
     torch.set_num_threads(args.threads)
     base = pinned_base("demo")  # the world these figures were measured in (bench/RESULTS.md)

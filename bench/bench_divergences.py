@@ -73,8 +73,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from stages.distill.chunked import chunked_divergence
-    from stages.distill.divergences import DIVERGENCES
+    from llm_compress.distill.chunked import chunked_divergence
+    from llm_compress.distill.divergences import DIVERGENCES
 
     torch.manual_seed(0)
     # inputs built in place: no temporary [tokens, V] copy may raise the peak before the measurement starts
@@ -136,7 +136,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from stages.distill.chunked import auto_chunk_tokens
+    from llm_compress.distill.chunked import auto_chunk_tokens
 
     chunk = args.chunk_tokens or auto_chunk_tokens(args.vocab, torch.device("cpu"))
     rows = []
@@ -180,7 +180,7 @@ def main() -> None:
                f"--rounds {args.rounds} --write-results")
         how = f"{chunk} (automatic)" if not args.chunk_tokens else str(chunk)
         section = (f"{SECTION}\n\n"
-                   f"Plain (`stages.distill.divergences`) vs chunked (`stages.distill.chunked.chunked_divergence`, "
+                   f"Plain (`llm_compress.distill.divergences`) vs chunked (`llm_compress.distill.chunked.chunked_divergence`, "
                    f"chunk_tokens={how}) loss + backward, float32 logits [{args.tokens} tokens, "
                    f"V = {args.vocab}], T = 1, no mask; {machine}.\n\n"
                    f"Command: `{cmd}`\n\n"

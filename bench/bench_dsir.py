@@ -1,4 +1,4 @@
-"""DSIR: this project's ``stages.dsir`` against the reference package ``data-selection`` 1.0.3, side by side.
+"""DSIR: this project's ``llm_compress.dsir`` against the reference package ``data-selection`` 1.0.3, side by side.
 
     python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python [--k 5000] [--buckets 10000] [--write-results]
     python bench/bench_dsir.py --ref-python /tmp/venv_dsir/bin/python --e2e [--e2e-docs 30000] [--repeats 5] \
@@ -21,7 +21,7 @@ both hashed feature spaces; and the largest |difference| of log weights between 
 reference package.
 
 ``--e2e`` measures whole commands instead, each a fresh process pinned to one core (``sched_setaffinity``, as
-``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m flows.cli select`` against
+``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m llm_compress.flows.cli select`` against
 a minimal script that does the same with the reference package's ``HashedNgramDSIR`` (``num_proc=1``: fit, weigh,
 resample), and with ``--before DIR`` the same command in another source tree (an earlier commit), on the first
 ``--e2e-docs`` documents of the pool; the commands alternate, after one unmeasured run each (page cache),
@@ -51,7 +51,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from stages.dsir import DSIRConfig, Featurizer, kl_div, run_selection  # noqa: E402
+from llm_compress.dsir import DSIRConfig, Featurizer, kl_div, run_selection  # noqa: E402
 
 MIN_LENGTH = 20
 _REFERENCE = r'''
@@ -235,7 +235,7 @@ def run_e2e(args: argparse.Namespace, work: Path) -> dict:
     cpu = min(os.sched_getaffinity(0))
 
     def select(out: Path) -> list[str]:
-        return [sys.executable, "-m", "flows.cli", "select", "--raw", str(pool), "--target", str(target), "--out",
+        return [sys.executable, "-m", "llm_compress.flows.cli", "select", "--raw", str(pool), "--target", str(target), "--out",
                 str(out), "-k", str(args.k), "--buckets", str(args.buckets), "--min-length", str(MIN_LENGTH),
                 "--seed", str(args.seed), "--cache", str(out.with_name(out.name + "-cache"))]
 
@@ -271,7 +271,7 @@ def e2e_report(res: dict, args: argparse.Namespace) -> str:
     """Markdown: a row per command (median, min, max, speed-up = reference median / its median), and where ours
     spends its time."""
     med = {k: statistics.median(v) for k, v in res["times"].items()}
-    labels = {"ours": "`python -m flows.cli select` (this tree; defaults, so automatic processes)",
+    labels = {"ours": "`python -m llm_compress.flows.cli select` (this tree; defaults, so automatic processes)",
               "before": f"the same command in `--before` ({args.before})",
               "reference": "data-selection 1.0.3 `HashedNgramDSIR`, `num_proc=1` (fit, weigh, resample)"}
     lines = ["| command (one core, fresh process, start to exit) | median s | min s | max s | runs | speed-up |",
@@ -310,7 +310,7 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true", help="time whole commands (ours vs the reference), one core")
     ap.add_argument("--e2e-docs", type=int, default=30_000, help="--e2e: pool documents (the first ones)")
     ap.add_argument("--repeats", type=int, default=5, help="--e2e: measured runs of each command")
-    ap.add_argument("--before", help="--e2e: also time `python -m flows.cli select` in this source tree (e.g. an "
+    ap.add_argument("--before", help="--e2e: also time `python -m llm_compress.flows.cli select` in this source tree (e.g. an "
                     "earlier commit: git archive REV | tar -x -C DIR)")
     args = ap.parse_args()
     if args.e2e and not args.ref_python:

@@ -47,12 +47,12 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from stages.config import ExportConfig, load_recipe
-    from stages.data import load_tokens
-    from stages.evaluate import latency_per_token
-    from stages.export import FORMATS, run_export
-    from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call, run_call
+    from llm_compress.config import ExportConfig, load_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.evaluate import latency_per_token
+    from llm_compress.export import FORMATS, run_export
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import make_call, run_call
 
     torch.set_num_threads(args.threads)
     recipe = load_recipe(RECIPES[args.model])

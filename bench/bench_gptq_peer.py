@@ -94,11 +94,11 @@ def main() -> None:
     import torch.nn.functional as F
     from safetensors.torch import load_file, save_file
 
-    from stages.config import parse_recipe
-    from stages.data import load_tokens
-    from stages.modeling import load_causal_lm, load_tokenizer
-    from stages.quantize.apply import calibration_rows
-    from stages.quantize.gptq import gptq_quantize_model
+    from llm_compress.config import parse_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.modeling import load_causal_lm, load_tokenizer
+    from llm_compress.quantize.apply import calibration_rows
+    from llm_compress.quantize.gptq import gptq_quantize_model
 
     torch.set_num_threads(args.threads)
     when = time.strftime("%Y-%m-%d %H:%M")

@@ -16,7 +16,7 @@ Cache specs (``--caches``); every measurement uses a fresh cache object (transfo
   is skipped with a note. Groups are per token along head_dim for both backends (quanto axis 0, HQQ axis 1; HQQ's
   axis 0 would group strided elements across tokens); defaults g32 and r128 (transformers' residual default).
 - a JSON object (``'{"method": "kivi", "bits": [2, 2], "residual": 32}'``) or a path to a kv_cache.json: the project's
-  caches, built by ``stages.kv.build_cache(spec, model)`` (``stages/kv/``); the table names them by ``label``.
+  caches, built by ``llm_compress.kv.build_cache(spec, model)`` (``llm_compress/kv/``); the table names them by ``label``.
 
 For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows, batch 1):
 - memory: after a prefill of C tokens, the bytes of storage held by every tensor the cache references, found by
@@ -25,7 +25,7 @@ For each cache and context length C (the first C tokens of each of ``--rows`` he
   counted once; mean over rows. Ratio to a 16-bit full cache of the same tokens: 2 (K, V) x layers x KV heads x C x
   head_dim x 2 bytes (what a GPU user of DynamicCache holds). A cache's own ``nbytes()`` / ``full_bytes()``, when it
   has them, are recorded beside the walked figure.
-- quality, teacher-forced, as the KV stage measures it (``stages.kv.measure.stepwise_logits`` and ``compare``, all
+- quality, teacher-forced, as the KV stage measures it (``llm_compress.kv.measure.stepwise_logits`` and ``compare``, all
   rows as one batch): prefill the first C - 1 - S tokens (S = ``--score-tokens``), then feed the next S tokens one
   decode step at a time through the cache; each step's next-token distribution is scored, so every scored
   prediction reads the cache's stored (compressed) keys and values. Against ``full`` run the same way: perplexity
@@ -79,7 +79,7 @@ Columns, per cache and context length C (batch 1, the first C tokens of each hel
 - QuantizedCache settings: per-token groups of 32 along head_dim (= head_dim; quanto axis 0, HQQ axis 1: HQQ's axis
   0 groups strided elements across tokens), residual 128 (transformers' default). It quantises the whole prompt at
   the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual.
-- The project's caches (`stages/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits, group,
+- The project's caches (`llm_compress/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits, group,
   residual; a KVTuner result is a per-layer kivi spec, named by its layers' pairs), `minicache` (start layer, t,
   gamma, bits under the merge), `kvmerger` (budget, threshold, window), `sink` (sinks + window)."""
 
@@ -116,7 +116,7 @@ def main() -> None:
                     "this earlier run's JSON in place of rows of the same dtype, cache and context; the section and "
                     "plot are then made from the merged JSON, which records this command under meta.remeasured")
     ap.add_argument("--kvtuner", type=float, nargs="*", default=[],
-                    help="average-bit budgets: for each, run the KVTuner search (stages.kv.kvtuner, optuna) on "
+                    help="average-bit budgets: for each, run the KVTuner search (llm_compress.kv.kvtuner, optuna) on "
                          "training rows first and measure the chosen per-layer KIVI cache with the others")
     ap.add_argument("--kvtuner-spec", default='{"method": "kvtuner", "strategy": "optuna", "trials": 60, '
                     '"group_size": 32, "residual": 32, "calib_rows": 4}',
@@ -215,10 +215,10 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, s
     import torch
     import torch.nn.functional as F
 
-    from stages.config import load_recipe, parse_recipe
-    from stages.data import load_tokens
-    from stages.modeling import load_causal_lm
-    from stages.pipeline import make_call, run_call
+    from llm_compress.config import load_recipe, parse_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import make_call, run_call
 
     base = load_recipe(recipe_path).model_dump(mode="json")
     base["runtime"]["progress"] = False
@@ -276,8 +276,8 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, s
 def tune(model, calib, settings: dict, budget: float, out_dir: Path) -> tuple[Path, dict]:
     """Run the KVTuner search at ``budget`` on the first ``calib_rows`` of ``calib`` [n, T] (prompt: half of each
     row); write the chosen spec to ``out_dir/kv_kvtuner_b<budget>.json`` and the Pareto plot beside it."""
-    from stages.kv import save_kv_cache_json
-    from stages.kv.kvtuner import plot_pareto, search
+    from llm_compress.kv import save_kv_cache_json
+    from llm_compress.kv.kvtuner import plot_pareto, search
 
     spec = {**settings, "budget": budget}
     rows = calib[: spec.get("calib_rows", 4)]
@@ -296,8 +296,8 @@ def tune(model, calib, settings: dict, budget: float, out_dir: Path) -> tuple[Pa
 
 def project_spec(spec: str) -> dict | None:
     """The project's cache spec that ``spec`` names (a JSON object or a kv_cache.json path), normalized; else None."""
-    from stages.kv import normalize_spec
-    from stages.kv.spec import read_spec
+    from llm_compress.kv import normalize_spec
+    from llm_compress.kv.spec import read_spec
 
     if spec.lstrip().startswith("{"):
         return normalize_spec(json.loads(spec))
@@ -342,7 +342,7 @@ def resolve(spec: str, model) -> Callable:
     backend = spec.split(":")[0]
     if backend in ("quanto", "hqq"):
         return quantized_cache(spec, model)
-    from stages.kv import build_cache
+    from llm_compress.kv import build_cache
 
     parsed = project_spec(spec)
     if parsed is None:
@@ -434,7 +434,7 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
             if hasattr(cache, "nbytes"):
                 reported.append((cache.nbytes(), cache.full_bytes() if hasattr(cache, "full_bytes") else None))
 
-    from stages.kv.measure import compare, stepwise_logits
+    from llm_compress.kv.measure import compare, stepwise_logits
 
     t0 = time.perf_counter()
     prefill = context - 1 - args.score_tokens

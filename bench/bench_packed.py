@@ -56,12 +56,12 @@ def main() -> None:
 
     import torch
 
-    from stages.config import ExportConfig, parse_recipe
-    from stages.data import load_tokens
-    from stages.export import compare_logits, run_export
-    from stages.modeling import load_causal_lm
-    from stages.quantize.apply import run as quantize
-    from stages.quantize.codes import CODES_FILE
+    from llm_compress.config import ExportConfig, parse_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.export import compare_logits, run_export
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.quantize.apply import run as quantize
+    from llm_compress.quantize.codes import CODES_FILE
 
     torch.set_num_threads(args.threads)
     base = pinned_base(args.model)  # the pinned world of bench_quant.py
@@ -183,8 +183,8 @@ def genai_rows(genai: str, dense: Path, work: Path, ids, ref, one) -> list[dict]
     import numpy as np
     import torch
 
-    from stages.export import compare_logits
-    from stages.io import path_size
+    from llm_compress.export import compare_logits
+    from llm_compress.io import path_size
 
     env = {**os.environ, "PYTHONPATH": f"{genai}:{os.environ.get('PYTHONPATH', '')}"}
     torch.save(ids, work / "ids.pt")

@@ -39,7 +39,7 @@ def pinned_base(model: str) -> dict:
     """The bench model's recipe (a plain dict) in the world its RESULTS figures were measured in: no planted
     biographies, the prose-only selection, no unlearning (the demo gained all three with the unlearning issue; a
     recipe without them is unchanged)."""
-    from stages.config import load_recipe
+    from llm_compress.config import load_recipe
 
     base = load_recipe(RECIPES[model]).model_dump(mode="json")
     base["runtime"]["progress"] = False
@@ -51,7 +51,7 @@ def pinned_base(model: str) -> dict:
 
 def prepare(recipe, root: Path, run: str) -> dict:
     """The bootstrap, select and data stages of ``recipe`` (cached like any stage): their manifests."""
-    from stages.pipeline import make_call, run_call
+    from llm_compress.pipeline import make_call, run_call
 
     done: dict = {}
     for stage in ("bootstrap", "select", "data"):
@@ -85,10 +85,10 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from stages.config import parse_recipe
-    from stages.data import load_tokens
-    from stages.modeling import load_causal_lm
-    from stages.quantize.apply import apply, calibration_rows
+    from llm_compress.config import parse_recipe
+    from llm_compress.data import load_tokens
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.quantize.apply import apply, calibration_rows
 
     torch.set_num_threads(args.threads)
     base = pinned_base(args.model)  # the world these figures were measured in (bench/RESULTS.md)
@@ -191,7 +191,7 @@ def nf4_weights(model, setting: str, scheme) -> dict:
     import bitsandbytes.functional as bnbf
     import torch
 
-    from stages.quantize.fakequant import attach_fake_quant
+    from llm_compress.quantize.fakequant import attach_fake_quant
 
     with torch.no_grad():
         for name, mod in model.named_modules():

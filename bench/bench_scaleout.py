@@ -3,7 +3,7 @@
     python bench/bench_scaleout.py [--gb 1.0] [--workers 1 2 4] [--kinds local dask ray] [--out ...]
 
 The raw pool (at least ``--gb`` GB of JSONL) is made from the embedded corpus read with the installed packages'
-sources (stages.embedded.build_corpus with site_packages): its code, docstring and prose documents, written again
+sources (llm_compress.embedded.build_corpus with site_packages): its code, docstring and prose documents, written again
 with a copy number in each text until the size is reached, so every shard's content (the shard cache's key) is
 distinct. The target is the corpus' prose. Each (executor, workers) pair selects k documents into a fresh shard
 cache, so every shard is computed; the figure is the end-to-end wall time of ``run_selection`` (fit, featurize +
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 def make_pool(work: Path, gb: float) -> tuple[Path, Path, dict]:
     """pool.jsonl of at least ``gb`` GB and target.jsonl (prose) under ``work``."""
-    from stages.embedded import build_corpus
+    from llm_compress.embedded import build_corpus
 
     shutil.rmtree(work / "corpus", ignore_errors=True)
     (work / "corpus").mkdir()
@@ -60,9 +60,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "scaleout.json"))
     args = ap.parse_args()
 
-    from stages.config import ExecutorConfig
-    from stages.dsir import DSIRConfig, run_selection
-    from stages.dsir.executors import make_executor
+    from llm_compress.config import ExecutorConfig
+    from llm_compress.dsir import DSIRConfig, run_selection
+    from llm_compress.dsir.executors import make_executor
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="scaleout-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
     python bench/bench_step_memory.py [--tokens 4096] [--seq-len 512] [--vocab 128000] [--hidden 256]
         [--layers 1] [--teacher-layers 2] [--cases forward_kl:0,forward_kl:0.1] [--repeats 2] [--write-results]
 
-The step is the trainer's: ``StepLoss`` (stages/distill/step.py) for one micro-batch of ``tokens`` tokens
+The step is the trainer's: ``StepLoss`` (llm_compress/distill/step.py) for one micro-batch of ``tokens`` tokens
 (student forward, online teacher forward, KD + CE), backward, gradient clipping and an AdamW step, on a
 small random Llama student (``layers`` decoder layers, hidden size ``hidden``, untied lm_head) and a teacher
 of the same width with ``teacher-layers`` layers, both float32 on the CPU. Each case is a divergence and a
@@ -71,8 +71,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from stages.config import DistillConfig
-    from stages.distill.step import StepLoss
+    from llm_compress.config import DistillConfig
+    from llm_compress.distill.step import StepLoss
 
     torch.set_num_threads(args.threads)
     name, ce_weight = args.case.split(":")
@@ -179,7 +179,7 @@ def main() -> None:
         logits_mib = args.tokens * args.vocab * 4 / 2**20
         section = (
             f"{SECTION}\n\n"
-            f"The whole training step (stages/distill/step.py `StepLoss` + backward + gradient clipping + AdamW "
+            f"The whole training step (llm_compress/distill/step.py `StepLoss` + backward + gradient clipping + AdamW "
             f"step) for one micro-batch of {args.tokens} tokens ({args.tokens // args.seq_len} rows x "
             f"{args.seq_len}), V = {args.vocab}, float32 on the CPU: a random Llama student ({args.layers} layer, "
             f"hidden {args.hidden}, untied lm_head) and an online teacher ({args.teacher_layers} layers), "

@@ -9,7 +9,7 @@ Both teachers are the embedded world's Llama (4 layers, 128 wide) pretrained for
 corpus with 16 invented biographies planted 300 times (``embedded.facts``); the reference plants the keep half only
 (``facts_plant_forget: false``). Every method unlearns the 8 forget biographies from the planted teacher at three
 strengths; each result is then quantized with GPTQ at W4A16 (group 32) and W4A4KV4 (group 32, activations and KV
-fake-quantized per token), and every model is probed with :mod:`stages.unlearn.metrics` on the forget and keep
+fake-quantized per token), and every model is probed with :mod:`llm_compress.unlearn.metrics` on the forget and keep
 sets (Min-K% AUC against the 16 never-planted biographies) and on 64 held-out general rows (perplexity, KL to the
 planted teacher). Writes bench/unlearn.json, bench/unlearn_pareto.png and prints the markdown table.
 """
@@ -37,8 +37,8 @@ SETTINGS = ("W4A16", "W4A4KV4")
 
 
 def teacher(folder: Path, steps: int, plant_forget: bool, tokenizer_dir: Path | None = None) -> Path:
-    from stages import bootstrap
-    from stages.config import EmbeddedConfig, RuntimeConfig
+    from llm_compress import bootstrap
+    from llm_compress.config import EmbeddedConfig, RuntimeConfig
 
     if not (folder / "teacher" / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -78,13 +78,13 @@ def main() -> None:
 def run(work: Path, steps: int, only: list[str] | None, grid: list = GRID) -> dict:
     import torch
 
-    from stages.config import ModelsConfig, QuantizeConfig, RuntimeConfig, UnlearnConfig
-    from stages.data import load_texts, pack, save_tokens
-    from stages.modeling import load_causal_lm, load_tokenizer, save_pretrained_atomic_into
-    from stages.quantize.apply import run as quantize
-    from stages.unlearn import build, load_sets, measure, summary
-    from stages.unlearn.base import UnlearnData
-    from stages.unlearn.metrics import utility_metrics
+    from llm_compress.config import ModelsConfig, QuantizeConfig, RuntimeConfig, UnlearnConfig
+    from llm_compress.data import load_texts, pack, save_tokens
+    from llm_compress.modeling import load_causal_lm, load_tokenizer, save_pretrained_atomic_into
+    from llm_compress.quantize.apply import run as quantize
+    from llm_compress.unlearn import build, load_sets, measure, summary
+    from llm_compress.unlearn.base import UnlearnData
+    from llm_compress.unlearn.metrics import utility_metrics
 
     torch.set_num_threads(2)
     t0 = time.time()

@@ -7,14 +7,14 @@ Runs bench/recipes/gpu.yaml: the embedded world (a Llama teacher pretrained in b
 W4A16 g128, evaluate, export (safetensors, compressed-tensors, onnx-int4, bnb-nf4); then the same recipe with an
 OSTQuant W4A4KV4 quantize stage (export safetensors only: that setting needs run-time parts) into the same artifacts
 folder, where it reuses the cached bootstrap, data and distill stages. The stages are walked one at a time, as
-stages.pipeline.run_local walks them, so that each stage's peak GPU memory can be taken.
+llm_compress.pipeline.run_local walks them, so that each stage's peak GPU memory can be taken.
 
 Every figure comes from the stages' manifests (metrics, duration_s) and their history.jsonl files, plus the wall
 time and peak GPU memory measured here around each stage. The JSON (--out) is rewritten after every stage, so a run
 stopped at its time limit keeps what it measured; so is the section `## GPU check (bench/gpu_check.sh)` of the
 results file (bench/RESULTS.md; with --tiny only when --results is given), replaced in place or appended.
 
-Imports stages/ only, never flows/ (no Prefect): the device machine needs only the wheels gpu_check.sh lists.
+Imports llm_compress/ only, never llm_compress/flows/ (no Prefect): the device machine needs only the wheels gpu_check.sh lists.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def recipe_data(args: argparse.Namespace) -> tuple[dict, dict]:
     """(GPTQ recipe, OSTQuant recipe) as raw mappings: the recipe file, then --tiny, size flags and --set."""
     import yaml
 
-    from stages.config import apply_overrides
+    from llm_compress.config import apply_overrides
 
     data = yaml.safe_load(Path(args.recipe).read_text(encoding="utf-8")) or {}
     overrides = [f"{k}={json.dumps(v)}" for k, v in TINY.items()] if args.tiny else []
@@ -121,14 +121,14 @@ def cuda_in_use(recipe) -> bool:
 
 
 def run_stages(recipe, run_dir: Path, root: Path, on_stage) -> dict[str, dict]:
-    """stages.pipeline.run_local, one stage at a time: ``on_stage(stage, manifest, wall_s, peak_bytes)`` after each
+    """llm_compress.pipeline.run_local, one stage at a time: ``on_stage(stage, manifest, wall_s, peak_bytes)`` after each
     (peak: max GPU memory allocated during the stage, None off CUDA). A failed stage calls
     ``on_stage(stage, its failed manifest or None, wall_s, peak, error)`` and raises."""
     import torch
 
-    from stages.pipeline import after, enabled, make_call, preflight, run_call
-    from stages.runner import digest_memo_dir
-    from stages.stage import Env
+    from llm_compress.pipeline import after, enabled, make_call, preflight, run_call
+    from llm_compress.runner import digest_memo_dir
+    from llm_compress.stage import Env
 
     cuda = cuda_in_use(recipe) and torch.cuda.is_available()  # without a GPU the stages' resolve_device refuses
     preflight(recipe)
@@ -210,7 +210,7 @@ class Check:
         import torch
         import transformers
 
-        from stages.io import package_versions
+        from llm_compress.io import package_versions
 
         self.out, self.results, self.t0 = out, results, time.perf_counter()
         first = next(iter(recipes.values()))
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from stages.config import parse_recipe
+    from llm_compress.config import parse_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)

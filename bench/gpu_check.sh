@@ -12,7 +12,7 @@
 # The device image has python3.12 with torch (CUDA 13), numpy, safetensors 0.8.0, accelerate 1.15.0, onnx,
 # onnxruntime (CPU build), pyyaml, regex, tqdm, filelock and matplotlib, but transformers 5.x with
 # huggingface-hub 1.x and tokenizers 0.23.2 (transformers 4.57.6, which optimum-onnx needs, refuses both), and no
-# optimum, bitsandbytes, compressed-tensors or pydantic. gpu_check.py imports stages/ only (not flows/: no prefect,
+# optimum, bitsandbytes, compressed-tensors or pydantic. gpu_check.py imports llm_compress/ only (not llm_compress/flows/: no prefect,
 # fastapi, sqlalchemy, datasets, optuna), so these wheels are all it needs. Preparation, here, in the repo root:
 #
 #   echo /.whl/ >> .git/info/exclude
@@ -29,7 +29,7 @@
 #
 # Not carried: onnxruntime-gpu. Its 1.31.1 wheel (built for CUDA 13) is 256 MB, its CUDA provider library alone
 # 231 MB compressed: four times the 64 MiB a call may carry. ONNX Runtime then runs the onnx-int4 check on the
-# image's CPU build (stages/export.py `_ort_provider` picks CUDAExecutionProvider only where it is available); the
+# image's CPU build (llm_compress/export.py `_ort_provider` picks CUDAExecutionProvider only where it is available); the
 # JSON's onnxruntime_providers and each ONNX export's provider say which.
 #
 # Then the device tool's run, with the wheels carried and a timeout that leaves room for the install:

@@ -6,7 +6,7 @@ merging) and KVMerger (merging neighbouring tokens) rely on.
 
 One forward pass of ``--rows`` held-out rows of ``--context`` tokens through a full ``DynamicCache``, then, per
 adjacent layer pair (l, l + 1) and for K and V: quantiles of MiniCache's angular distance d = angle / pi between the
-two layers' states of each token and head (``stages.kv.minicache.merge_states``; 0 = same direction, 0.5 =
+two layers' states of each token and head (``llm_compress.kv.minicache.merge_states``; 0 = same direction, 0.5 =
 orthogonal), and the share of tokens MiniCache's relative rule retains at several gamma; per layer: quantiles of the
 cosine similarity of consecutive tokens' keys (KVMerger merges neighbours at or above its threshold, 0.8 by
 default). For the kvlong bench model: ``--model artifacts/bench-kv/00-bootstrap/teacher --eval
@@ -29,9 +29,9 @@ GAMMAS = (0.05, 0.2, 0.4, 0.6)
 def main() -> None:
     from transformers import DynamicCache
 
-    from stages.data import load_tokens
-    from stages.kv.minicache import merge_states
-    from stages.modeling import load_causal_lm
+    from llm_compress.data import load_tokens
+    from llm_compress.kv.minicache import merge_states
+    from llm_compress.modeling import load_causal_lm
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)

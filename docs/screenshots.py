@@ -59,8 +59,8 @@ def main() -> None:
         wait_for(f"{api}/health")
         code = f"""
 import json
-from flows.pipeline import compress
-from stages.config import load_recipe
+from llm_compress.flows.pipeline import compress
+from llm_compress.config import load_recipe
 from prefect.client.orchestration import get_client
 rep = compress(recipe=load_recipe('configs/tiny.yaml'), run_name='tiny-ui', artifacts_dir={str(home / 'artifacts')!r})
 dep = compress.to_deployment(name='demo', cron='0 2 * * *', parameters={{'recipe': load_recipe('configs/demo.yaml').model_dump(mode='json')}})

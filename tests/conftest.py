@@ -26,7 +26,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="session")
 def tiny_recipe():
-    from stages.config import load_recipe
+    from llm_compress.config import load_recipe
 
     return load_recipe(TINY)
 
@@ -49,7 +49,7 @@ def prefect_server():
 @pytest.fixture(scope="session")
 def tiny_run(prefect_server, tiny_recipe, artifacts):
     """The tiny recipe run once end to end through the Prefect flow: (artifacts, run name, report)."""
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     report = compress(recipe=tiny_recipe, run_name="tiny-a", artifacts_dir=str(artifacts))
     return artifacts, "tiny-a", report

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.config import apply_overrides, load_recipe, parse_recipe
-from stages.errors import RecipeError
+from llm_compress.config import apply_overrides, load_recipe, parse_recipe
+from llm_compress.errors import RecipeError
 
 
 def write(tmp_path, text: str):

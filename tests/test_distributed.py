@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from stages.config import load_recipe, parse_recipe
-from stages.errors import InputError, RecipeError
+from llm_compress.config import load_recipe, parse_recipe
+from llm_compress.errors import InputError, RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """The tiny recipe's teacher, tokenizer and token files (bootstrap and data stages, no orchestrator)."""
-    from stages.pipeline import make_call, run_call
-    from stages.runner import digest_memo_dir
-    from stages.stage import Env
+    from llm_compress.pipeline import make_call, run_call
+    from llm_compress.runner import digest_memo_dir
+    from llm_compress.stage import Env
 
     art = tmp_path_factory.mktemp("ddp-artifacts")
     recipe, done = load_recipe(ROOT / "configs" / "tiny.yaml"), {}
@@ -45,7 +45,7 @@ def _recipe(processes: int = 1, nodes: int = 1, port: int | None = None, strateg
 
 
 def _run(data: dict, out: Path, recipe, cache: Path | None = None, checkpoint: Path | None = None):
-    from stages import distill
+    from llm_compress import distill
 
     out.mkdir(parents=True)
     return distill.run(recipe.distill, recipe.models, recipe.runtime, student_ref="derive", out_dir=out,
@@ -89,7 +89,7 @@ def test_ddp_on_two_processes_trains_like_one_on_the_same_global_batch(data, one
     """World size 2 (each rank 4 of the 8 rows of every batch, gradients averaged by DDP) gives one process's losses,
     held-out figures and weights; the teacher top-k made by two ranks is the same file; the result says 2 processes;
     rank 0's progress reaches the reporter installed around the stage (the flow's)."""
-    from stages.progress import reporting
+    from llm_compress.progress import reporting
 
     seen = []
     with reporting(lambda fraction, note: seen.append((fraction, note))):
@@ -192,7 +192,7 @@ def test_a_second_node_joins_with_torchrun_and_gets_the_spec_from_rank_0(data, o
     port = _free_port()
     node1 = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1",
                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                              "--module", "stages.worker", "--device", "cpu"], cwd=ROOT)
+                              "--module", "llm_compress.worker", "--device", "cpu"], cwd=ROOT)
     try:
         res = _run(data, tmp_path / "two-nodes", _recipe(processes=1, nodes=2, port=port, **CACHED))
         assert node1.wait(timeout=60) == 0
@@ -229,18 +229,18 @@ def test_the_recipe_refuses_what_cannot_be_split():
 
 
 def test_the_launcher_command_line():
-    from stages.distributed import torchrun_args
+    from llm_compress.distributed import torchrun_args
 
     one = torchrun_args(_recipe(processes=2).runtime, Path("/x/spec.json"), "cpu")
     assert one[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node" in one
-    assert one[-4:] == ["stages.worker", "/x/spec.json", "--device", "cpu"] and one[-5] == "--module"
+    assert one[-4:] == ["llm_compress.worker", "/x/spec.json", "--device", "cpu"] and one[-5] == "--module"
     two = torchrun_args(_recipe(processes=2, nodes=2, port=29400).runtime, Path("s"), "cuda")
     assert two[3:13] == ["--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", "29400",
                          "--nproc_per_node", "2"]
 
 
 def _quantize(data: dict, out: Path, processes: int, method: str = "gptq"):
-    from stages.quantize.apply import run
+    from llm_compress.quantize.apply import run
 
     r = load_recipe(ROOT / "configs" / "tiny.yaml").model_dump(mode="json")
     r["quantize"]["scheme"] = {"method": method, "setting": "W4A16", "group_size": 32, "calibration": {"samples": 48}}
@@ -254,7 +254,7 @@ def _quantize(data: dict, out: Path, processes: int, method: str = "gptq"):
 def test_gptq_calibrates_on_two_processes_like_one(data, tmp_path):
     """GPTQ with 2 ranks: each runs half the calibration batches, the Hessians are summed over the ranks before every
     solve, so the codes are one process's (up to the order of float sums) and the result says 2 processes."""
-    from stages.quantize.codes import load_codes
+    from llm_compress.quantize.codes import load_codes
 
     one = _quantize(data, tmp_path / "one", 1)
     two = _quantize(data, tmp_path / "two", 2)

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from stages.distill.chunked import chunked_divergence, compress_teacher, get_divergence, topk_divergence
-from stages.distill.divergences import DIVERGENCES, SPECS, TOKENWISE
-from stages.errors import TrainingError
+from llm_compress.distill.chunked import chunked_divergence, compress_teacher, get_divergence, topk_divergence
+from llm_compress.distill.divergences import DIVERGENCES, SPECS, TOKENWISE
+from llm_compress.errors import TrainingError
 
 # (name, params) pairs covering every token-wise divergence, the endpoints included
 CASES = [

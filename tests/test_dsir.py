@@ -1,4 +1,4 @@
-"""DSIR data selection (stages.dsir): features, weights, resampling, sharding/resume, bad input, compat, Dask."""
+"""DSIR data selection (llm_compress.dsir): features, weights, resampling, sharding/resume, bad input, compat, Dask."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.dsir import (DSIRConfig, Featurizer, TargetSpec, core, fast_key, gumbel_top_k, run_selection, sha256_bucket,
+from llm_compress.dsir import (DSIRConfig, Featurizer, TargetSpec, core, fast_key, gumbel_top_k, run_selection, sha256_bucket,
                          sources, tokenize)
-from stages.errors import InputError
+from llm_compress.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,7 +75,7 @@ def test_fast_hash_fixed_values():
 
 
 def test_fast_hash_same_in_a_subprocess_with_another_hash_seed():
-    code = ("from stages.dsir import Featurizer; import json; "
+    code = ("from llm_compress.dsir import Featurizer; import json; "
             "b = Featurizer(10000).featurize(['Hello, World!', 'naïve café — 日本語 x_y']); "
             "print(json.dumps(b.bucket.tolist()))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -116,24 +116,24 @@ def test_tokenizer_is_wordpunct_and_batch_hash_matches_scalar_reference():
 
 
 def test_config_module_is_light():
-    # A recipe's schema (stages.config) imports stages.dsir.config: it must not pull numpy or the selection code.
-    code = ("import sys, stages.dsir.config, stages.dsir; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('stages.dsir.')))")
+    # A recipe's schema (llm_compress.config) imports llm_compress.dsir.config: it must not pull numpy or the selection code.
+    code = ("import sys, llm_compress.dsir.config, llm_compress.dsir; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('llm_compress.dsir.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["['stages.dsir.config']"]
-    import stages.dsir
+    assert out.stdout.split() == ["['llm_compress.dsir.config']"]
+    import llm_compress.dsir
 
-    assert stages.dsir.DSIRConfig is core.DSIRConfig and stages.dsir.run_selection is core.run_selection
+    assert llm_compress.dsir.DSIRConfig is core.DSIRConfig and llm_compress.dsir.run_selection is core.run_selection
     with pytest.raises(AttributeError):
-        stages.dsir.no_such_name  # noqa: B018
+        llm_compress.dsir.no_such_name  # noqa: B018
 
 
 def test_char_classes_filled_block_by_block_match_the_engine_on_every_code_point():
     regex = pytest.importorskip("regex")
-    from stages.dsir import features
+    from llm_compress.dsir import features
 
     # A fresh process classifies only the blocks its texts touch.
-    code = ("from stages.dsir import features as f; import numpy as np; f.Featurizer(10).featurize(['héllo 日本']); "
+    code = ("from llm_compress.dsir import features as f; import numpy as np; f.Featurizer(10).featurize(['héllo 日本']); "
             "print(int((f._CLASS[::f._BLOCK] != f._UNKNOWN).sum()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert int(out.stdout) == 3  # U+0000-U+00FF (ASCII, é), and the blocks of 日 (U+65E5) and 本 (U+672C)
@@ -189,7 +189,7 @@ def test_gumbel_top_k_seeded_without_replacement_and_proportional():
 def test_weights_histogram_panels_and_ticks(tmp_path):
     from PIL import Image
 
-    from stages.dsir.plot import H, W, nice_ticks, weights_histogram
+    from llm_compress.dsir.plot import H, W, nice_ticks, weights_histogram
 
     assert nice_ticks(-4200, 300) == [-4000, -3000, -2000, -1000, 0]
     assert nice_ticks(0, 0.0094) == pytest.approx([0, 0.002, 0.004, 0.006, 0.008])
@@ -522,8 +522,8 @@ def test_shards_run_on_dask_through_prefect(corpus, tmp_path, prefect_server):
 def test_shards_run_on_a_local_cluster_from_the_recipe_and_match_inline(kind, corpus, tmp_path):
     """runtime.executor: a local cluster of 2 worker processes (Dask or Ray) computes the same selection as one
     process; a rerun on it reuses every cached shard; a path the workers cannot see fails before any shard runs."""
-    from stages.config import ExecutorConfig
-    from stages.dsir.executors import make_executor
+    from llm_compress.config import ExecutorConfig
+    from llm_compress.dsir.executors import make_executor
 
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -551,8 +551,8 @@ def test_shards_run_on_a_local_cluster_from_the_recipe_and_match_inline(kind, co
 
 _WORKER_ENV = """
 import os
-from stages.config import ExecutorConfig
-from stages.dsir.executors import make_executor
+from llm_compress.config import ExecutorConfig
+from llm_compress.dsir.executors import make_executor
 
 if __name__ == "__main__":
     os.environ["MALLOC_TRIM_THRESHOLD_"] = "65536"  # as an earlier Dask nanny in this process leaves it

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from stages.data import bos_prefix
-from stages.embedded import DOMAINS, MB, build_corpus, train_tokenizer
-from stages.errors import InputError
+from llm_compress.data import bos_prefix
+from llm_compress.embedded import DOMAINS, MB, build_corpus, train_tokenizer
+from llm_compress.errors import InputError
 
 SMALL_MB = 0.3
 VOCAB = 1024
@@ -275,7 +275,7 @@ def test_tokenizer_empty_corpus(tmp_path):
 @pytest.fixture
 def fake_site(tmp_path, monkeypatch):
     """A site-packages folder with one package (300 modules, a test folder, a README) and its dist-info."""
-    import stages.embedded as emb
+    import llm_compress.embedded as emb
 
     site = tmp_path / "site"
     pkg = site / "fakepkg"
@@ -295,7 +295,7 @@ def fake_site(tmp_path, monkeypatch):
 
 
 def test_site_packages_sources(fake_site):
-    import stages.embedded as emb
+    import llm_compress.embedded as emb
 
     files = [label for label, _ in emb._source_files(site_packages=True)]
     site = {f for f in files if f.startswith("site:")}

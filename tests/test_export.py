@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.card import CARD_FILE, front_matter, render, teacher_license
-from stages.config import ExportCheck, ExportConfig
-from stages.errors import ExportError, InputError
-from stages.export import FORMATS, check_batch, compare_logits, run_export
-from stages.io import path_size
-from stages.modeling import load_causal_lm, load_tokenizer
+from llm_compress.card import CARD_FILE, front_matter, render, teacher_license
+from llm_compress.config import ExportCheck, ExportConfig
+from llm_compress.errors import ExportError, InputError
+from llm_compress.export import FORMATS, check_batch, compare_logits, run_export
+from llm_compress.io import path_size
+from llm_compress.modeling import load_causal_lm, load_tokenizer
 
 SEED = 0
 
@@ -197,7 +197,7 @@ def test_a_failed_check_publishes_that_format_only(check, figure, model_dir, ids
 
 def _break_builder(monkeypatch, fmt: str) -> None:
     """Make ``fmt``'s builder fail after writing a file, as an exporter crashing half-way would."""
-    import stages.export as export
+    import llm_compress.export as export
 
     def broken(src_model, model_dir, dst, device, dtype):
         (dst / "half-written.onnx").write_bytes(b"\0")
@@ -229,9 +229,9 @@ def test_a_failing_format_does_not_take_the_others_down(model_dir, ids, ref_logi
 
 def test_the_stage_publishes_what_passed_as_a_failed_stage_that_no_cache_serves(model_dir, ids, tmp_path,
                                                                                monkeypatch):
-    from stages.report import build, markdown
-    from stages.runner import execute, failed_manifest, lookup
-    from stages.stage import Call
+    from llm_compress.report import build, markdown
+    from llm_compress.runner import execute, failed_manifest, lookup
+    from llm_compress.stage import Call
 
     _break_builder(monkeypatch, "onnx-int8")
     call = Call(stage="export", index=8, config={}, inputs={}, key="k" * 64)
@@ -286,7 +286,7 @@ def test_generate_idiom_on_embedded_tokenizer_export(tmp_path):
     classes: the embedded tokenizer is in it and returns no token_type_ids (which generate() refuses)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from stages.embedded import train_tokenizer
+    from llm_compress.embedded import train_tokenizer
 
     corpus = tmp_path / "c.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"the cat {i} sat on the mat {i * 3}"}) + "\n" for i in range(40)))
@@ -315,9 +315,9 @@ NEMO = {"model_type": "mistral", "hidden_size": 5120, "num_attention_heads": 32,
 
 
 def test_onnx_is_refused_at_validation_for_a_head_dim_it_cannot_export(tmp_path):
-    from stages.config import parse_recipe
-    from stages.export_support import onnx_export_problem
-    from stages.pipeline import preflight
+    from llm_compress.config import parse_recipe
+    from llm_compress.export_support import onnx_export_problem
+    from llm_compress.pipeline import preflight
 
     assert "head_dim 128, not hidden_size // num_attention_heads (5120 // 32 = 160)" in onnx_export_problem(NEMO)
     assert onnx_export_problem({**NEMO, "head_dim": 160}) is None  # transformers writes the default one out
@@ -360,9 +360,9 @@ def test_onnx_of_a_head_dim_it_cannot_export_fails_that_format_only_at_run_time(
 def test_onnx_without_onnx_runtime_is_refused_at_validation(monkeypatch):
     """ONNX Runtime comes from the cpu or gpu extra (onnxruntime or onnxruntime-gpu, never both): without either the
     ONNX formats are refused before any work."""
-    import stages.export_support as support
-    from stages.config import parse_recipe
-    from stages.pipeline import preflight
+    import llm_compress.export_support as support
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import preflight
 
     recipe = parse_recipe({"export": {"formats": ["safetensors", "onnx-int4"]}})
     preflight(recipe)
@@ -415,7 +415,7 @@ def test_card_reports_latency_only_for_a_model_without_run_time_parts():
     assert "W4A4KV4 values stored as floats" in std  # the float checkpoint's speed, not a low-bit kernel's
     nf4 = _card("bnb-nf4", "standard", {}, files=("config.json", "kv_cache.json"))
     assert "this `bnb-nf4` folder was not timed" in nf4  # the timing is the source's, never the format's
-    assert "from stages.kv import load_kv_cache" in nf4
+    assert "from llm_compress.kv import load_kv_cache" in nf4
     head = front_matter(std)
     assert head == {"license": "mit", "library_name": "transformers", "base_model": "org/teacher",
                     "tags": ["compressed", "safetensors", "quantize"]}

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from stages.config import parse_recipe
+from llm_compress.config import parse_recipe
 
 
 def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     schema = parameter_schema(compress)
     assert list(schema.properties) == ["recipe", "run_name", "artifacts_dir", "recipe_path", "until"]
-    from stages.pipeline import STAGES
+    from llm_compress.pipeline import STAGES
 
     assert schema.properties["until"]["anyOf"][0]["enum"] == [s.name for s in STAGES]  # a dropdown of the stages
     unlearn = schema.definitions["UnlearnConfig"]["properties"]["method"]["discriminator"]["mapping"]
@@ -34,7 +34,7 @@ def test_flow_parameters_are_a_typed_schema_with_choices_and_descriptions():
 
 
 def test_recipe_deployment_with_a_schedule_builds():
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     dep = compress.to_deployment(name="nightly", cron="0 2 * * *",
                                  parameters={"recipe": parse_recipe({}).model_dump(mode="json"), "run_name": "n"})
@@ -44,7 +44,7 @@ def test_recipe_deployment_with_a_schedule_builds():
 def test_cli_help_for_every_command(capsys):
     import pytest
 
-    from flows.cli import build_parser
+    from llm_compress.flows.cli import build_parser
 
     parser = build_parser()
     for cmd in ("demo", "run", "validate", "runs", "show", "serve"):
@@ -55,7 +55,7 @@ def test_cli_help_for_every_command(capsys):
 
 
 def test_validate_prints_the_resolved_recipe(capsys):
-    from flows.cli import main
+    from llm_compress.flows.cli import main
 
     from tests.conftest import ROOT
 
@@ -66,9 +66,9 @@ def test_validate_prints_the_resolved_recipe(capsys):
 
 
 def test_each_flow_run_gets_its_own_run_folder_name_unless_one_is_given(monkeypatch):
-    from flows.cli import default_run_name
-    from flows.pipeline import run_name_for
-    from stages.config import check_run_name
+    from llm_compress.flows.cli import default_run_name
+    from llm_compress.flows.pipeline import run_name_for
+    from llm_compress.config import check_run_name
 
     recipe = parse_recipe({})
     base = default_run_name(recipe)
@@ -88,8 +88,8 @@ def test_each_flow_run_gets_its_own_run_folder_name_unless_one_is_given(monkeypa
 
 
 def test_serve_leaves_the_run_name_to_each_flow_run(monkeypatch):
-    from flows.cli import main
-    from flows.pipeline import compress
+    from llm_compress.flows.cli import main
+    from llm_compress.flows.pipeline import compress
 
     from tests.conftest import TINY
 

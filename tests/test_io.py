@@ -1,4 +1,4 @@
-"""stages.io: the memoised file digest (reused while a file is unchanged, recomputed when it changes)."""
+"""llm_compress.io: the memoised file digest (reused while a file is unchanged, recomputed when it changes)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from stages import io
-from stages.io import digest_path, memo_sha256
+from llm_compress import io
+from llm_compress.io import digest_path, memo_sha256
 
 HOUR_NS = 3600 * 10**9
 
@@ -103,7 +103,7 @@ def test_a_replaced_stage_folder_is_never_missing(tmp_path):
     folder while it is replaced again and again always finds a complete one."""
     import threading
 
-    from stages.io import atomic_dir
+    from llm_compress.io import atomic_dir
 
     final = tmp_path / "04-unlearn"
     with atomic_dir(final) as tmp:
@@ -130,7 +130,7 @@ def test_a_replaced_stage_folder_is_never_missing(tmp_path):
 
 
 def test_replace_falls_back_to_two_renames_where_the_os_cannot_swap(tmp_path, monkeypatch):
-    from stages.io import atomic_dir
+    from llm_compress.io import atomic_dir
 
     monkeypatch.setattr(io, "_exchange", lambda a, b: False)
     final = tmp_path / "d"

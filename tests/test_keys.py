@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import stages.io as sio
-from stages.config import parse_recipe
-from stages.errors import InputError
-from stages.pipeline import make_call, preflight
-from stages.stage import Env
+import llm_compress.io as sio
+from llm_compress.config import parse_recipe
+from llm_compress.errors import InputError
+from llm_compress.pipeline import make_call, preflight
+from llm_compress.stage import Env
 
 CPU = Env(device="cpu")
 DOWNSTREAM = ("data", "distill", "quantize", "evaluate", "export")
@@ -110,7 +110,7 @@ def test_a_stage_code_version_covers_the_code_it_runs_and_no_other(tmp_path, mon
     shutil.copytree(sio._ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(sio, "_ROOT", copy)
     monkeypatch.setattr(sio, "_STAGE_CODE", {})
-    names = ["stages.pipeline.distill", "stages.pipeline.quantize", "stages.pipeline.export"]
+    names = ["llm_compress.pipeline.distill", "llm_compress.pipeline.quantize", "llm_compress.pipeline.export"]
 
     def versions():
         sio._STAGE_CODE.clear()
@@ -120,10 +120,10 @@ def test_a_stage_code_version_covers_the_code_it_runs_and_no_other(tmp_path, mon
     with open(copy / "export.py", "a") as f:  # a file only the export stage runs
         f.write("\n# edited\n")
     after = versions()
-    assert [n for n in names if after[n] != base[n]] == ["stages.pipeline.export"]
+    assert [n for n in names if after[n] != base[n]] == ["llm_compress.pipeline.export"]
     with open(copy / "quantize" / "gptq.py", "a") as f:  # only the quantize stage runs GPTQ
         f.write("\n# edited\n")
-    assert [n for n in names if versions()[n] != after[n]] == ["stages.pipeline.quantize"]
+    assert [n for n in names if versions()[n] != after[n]] == ["llm_compress.pipeline.quantize"]
     with open(copy / "modeling.py", "a") as f:  # every model stage loads models through it
         f.write("\n# edited\n")
     assert all(a != b for a, b in zip(versions().values(), after.values()))
@@ -175,7 +175,7 @@ def test_a_given_student_is_checked_even_when_distillation_is_off(tmp_path):
 
 
 def test_validate_runs_the_same_checks_as_run(tmp_path, capsys):
-    from flows.cli import main
+    from llm_compress.flows.cli import main
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("quantize:\n  scheme: {method: gptq, calibration: {file: /nonexistent/calib.jsonl}}\n")
@@ -191,10 +191,10 @@ def test_validation_and_the_prefect_form_import_no_torch():
     from tests.conftest import ROOT
 
     heavy = "print(sorted(m for m in ('torch', 'transformers', 'matplotlib', 'prefect') if m in sys.modules))"
-    validate = f"import sys; from flows.cli import main; main(['validate', 'configs/demo.yaml']); {heavy}"
+    validate = f"import sys; from llm_compress.flows.cli import main; main(['validate', 'configs/demo.yaml']); {heavy}"
     out = subprocess.run([sys.executable, "-c", validate], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    form = ("import sys; from prefect.utilities.callables import parameter_schema; from flows.pipeline import compress; "
+    form = ("import sys; from prefect.utilities.callables import parameter_schema; from llm_compress.flows.pipeline import compress; "
             "parameter_schema(compress); " + heavy.replace(", 'prefect'", ""))
     out = subprocess.run([sys.executable, "-c", form], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
@@ -257,9 +257,9 @@ def _settled(*paths: Path) -> None:
 
 
 def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorded(tmp_path, monkeypatch, caplog):
-    from stages.result import StageResult
-    from stages.runner import execute
-    from stages.stage import Call
+    from llm_compress.result import StageResult
+    from llm_compress.runner import execute
+    from llm_compress.stage import Call
 
     root, runs = tmp_path / "art", []
     call = Call(stage="probe", index=6, config={}, inputs={}, key="k" * 64)
@@ -287,7 +287,7 @@ def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorde
     data = bytearray(weights.read_bytes())
     data[7] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with caplog.at_level("INFO", logger="stages.runner"):
+    with caplog.at_level("INFO", logger="llm_compress.runner"):
         again = run("c")
     assert not again.get("reused") and len(runs) == 2 and again["stage_dir"] == str(root / "c" / "06-probe")
     assert "output 'model' on disk is not the one recorded" in caplog.text and str(root / "a") in caplog.text

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from stages.config import KFadeConfig
-from stages.errors import RecipeError, TrainingError
-from stages.unlearn.base import UnlearnData
-from stages.unlearn.data import ForgetSet
-from stages.unlearn.kfade import (KFade, forget_grads, kfac_factors, natural_direction, quadratic_kl, select_linears,
+from llm_compress.config import KFadeConfig
+from llm_compress.errors import RecipeError, TrainingError
+from llm_compress.unlearn.base import UnlearnData
+from llm_compress.unlearn.data import ForgetSet
+from llm_compress.unlearn.kfade import (KFade, forget_grads, kfac_factors, natural_direction, quadratic_kl, select_linears,
                                   step_size)
 
 

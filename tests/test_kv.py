@@ -1,4 +1,4 @@
-"""KV-cache compressors (stages.kv): KIVI, attention sinks, MiniCache, their memory accounting and the spec loader,
+"""KV-cache compressors (llm_compress.kv): KIVI, attention sinks, MiniCache, their memory accounting and the spec loader,
 on tiny random Llama models (CPU). References are DynamicCache runs, masks or plain-Python formulas."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import DynamicCache, GPT2Config, LlamaConfig, LlamaForCausalLM
 
-from stages.errors import InputError
-from stages.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
-from stages.kv.base import storage_nbytes
-from stages.kv.kivi import KIVICache, KIVILayer
-from stages.kv.minicache import MergedPair, MiniCache, MiniCacheLayer, merge_states
-from stages.kv.packing import pack_codes, unpack_codes
-from stages.kv.sink import SinkCache
-from stages.quantize.quantizers import dequantize_codes, fake_quant_kv, quantize_codes
+from llm_compress.errors import InputError
+from llm_compress.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
+from llm_compress.kv.base import storage_nbytes
+from llm_compress.kv.kivi import KIVICache, KIVILayer
+from llm_compress.kv.minicache import MergedPair, MiniCache, MiniCacheLayer, merge_states
+from llm_compress.kv.packing import pack_codes, unpack_codes
+from llm_compress.kv.sink import SinkCache
+from llm_compress.quantize.quantizers import dequantize_codes, fake_quant_kv, quantize_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -471,8 +471,8 @@ def test_missing_spec(tmp_path, model):
 def test_evaluate_measures_a_model_with_the_cache_and_records_why_another_is_not(model):
     from transformers import GPT2LMHeadModel
 
-    from stages.config import EvaluateConfig
-    from stages.evaluate import kv_metrics
+    from llm_compress.config import EvaluateConfig
+    from llm_compress.evaluate import kv_metrics
 
     cfg = EvaluateConfig(latency_new_tokens=4, latency_repeats=1)
     spec = normalize_spec({"method": "kivi", "bits": [2, 2], "group_size": 16, "residual": 16})
@@ -488,7 +488,7 @@ def test_evaluate_measures_a_model_with_the_cache_and_records_why_another_is_not
 
 
 def test_export_generate_check_runs_through_the_folders_kv_cache_json(tmp_path, model):
-    from stages.export import KV_CHECK_TOKENS, kv_generate_check
+    from llm_compress.export import KV_CHECK_TOKENS, kv_generate_check
 
     save_kv_cache_json(tmp_path, {"method": "kivi", "bits": [4, 4], "group_size": 16, "residual": 16})
     ids = torch.randint(3, VOCAB, (2, 24), generator=_gen(4))
@@ -499,7 +499,7 @@ def test_export_generate_check_runs_through_the_folders_kv_cache_json(tmp_path, 
 
 
 def test_report_warns_when_a_cache_holds_more_than_a_full_cache():
-    from stages.report import build, markdown
+    from llm_compress.report import build, markdown
 
     def report(ratio: float) -> str:
         kv = {"metrics": {"method": "minicache", "memory_ratio": ratio, "bytes": 100, "full_bytes": int(100 * ratio)}}

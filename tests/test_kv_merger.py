@@ -1,4 +1,4 @@
-"""The KVMerger cache (stages.kv.kvmerger): merges by hand, the budget and its protected rows, padding, memory, specs.
+"""The KVMerger cache (llm_compress.kv.kvmerger): merges by hand, the budget and its protected rows, padding, memory, specs.
 
 Models are tiny random Llamas on CPU; references are DynamicCache runs and values worked out by hand."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from stages.config import parse_recipe
-from stages.errors import InputError, RecipeError
-from stages.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
-from stages.kv.kvmerger import KVMergerCache
+from llm_compress.config import parse_recipe
+from llm_compress.errors import InputError, RecipeError
+from llm_compress.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
+from llm_compress.kv.kvmerger import KVMergerCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

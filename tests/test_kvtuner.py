@@ -1,4 +1,4 @@
-"""KVTuner (stages.kv.kvtuner): the per-layer bit search on tiny random Llama models (CPU), its budget, its table and
+"""KVTuner (llm_compress.kv.kvtuner): the per-layer bit search on tiny random Llama models (CPU), its budget, its table and
 plot, the spec it writes, and its bad-input errors."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.errors import InputError
-from stages.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
-from stages.kv.kivi import KIVICache
-from stages.kv.kvtuner import additive_best, pareto_front, plot_pareto, search
-from stages.kv.spec import average_bits, parse_pair
+from llm_compress.errors import InputError
+from llm_compress.kv import build_cache, load_kv_cache, normalize_spec, save_kv_cache_json
+from llm_compress.kv.kivi import KIVICache
+from llm_compress.kv.kvtuner import additive_best, pareto_front, plot_pareto, search
+from llm_compress.kv.spec import average_bits, parse_pair
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

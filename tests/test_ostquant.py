@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from stages.config import OSTQuantConfig
-from stages.errors import ExportError, InputError
-from stages.quantize.ostquant import calibrate, calibration_loss, kl_top
-from stages.quantize.quantizers import parse_setting
+from llm_compress.config import OSTQuantConfig
+from llm_compress.errors import ExportError, InputError
+from llm_compress.quantize.ostquant import calibrate, calibration_loss, kl_top
+from llm_compress.quantize.quantizers import parse_setting
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,8 +76,8 @@ def test_fused_transforms_leave_the_full_precision_model_unchanged(model_type):
 
 
 def test_rotation_closes_most_of_rtns_w4a4kv4_gap_and_the_calibration_loss_stays_finite():
-    from stages.quantize.fakequant import attach_fake_quant
-    from stages.quantize.rtn import quantize_model
+    from llm_compress.quantize.fakequant import attach_fake_quant
+    from llm_compress.quantize.rtn import quantize_model
 
     m = _model()
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_unsupported_architecture_is_refused_by_name():
     m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(InputError, match="llama"):
         calibrate(m, IDS % 64, OSTQuantConfig(setting="W4A16", steps=1))
-    from stages.quantize.apply import apply
+    from llm_compress.quantize.apply import apply
 
     # the quantize stage's entry point too: before QSUR, which used to hit a raw AttributeError on GPT-2
     for scheme in (OSTQuantConfig(setting="W4A16", steps=1), OSTQuantConfig(setting="W4A4KV4", steps=1)):
@@ -126,10 +126,10 @@ def _save(model, tmp_path, name="fp"):
 ])
 def test_quantized_checkpoint_reloads_as_it_ran(tmp_path, scheme):
     """apply() + save + load_causal_lm (restore from quantization.json) gives the same logits as in memory."""
-    from stages.config import parse_recipe
-    from stages.modeling import load_causal_lm
-    from stages.quantize.apply import apply
-    from stages.quantize.record import runtime_needs
+    from llm_compress.config import parse_recipe
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.quantize.apply import apply
+    from llm_compress.quantize.record import runtime_needs
 
     recipe = parse_recipe({"name": "t", "quantize": {"scheme": scheme}, "export": {"formats": ["safetensors"]}})
     m = _model()
@@ -154,9 +154,9 @@ def test_quantized_checkpoint_reloads_as_it_ran(tmp_path, scheme):
 
 
 def test_weight_only_setting_changes_weights_only(tmp_path):
-    from stages.config import parse_recipe
-    from stages.quantize.apply import apply
-    from stages.quantize.record import runtime_needs
+    from llm_compress.config import parse_recipe
+    from llm_compress.quantize.apply import apply
+    from llm_compress.quantize.record import runtime_needs
 
     recipe = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "gptq", "setting": "W4A16",
                                                                 "calibration": {"samples": 8}}}})
@@ -170,9 +170,9 @@ def test_weight_only_setting_changes_weights_only(tmp_path):
 
 
 def test_exports_that_drop_run_time_parts_are_refused(tmp_path):
-    from stages.config import ExportConfig, parse_recipe
-    from stages.errors import RecipeError
-    from stages.export import run_export
+    from llm_compress.config import ExportConfig, parse_recipe
+    from llm_compress.errors import RecipeError
+    from llm_compress.export import run_export
 
     with pytest.raises(RecipeError, match="safetensors"):
         parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "W4A4KV4"}}})
@@ -192,8 +192,8 @@ def test_exports_that_drop_run_time_parts_are_refused(tmp_path):
 
 
 def test_setting_names():
-    from stages.config import parse_recipe
-    from stages.errors import RecipeError
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import RecipeError
 
     s = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "rtn", "setting": "w4a4kv4"}},
                       "export": {"formats": ["safetensors"]}}).quantize.scheme
@@ -212,9 +212,9 @@ def test_learning_the_transforms_lowers_the_quantized_loss_on_a_fixed_batch():
     """
     from torch.func import functional_call
 
-    from stages.quantize.fakequant import attach_fake_quant
-    from stages.quantize.hadamard import random_rotation
-    from stages.quantize.transforms import (OSTParams, build_optimizers, fold_rmsnorm, install_online_hadamard,
+    from llm_compress.quantize.fakequant import attach_fake_quant
+    from llm_compress.quantize.hadamard import random_rotation
+    from llm_compress.quantize.transforms import (OSTParams, build_optimizers, fold_rmsnorm, install_online_hadamard,
                                             transformed_weights)
 
     m = _model()
@@ -244,9 +244,9 @@ def test_learning_the_transforms_lowers_the_quantized_loss_on_a_fixed_batch():
 
 def test_calibration_rows_from_a_text_file_and_a_token_file(tmp_path):
     """Text is tokenized and packed into seq_len rows; token ids the model cannot embed are refused by name."""
-    from stages.data import save_tokens
-    from stages.embedded import train_tokenizer
-    from stages.quantize.apply import calibration_rows
+    from llm_compress.data import save_tokens
+    from llm_compress.embedded import train_tokenizer
+    from llm_compress.quantize.apply import calibration_rows
 
     text = tmp_path / "calib.jsonl"
     text.write_text("".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(200)))
@@ -268,8 +268,8 @@ def test_calibration_rows_from_a_text_file_and_a_token_file(tmp_path):
 def test_qsur_is_skipped_and_said_when_the_calibration_tokens_are_fewer_than_the_mlp_width():
     """QSUR is a diagnostic: a model whose MLP is wider than the calibration tokens (Qwen2.5-0.5B's 4,864 at 128-token
     rows and few samples) still quantizes; the record says why QSUR is missing."""
-    from stages.config import parse_recipe
-    from stages.quantize.apply import apply
+    from llm_compress.config import parse_recipe
+    from llm_compress.quantize.apply import apply
 
     recipe = parse_recipe({"name": "t", "quantize": {"scheme": {"method": "ostquant", "setting": "W4A4KV4",
                                                                 "steps": 1, "batch_size": 2}},

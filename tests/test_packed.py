@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.config import FROM_CODES_CHECK, ExportConfig, ModelsConfig, QuantizeConfig, RuntimeConfig, parse_recipe
-from stages.errors import RecipeError
-from stages.export import check_batch, check_failures, compare_logits, run_export
-from stages.modeling import load_causal_lm
-from stages.quantize.codes import CODES_FILE, load_codes
+from llm_compress.config import FROM_CODES_CHECK, ExportConfig, ModelsConfig, QuantizeConfig, RuntimeConfig, parse_recipe
+from llm_compress.errors import RecipeError
+from llm_compress.export import check_batch, check_failures, compare_logits, run_export
+from llm_compress.modeling import load_causal_lm
+from llm_compress.quantize.codes import CODES_FILE, load_codes
 
 from tests.test_export import _tokenizer
 
@@ -38,8 +38,8 @@ def _tiny_float(d: Path) -> Path:
 
 def _quantized(tmp: Path, scheme: dict) -> Path:
     """The quantize stage's model folder (fake-quantized weights + quantization.json + quant_codes.safetensors)."""
-    from stages.data import save_tokens
-    from stages.quantize.apply import run
+    from llm_compress.data import save_tokens
+    from llm_compress.quantize.apply import run
 
     src = _tiny_float(tmp / "float")
     calib = tmp / "calib.safetensors"
@@ -75,7 +75,7 @@ def test_codes_file_holds_the_integers_the_weights_are_made_of(w4):
 
 
 def test_gptq_codes_are_the_solution_it_returns():
-    from stages.quantize.gptq import gptq_solve
+    from llm_compress.quantize.gptq import gptq_solve
 
     torch.manual_seed(0)
     w, x = torch.randn(16, 64), torch.randn(256, 64)
@@ -223,7 +223,7 @@ def test_a_checkpoint_with_run_time_parts_refuses_stock_loaders_and_loads_with_o
 
 
 def test_a_bf16_compressed_tensors_export_is_held_to_the_16_bit_default(w4, ids, tmp_path):
-    from stages.config import FROM_CODES_CHECK_16BIT
+    from llm_compress.config import FROM_CODES_CHECK_16BIT
 
     res = run_export(ExportConfig(formats=["compressed-tensors"]), w4, tmp_path, check_ids=ids, progress=False,
                      dtype="bfloat16")
@@ -237,8 +237,8 @@ def test_a_changed_code_on_disk_is_caught(w4, tmp_path):
     import onnx
     from safetensors.torch import load_file, save_file
 
-    from stages.errors import ExportError
-    from stages.packed import replace_matmuls, verify_compressed_tensors, verify_matmulnbits, write_compressed_tensors
+    from llm_compress.errors import ExportError
+    from llm_compress.packed import replace_matmuls, verify_compressed_tensors, verify_matmulnbits, write_compressed_tensors
 
     codes = load_codes(w4)
     model = load_causal_lm(str(w4))

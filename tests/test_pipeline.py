@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import InputError
-from stages.io import digest_path
-from stages.pipeline import get_stage
+from llm_compress.errors import InputError
+from llm_compress.io import digest_path
+from llm_compress.pipeline import get_stage
 
 from tests.conftest import ROOT, TINY
 
@@ -47,7 +47,7 @@ def test_tiny_run_completes_and_publishes(tiny_run):
 def test_each_export_folder_carries_a_model_card(tiny_run):
     """The card of every published format: recipe, lineage through the stage's inputs and upstream keys, evaluate's
     figures of the exported model, latency (a standard W4A16 checkpoint: nothing fake-quantized at run time)."""
-    from stages.card import front_matter
+    from llm_compress.card import front_matter
 
     root, run, _ = tiny_run
     exp = json.loads((stage_dir(root, run, "export") / "manifest.json").read_text())
@@ -88,7 +88,7 @@ def test_manifests_record_config_inputs_outputs_and_environment(tiny_run, tiny_r
 
 
 def test_same_recipe_under_another_name_reuses_every_stage(tiny_run, tiny_recipe):
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     root, first, _ = tiny_run
     report = compress(recipe=tiny_recipe, run_name="tiny-b", artifacts_dir=str(root))
@@ -99,7 +99,7 @@ def test_same_recipe_under_another_name_reuses_every_stage(tiny_run, tiny_recipe
 
 
 def test_changed_config_reruns_only_downstream_stages(tiny_run, tiny_recipe):
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     root, _, _ = tiny_run
     recipe = tiny_recipe.model_copy(deep=True)
@@ -114,8 +114,8 @@ def test_changed_config_reruns_only_downstream_stages(tiny_run, tiny_recipe):
 
 
 def test_missed_gate_fails_the_run_and_publishes_nothing(tiny_run, tiny_recipe):
-    from flows.pipeline import compress
-    from stages.errors import GateError
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.errors import GateError
 
     root, _, _ = tiny_run
     recipe = tiny_recipe.model_copy(deep=True)
@@ -132,9 +132,9 @@ def test_missed_gate_fails_the_run_and_publishes_nothing(tiny_run, tiny_recipe):
 
 
 def test_a_failed_export_format_keeps_the_others_and_fails_the_run_uncached(tiny_run, tiny_recipe, monkeypatch):
-    import stages.export as export
-    from flows.pipeline import compress
-    from stages.errors import ExportError
+    import llm_compress.export as export
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.errors import ExportError
 
     root, _, _ = tiny_run
     crashes = []
@@ -164,7 +164,7 @@ def test_a_failed_export_format_keeps_the_others_and_fails_the_run_uncached(tiny
 
 def _cli(args: list[str], artifacts: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args, "--artifacts", str(artifacts)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", *args, "--artifacts", str(artifacts)], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
@@ -195,7 +195,7 @@ def test_resume_after_a_killed_run(tmp_path):
 
 
 def test_cli_runs_show_and_bad_run_names(tiny_run, capsys):
-    from flows.cli import main
+    from llm_compress.flows.cli import main
 
     root, run, _ = tiny_run
     assert main(["runs", "--artifacts", str(root)]) == 0
@@ -209,7 +209,7 @@ def test_cli_runs_show_and_bad_run_names(tiny_run, capsys):
 
 
 def test_missing_model_path_fails_before_any_work(tmp_path, capsys):
-    from flows.cli import main
+    from llm_compress.flows.cli import main
 
     r = tmp_path / "r.yaml"
     r.write_text(f"models: {{teacher: {tmp_path / 'no-such-model'}, student: derive}}\n"
@@ -230,9 +230,9 @@ def _random_llama(path: Path, vocab: int, tokenizer_from: Path) -> None:
 
 
 def test_vocabulary_mismatch_is_refused(tiny_run, tmp_path):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.pipeline import preflight
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.pipeline import preflight
 
     root, run, _ = tiny_run
     tok = stage_dir(root, run, "bootstrap") / "tokenizer"
@@ -246,16 +246,16 @@ def test_vocabulary_mismatch_is_refused(tiny_run, tmp_path):
                                          "has 600"):
         preflight(recipe)
     # the stage itself checks too (e.g. a hub student whose config could not be read up front)
-    from stages.modeling import check_same_vocab, load_causal_lm
+    from llm_compress.modeling import check_same_vocab, load_causal_lm
 
     with pytest.raises(InputError, match="vocabulary mismatch"):
         check_same_vocab(load_causal_lm(str(tmp_path / "t")), load_causal_lm(str(tmp_path / "s")))
 
 
 def test_bad_data_fails_in_the_data_stage_and_keeps_earlier_outputs(tiny_run, tmp_path):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.pipeline import run_local
 
     root, run, _ = tiny_run
     teacher = stage_dir(root, run, "bootstrap") / "teacher"
@@ -283,15 +283,15 @@ def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in
     assert "error: " in out and "bad.jsonl, line 2: not UTF-8" in out, out
     assert "Traceback" not in out and len(out.splitlines()) < 20, out
     log = (tmp_path / "art" / "bad-data" / "run.log").read_text()
-    assert "Traceback" in log and "stages/data.py" in log
+    assert "Traceback" in log and "llm_compress/data.py" in log
     assert f"full log: {tmp_path / 'art' / 'bad-data' / 'run.log'}" in out
 
 
 def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_recipe, monkeypatch):
     """A new stage: one Stage subclass, one entry in STAGES."""
-    import stages.pipeline as pipeline
-    from stages.result import StageResult
-    from stages.stage import Stage
+    import llm_compress.pipeline as pipeline
+    from llm_compress.result import StageResult
+    from llm_compress.stage import Stage
 
     class Probe(Stage):  # after kv: reads the quantized model, makes no new model
         name, index = "probe", 6
@@ -321,11 +321,11 @@ def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_re
 
 
 def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_run, tiny_recipe):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.kv import load_kv_cache
-    from stages.modeling import load_causal_lm
-    from stages.pipeline import preflight, run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.kv import load_kv_cache
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import preflight, run_local
 
     root, run, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -359,7 +359,7 @@ def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_r
         assert kv["decode_tokens_per_s"] > 0 and kv["decode_tokens_per_s_full"] > 0, name
     for k in ("bytes", "full_bytes", "memory_ratio", "ppl_ratio", "kl_to_full", "top1_agreement"):
         assert ev["quantize"]["kv"][k] == pytest.approx(m[k], rel=1e-4), k  # the KV stage measured that model
-    from stages.report import build, markdown
+    from llm_compress.report import build, markdown
 
     md = markdown(build("tiny-kv", "tiny", done, [], "completed", None, True))
     assert "decode_tokens_per_s_full" in md and "kivi: 8" in md and "no (ONNX Runtime runs" in md
@@ -395,13 +395,13 @@ def test_a_run_without_kv_has_no_cache_figures_and_exports_no_cache_spec(tiny_ru
 
 
 def test_kv_stage_kvtuner_searches_per_layer_bits_and_writes_them(tiny_run, tiny_recipe):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.kv import load_kv_cache
-    from stages.kv.kivi import KIVICache
-    from stages.kv.spec import average_bits
-    from stages.modeling import load_causal_lm
-    from stages.pipeline import preflight, run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.kv import load_kv_cache
+    from llm_compress.kv.kivi import KIVICache
+    from llm_compress.kv.spec import average_bits
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import preflight, run_local
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -458,8 +458,8 @@ def test_long_stages_show_their_progress_in_the_ui(tiny_run):
 
 def test_cached_teacher_top_k_and_on_policy_through_the_pipeline(tiny_run, tiny_recipe):
     """Cached top-k is computed once per (teacher, data, k, temperature) and reused by a run with another divergence."""
-    from stages.config import parse_recipe
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import run_local
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -478,9 +478,9 @@ def test_cached_teacher_top_k_and_on_policy_through_the_pipeline(tiny_run, tiny_
 
 
 def test_missing_data_file_fails_before_any_work(tmp_path):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.pipeline import preflight
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.pipeline import preflight
 
     recipe = parse_recipe({"data": {"source": "files", "train": [str(tmp_path / "gone.jsonl")],
                                     "eval": [str(tmp_path / "gone.jsonl")]}})
@@ -489,9 +489,9 @@ def test_missing_data_file_fails_before_any_work(tmp_path):
 
 
 def test_missing_calibration_file_fails_before_any_work(tmp_path):
-    from stages.config import parse_recipe
-    from stages.errors import InputError
-    from stages.pipeline import preflight
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
+    from llm_compress.pipeline import preflight
 
     recipe = parse_recipe({"quantize": {"scheme": {"method": "gptq", "calibration": {"file": str(tmp_path / "c.txt")}}}})
     with pytest.raises(InputError, match=r"quantize\.scheme\.calibration\.file: not found: .*c\.txt"):
@@ -500,8 +500,8 @@ def test_missing_calibration_file_fails_before_any_work(tmp_path):
 
 def test_gptq_calibrates_on_a_given_text_file(tiny_run, tiny_recipe, tmp_path):
     """calibration.file: text tokenized with the model's tokenizer into data.seq_len rows, instead of data's tokens."""
-    from stages.config import parse_recipe
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import run_local
 
     root, run, _ = tiny_run
     corpus = stage_dir(root, run, "bootstrap") / "corpus"
@@ -519,8 +519,8 @@ def test_gptq_calibrates_on_a_given_text_file(tiny_run, tiny_recipe, tmp_path):
 
 def test_local_checkpoint_and_data_files_run_without_the_embedded_world(tiny_run, tmp_path):
     """The path real users take: a teacher checkpoint directory and JSONL files (here: the tiny run's)."""
-    from stages.config import parse_recipe
-    from stages.pipeline import enabled, run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import enabled, run_local
 
     root, run, _ = tiny_run
     boot = stage_dir(root, run, "bootstrap")
@@ -539,8 +539,8 @@ def test_local_checkpoint_and_data_files_run_without_the_embedded_world(tiny_run
 
 
 def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
-    from stages.errors import InputError
-    from stages.modeling import load_tokenizer
+    from llm_compress.errors import InputError
+    from llm_compress.modeling import load_tokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match=r"could not load 'no-org/no-model' from the hub \(HF_HUB_OFFLINE=1 is set\)"):
@@ -549,8 +549,8 @@ def test_hub_id_offline_fails_with_a_clear_message(monkeypatch):
 
 def test_select_stage_feeds_distillation(tiny_run, tiny_recipe):
     """DSIR in the chain: a prose target picks prose from the mixed embedded pool; data trains on the selection."""
-    from stages.config import parse_recipe
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import run_local
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -568,7 +568,7 @@ def test_select_stage_feeds_distillation(tiny_run, tiny_recipe):
 
 
 def test_select_command_writes_selection_and_manifest(tiny_run, tmp_path, capsys):
-    from flows.cli import main
+    from llm_compress.flows.cli import main
 
     root, run, _ = tiny_run
     corpus = stage_dir(root, run, "bootstrap") / "corpus"
@@ -589,8 +589,8 @@ def test_select_command_writes_selection_and_manifest(tiny_run, tmp_path, capsys
 
 def test_ostquant_w4a4kv4_through_the_pipeline(tiny_run, tiny_recipe):
     """OSTQuant in the chain: calibrated on the data stage's rows; evaluate and export run the model as quantized."""
-    from stages.config import parse_recipe
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import run_local
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -606,8 +606,8 @@ def test_ostquant_w4a4kv4_through_the_pipeline(tiny_run, tiny_recipe):
     assert rec["online_hadamard"]["size"] == 128 and rec["a_bits"] == 4
     ev = done["evaluate"]["metrics"]["models"]
     assert ev["quantize"]["runtime"].startswith("online Hadamard") and "A4 KV4" in ev["quantize"]["runtime"]
-    from stages.modeling import load_causal_lm
-    from stages.quantize.transforms import get_online_hadamard
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.quantize.transforms import get_online_hadamard
 
     back = load_causal_lm(q["outputs"]["model"]["path"])  # what evaluate and export loaded
     assert back._fakequant_handle.setting.a_bits == 4 and get_online_hadamard(back).shape == (128, 128)
@@ -629,7 +629,7 @@ def _evaluate_only_variant(recipe, repeats: int):
 
 def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny_recipe):
     """The issue's case: Prefect's cache record names files that another write has since changed."""
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     root, _, _ = tiny_run
     recipe = _evaluate_only_variant(tiny_recipe, 2)
@@ -652,8 +652,8 @@ def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny
 
 
 def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_run, tiny_recipe):
-    from flows.cli import default_run_name
-    from flows.pipeline import compress
+    from llm_compress.flows.cli import default_run_name
+    from llm_compress.flows.pipeline import compress
 
     root, _, _ = tiny_run
     recipe = _evaluate_only_variant(tiny_recipe, 3)
@@ -672,8 +672,8 @@ def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_
 
 def _probe_stage(behaviour):
     """A stage after kv (folder 06-probe) whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
-    from stages.result import StageResult
-    from stages.stage import Stage
+    from llm_compress.result import StageResult
+    from llm_compress.stage import Stage
 
     class Probe(Stage):
         name, index = "probe", 6
@@ -702,9 +702,9 @@ def _probe_stage(behaviour):
 ])
 def test_a_stage_is_retried_after_a_transient_error_only(tiny_run, tiny_recipe, monkeypatch, error, attempts,
                                                           completes):
-    import stages.pipeline as pipeline
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
+    import llm_compress.pipeline as pipeline
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
 
     def behaviour(attempt):
         if attempt == 1:
@@ -729,10 +729,10 @@ def test_a_stage_is_retried_after_a_transient_error_only(tiny_run, tiny_recipe, 
 
 
 def test_a_stage_over_its_timeout_fails_the_run_without_a_retry(tiny_run, tiny_recipe, monkeypatch):
-    import stages.pipeline as pipeline
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
-    from stages.errors import InputError
+    import llm_compress.pipeline as pipeline
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
 
     probe = _probe_stage(lambda attempt: time.sleep(3))
     stages = list(pipeline.STAGES)
@@ -753,8 +753,8 @@ def test_a_stage_over_its_timeout_fails_the_run_without_a_retry(tiny_run, tiny_r
 _CONCURRENT = """
 import json, sys
 from pathlib import Path
-from stages.config import load_recipe, parse_recipe
-from stages.pipeline import run_local
+from llm_compress.config import load_recipe, parse_recipe
+from llm_compress.pipeline import run_local
 data = load_recipe(sys.argv[1]).model_dump(mode="json")
 data["export"] = {"formats": ["safetensors"]}
 data["distill"]["steps"] = 4
@@ -796,7 +796,7 @@ def test_a_gpu_stage_holds_a_slot_of_the_global_concurrency_limit(prefect_server
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
-    from flows.pipeline import gpu_slot
+    from llm_compress.flows.pipeline import gpu_slot
 
     with get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu-test", limit=1))
@@ -814,9 +814,9 @@ def test_a_gpu_stage_holds_a_slot_of_the_global_concurrency_limit(prefect_server
 
 
 def test_a_missing_gpu_slot_limit_fails_the_run_before_any_work(prefect_server, tiny_recipe, tmp_path):
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
-    from stages.errors import InputError
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import InputError
 
     data = tiny_recipe.model_dump(mode="json")
     data["runtime"]["gpu_slot"] = "gpu:nowhere"
@@ -832,7 +832,7 @@ async def _served_deployment_run(recipe_path: Path, artifacts: Path, run_name: s
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     dep = await compress.ato_deployment(name="side-by-side", parameters={
         "recipe_path": str(recipe_path), "run_name": run_name, "artifacts_dir": str(artifacts)})
@@ -859,7 +859,7 @@ def test_a_served_run_and_a_cli_run_of_one_recipe_at_once_both_complete_computin
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
-    cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(recipe), "--artifacts", str(tmp_path),
+    cli = subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", "run", str(recipe), "--artifacts", str(tmp_path),
                             "--run-name", "ua"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True)
     served = asyncio.run(_served_deployment_run(recipe, tmp_path, "ub"))
@@ -876,8 +876,8 @@ def test_a_served_run_and_a_cli_run_of_one_recipe_at_once_both_complete_computin
 def test_evaluate_scores_candidates_one_at_a_time_when_they_do_not_fit_together(tiny_run, tiny_recipe, monkeypatch):
     """A device too small for the teacher and every candidate at once: the teacher stays, each candidate is loaded,
     scored against it and dropped in turn, with the same figures as the one-pass evaluation."""
-    import stages.evaluate as evaluate
-    from stages.pipeline import run_local
+    import llm_compress.evaluate as evaluate
+    from llm_compress.pipeline import run_local
 
     root, _, _ = tiny_run
     together = run_local(_evaluate_only_variant(tiny_recipe, 3), root / "tiny-eval-together", root)
@@ -900,8 +900,8 @@ def test_the_recipe_runs_selection_shards_on_a_dask_cluster(tiny_run, tiny_recip
     2 workers (the stage's metrics say so), and the selection is the one local processes make."""
     import numpy as np
 
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")
@@ -921,8 +921,8 @@ def test_the_recipe_runs_selection_shards_on_a_dask_cluster(tiny_run, tiny_recip
 def test_the_flow_runs_distillation_on_two_processes_and_the_report_says_so(tiny_run, tiny_recipe):
     """runtime.distributed from the recipe, through the flow: the distill stage's Prefect task launches torchrun
     with 2 CPU ranks and waits for them; report.json and report.md give each stage's processes and devices."""
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
 
     root, _, _ = tiny_run
     data = tiny_recipe.model_dump(mode="json")

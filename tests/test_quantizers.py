@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from stages.errors import InputError
-from stages.quantize import fakequant
-from stages.quantize.fakequant import attach_fake_quant
-from stages.quantize.gptq import gptq_quantize_model, gptq_quantize_weight, gptq_solve
-from stages.quantize.quantizers import (QuantSetting, fake_quant_kv, fake_quant_per_token, parse_setting,
+from llm_compress.errors import InputError
+from llm_compress.quantize import fakequant
+from llm_compress.quantize.fakequant import attach_fake_quant
+from llm_compress.quantize.gptq import gptq_quantize_model, gptq_quantize_weight, gptq_solve
+from llm_compress.quantize.quantizers import (QuantSetting, fake_quant_kv, fake_quant_per_token, parse_setting,
                                         quant_range, quantize_weight, search_clip_ratio, weight_qparams)
-from stages.quantize.rtn import quantize_tensor
+from llm_compress.quantize.rtn import quantize_tensor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,7 +32,7 @@ def _levels(x: torch.Tensor) -> int:
 
 
 def _rtn_by_hand(rows: list[list[float]], bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0):
-    """RTN written out from the grids in ``stages.quantize.quantizers``' docstring, one group at a time in Python."""
+    """RTN written out from the grids in ``llm_compress.quantize.quantizers``' docstring, one group at a time in Python."""
     out = []
     for row in rows:
         g = group_size or len(row)
@@ -351,7 +351,7 @@ def _ids(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def test_gptq_model_beats_rtn_on_calibration_logits():
-    from stages.quantize.rtn import quantize_model
+    from llm_compress.quantize.rtn import quantize_model
 
     fp = _tiny()
     ids = _ids(16, 32)

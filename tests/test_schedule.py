@@ -24,8 +24,8 @@ async def _deploy_schedule_and_read_runs():
     from prefect.server.database import provide_database_interface
     from prefect.server.services.scheduler import schedule_deployments
 
-    from flows.pipeline import compress
-    from stages.config import parse_recipe
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.config import parse_recipe
 
     dep = await compress.ato_deployment(name="sched-test", cron="0 2 * * *",
                                        parameters={"recipe": parse_recipe({}).model_dump(mode="json"), "run_name": "n"})
@@ -89,8 +89,8 @@ def test_prefect_yaml_deploys_the_pipeline_and_a_selection_only_deployment(prefe
 
 
 def test_a_recipe_path_run_stops_after_the_until_stage(prefect_server, tmp_path):
-    from flows.pipeline import compress
-    from stages.errors import InputError
+    from llm_compress.flows.pipeline import compress
+    from llm_compress.errors import InputError
     from tests.conftest import TINY
 
     rep = compress(recipe_path=str(TINY), run_name="until-data", artifacts_dir=str(tmp_path), until="data")
@@ -105,10 +105,10 @@ async def _served_run(tmp_path) -> tuple[str, dict]:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
     from tests.conftest import TINY
 
-    from stages.config import load_recipe
+    from llm_compress.config import load_recipe
 
     recipe = load_recipe(TINY).model_dump(mode="json")  # the form's value, as `compress serve` passes it
     dep = await compress.ato_deployment(name="served-test", parameters={
@@ -125,7 +125,7 @@ def test_a_deployment_run_in_its_own_process_validates_and_completes(prefect_ser
     """What `compress serve` and a worker do: the flow run happens in another process that loads the flow from its
     entrypoint and validates the deployment's parameters (the recipe form's value, `until`) there. (The one failure
     seen on that path, 'CompressModel is not fully defined' from a string annotation in the flow's signature, showed
-    in a served run from a fresh install, not here; flows/pipeline.py keeps real annotations for it.)"""
+    in a served run from a fresh install, not here; llm_compress/flows/pipeline.py keeps real annotations for it.)"""
     state, params = asyncio.run(_served_run(tmp_path))
     assert state == "COMPLETED" and params["until"] == "data"
     report = (tmp_path / "served" / "report.md").read_text()
@@ -138,7 +138,7 @@ async def _scheduled_runs(recipe_path, artifacts) -> list:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.server.services.scheduler import schedule_deployments
 
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     dep = await compress.ato_deployment(name="reselect", cron="0 1 * * *", parameters={
         "recipe_path": str(recipe_path), "artifacts_dir": str(artifacts), "until": "data"})
@@ -209,7 +209,7 @@ async def _run_with(recipe: dict, tmp_path) -> tuple[str, str]:
     from prefect.client.orchestration import get_client
     from prefect.runner import Runner
 
-    from flows.pipeline import compress
+    from llm_compress.flows.pipeline import compress
 
     dep = await compress.ato_deployment(name="bad-param", parameters={"run_name": "bad", "artifacts_dir": str(tmp_path)})
     deployment_id = await dep.aapply()
@@ -223,7 +223,7 @@ async def _run_with(recipe: dict, tmp_path) -> tuple[str, str]:
 def test_a_run_with_a_bad_parameter_fails_before_any_work_naming_the_field(prefect_server, tmp_path):
     """The form's value is validated by the recipe's model when the run starts: a recipe that JSON-schema accepts but
     the model refuses (onnx-int8 of 4-bit codes) fails the flow run with the field named, and nothing is written."""
-    from stages.config import load_recipe
+    from llm_compress.config import load_recipe
     from tests.conftest import TINY
 
     recipe = load_recipe(TINY).model_dump(mode="json")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.config import DistillConfig
-from stages.distill import trainer
-from stages.distill.step import StepLoss, fused_head
-from stages.distill.trainer import precompute_topk, sample_continuations
-from stages.errors import InputError, TrainingError
+from llm_compress.config import DistillConfig
+from llm_compress.distill import trainer
+from llm_compress.distill.step import StepLoss, fused_head
+from llm_compress.distill.trainer import precompute_topk, sample_continuations
+from llm_compress.errors import InputError, TrainingError
 
 V = 64
 
@@ -158,7 +158,7 @@ def test_cached_small_top_k_still_distils():
 
 
 def test_teacher_top_k_cache_is_reused_and_a_corrupt_file_is_recomputed(tmp_path):
-    from stages.distill import cached_teacher_topk
+    from llm_compress.distill import cached_teacher_topk
 
     teacher = _lm(2)
     args = (8, 1.0, tmp_path, "train", 4, torch.device("cpu"), False)
@@ -317,8 +317,8 @@ def test_compiled_forward_trains_like_eager():
 # ------------------------------------------------------------------ students
 
 def test_student_from_a_smaller_config():
-    from stages.config import DeriveStudent
-    from stages.distill import derive_student
+    from llm_compress.config import DeriveStudent
+    from llm_compress.distill import derive_student
 
     teacher = _lm(2, layers=4, hidden=64)
     small, keep = derive_student(teacher, DeriveStudent(layers=[0, 3], init="random",
@@ -336,8 +336,8 @@ def test_student_from_a_smaller_config():
 
 
 def test_recipe_refuses_impossible_teacher_signals():
-    from stages.config import parse_recipe
-    from stages.errors import RecipeError
+    from llm_compress.config import parse_recipe
+    from llm_compress.errors import RecipeError
 
     with pytest.raises(RecipeError, match="sinkhorn"):
         parse_recipe({"name": "x", "distill": {"divergence": "sinkhorn", "teacher": {"source": "cached_topk"}}})
@@ -353,7 +353,7 @@ def _relative_update(dtype, tmp_path, **kw) -> float:
     in ``dtype``; the trained student is saved as the distill stage saves it and must keep ``dtype``."""
     from safetensors import safe_open
 
-    from stages.modeling import save_pretrained_atomic_into
+    from llm_compress.modeling import save_pretrained_atomic_into
 
     m = _lm(1).to(dtype)
     before = [p.detach().float().clone() for p in m.parameters()]
@@ -376,9 +376,9 @@ def test_low_precision_student_moves_like_float32_and_keeps_its_dtype(dtype, chu
 
 
 def test_training_reports_its_progress_to_the_installed_reporter():
-    """stages.progress: the flow installs a reporter around a stage (a Prefect progress artifact); the loop tells it
+    """llm_compress.progress: the flow installs a reporter around a stage (a Prefect progress artifact); the loop tells it
     each step's share of the run; nothing is reported without one."""
-    from stages.progress import report, reporting
+    from llm_compress.progress import report, reporting
 
     cfg = DistillConfig(steps=3, batch_size=2, eval_every=3, warmup_steps=0)
     seen = []

@@ -12,11 +12,11 @@ from torch import nn
 from torch.func import functional_call
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from stages.errors import InputError
-from stages.quantize.hadamard import (OnlineHadamard, hadamard_matrix, has_hadamard, random_hadamard,
+from llm_compress.errors import InputError
+from llm_compress.quantize.hadamard import (OnlineHadamard, hadamard_matrix, has_hadamard, random_hadamard,
                                       random_orthogonal, random_rotation)
-from stages.quantize.qsur import layer_qsur, log_qsur, qsur
-from stages.quantize.transforms import (CayleySGD, HadamardInputLinear, OSTParams, build_optimizers, check_supported,
+from llm_compress.quantize.qsur import layer_qsur, log_qsur, qsur
+from llm_compress.quantize.transforms import (CayleySGD, HadamardInputLinear, OSTParams, build_optimizers, check_supported,
                                         fold_rmsnorm, fuse_transforms_, get_online_hadamard, install_online_hadamard,
                                         transformed_weights)
 
@@ -305,7 +305,7 @@ def test_cayley_sgd_solves_orthogonal_procrustes():
 
 def test_cayley_adam_stays_orthogonal_and_solves_procrustes_at_any_gradient_scale():
     """Adam's step does not depend on the loss scale: a 1e-6-scaled objective converges like the plain one."""
-    from stages.quantize.transforms import CayleyAdam
+    from llm_compress.quantize.transforms import CayleyAdam
 
     n = 16
     target = random_orthogonal(n, 5)
@@ -366,7 +366,7 @@ def test_qsur_mean_rotated_to_the_cube_diagonal_is_the_best_rotation():
     diag = qsur(x @ hadamard_matrix(d, torch.float32))  # first column of H is the cube diagonal / sqrt(d)
     assert diag > qsur(x) + 0.2
     assert all(diag > qsur(x @ random_orthogonal(d, s).float()) for s in range(3))
-    from stages.quantize.qsur import default_radius
+    from llm_compress.quantize.qsur import default_radius
 
     c = default_radius(d)
     assert abs(diag - c / (c + m / d**0.5)) < 0.03  # the analytic optimum with this mean

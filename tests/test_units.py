@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from stages.distill.chunked import get_divergence
-from stages.distill.divergences import DIVERGENCES, forward_kl, reverse_kl
-from stages.errors import InputError, TrainingError
+from llm_compress.distill.chunked import get_divergence
+from llm_compress.distill.divergences import DIVERGENCES, forward_kl, reverse_kl
+from llm_compress.errors import InputError, TrainingError
 
 
 # ------------------------------------------------------------------ divergences
@@ -89,7 +89,7 @@ def test_reverse_kl_seeks_a_mode_forward_kl_covers_both():
 
 # ------------------------------------------------------------------ RTN
 
-from stages.quantize.rtn import quantize_model, quantize_tensor  # noqa: E402
+from llm_compress.quantize.rtn import quantize_model, quantize_tensor  # noqa: E402
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -144,8 +144,8 @@ def _tiny_lm(vocab=64, tie=False):
 
 
 def test_nan_loss_stops_training_with_the_step():
-    from stages.config import DistillConfig
-    from stages.distill.trainer import train
+    from llm_compress.config import DistillConfig
+    from llm_compress.distill.trainer import train
 
     m = _tiny_lm()
     with torch.no_grad():
@@ -156,8 +156,8 @@ def test_nan_loss_stops_training_with_the_step():
 
 
 def test_training_reduces_loss_and_is_repeatable():
-    from stages.config import DistillConfig
-    from stages.distill.trainer import train
+    from llm_compress.config import DistillConfig
+    from llm_compress.distill.trainer import train
 
     ids = torch.arange(64).repeat(10, 1)[:, :32] % 64  # a learnable pattern
     cfg = DistillConfig(steps=30, batch_size=4, lr=1e-2, eval_every=30, warmup_steps=0)
@@ -168,8 +168,8 @@ def test_training_reduces_loss_and_is_repeatable():
 
 
 def test_lr_schedules():
-    from stages.config import DistillConfig
-    from stages.distill.trainer import lr_at
+    from llm_compress.config import DistillConfig
+    from llm_compress.distill.trainer import lr_at
 
     s = DistillConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10, schedule="cosine")
     assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
@@ -180,7 +180,7 @@ def test_lr_schedules():
 
 # ------------------------------------------------------------------ data
 
-from stages.data import iter_file_texts, load_texts  # noqa: E402
+from llm_compress.data import iter_file_texts, load_texts  # noqa: E402
 
 
 def test_data_reads_jsonl_and_text(tmp_path):
@@ -225,7 +225,7 @@ def _word_tokenizer(bos: bool):
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_packed_documents_start_with_bos_when_the_tokenizer_adds_it(bos):
-    from stages.data import bos_prefix, pack
+    from llm_compress.data import bos_prefix, pack
 
     tok = _word_tokenizer(bos)
     assert tok("a b")["input_ids"] == ([0, 3, 4] if bos else [3, 4])
@@ -237,7 +237,7 @@ def test_packed_documents_start_with_bos_when_the_tokenizer_adds_it(bos):
 
 # ------------------------------------------------------------------ atomic writes
 
-from stages.io import atomic_dir, digest_path  # noqa: E402
+from llm_compress.io import atomic_dir, digest_path  # noqa: E402
 
 
 def test_atomic_dir_keeps_the_old_output_on_failure(tmp_path):
@@ -265,7 +265,7 @@ def test_digest_path_tracks_content_not_manifest(tmp_path):
 
 
 def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
-    from stages.data import load_hf_texts
+    from llm_compress.data import load_hf_texts
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
     (tmp_path / "validation.jsonl").write_text(json.dumps({"text": "held out"}) + "\n")
@@ -279,8 +279,8 @@ def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
 
 def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
     """Killed during step 10, resumed from the step-8 checkpoint: ends exactly where an uninterrupted run ends."""
-    from stages.config import DistillConfig
-    from stages.distill import trainer
+    from llm_compress.config import DistillConfig
+    from llm_compress.distill import trainer
 
     ids = torch.randint(0, 64, (12, 32), generator=torch.Generator().manual_seed(0))  # distinct rows: order matters
     cfg = DistillConfig(steps=12, batch_size=4, lr=1e-2, eval_every=6, warmup_steps=0, grad_accum=2,
@@ -317,7 +317,7 @@ def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_pa
 
 def test_checkpoint_round_trips_tied_embeddings_and_refuses_another_model(tmp_path):
     """Tied lm_head/embeddings (Qwen2.5-0.5B, Llama 3.2) share memory: the checkpoint must store and restore them."""
-    from stages.distill import trainer
+    from llm_compress.distill import trainer
 
     model = _tiny_lm(tie=True)
     opt = torch.optim.AdamW(model.parameters())

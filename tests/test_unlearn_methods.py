@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
-from stages.errors import TrainingError
-from stages.unlearn.base import Batch, UnlearnData
-from stages.unlearn.data import ForgetSet
-from stages.unlearn.gradient_ascent import GradientAscent
-from stages.unlearn.gradient_difference import GradientDifference
-from stages.unlearn.loop import mean_span_nll, token_logp
-from stages.unlearn.npo import NPO
-from stages.unlearn.shred import Shred, demoted_targets, forget_positions, shred_loss
+from llm_compress.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
+from llm_compress.errors import TrainingError
+from llm_compress.unlearn.base import Batch, UnlearnData
+from llm_compress.unlearn.data import ForgetSet
+from llm_compress.unlearn.gradient_ascent import GradientAscent
+from llm_compress.unlearn.gradient_difference import GradientDifference
+from llm_compress.unlearn.loop import mean_span_nll, token_logp
+from llm_compress.unlearn.npo import NPO
+from llm_compress.unlearn.shred import Shred, demoted_targets, forget_positions, shred_loss
 
 N, T, V = 8, 16, 64
 

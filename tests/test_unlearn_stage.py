@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from stages.errors import InputError
+from llm_compress.errors import InputError
 
 
 def _recipe(tiny_recipe, **unlearn):
-    from stages.config import parse_recipe
+    from llm_compress.config import parse_recipe
 
     data = tiny_recipe.model_dump(mode="json")
     data["unlearn"] = {"enabled": True, **unlearn}
@@ -19,12 +19,12 @@ def _recipe(tiny_recipe, **unlearn):
 
 
 def test_unlearn_runs_after_distill_and_before_quantize_and_kv(tiny_recipe):
-    from stages.pipeline import STAGES, enabled
+    from llm_compress.pipeline import STAGES, enabled
 
     data = tiny_recipe.model_dump(mode="json")
     data["kv"] = {"enabled": True}
     data["unlearn"] = {"enabled": True}
-    from stages.config import parse_recipe
+    from llm_compress.config import parse_recipe
 
     order = enabled(parse_recipe(data))
     assert order == ["bootstrap", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
@@ -44,7 +44,7 @@ def _write(path, lines):
     (["{not json"], "line 1: not valid JSON"),
 ])
 def test_bad_forget_file_is_refused_before_any_work(tmp_path, tiny_recipe, lines, match):
-    from stages.pipeline import preflight
+    from llm_compress.pipeline import preflight
 
     recipe = _recipe(tiny_recipe, forget=_write(tmp_path / "forget.jsonl", lines), keep=None, holdout=None)
     with pytest.raises(InputError, match=match):
@@ -52,7 +52,7 @@ def test_bad_forget_file_is_refused_before_any_work(tmp_path, tiny_recipe, lines
 
 
 def test_missing_forget_file_and_bad_layers_regex_are_refused(tmp_path, tiny_recipe):
-    from stages.pipeline import preflight
+    from llm_compress.pipeline import preflight
 
     with pytest.raises(InputError, match="unlearn.forget: file not found"):
         preflight(_recipe(tiny_recipe, forget=str(tmp_path / "nope.jsonl")))
@@ -63,7 +63,7 @@ def test_missing_forget_file_and_bad_layers_regex_are_refused(tmp_path, tiny_rec
 
 def test_a_record_longer_than_the_context_is_refused(tmp_path):
 
-    from stages.unlearn.data import read_records, tokenize
+    from llm_compress.unlearn.data import read_records, tokenize
 
     class Tok:  # one token per character, offsets like a fast tokenizer's
         pad_token_id, eos_token_id = 0, 0
@@ -86,8 +86,8 @@ def unlearn_run(tiny_recipe, artifacts):
     """The tiny recipe with NPO, then W4 RTN and a 4-bit KIVI cache, run without an orchestrator. (The tiny teacher
     memorises nothing in 30 steps; SHRED, which only demotes tokens the model predicts, then has next to nothing to
     remove: the bench shows it on a teacher that has memorised its facts.)"""
-    from stages.config import parse_recipe
-    from stages.pipeline import run_local
+    from llm_compress.config import parse_recipe
+    from llm_compress.pipeline import run_local
 
     data = tiny_recipe.model_dump(mode="json")
     data["unlearn"] = {"enabled": True, "method": {"method": "npo", "steps": 5, "lr": 1e-3, "batch_size": 4}}
@@ -111,7 +111,7 @@ def test_tiny_unlearning_forgets_and_keeps_utility(unlearn_run):
 
 
 def test_evaluate_remeasures_the_forget_set_on_the_quantized_model_with_its_kv_cache(unlearn_run, artifacts):
-    from stages.report import build, markdown
+    from llm_compress.report import build, markdown
 
     _, done = unlearn_run
     models = done["evaluate"]["metrics"]["models"]
@@ -126,8 +126,8 @@ def test_evaluate_remeasures_the_forget_set_on_the_quantized_model_with_its_kv_c
 
 
 def test_forget_gates_fail_when_compression_brings_text_back():
-    from stages.config import GatesConfig
-    from stages.evaluate import check_gates
+    from llm_compress.config import GatesConfig
+    from llm_compress.evaluate import check_gates
 
     models = {"teacher": {"ppl": 10.0, "ppl_ratio": 1.0},
               "quantize": {"ppl": 10.0, "ppl_ratio": 1.0, "unlearn": {"forget": {"rouge_l": 0.45}}}}

@@ -1,0 +1,239 @@
+"""MiniCache: cross-layer merging of KV states in the deeper half of the model, optionally over KIVI quantization.
+
+Based on MiniCache (Liu et al., NeurIPS 2024, arXiv 2405.14366). From ``start_layer`` (default
+L // 2, where adjacent layers' states are most alike) on, layers pair up as (s, s+1), (s+2, s+3), ...; a leftover
+last layer stays unmerged. For each token, head and batch row, and separately for K and V, a pair stores:
+
+- one shared direction e = SLERP(x0 / |x0|, x1 / |x1|; t) (``slerp``), computed in float32:
+  e = sin((1 - t) W) / sin W * u0 + sin(t W) / sin W * u1, W = arccos(u0 . u1), the angle between the unit vectors;
+- each layer's own magnitude |x0|, |x1|, so a merged token is restored as |x_l| e (norms are exact);
+- the tokens whose angular distance d = W / pi is large are *retained* (unmerged): layer s's state takes the
+  token's slot in the shared storage (exact without quantization; under KIVI its unit direction, restored with its
+  own magnitude and quantized like every state there), layer s+1's exact state is kept aside and put back on
+  restore. A token is retained when d - d_min > gamma (d_max - d_min) (the paper's relative rule), with
+  d_min, d_max over the tokens this pair has seen so far, per batch row and head (running, so one decode token has
+  a reference range); ``gamma = 0`` retains every token (no compression; for checks), gamma > 1 none.
+
+Pairing in a cache. Layer s's states arrive before layer s+1's in the same forward pass, so layer s cannot be merged
+when it updates. Layer s returns its restored past + its exact new states and parks the new states ("pending");
+layer s+1 returns its restored past + its exact new states, then merges both layers' new states into the pair's
+storage. Each layer therefore attends to its own exact states for the current tokens (the prompt pass is exact),
+and to merged/restored states for every earlier token; nothing is pending between forward passes.
+
+MiniCache over KIVI (the paper's "MiniCache-4"): with ``bits`` < 16, the merged directions are stored in KIVI
+streams (keys per channel, values per token, a full-precision recent window of ``residual`` tokens) and the layers
+below ``start_layer`` (and a leftover last one) are KIVI layers; magnitudes and retained tokens stay in the states'
+dtype (layer s's retained states are quantized with the shared storage, as in a KIVI layer). With bits 16 those
+layers are full-precision caches.
+
+Stored per pair, K and V each (``held_tensors``): the shared slots [B, H, T, D] (directions, or layer s's state for
+retained tokens; or their KIVI codes, scales, offsets and window), magnitudes [B, H, T] x 2, the retention mask bool
+[B, H, T], layer s+1's retained vectors [N, D] (token-major order: t, then b, then h), and the running d_min, d_max
+float32 [B, H]. A retained token thus costs about what the two layers' unmerged states cost (2 D elements, plus
+magnitudes and a mask byte), a merged one about half.
+
+Where this differs from the paper, or where it could not be checked (the formulas here are as recalled, not read
+from the paper, and no official code exists): t = 0.5 by default (the paper reports t around 0.6; configurable); the
+retention range is per (batch row, head) and running over the tokens seen, so decode tokens are merged one step at
+a time against it, where the paper's streaming details are unknown; ``gamma`` = 0 is special-cased to retain all
+(the strict rule would merge the closest token); the paper's merge of layer l with l - 1 is written here as
+(s, s+1) from s = start; a retained token's magnitudes are stored too (rectangular storage), unused for layer s+1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from llm_compress.kv.base import KVCache, KVLayer
+from llm_compress.kv.kivi import KIVILayer, KIVIStream
+from llm_compress.kv.spec import check_kivi_settings, check_minicache_settings
+
+_EPS = 1e-6
+
+
+def slerp(u0: torch.Tensor, u1: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between unit vectors [..., D] (t = 0 gives u0, 1 gives u1); unit vectors back.
+
+    Nearly parallel pairs (angle < 1e-3) use normalised linear interpolation, where the SLERP weights are 0/0; a
+    nearly opposite pair has no unique arc and gets u0 (such tokens are normally retained, not merged).
+    """
+    cos = (u0 * u1).sum(-1, keepdim=True).clamp(-1.0, 1.0)  # [..., 1]
+    omega = torch.arccos(cos)
+    sin = torch.sin(omega)
+    small = omega < 1e-3
+    safe_sin = torch.where(small, torch.ones_like(sin), sin)
+    w0 = torch.where(small, torch.full_like(sin, 1.0 - t), torch.sin((1.0 - t) * omega) / safe_sin)
+    w1 = torch.where(small, torch.full_like(sin, t), torch.sin(t * omega) / safe_sin)
+    e = w0 * u0 + w1 * u1
+    norm = e.norm(dim=-1, keepdim=True)
+    # Renormalising removes rounding drift (SLERP of unit vectors is a unit vector in exact arithmetic).
+    return torch.where(norm > _EPS, e / norm.clamp_min(_EPS), u0)
+
+
+def merge_states(x0: torch.Tensor, x1: torch.Tensor,
+                 t: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge two layers' states [..., D] into (direction [..., D], |x0| [...], |x1| [...], distance d [...]).
+
+    All float32. x_l is restored as |x_l| * direction; d = angle(x0, x1) / pi in [0, 1]. A zero vector has no
+    direction: its unit vector is taken as 0 (it restores to 0 through its zero magnitude).
+    """
+    x0, x1 = x0.float(), x1.float()
+    n0, n1 = x0.norm(dim=-1), x1.norm(dim=-1)
+    u0, u1 = x0 / n0.clamp_min(_EPS).unsqueeze(-1), x1 / n1.clamp_min(_EPS).unsqueeze(-1)
+    distance = torch.arccos((u0 * u1).sum(-1).clamp(-1.0, 1.0)) / math.pi
+    return slerp(u0, u1, t), n0, n1, distance
+
+
+class MergedStates:
+    """K or V of one merged layer pair: shared directions, per-layer magnitudes, retained exact tokens."""
+
+    def __init__(self, t: float, gamma: float, bits: int, group_size: int, residual: int, per_channel: bool) -> None:
+        self.t, self.gamma = t, gamma
+        self.dirs = KIVIStream(bits, group_size, residual, per_channel)
+        self.mags: list[torch.Tensor | None] = [None, None]  # [B, H, T] per layer, states' dtype
+        self.mask: torch.Tensor | None = None  # bool [B, H, T]: retained
+        self.kept: torch.Tensor | None = None  # [N, D]: layer s+1's retained states, token-major
+        self.d_min: torch.Tensor | None = None  # float32 [B, H]
+        self.d_max: torch.Tensor | None = None
+
+    def add(self, x0: torch.Tensor, x1: torch.Tensor) -> None:
+        """Merge the two layers' new states [B, H, n, D] and append them."""
+        direction, n0, n1, d = merge_states(x0, x1, self.t)
+        lo, hi = d.amin(-1), d.amax(-1)  # [B, H]
+        self.d_min = lo if self.d_min is None else torch.minimum(self.d_min, lo)
+        self.d_max = hi if self.d_max is None else torch.maximum(self.d_max, hi)
+        if self.gamma == 0:
+            keep = torch.ones_like(d, dtype=torch.bool)
+        else:
+            keep = (d - self.d_min.unsqueeze(-1)) > self.gamma * (self.d_max - self.d_min).unsqueeze(-1)
+        # A retained token's slot in the shared storage holds layer s's own state: exact x0 without quantization,
+        # its unit direction (restored with its own magnitude, like every state) under KIVI, whose per-channel
+        # groups need values of one scale. Layer s+1's retained vectors are kept aside, exact, token-major (t, b, h).
+        own = x0.float() if self.exact_slots else x0.float() / n0.clamp_min(_EPS).unsqueeze(-1)
+        slot = torch.where(keep.unsqueeze(-1), own, direction)  # [B, H, n, D]
+        kept = x1.permute(2, 0, 1, 3)[keep.permute(2, 0, 1)]  # [N_new, D]
+        self.dirs.append(slot.to(x0.dtype))
+        mags = (n0.to(x0.dtype), n1.to(x0.dtype))
+        if self.mask is None:
+            self.mask, self.mags, self.kept = keep, list(mags), kept
+        else:
+            self.mask = torch.cat([self.mask, keep], dim=-1)
+            self.mags = [torch.cat([old, new], dim=-1) for old, new in zip(self.mags, mags)]
+            self.kept = torch.cat([self.kept, kept], dim=0)
+
+    @property
+    def exact_slots(self) -> bool:
+        """True when the shared storage is not quantized (bits 16): a retained x0 is stored as it is."""
+        return self.dirs.store is None
+
+    def restore(self, role: int, like: torch.Tensor) -> torch.Tensor:
+        """Layer ``role``'s (0 or 1) past states [B, H, T, D] in like's dtype (like: any [B, H, *, D] tensor)."""
+        if self.mask is None:
+            return like[..., :0, :]
+        slots = self.dirs.read(like)  # [B, H, T, D]
+        out = (self.mags[role].float().unsqueeze(-1) * slots.float()).to(like.dtype)
+        if role == 1:
+            out.permute(2, 0, 1, 3)[self.mask.permute(2, 0, 1)] = self.kept  # writes through the view into out
+        elif self.exact_slots:
+            out = torch.where(self.mask.unsqueeze(-1), slots, out)
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        if self.mask is None:
+            return []
+        return self.dirs.tensors() + self.mags + [self.mask, self.kept, self.d_min, self.d_max]
+
+
+class MergedPair:
+    """The shared storage of layers (s, s+1): K and V ``MergedStates`` and layer s's pending new states."""
+
+    def __init__(self, t: float, gamma: float, bits: tuple[int, int], group_size: int, residual: int) -> None:
+        self.settings = (t, gamma, bits, group_size, residual)
+        self.reset()
+
+    def reset(self) -> None:
+        t, gamma, (k_bits, v_bits), group_size, residual = self.settings
+        self.k = MergedStates(t, gamma, k_bits, group_size, residual, per_channel=True)
+        self.v = MergedStates(t, gamma, v_bits, group_size, residual, per_channel=False)
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k.tensors() + self.v.tensors() + (list(self.pending) if self.pending is not None else [])
+
+
+class MiniCacheLayer(KVLayer):
+    """Layer ``role`` (0: the first, s; 1: the second, s+1) of a ``MergedPair`` (see the module docstring)."""
+
+    def __init__(self, pair: MergedPair, role: int) -> None:
+        self.pair, self.role = pair, role
+        super().__init__()
+
+    def __repr__(self) -> str:
+        return f"MiniCacheLayer(role={self.role}, seen={self.seen})"
+
+    def _reset_state(self) -> None:
+        if self.role == 0:  # the pair is shared; one of its layers resets it
+            self.pair.reset()
+
+    def _update(self, k: torch.Tensor, v: torch.Tensor,
+                cache_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.pair
+        keys = torch.cat([pair.k.restore(self.role, k), k], dim=-2)
+        values = torch.cat([pair.v.restore(self.role, v), v], dim=-2)
+        if self.role == 0:
+            pair.pending = (k, v)
+            return keys, values
+        if pair.pending is None or pair.pending[0].shape != k.shape:
+            raise RuntimeError("MiniCache: the second layer of a pair updated without the first layer's states for "
+                               "the same tokens (layers must run in order, every layer once per forward)")
+        (k0, v0), pair.pending = pair.pending, None
+        pair.k.add(k0, k)
+        pair.v.add(v0, v)
+        return keys, values
+
+    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
+        empty = self.empty()
+        return self.pair.k.restore(self.role, empty), self.pair.v.restore(self.role, empty)
+
+    def held_tensors(self) -> Iterable[torch.Tensor]:
+        return self.pair.tensors()
+
+
+class MiniCache(KVCache):
+    """MiniCache over ``num_layers`` layers.
+
+    Parameters
+    ----------
+    num_layers : the model's decoder layers.
+    start_layer : first merged layer (default num_layers // 2); pairs (s, s+1), (s+2, s+3), ...
+    t : SLERP interpolation toward the second layer of a pair, in [0, 1].
+    gamma : retention threshold (relative, see the module docstring), >= 0; 0 retains everything.
+    bits : (k_bits, v_bits) of KIVI under the cache (16, 16 = no quantization).
+    group_size, residual : KIVI's group size and full-precision window (used where bits < 16).
+    """
+
+    def __init__(self, num_layers: int, start_layer: int | None = None, t: float = 0.5, gamma: float = 0.05,
+                 bits: tuple[int, int] = (16, 16), group_size: int = 32, residual: int = 128,
+                 spec: dict | None = None) -> None:
+        start = num_layers // 2 if start_layer is None else start_layer
+        check_minicache_settings(start, t, gamma, num_layers)
+        k_bits, v_bits = bits
+        check_kivi_settings(k_bits, v_bits, group_size, residual)
+        self.start_layer = start
+        layers: list[KVLayer] = [KIVILayer(k_bits, v_bits, group_size, residual) for _ in range(start)]
+        for first in range(start, num_layers - 1, 2):
+            pair = MergedPair(t, gamma, (k_bits, v_bits), group_size, residual)
+            layers += [MiniCacheLayer(pair, 0), MiniCacheLayer(pair, 1)]
+        if len(layers) < num_layers:  # an odd number of layers from start: the last one stays unmerged
+            layers.append(KIVILayer(k_bits, v_bits, group_size, residual))
+        super().__init__(layers, spec)
+
+    def retained_fraction(self) -> float:
+        """Share of merged-pair token slots (K and V, every pair) kept exact; nan before any merge."""
+        states = [s for layer in self.layers if isinstance(layer, MiniCacheLayer) and layer.role == 0
+                  for s in (layer.pair.k, layer.pair.v) if s.mask is not None]
+        total = sum(s.mask.numel() for s in states)
+        return sum(int(s.mask.sum()) for s in states) / total if total else float("nan")
