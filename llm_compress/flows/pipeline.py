@@ -1,11 +1,13 @@
-"""The Prefect flow: chains the stages as tasks, caches them, publishes the report.
+"""The Prefect flow: chains the stages as tasks, publishes the report.
 
-Thin by design: the algorithms and the wiring live in ``stages``. Tasks pass paths and small JSON
-manifests, never tensors. Each stage task's cache key is the stage's content key
-(config + input digests + code version, see :mod:`llm_compress.runner`), so rerunning a recipe after a
-crash, or under another run name, shows finished stages as ``Cached`` and reruns only the rest; a cached
-stage whose files on disk are no longer the ones its manifest records is recomputed. Each flow run writes
-its own run folder (:func:`run_name_for`).
+Thin by design: the algorithms and the wiring live in the stages. Tasks pass paths and small JSON manifests, never
+tensors. There is one cache, the runner's content-keyed index (:mod:`llm_compress.runner`: config + input digests +
+code version), the one the CLI, ``run_local`` and the tests use; Prefect caches nothing (no cache policy, no
+persisted results). Every stage task calls :func:`llm_compress.pipeline.run_call`, which reuses a finished stage
+with the same key whose files are intact, so rerunning a recipe after a crash, or under another run name, reruns
+only the rest; a reused stage's task run ends in a Completed state named ``Reused`` (:data:`REUSED`), which the UI
+shows in the task list, and its progress artifact says ``reused``. Each flow run writes its own run folder
+(:func:`run_name_for`).
 
 No ``from __future__ import annotations`` here: the flow's signature must hold real types, not strings, because a
 served or deployed run validates its parameters against a model Prefect builds in another process, where a string
@@ -21,27 +23,20 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_image_artifact, create_link_artifact, create_markdown_artifact,
                                create_progress_artifact, create_table_artifact, update_progress_artifact)
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.filesystems import LocalFileSystem
+from prefect.states import Completed
 
 from llm_compress import report as report_mod
 from llm_compress.config import Recipe, check_run_name, default_run_name, load_recipe
 from llm_compress.errors import CompressError, GateError, InputError
-from llm_compress.io import stable_hash
 from llm_compress.pipeline import StageName, after, enabled, make_call, preflight, run_call
 from llm_compress.progress import reporting
-from llm_compress.runner import digest_memo_dir, failed_manifest, link_reused, outputs_changed
+from llm_compress.runner import digest_memo_dir, failed_manifest, link_reused
 from llm_compress.stage import Call, Env
 
 
-class StageKey(CachePolicy):
-    """Cache key = the stage's content key, computed by the flow before the call (no run id)."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        return inputs["key"]
-
-
+REUSED = "Reused"  # the name of the Completed state a stage task run ends in when the runner reused the stage
 PROGRESS_EVERY_S = 5.0  # the most often a stage's progress artifact is written (each write is a server call)
 
 
@@ -97,11 +92,13 @@ def check_gpu_slot(name: str | None) -> None:
                              f"it first: prefect gcl create {name} --limit 1") from None
 
 
-@task(cache_policy=StageKey(), persist_result=True, result_serializer="json", cache_result_in_memory=False)
-def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str) -> dict:
-    """Run one stage (or reuse its finished outputs); returns its manifest. Long stages report where they are to a
-    progress artifact on this task run (distillation and pretraining steps, DSIR shards, GPTQ layers, OSTQuant and
-    unlearning steps)."""
+@task(cache_policy=NO_CACHE, persist_result=False)
+def run_stage(stage: str, recipe: dict, call: dict, run_dir: str, artifacts_root: str):
+    """Run one stage, or reuse its finished outputs from the runner's index; returns its manifest, as the data of a
+    Completed state named ``Reused`` when it was reused (Prefect makes a returned state the task run's final state,
+    so the UI lists the stage as Reused; ``state.result()`` is the manifest either way). Long stages report where they
+    are to a progress artifact on this task run (distillation and pretraining steps, DSIR shards, GPTQ layers,
+    OSTQuant and unlearning steps)."""
     log = get_run_logger()
     r = Recipe.model_validate(recipe)
     if r.runtime.threads:  # honoured in every flow run, not only in the CLI
@@ -111,7 +108,10 @@ def run_stage(stage: str, key: str, recipe: dict, call: dict, run_dir: str, arti
     progress = _ProgressArtifact(stage, log.warning)
     with gpu_slot(r.runtime.gpu_slot, call["device"], stage, log.info), reporting(progress):
         manifest = run_call(r, Call(**call), Path(run_dir), Path(artifacts_root), log=log.info)
-    progress(1.0, "reused" if manifest.get("reused") else "done", force=True)
+    if manifest.get("reused"):
+        progress(1.0, "reused", force=True)
+        return Completed(name=REUSED, data=manifest, message=f"reused {manifest['stage_dir']}")
+    progress(1.0, "done", force=True)
     return manifest
 
 
@@ -196,17 +196,6 @@ def _publish_curves(run_name: str, stage: str, manifest: dict) -> None:
                                   description=f"{stage}: held-out evaluation during training")
 
 
-def _result_storage(root: Path) -> LocalFileSystem:
-    """Prefect result storage for stage manifests, inside the artifacts folder.
-
-    Prefect needs the block saved server-side; its name is derived from the folder, so each
-    artifacts folder has its own cache records, and deleting the folder deletes its cache.
-    """
-    block = LocalFileSystem(basepath=str(root / ".prefect-results"))
-    block.save(f"compress-results-{stable_hash(str(root))[:12]}", overwrite=True)
-    return block
-
-
 NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, TimeoutError)
 
 
@@ -243,14 +232,13 @@ def compress(recipe: Recipe | None = None, run_name: str | None = None, artifact
     if until is not None:
         if until not in stages:
             raise InputError(f"until: stage '{until}' is not enabled in this recipe (enabled: {', '.join(stages)})")
-        stages = stages[: llm_compress.index(until) + 1]
+        stages = stages[: stages.index(until) + 1]
     run_name = check_run_name(run_name_for(recipe, run_name))
     preflight(recipe)  # missing paths, vocabulary mismatch: fail before anything is written
     check_gpu_slot(recipe.runtime.gpu_slot)
     root = Path(artifacts_dir).resolve()
     run_dir = root / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    storage = _result_storage(root)
     recipe_json = recipe.model_dump(mode="json")
     done: dict[str, dict] = {}
     records: list[dict] = []
@@ -261,25 +249,15 @@ def compress(recipe: Recipe | None = None, run_name: str | None = None, artifact
         for stage in stages:
             call = make_call(recipe, stage, done, env, digest_memo_dir(root))
             task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
-                                             result_storage=storage, retries=rt.retries,
-                                             retry_delay_seconds=rt.retry_delay_s, retry_condition_fn=transient,
-                                             timeout_seconds=rt.timeouts.get(stage))
-            args = dict(stage=stage, key=call.key, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
-                        artifacts_root=str(root))
-            state = task_fn(**args, return_state=True)
-            manifest = state.result()
-            # Prefect's record is reused only while the files are the ones it names (the task, when it runs,
-            # checks the stage's own cache the same way); else the stage runs again
-            why = outputs_changed(manifest, digest_memo_dir(root)) if state.name == "Cached" else None
-            if why is not None:
-                log.info(f"{stage}: not reusing the cached {manifest['stage_dir']}: {why}; recomputing")
-                state = task_fn.with_options(refresh_cache=True)(**args, return_state=True)
-                manifest = state.result()
-            reused = state.name == "Cached" or manifest.get("reused", False)
+                                             retries=rt.retries, retry_delay_seconds=rt.retry_delay_s,
+                                             retry_condition_fn=transient, timeout_seconds=rt.timeouts.get(stage))
+            manifest = task_fn(stage=stage, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
+                               artifacts_root=str(root), return_state=True).result()
+            reused = manifest.get("reused", False)
             link_reused(manifest, run_dir)
             done[stage] = manifest
             records.append(report_mod.stage_record(manifest, "cached" if reused else "ran"))
-            log.info(f"{call.index:02d}-{stage}: {'cached' if reused else 'done'} ({manifest['stage_dir']})")
+            log.info(f"{call.index:02d}-{stage}: {'reused' if reused else 'done'} ({manifest['stage_dir']})")
             if "curves" in manifest["outputs"] or "history" in manifest["outputs"]:
                 try:
                     _publish_curves(run_name, stage, manifest)
