@@ -5,8 +5,9 @@ resolved config, the digests of its inputs, its code version and the versions of
 not the run id. The same recipe on the same inputs gives the same
 key, whichever run asks, so finished stages are found again after a crash, a rerun or a second
 run name. This index is the only cache: the Prefect flow caches nothing and its stage tasks call this module (a
-reused stage's task run ends in a state named ``Reused``), as the CLI and ``run_local`` do. A finished stage is reused only while the files on disk are the ones its manifest records (every output
-present, with its recorded sha256): a record whose files were deleted, edited or replaced is recomputed.
+reused stage's task run ends in a state named ``Reused``), as the CLI and ``run_local`` do. A finished stage is
+reused only while the files on disk are the ones its manifest records (every output present, with its recorded
+sha256): a record whose files were deleted, edited or replaced is recomputed.
 """
 
 from __future__ import annotations
