@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llm_compress.config import default_run_name
 
-REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # llm_compress/flows/cli.py -> the checkout
 DEMO_RECIPE = REPO_CONFIGS / "demo.yaml"
 
 
