@@ -41,7 +41,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from llm_compress import distill
+    from llm_compress.distill import apply as distill
     from llm_compress.config import load_recipe, parse_recipe
 
     torch.set_num_threads(2)

@@ -58,7 +58,8 @@ def main() -> None:
 
     import torch
 
-    from llm_compress import distill, evaluate
+    from llm_compress import evaluate
+    from llm_compress.distill import apply as distill
     from llm_compress.config import parse_recipe
     from llm_compress.data import load_tokens
     from llm_compress.modeling import load_causal_lm

@@ -47,7 +47,9 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llm_compress.config import ExportConfig, load_recipe
+    from llm_compress.config import load_recipe
+
+    from llm_compress.export_support import ExportConfig
     from llm_compress.data import load_tokens
     from llm_compress.evaluate import latency_per_token
     from llm_compress.export import FORMATS, run_export

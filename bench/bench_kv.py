@@ -210,7 +210,7 @@ def publish(args, meta: dict, results: list[dict]) -> None:
 def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, stage_dirs: list[str] | None = None):
     """The recipe's bootstrap teacher (eval mode, float32), ``n_rows`` held-out rows [n_rows, T >= max_context] and
     16 training rows (KVTuner's calibration), trained or reused through the pipeline's cached bootstrap and data
-    stages, or read from ``stage_dirs`` (an earlier run's 00-bootstrap and 02-data folders: no retraining when the
+    stages, or read from ``stage_dirs`` (an earlier run's bootstrap and data folders: no retraining when the
     stages' code has changed since); plus what describes them."""
     import torch
     import torch.nn.functional as F

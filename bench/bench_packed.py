@@ -56,7 +56,9 @@ def main() -> None:
 
     import torch
 
-    from llm_compress.config import ExportConfig, parse_recipe
+    from llm_compress.config import parse_recipe
+
+    from llm_compress.export_support import ExportConfig
     from llm_compress.data import load_tokens
     from llm_compress.export import compare_logits, run_export
     from llm_compress.modeling import load_causal_lm

@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "scaleout.json"))
     args = ap.parse_args()
 
-    from llm_compress.config import ExecutorConfig
+    from llm_compress.schema import ExecutorConfig
     from llm_compress.dsir import DSIRConfig, run_selection
     from llm_compress.dsir.executors import make_executor
 

@@ -71,7 +71,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from llm_compress.config import DistillConfig
+    from llm_compress.distill.config import DistillConfig
     from llm_compress.distill.step import StepLoss
 
     torch.set_num_threads(args.threads)

@@ -38,7 +38,8 @@ SETTINGS = ("W4A16", "W4A4KV4")
 
 def teacher(folder: Path, steps: int, plant_forget: bool, tokenizer_dir: Path | None = None) -> Path:
     from llm_compress import bootstrap
-    from llm_compress.config import EmbeddedConfig, RuntimeConfig
+    from llm_compress.pipeline.bootstrap import EmbeddedConfig
+    from llm_compress.schema import RuntimeConfig
 
     if not (folder / "teacher" / "config.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +79,11 @@ def main() -> None:
 def run(work: Path, steps: int, only: list[str] | None, grid: list = GRID) -> dict:
     import torch
 
-    from llm_compress.config import ModelsConfig, QuantizeConfig, RuntimeConfig, UnlearnConfig
+    from llm_compress.quantize.config import QuantizeConfig
+
+    from llm_compress.schema import ModelsConfig, RuntimeConfig
+
+    from llm_compress.unlearn.config import UnlearnConfig
     from llm_compress.data import load_texts, pack, save_tokens
     from llm_compress.modeling import load_causal_lm, load_tokenizer, save_pretrained_atomic_into
     from llm_compress.quantize.apply import run as quantize

@@ -9,8 +9,8 @@ adjacent layer pair (l, l + 1) and for K and V: quantiles of MiniCache's angular
 two layers' states of each token and head (``llm_compress.kv.minicache.merge_states``; 0 = same direction, 0.5 =
 orthogonal), and the share of tokens MiniCache's relative rule retains at several gamma; per layer: quantiles of the
 cosine similarity of consecutive tokens' keys (KVMerger merges neighbours at or above its threshold, 0.8 by
-default). For the kvlong bench model: ``--model artifacts/bench-kv/00-bootstrap/teacher --eval
-artifacts/bench-kv/02-data/eval.safetensors`` (made by ``bench/bench_kv.py``).
+default). For the kvlong bench model: ``--model artifacts/bench-kv/bootstrap/teacher --eval
+artifacts/bench-kv/data/eval.safetensors`` (made by ``bench/bench_kv.py``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from llm_compress.config import DistillConfig, EmbeddedConfig, RuntimeConfig
+from llm_compress.distill.config import DistillConfig
+
+from llm_compress.schema import RuntimeConfig
 from llm_compress.data import load_texts, pack
 from llm_compress.distill.trainer import save_history, train
 from llm_compress.embedded import build_corpus, train_tokenizer
@@ -22,7 +24,7 @@ from llm_compress.modeling import count_parameters, resolve_device, save_pretrai
 from llm_compress.result import StageResult
 
 
-def teacher_config(cfg: EmbeddedConfig, tokenizer):
+def teacher_config(cfg, tokenizer):
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -33,9 +35,10 @@ def teacher_config(cfg: EmbeddedConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
-def run(cfg: EmbeddedConfig, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
+def run(cfg, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
         tokenizer_dir: Path | None = None) -> StageResult:
-    """``tokenizer_dir``: use this saved tokenizer instead of training one (the unlearning bench's reference model
+    """Build the embedded world of ``cfg`` (the recipe's ``embedded`` section,
+    :class:`llm_compress.pipeline.bootstrap.EmbeddedConfig`). ``tokenizer_dir``: use this saved tokenizer instead of training one (the unlearning bench's reference model
     must share the planted teacher's token ids)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 

@@ -145,7 +145,7 @@ def _quality(fmt: str, m: dict, facts: dict) -> list[str]:
         out.append("")
     else:
         out += ["Quality against the teacher was not measured in this run (no evaluate stage figures reached the "
-                "export); see the run's `07-evaluate/eval.json` when it exists.", ""]
+                "export); see the run's `evaluate/eval.json` when it exists.", ""]
     out += [f"This `{fmt}` folder, loaded back from disk and compared with the source model on "
             f"{_fmt(m.get('check_tokens'))} check tokens:", "",
             f"- bytes on disk (without this card): {_fmt(m.get('bytes'), ',')}",

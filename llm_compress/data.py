@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compress.config import DataConfig
+from llm_compress.schema import DataConfig
 from llm_compress.errors import InputError
 from llm_compress.result import StageResult
 

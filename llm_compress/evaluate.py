@@ -24,9 +24,11 @@ from typing import Any, Callable
 
 import torch
 
-from llm_compress.config import EvaluateConfig, GatesConfig, KVConfig, ModelsConfig, RuntimeConfig
+from llm_compress.kv.config import KVConfig
+
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.data import load_tokens
-from llm_compress.errors import GateError, InputError
+from llm_compress.errors import InputError
 from llm_compress.modeling import count_parameters, free_device, load_causal_lm, resolve_device
 from llm_compress.quantize.codes import CODES_FILE
 from llm_compress.quantize.record import runtime_needs
@@ -82,7 +84,7 @@ def latency_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int
     return statistics.median(times)
 
 
-def kv_metrics(model, spec: dict, rows: torch.Tensor, prefill: int, prompt: torch.Tensor, cfg: EvaluateConfig) -> dict:
+def kv_metrics(model, spec: dict, rows: torch.Tensor, prefill: int, prompt: torch.Tensor, cfg) -> dict:
     """One model's ``kv`` figures with the cache ``spec`` (see the module docstring), or the reason it has none."""
     from transformers import DynamicCache
 
@@ -117,7 +119,7 @@ def forget_figures(model, sets: dict, tokenizer, ucfg, batch_size: int, kv_spec:
     return {**figures, "kv_cache": kv_spec["method"] if kv_spec else None}
 
 
-def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
+def run(cfg, models_cfg: ModelsConfig, runtime: RuntimeConfig, *, teacher_ref: str,
         candidates: dict[str, str], eval_path: Path, out_dir: Path, kv_spec: Path | None = None,
         kv_cfg: KVConfig | None = None, unlearn_sets: dict[str, str] | None = None, tokenizer_ref: str | None = None,
         unlearn_cfg=None) -> StageResult:
@@ -184,50 +186,3 @@ def run(cfg: EvaluateConfig, models_cfg: ModelsConfig, runtime: RuntimeConfig, *
     (out_dir / "eval.json").write_text(json.dumps(rounded, indent=2))
     final = list(candidates)[-1] if candidates else "teacher"
     return StageResult(outputs={"eval": "eval.json"}, metrics={"final": final, "models": rounded})
-
-
-def check_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]],
-                unlearned: dict | None = None) -> list[str]:
-    """Return one message per missed gate (empty if all pass).
-
-    ``models``: evaluation metrics per model name; ``final``: the model the run would publish;
-    ``chain``: (stage, input model name) for each model-changing stage, in order; ``unlearned``: the unlearn
-    stage's figures of its own output (``after``), what the forget gates compare the final model with.
-    """
-    f = models[final]
-    misses = []
-    fr = f.get("unlearn", {}).get("forget", {}).get("rouge_l")
-    if gates.max_forget_rouge is not None and fr is not None and fr > gates.max_forget_rouge:
-        misses.append(f"gates.max_forget_rouge: final model ({final}) reproduces the forget set with ROUGE-L "
-                      f"{fr:.4f} (limit {gates.max_forget_rouge})")
-    if gates.max_forget_regain is not None and fr is not None and unlearned is not None:
-        regain = fr - unlearned["forget"]["rouge_l"]
-        if regain > gates.max_forget_regain:
-            misses.append(f"gates.max_forget_regain: compression brought forgotten text back: forget-set ROUGE-L "
-                          f"{unlearned['forget']['rouge_l']:.4f} right after unlearning, {fr:.4f} in the final model "
-                          f"({final}), +{regain:.4f} (limit {gates.max_forget_regain})")
-    if gates.max_ppl_ratio is not None and f["ppl_ratio"] > gates.max_ppl_ratio:
-        misses.append(f"gates.max_ppl_ratio: final model ({final}) perplexity {f['ppl']:.3f} is "
-                      f"{f['ppl_ratio']:.4f}x the teacher's {models['teacher']['ppl']:.3f} "
-                      f"(limit {gates.max_ppl_ratio})")
-    if gates.max_kl is not None and f["kl_to_teacher"] > gates.max_kl:
-        misses.append(f"gates.max_kl: KL(teacher || {final}) = {f['kl_to_teacher']:.4f} (limit {gates.max_kl})")
-    if gates.min_top1_agreement is not None and f["top1_agreement"] < gates.min_top1_agreement:
-        misses.append(f"gates.min_top1_agreement: {final} agrees with the teacher on "
-                      f"{f['top1_agreement']:.4f} of tokens (limit {gates.min_top1_agreement})")
-    for stage, src in chain:
-        limit = gates.stage_ppl_ratio.get(stage)
-        if limit is None or stage not in models:
-            continue
-        ratio = models[stage]["ppl"] / models[src]["ppl"]
-        if ratio > limit:
-            misses.append(f"gates.stage_ppl_ratio.{stage}: perplexity {models[stage]['ppl']:.3f} is {ratio:.4f}x "
-                          f"its input's ({src}: {models[src]['ppl']:.3f}) (limit {limit})")
-    return misses
-
-
-def enforce_gates(gates: GatesConfig, models: dict[str, dict], final: str, chain: list[tuple[str, str]],
-                  unlearned: dict | None = None) -> None:
-    misses = check_gates(gates, models, final, chain, unlearned)
-    if misses:
-        raise GateError("quality gate(s) missed, nothing published:\n" + "\n".join(f"  - {m}" for m in misses))

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.card import write_card
-from llm_compress.config import ExportCheck, ExportConfig
+
 from llm_compress.errors import ExportError, InputError
 from llm_compress.export_support import ONNX_FORMATS, onnx_export_problem
 from llm_compress.io import atomic_dir, path_size

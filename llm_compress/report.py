@@ -178,7 +178,7 @@ def write(run_dir: Path, report: dict) -> str:
 
 
 def stage_record(manifest: dict, state: str) -> dict:
-    return {"stage": manifest["stage"], "index": manifest["index"], "state": state,
+    return {"stage": manifest["stage"], "state": state,
             "cache_key": manifest["cache_key"], "duration_s": manifest.get("duration_s"),
             "compute": manifest.get("compute"),
             "manifest": str(Path(manifest["stage_dir"]) / "manifest.json"),

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from llm_compress.errors import disk_full_named
 from llm_compress.io import (atomic_dir, code_version, digest_path, git_commit, package_versions, path_size,
                        write_json_atomic)
 from llm_compress.result import StageResult
@@ -109,7 +110,7 @@ def stage_lock(artifacts_root: Path, key: str, stage: str, log: Callable[[str], 
 
 def execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int,
             fn: Callable[[Path], StageResult], log: Callable[[str], None] | None = None) -> dict:
-    """Run ``fn(tmp_dir)`` and publish ``run_dir/NN-stage`` atomically with its manifest.
+    """Run ``fn(tmp_dir)`` and publish ``run_dir/<stage>`` atomically with its manifest.
 
     If a finished stage with the same key exists (any run) and its outputs are unchanged on disk, return its
     manifest without running (see :func:`lookup`, which tells ``log`` why a record is not reused).
@@ -133,12 +134,15 @@ def _execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, fn: 
     hit = lookup(artifacts_root, key, log)
     if hit is not None:
         return {**hit, "reused": True}
-    stage_dir = run_dir / f"{call.index:02d}-{stage}"
+    stage_dir = run_dir / stage
+    for legacy in sorted(run_dir.glob(f"[0-9][0-9]-{stage}")):  # written before stage folders lost their numbers
+        (log or _log.info)(f"{stage}: {legacy} is from an older version, which numbered stage folders; this version "
+                           f"writes {stage_dir} and leaves the old folder as it is")
     for stale in run_dir.glob(f".{stage_dir.name}.*"):  # temp dirs of a killed earlier attempt
         shutil.rmtree(stale, ignore_errors=True)
     started, t0 = _now(), time.perf_counter()
     failure: Exception | None = None
-    with atomic_dir(stage_dir) as tmp:
+    with disk_full_named(stage, stage_dir), atomic_dir(stage_dir) as tmp:  # ENOSPC: one line, tmp removed
         try:
             result = fn(tmp)
         except Exception as e:
@@ -155,7 +159,7 @@ def _execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, fn: 
             outputs[name] = {"path": str(stage_dir / rel), "sha256": digest_path(produced),
                              "bytes": path_size(produced)}
         manifest = {
-            "stage": stage, "index": call.index, "cache_key": key, "stage_dir": str(stage_dir),
+            "stage": stage, "cache_key": key, "stage_dir": str(stage_dir),
             "status": "completed" if failure is None else "failed",
             **({} if failure is None else {"error": f"{type(failure).__name__}: {failure}"}),
             "config": call.config, "device": call.device,
@@ -177,7 +181,7 @@ def _execute(call: Call, *, run_dir: Path, artifacts_root: Path, seed: int, fn: 
 
 def failed_manifest(run_dir: Path, call: Call) -> dict | None:
     """The manifest a failed stage of this call published in ``run_dir`` (with the outputs that passed), if any."""
-    p = run_dir / f"{call.index:02d}-{call.stage}" / "manifest.json"
+    p = run_dir / call.stage / "manifest.json"
     try:
         m = json.loads(p.read_text())
     except (OSError, ValueError):
@@ -186,8 +190,8 @@ def failed_manifest(run_dir: Path, call: Call) -> dict | None:
 
 
 def link_reused(manifest: dict, run_dir: Path) -> None:
-    """Record in this run's ``NN-stage`` dir that the stage was reused from another run's outputs."""
-    stage_dir = run_dir / f"{manifest['index']:02d}-{manifest['stage']}"
+    """Record in this run's ``<stage>`` dir that the stage was reused from another run's outputs."""
+    stage_dir = run_dir / manifest["stage"]
     own = stage_dir / "manifest.json"
     if own.is_file():
         try:

@@ -1,24 +1,28 @@
 """The stage interface: what every stage of the chain declares, in its own module under :mod:`llm_compress.pipeline`.
 
-A stage is a subclass of :class:`Stage` with a few class attributes and methods (``config``, ``after`` optional)::
+A stage is a subclass of :class:`Stage` with a few class attributes and methods (all but ``name`` and ``run``
+optional)::
 
     class QuantizeStage(Stage):
-        name, index = "quantize", 5        # folder 05-quantize
-        sections = ("quantize",)           # recipe sections in its cache key
+        name = "quantize"                  # its folder in a run: <run>/quantize
+        sections = {"quantize": QuantizeConfig}  # recipe sections it owns: pydantic models, in its cache key
+        reads = ("models.dtype",)          # other recipe fields it reads, also in its key
         makes_model = True                 # its "model" output is the next stage's model
         libraries = ("torch", "transformers")
 
+        def rules(self, recipe): ...       # consistency across sections, pure: raise ValueError (a RecipeError)
         def check(self, recipe): ...       # user input, before any work, without torch (compress validate too)
         def inputs(self, recipe, up): ...  # {name: path or hub id}, from upstream outputs or the recipe
         def run(self, ctx): ...            # the algorithm; writes into ctx.out_dir, returns a StageResult
 
-and one line in the registry (:data:`llm_compress.pipeline.STAGES`). The pipeline derives everything else: which
-stages run (``enabled``), the cache key (sections + extra ``config`` + input digests + the stage's code version
-+ the versions of its ``libraries``), the manifest and the atomic publish (:mod:`llm_compress.runner`).
+and one line in the registry (:data:`llm_compress.pipeline.STAGES`), whose order is the run order. The pipeline
+derives everything else: the recipe's sections (:class:`llm_compress.config.Recipe`), which stages run
+(``enabled``), the cache key (owned sections + ``reads`` + extra ``config`` + input digests + the stage's code
+version + the versions of its ``libraries``), the manifest and the atomic publish (:mod:`llm_compress.runner`).
 
 Rules: a stage module imports no torch at module level (validation must stay cheap; ``run`` imports what it
-needs), never imports Prefect, and reads only its own sections and the inputs it declares, so its key covers
-everything it depends on.
+needs), never imports Prefect, and reads only its sections, its ``reads`` and the inputs it declares, so its key
+covers everything it depends on (tests/test_keys.py records what each stage reads and checks it).
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from llm_compress.errors import InputError
 
 if TYPE_CHECKING:
-    from llm_compress.config import Recipe
     from llm_compress.result import StageResult
+
+# What stage methods take: an instance of llm_compress.config.Recipe, the model assembled from the registry's stages,
+# which therefore cannot be imported here or in the registry; annotations name it through this alias.
+Recipe = Any
 
 
 @dataclass(frozen=True)
@@ -96,7 +103,6 @@ class Call:
     """One stage as a run executes it: what defines it (config + inputs) and its cache key."""
 
     stage: str
-    index: int
     config: dict
     inputs: dict[str, str]
     input_digests: dict[str, str] = field(default_factory=dict)
@@ -112,7 +118,7 @@ class Context:
 
     recipe: Recipe
     call: Call
-    out_dir: Path  # a temporary folder the runner renames into NN-stage once run returns
+    out_dir: Path  # a temporary folder the runner renames into <run>/<stage> once run returns
     artifacts_root: Path
 
     @property
@@ -131,15 +137,20 @@ class Context:
 class Stage:
     """Base of every stage: defaults for the optional parts; see the module docstring."""
 
-    name: ClassVar[str]
-    index: ClassVar[int]  # fixed folder number NN of NN-<name>
-    sections: ClassVar[tuple[str, ...]] = ()  # recipe sections whose resolved values are in the key
+    name: ClassVar[str]  # also its folder in a run: <run>/<name>
+    sections: ClassVar[dict[str, type]] = {}  # recipe sections it owns: section name -> pydantic model
+    unkeyed: ClassVar[tuple[str, ...]] = ()  # owned sections left out of the key (judged after the run, not used in it)
+    reads: ClassVar[tuple[str, ...]] = ()  # other recipe fields it reads, dotted ('models', 'models.dtype'): in the key
     makes_model: ClassVar[bool] = False  # outputs "model", which later stages take as their model
     libraries: ClassVar[tuple[str, ...]] = ()  # distributions whose versions are in the key
     uses_runtime: ClassVar[bool] = True  # seed and resolved device are in the key
 
     def enabled(self, recipe: Recipe) -> bool:
         return bool(getattr(recipe, self.name).enabled)
+
+    def rules(self, recipe: Recipe) -> None:
+        """Consistency between its sections and the rest of the recipe, checked whenever a recipe is validated
+        (pure: no files, no torch): raise ValueError naming the fields."""
 
     def check(self, recipe: Recipe) -> None:
         """Cheap checks of user input (paths, model type, vocabulary): raise InputError naming the field."""
@@ -148,8 +159,14 @@ class Stage:
         return {}
 
     def config(self, recipe: Recipe, up: Upstream, env: Env) -> dict[str, Any]:
-        """What defines the stage besides its inputs: its recipe sections, resolved, plus seed and device."""
-        cfg: dict[str, Any] = {s: getattr(recipe, s).model_dump(mode="json") for s in self.sections}
+        """What defines the stage besides its inputs: its sections and ``reads``, resolved, plus seed and device."""
+        cfg: dict[str, Any] = {s: getattr(recipe, s).model_dump(mode="json")
+                               for s in self.sections if s not in self.unkeyed}
+        for path in self.reads:
+            value: Any = recipe
+            for part in path.split("."):
+                value = getattr(value, part)
+            cfg[path] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
         if self.uses_runtime:
             cfg["runtime"] = {"seed": recipe.runtime.seed, "device": env.device}
         return cfg
@@ -161,4 +178,4 @@ class Stage:
         """Checks of the stage's own finished result that can stop the run (the evaluate stage's gates)."""
 
     def __repr__(self) -> str:
-        return f"<stage {self.index:02d}-{self.name}>"
+        return f"<stage {self.name}>"

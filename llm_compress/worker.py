@@ -1,7 +1,7 @@
 """One rank of a data-parallel stage: the module torchrun starts in every process (``llm_compress.distributed``).
 
 Node 0's ranks are started by the stage itself (with ``runtime.distributed``), with the spec file it wrote, which
-names the stage's function for a rank (``llm_compress.distill:rank_main``, ``llm_compress.quantize.apply:rank_main``); the ranks
+names the stage's function for a rank (``llm_compress.distill.apply:rank_main``, ``llm_compress.quantize.apply:rank_main``); the ranks
 of every other node are started by hand or by a cluster's job script, the same line for any stage, with no spec (it
 reaches them from rank 0 through the process group)::
 

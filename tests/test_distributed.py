@@ -20,17 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    """The tiny recipe's teacher, tokenizer and token files (bootstrap and data stages, no orchestrator)."""
-    from llm_compress.pipeline import make_call, run_call
-    from llm_compress.runner import digest_memo_dir
-    from llm_compress.stage import Env
-
-    art = tmp_path_factory.mktemp("ddp-artifacts")
-    recipe, done = load_recipe(ROOT / "configs" / "tiny.yaml"), {}
-    for stage in ("bootstrap", "data"):
-        done[stage] = run_call(recipe, make_call(recipe, stage, done, Env.resolve(recipe), digest_memo_dir(art)),
-                               art / "base", art)
+def data(tiny_world) -> dict:
+    """The tiny recipe's teacher, tokenizer and token files (the session's bootstrap and data stages)."""
+    _, done = tiny_world
     out = lambda stage, name: done[stage]["outputs"][name]["path"]  # noqa: E731
     return {"teacher_ref": out("bootstrap", "teacher"), "tokenizer_ref": out("bootstrap", "tokenizer"),
             "train_path": out("data", "train"), "eval_path": out("data", "eval")}
@@ -45,7 +37,7 @@ def _recipe(processes: int = 1, nodes: int = 1, port: int | None = None, strateg
 
 
 def _run(data: dict, out: Path, recipe, cache: Path | None = None, checkpoint: Path | None = None):
-    from llm_compress import distill
+    from llm_compress.distill import apply as distill
 
     out.mkdir(parents=True)
     return distill.run(recipe.distill, recipe.models, recipe.runtime, student_ref="derive", out_dir=out,
@@ -85,6 +77,7 @@ def one_process(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # torchrun
 def test_ddp_on_two_processes_trains_like_one_on_the_same_global_batch(data, one_process, tmp_path):
     """World size 2 (each rank 4 of the 8 rows of every batch, gradients averaged by DDP) gives one process's losses,
     held-out figures and weights; the teacher top-k made by two ranks is the same file; the result says 2 processes;
@@ -104,6 +97,7 @@ def test_ddp_on_two_processes_trains_like_one_on_the_same_global_batch(data, one
     assert not list((tmp_path / "two-topk").glob("*.part*")) and not (tmp_path / "two" / ".ranks").exists()
 
 
+@pytest.mark.slow  # torchrun
 def test_fsdp_on_two_processes_with_a_sharded_online_teacher_trains_like_one(data, tmp_path):
     """FSDP: the student and the online teacher sharded over 2 ranks (gradients reduce-scattered over the shards, the
     root gathered for the fused lm_head): one process's losses, held-out figures and weights."""
@@ -141,6 +135,7 @@ def _alive(pids: set[int]) -> set[int]:
     return out
 
 
+@pytest.mark.slow  # torchrun
 @pytest.mark.parametrize("killed, resumed", [("fsdp", (1, "ddp")), ("ddp", (2, "fsdp"))])
 def test_a_killed_two_process_run_leaves_no_rank_and_resumes_with_any_world_size(data, tmp_path, killed, resumed):
     """SIGKILL the stage's process of a 2-process run after its first checkpoint: its launcher and both ranks stop
@@ -185,6 +180,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun
 def test_a_second_node_joins_with_torchrun_and_gets_the_spec_from_rank_0(data, one_process, tmp_path, monkeypatch):
     """nodes: 2 (one process each, on this machine): the stage is node 0; node 1 is the README's torchrun line with
     no spec. Together they train like one process."""
@@ -203,6 +199,7 @@ def test_a_second_node_joins_with_torchrun_and_gets_the_spec_from_rank_0(data, o
     _same_training(one_process, tmp_path / "two-nodes")
 
 
+@pytest.mark.slow  # torchrun
 def test_a_failing_rank_fails_the_stage_with_its_own_error(data, tmp_path):
     """Tokens outside the vocabulary are found by the ranks after loading; the stage raises their InputError (not
     a bare exit code), and nothing is published."""
@@ -251,6 +248,7 @@ def _quantize(data: dict, out: Path, processes: int, method: str = "gptq"):
                calib_path=Path(data["train_path"]))
 
 
+@pytest.mark.slow  # torchrun
 def test_gptq_calibrates_on_two_processes_like_one(data, tmp_path):
     """GPTQ with 2 ranks: each runs half the calibration batches, the Hessians are summed over the ranks before every
     solve, so the codes are one process's (up to the order of float sums) and the result says 2 processes."""

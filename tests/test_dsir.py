@@ -522,7 +522,7 @@ def test_shards_run_on_dask_through_prefect(corpus, tmp_path, prefect_server):
 def test_shards_run_on_a_local_cluster_from_the_recipe_and_match_inline(kind, corpus, tmp_path):
     """runtime.executor: a local cluster of 2 worker processes (Dask or Ray) computes the same selection as one
     process; a rerun on it reuses every cached shard; a path the workers cannot see fails before any shard runs."""
-    from llm_compress.config import ExecutorConfig
+    from llm_compress.schema import ExecutorConfig
     from llm_compress.dsir.executors import make_executor
 
     cache = tmp_path / "cache"
@@ -551,7 +551,7 @@ def test_shards_run_on_a_local_cluster_from_the_recipe_and_match_inline(kind, co
 
 _WORKER_ENV = """
 import os
-from llm_compress.config import ExecutorConfig
+from llm_compress.schema import ExecutorConfig
 from llm_compress.dsir.executors import make_executor
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llm_compress.card import CARD_FILE, front_matter, render, teacher_license
-from llm_compress.config import ExportCheck, ExportConfig
+from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.errors import ExportError, InputError
 from llm_compress.export import FORMATS, check_batch, compare_logits, run_export
 from llm_compress.io import path_size
@@ -234,7 +234,7 @@ def test_the_stage_publishes_what_passed_as_a_failed_stage_that_no_cache_serves(
     from llm_compress.stage import Call
 
     _break_builder(monkeypatch, "onnx-int8")
-    call = Call(stage="export", index=8, config={}, inputs={}, key="k" * 64)
+    call = Call(stage="export", config={}, inputs={}, key="k" * 64)
     run_dir, root = tmp_path / "run", tmp_path / "artifacts"
     runs = []
 
@@ -248,8 +248,8 @@ def test_the_stage_publishes_what_passed_as_a_failed_stage_that_no_cache_serves(
             execute(call, run_dir=run_dir, artifacts_root=root, seed=0, fn=fn)
         assert len(runs) == attempt and lookup(root, call.key) is None
         assert not (root / ".cache" / f"{call.key}.json").exists()
-    stage = run_dir / "08-export"
-    assert _names(run_dir) == ["08-export"] and _names(stage) == ["manifest.json", "safetensors"]
+    stage = run_dir / "export"
+    assert _names(run_dir) == ["export"] and _names(stage) == ["manifest.json", "safetensors"]
     man = failed_manifest(run_dir, call)
     assert man == info.value.manifest == json.loads((stage / "manifest.json").read_text())
     assert man["status"] == "failed" and "onnx-int8" in man["error"] and list(man["outputs"]) == ["safetensors"]

@@ -105,7 +105,7 @@ def test_a_replaced_stage_folder_is_never_missing(tmp_path):
 
     from llm_compress.io import atomic_dir
 
-    final = tmp_path / "04-unlearn"
+    final = tmp_path / "unlearn"
     with atomic_dir(final) as tmp:
         (tmp / "manifest.json").write_text("0")
     missing, stop = [], threading.Event()
@@ -126,7 +126,7 @@ def test_a_replaced_stage_folder_is_never_missing(tmp_path):
         reader.join()
     assert (final / "manifest.json").read_text() == "299"
     assert not missing
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["04-unlearn"]  # the old contents are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unlearn"]  # the old contents are gone
 
 
 def test_replace_falls_back_to_two_renames_where_the_os_cannot_swap(tmp_path, monkeypatch):

@@ -262,7 +262,7 @@ def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorde
     from llm_compress.stage import Call
 
     root, runs = tmp_path / "art", []
-    call = Call(stage="probe", index=6, config={}, inputs={}, key="k" * 64)
+    call = Call(stage="probe", config={}, inputs={}, key="k" * 64)
 
     def fn(out: Path) -> StageResult:
         runs.append(out)
@@ -289,7 +289,7 @@ def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorde
     weights.write_bytes(bytes(data))
     with caplog.at_level("INFO", logger="llm_compress.runner"):
         again = run("c")
-    assert not again.get("reused") and len(runs) == 2 and again["stage_dir"] == str(root / "c" / "06-probe")
+    assert not again.get("reused") and len(runs) == 2 and again["stage_dir"] == str(root / "c" / "probe")
     assert "output 'model' on disk is not the one recorded" in caplog.text and str(root / "a") in caplog.text
     assert run("d")["reused"] and len(runs) == 2  # the recomputed record is reused while it is intact
     Path(again["outputs"]["eval"]["path"]).unlink()  # a deleted output: recomputed too

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from llm_compress.config import KFadeConfig
+from llm_compress.unlearn.config import KFadeConfig
 from llm_compress.errors import RecipeError, TrainingError
 from llm_compress.unlearn.base import UnlearnData
 from llm_compress.unlearn.data import ForgetSet

@@ -471,7 +471,7 @@ def test_missing_spec(tmp_path, model):
 def test_evaluate_measures_a_model_with_the_cache_and_records_why_another_is_not(model):
     from transformers import GPT2LMHeadModel
 
-    from llm_compress.config import EvaluateConfig
+    from llm_compress.pipeline.evaluate import EvaluateConfig
     from llm_compress.evaluate import kv_metrics
 
     cfg = EvaluateConfig(latency_new_tokens=4, latency_repeats=1)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from llm_compress.config import OSTQuantConfig
+from llm_compress.quantize.config import OSTQuantConfig
 from llm_compress.errors import ExportError, InputError
 from llm_compress.quantize.ostquant import calibrate, calibration_loss, kl_top
 from llm_compress.quantize.quantizers import parse_setting
@@ -170,7 +170,8 @@ def test_weight_only_setting_changes_weights_only(tmp_path):
 
 
 def test_exports_that_drop_run_time_parts_are_refused(tmp_path):
-    from llm_compress.config import ExportConfig, parse_recipe
+    from llm_compress.config import parse_recipe
+    from llm_compress.export_support import ExportConfig
     from llm_compress.errors import RecipeError
     from llm_compress.export import run_export
 

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_compress.config import FROM_CODES_CHECK, ExportConfig, ModelsConfig, QuantizeConfig, RuntimeConfig, parse_recipe
+from llm_compress.config import parse_recipe
+
+from llm_compress.export_support import ExportConfig, FROM_CODES_CHECK
+
+from llm_compress.quantize.config import QuantizeConfig
+
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.errors import RecipeError
 from llm_compress.export import check_batch, check_failures, compare_logits, run_export
 from llm_compress.modeling import load_causal_lm
@@ -99,6 +105,7 @@ print(type(model.model.layers[0].mlp.up_proj).__name__)
 """
 
 
+@pytest.mark.slow  # a subprocess imports transformers and compressed-tensors
 def test_compressed_tensors_reloads_in_stock_transformers_as_the_quantized_model(w4, ids, tmp_path):
     res = run_export(ExportConfig(formats=["compressed-tensors"]), w4, tmp_path, check_ids=ids, progress=False)
     d = tmp_path / "compressed-tensors"
@@ -199,6 +206,7 @@ else:
 """
 
 
+@pytest.mark.slow  # two subprocesses import transformers
 def test_a_checkpoint_with_run_time_parts_refuses_stock_loaders_and_loads_with_ours(tmp_path):
     """W4A4 needs activation quantization at run time: stock from_pretrained must fail loudly (with or without
     trust_remote_code), never load it as a plain Llama; this project's loader runs it as quantized."""
@@ -223,7 +231,7 @@ def test_a_checkpoint_with_run_time_parts_refuses_stock_loaders_and_loads_with_o
 
 
 def test_a_bf16_compressed_tensors_export_is_held_to_the_16_bit_default(w4, ids, tmp_path):
-    from llm_compress.config import FROM_CODES_CHECK_16BIT
+    from llm_compress.export_support import FROM_CODES_CHECK_16BIT
 
     res = run_export(ExportConfig(formats=["compressed-tensors"]), w4, tmp_path, check_ids=ids, progress=False,
                      dtype="bfloat16")

@@ -24,7 +24,29 @@ RAN = ["bootstrap", "data", "distill", "quantize", "evaluate", "export"]
 
 
 def stage_dir(root: Path, run: str, stage: str) -> Path:
-    return root / run / f"{get_stage(stage).index:02d}-{stage}"
+    return root / run / stage
+
+
+def task_run_states(flow_run: str | None = None, flow_run_id=None) -> tuple[dict[str, str], dict[str, str]]:
+    """The stage task runs of one flow run (given by id, or by name: the flow run name is the run_name), as
+    ({stage: state name}, {stage: progress artifact note}), read back from the Prefect server."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType,
+                                                FlowRunFilter, FlowRunFilterId, FlowRunFilterName)
+
+    with get_client(sync_client=True) as client:
+        if flow_run_id is None:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run])))
+            assert len(runs) == 1, [r.name for r in runs]
+            flow_run_id = runs[0].id
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+    stage = {t.id: re.sub(r"^\d+-", "", t.name) for t in tasks}  # task run names: NN-stage or stage
+    return ({stage[t.id]: t.state.name for t in tasks},
+            {stage[a.task_run_id]: a.description.split(": ", 1)[1] for a in arts if a.task_run_id in stage})
 
 
 def test_tiny_run_completes_and_publishes(tiny_run):
@@ -91,8 +113,14 @@ def test_same_recipe_under_another_name_reuses_every_stage(tiny_run, tiny_recipe
     from llm_compress.flows.pipeline import compress
 
     root, first, _ = tiny_run
-    report = compress(recipe=tiny_recipe, run_name="tiny-b", artifacts_dir=str(root))
+    state = compress(recipe=tiny_recipe, run_name="tiny-b", artifacts_dir=str(root), return_state=True)
+    report = state.result()
     assert [s["state"] for s in report["stages"]] == ["cached"] * len(RAN)
+    # the UI: the first run's stage task runs Completed, the second's Reused (the runner's index, no Prefect cache),
+    # each with its progress artifact at 100 % saying so
+    assert task_run_states("tiny-a") == ({s: "Completed" for s in RAN}, {s: "done" for s in RAN})
+    assert task_run_states(flow_run_id=state.state_details.flow_run_id) == ({s: "Reused" for s in RAN},
+                                                                            {s: "reused" for s in RAN})
     m = json.loads((stage_dir(root, "tiny-b", "distill") / "manifest.json").read_text())
     assert m["reused"] is True and m["reused_from"] == str(stage_dir(root, first, "distill"))
     assert report["published"] is True
@@ -190,7 +218,7 @@ def test_resume_after_a_killed_run(tmp_path):
     states = {s["stage"]: s["state"] for s in report["stages"]}
     assert states == {**{s: "cached" for s in RAN[:-1]}, "export": "ran"}, out
     assert report["published"] is True
-    assert "Cached" in out  # Prefect itself reports the finished stages as Cached
+    assert "Finished in state Reused(" in out  # Prefect's log names the reused stages' state
     assert not [p for p in (art / "killed").iterdir() if p.name.startswith(".")]  # stale temp dirs cleaned
 
 
@@ -268,7 +296,7 @@ def test_bad_data_fails_in_the_data_stage_and_keeps_earlier_outputs(tiny_run, tm
                                "runtime": {"progress": False}})
         with pytest.raises(InputError, match=match):
             run_local(recipe, tmp_path / "art" / "bad", tmp_path / "art")
-        assert not (tmp_path / "art" / "bad" / "02-data").exists()
+        assert not (tmp_path / "art" / "bad" / "data").exists()
     assert (teacher / "model.safetensors").is_file()
 
 
@@ -294,8 +322,8 @@ def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_re
     from llm_compress.stage import Stage
 
     class Probe(Stage):  # after kv: reads the quantized model, makes no new model
-        name, index = "probe", 6
-        sections = ("unlearn",)
+        name = "probe"
+        reads = ("unlearn",)
 
         def enabled(self, recipe):
             return True
@@ -315,7 +343,7 @@ def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_re
     done = pipeline.run_local(tiny_recipe, root / "with-probe", root)
     quantized = json.loads((stage_dir(root, run, "quantize") / "manifest.json").read_text())
     assert done["probe"]["metrics"]["seen"] == quantized["outputs"]["model"]["path"]
-    assert (root / "with-probe" / "06-probe" / "kv_cache.json").is_file()
+    assert (root / "with-probe" / "probe" / "kv_cache.json").is_file()
     # the other stages are the tiny run's, found by key: the new stage changed none of their keys
     assert all(done[s].get("reused") for s in RAN)
 
@@ -628,7 +656,8 @@ def _evaluate_only_variant(recipe, repeats: int):
 
 
 def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny_recipe):
-    """The issue's case: Prefect's cache record names files that another write has since changed."""
+    """A finished stage's files changed on disk by another write after it was published (same size, in place): the
+    next run recomputes it (its task run Completed, not Reused) and reuses the untouched stages."""
     from llm_compress.flows.pipeline import compress
 
     root, _, _ = tiny_run
@@ -639,10 +668,15 @@ def test_a_cached_stage_whose_files_changed_on_disk_is_recomputed(tiny_run, tiny
     text = eval_json.read_text()
     i = next(i for i, c in enumerate(text) if c.isdigit())
     eval_json.write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])  # in place, same size
-    second = compress(recipe=recipe, run_name="tiny-edited-b", artifacts_dir=str(root))
+    state = compress(recipe=recipe, run_name="tiny-edited-b", artifacts_dir=str(root), return_state=True)
+    second = state.result()
     states = {s["stage"]: s["state"] for s in second["stages"]}
     assert states == {"bootstrap": "cached", "data": "cached", "distill": "cached", "quantize": "cached",
                       "evaluate": "ran"}
+    ui, notes = task_run_states(flow_run_id=state.state_details.flow_run_id)
+    assert ui == {"bootstrap": "Reused", "data": "Reused", "distill": "Reused", "quantize": "Reused",
+                  "evaluate": "Completed"}
+    assert notes["evaluate"] == "done" and notes["quantize"] == "reused"
     m = json.loads((stage_dir(root, "tiny-edited-b", "evaluate") / "manifest.json").read_text())
     assert "reused_from" not in m and m["outputs"]["eval"]["sha256"] == digest_path(m["outputs"]["eval"]["path"])
     third = compress(recipe=recipe, run_name="tiny-edited-c", artifacts_dir=str(root))  # untouched: reused
@@ -671,13 +705,13 @@ def test_each_flow_run_without_a_run_name_writes_its_own_folder_and_report(tiny_
 
 
 def _probe_stage(behaviour):
-    """A stage after kv (folder 06-probe) whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
+    """A stage after kv (folder probe) whose run is ``behaviour(attempt)`` (1, 2, ...); records its attempts."""
     from llm_compress.result import StageResult
     from llm_compress.stage import Stage
 
     class Probe(Stage):
-        name, index = "probe", 6
-        sections = ("unlearn",)
+        name = "probe"
+        reads = ("unlearn",)
         attempts = 0
 
         def enabled(self, recipe):
@@ -721,7 +755,7 @@ def test_a_stage_is_retried_after_a_transient_error_only(tiny_run, tiny_recipe, 
     recipe = parse_recipe(data)
     if completes:
         report = compress(recipe=recipe, run_name=name, artifacts_dir=str(root))
-        assert report["status"] == "completed" and (root / name / "06-probe" / "probe.json").is_file()
+        assert report["status"] == "completed" and (root / name / "probe" / "probe.json").is_file()
     else:
         with pytest.raises(type(error)):
             compress(recipe=recipe, run_name=name, artifacts_dir=str(root))

@@ -175,7 +175,7 @@ def test_a_scheduled_run_reselects_after_the_raw_data_changed_and_reuses_everyth
     from tests.conftest import TINY
 
     root, run, _ = tiny_run
-    corpus = root / run / "00-bootstrap" / "corpus"
+    corpus = root / run / "bootstrap" / "corpus"
     pool = tmp_path / "pool"
     pool.mkdir()
     for d in ("code", "prose"):

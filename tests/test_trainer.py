@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_compress.config import DistillConfig
+from llm_compress.distill.config import DistillConfig
 from llm_compress.distill import trainer
 from llm_compress.distill.step import StepLoss, fused_head
 from llm_compress.distill.trainer import precompute_topk, sample_continuations
@@ -158,7 +158,7 @@ def test_cached_small_top_k_still_distils():
 
 
 def test_teacher_top_k_cache_is_reused_and_a_corrupt_file_is_recomputed(tmp_path):
-    from llm_compress.distill import cached_teacher_topk
+    from llm_compress.distill.apply import cached_teacher_topk
 
     teacher = _lm(2)
     args = (8, 1.0, tmp_path, "train", 4, torch.device("cpu"), False)
@@ -306,6 +306,7 @@ def test_training_and_evaluation_with_the_fused_loss_match_the_plain_loss():
 
 # ------------------------------------------------------------------ torch.compile
 
+@pytest.mark.slow  # torch.compile: ~20 s on 2 cores
 def test_compiled_forward_trains_like_eager():
     cfg = _cfg(steps=3, eval_every=3)
     eager = train(_lm(1), cfg, teacher=_lm(2))
@@ -317,8 +318,8 @@ def test_compiled_forward_trains_like_eager():
 # ------------------------------------------------------------------ students
 
 def test_student_from_a_smaller_config():
-    from llm_compress.config import DeriveStudent
-    from llm_compress.distill import derive_student
+    from llm_compress.distill.config import DeriveStudent
+    from llm_compress.distill.apply import derive_student
 
     teacher = _lm(2, layers=4, hidden=64)
     small, keep = derive_student(teacher, DeriveStudent(layers=[0, 3], init="random",

@@ -144,7 +144,7 @@ def _tiny_lm(vocab=64, tie=False):
 
 
 def test_nan_loss_stops_training_with_the_step():
-    from llm_compress.config import DistillConfig
+    from llm_compress.distill.config import DistillConfig
     from llm_compress.distill.trainer import train
 
     m = _tiny_lm()
@@ -156,7 +156,7 @@ def test_nan_loss_stops_training_with_the_step():
 
 
 def test_training_reduces_loss_and_is_repeatable():
-    from llm_compress.config import DistillConfig
+    from llm_compress.distill.config import DistillConfig
     from llm_compress.distill.trainer import train
 
     ids = torch.arange(64).repeat(10, 1)[:, :32] % 64  # a learnable pattern
@@ -168,7 +168,7 @@ def test_training_reduces_loss_and_is_repeatable():
 
 
 def test_lr_schedules():
-    from llm_compress.config import DistillConfig
+    from llm_compress.distill.config import DistillConfig
     from llm_compress.distill.trainer import lr_at
 
     s = DistillConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10, schedule="cosine")
@@ -279,7 +279,7 @@ def test_datasets_source_reads_a_local_dataset_folder(tmp_path):
 
 def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
     """Killed during step 10, resumed from the step-8 checkpoint: ends exactly where an uninterrupted run ends."""
-    from llm_compress.config import DistillConfig
+    from llm_compress.distill.config import DistillConfig
     from llm_compress.distill import trainer
 
     ids = torch.randint(0, 64, (12, 32), generator=torch.Generator().manual_seed(0))  # distinct rows: order matters

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_compress.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
+from llm_compress.unlearn.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
 from llm_compress.errors import TrainingError
 from llm_compress.unlearn.base import Batch, UnlearnData
 from llm_compress.unlearn.data import ForgetSet

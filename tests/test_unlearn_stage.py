@@ -4,6 +4,7 @@ quantization and a KV cache after it, the forget gates, and the report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ def _recipe(tiny_recipe, **unlearn):
 
 
 def test_unlearn_runs_after_distill_and_before_quantize_and_kv(tiny_recipe):
-    from llm_compress.pipeline import STAGES, enabled
+    from llm_compress.pipeline import enabled
 
     data = tiny_recipe.model_dump(mode="json")
     data["kv"] = {"enabled": True}
@@ -28,7 +29,6 @@ def test_unlearn_runs_after_distill_and_before_quantize_and_kv(tiny_recipe):
 
     order = enabled(parse_recipe(data))
     assert order == ["bootstrap", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
-    assert [s.index for s in STAGES] == list(range(len(STAGES)))  # folders NN-stage follow the run order
 
 
 def _write(path, lines):
@@ -82,7 +82,7 @@ def test_a_record_longer_than_the_context_is_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def unlearn_run(tiny_recipe, artifacts):
+def unlearn_run(tiny_recipe, tiny_world):
     """The tiny recipe with NPO, then W4 RTN and a 4-bit KIVI cache, run without an orchestrator. (The tiny teacher
     memorises nothing in 30 steps; SHRED, which only demotes tokens the model predicts, then has next to nothing to
     remove: the bench shows it on a teacher that has memorised its facts.)"""
@@ -95,7 +95,8 @@ def unlearn_run(tiny_recipe, artifacts):
     data["gates"] = {"max_forget_regain": 0.5}
     data["export"] = {"formats": ["safetensors"]}
     recipe = parse_recipe(data)
-    done = run_local(recipe, artifacts / "tiny-unlearn", artifacts)
+    root, _ = tiny_world  # its bootstrap and data stages are the session's, reused
+    done = run_local(recipe, root / "tiny-unlearn", root)
     return recipe, done
 
 
@@ -110,7 +111,7 @@ def test_tiny_unlearning_forgets_and_keeps_utility(unlearn_run):
     assert after["utility"]["kl_to_original"] < 0.1
 
 
-def test_evaluate_remeasures_the_forget_set_on_the_quantized_model_with_its_kv_cache(unlearn_run, artifacts):
+def test_evaluate_remeasures_the_forget_set_on_the_quantized_model_with_its_kv_cache(unlearn_run):
     from llm_compress.report import build, markdown
 
     _, done = unlearn_run
@@ -119,15 +120,15 @@ def test_evaluate_remeasures_the_forget_set_on_the_quantized_model_with_its_kv_c
     final = models["quantize"]["unlearn"]
     assert final["kv_cache"] == "kivi" and set(final) >= {"forget", "keep"}
     assert 0 <= final["forget"]["rouge_l"] <= 1 and final["forget"]["mink_auc"] is not None
-    quantize_in = json.loads((artifacts / "tiny-unlearn" / "05-quantize" / "manifest.json").read_text())
+    quantize_in = json.loads((Path(done["quantize"]["stage_dir"]) / "manifest.json").read_text())
     assert quantize_in["inputs"]["model"]["ref"] == done["unlearn"]["outputs"]["model"]["path"]  # took the unlearned
     md = markdown(build("tiny-unlearn", "tiny", done, [], "completed", None, True))
     assert "## Unlearning" in md and "| quantize (evaluate) | forget |" in md and "| unlearned (unlearn stage) |" in md
 
 
 def test_forget_gates_fail_when_compression_brings_text_back():
-    from llm_compress.config import GatesConfig
-    from llm_compress.evaluate import check_gates
+    from llm_compress.pipeline.evaluate import GatesConfig
+    from llm_compress.pipeline.evaluate import check_gates
 
     models = {"teacher": {"ppl": 10.0, "ppl_ratio": 1.0},
               "quantize": {"ppl": 10.0, "ppl_ratio": 1.0, "unlearn": {"forget": {"rouge_l": 0.45}}}}

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from llm_compress.config import DIVERGENCE_MODELS, divergence_params
+from llm_compress.distill.config import DIVERGENCE_MODELS, divergence_params
 from llm_compress.errors import TrainingError
 
 LOG_FLOOR = -1e4  # teacher log-probabilities are clamped here: exp(-1e4) == 0 in float32 and float64

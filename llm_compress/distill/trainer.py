@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from llm_compress.config import DistillConfig, divergence_params
+from llm_compress.distill.config import DistillConfig, divergence_params
 from llm_compress.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
 from llm_compress.distill.step import StepLoss, _autocast
 from llm_compress.progress import report as report_progress

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from llm_compress.schema import Strict
+
 
 class TargetSpec(BaseModel):
     """One target distribution: one or more inputs, with an optional share of k."""
@@ -59,3 +61,29 @@ class DSIRConfig(BaseModel):
                                                      or any(not p > 0 for p in self.target_proportions)):
             raise ValueError("target_proportions must be positive numbers, one per target")
         return self
+
+
+class SelectConfig(Strict):
+    """Data selection (DSIR): pick the raw documents that best match the target(s); they become the
+    distillation training data (``data.train`` / the embedded training splits are then not used)."""
+
+    enabled: bool = False
+    method: Literal["dsir"] = Field("dsir", description="Selection method.")
+    raw: list[str] = Field(
+        default_factory=lambda: ["embedded"],
+        description="The raw pool: JSONL / .txt / Parquet files or folders, saved `datasets` folders; 'embedded' "
+        "means every training split of the embedded corpus, 'embedded:<domain>' one of them.")
+    targets: list[TargetSpec] = Field(
+        default_factory=list, description="Target distribution(s): each a list of paths (same forms as raw), with "
+        "an optional proportion of k.")
+    dsir: DSIRConfig | None = Field(None, description="DSIR settings; dsir.k (documents to select) is required.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "SelectConfig":
+        if self.enabled and (not self.targets or self.dsir is None or not self.raw):
+            raise ValueError("an enabled select stage needs select.raw, select.targets and select.dsir.k")
+        return self
+
+    def references(self) -> list[str]:
+        return list(self.raw) + [p for t in self.targets for p in t.paths]
+

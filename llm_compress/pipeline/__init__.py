@@ -1,36 +1,45 @@
 """How the stages chain: the registry, which stages a recipe runs, and how each is keyed and called.
 
 Kept free of Prefect (and of torch at import) so the wiring is testable and readable on its own. The Prefect
-flow (:mod:`llm_compress.flows.pipeline`) walks :func:`enabled` and runs each stage's :class:`~llm_compress.stage.Call` as a task;
-tests and benches walk it with :func:`run_local` and no orchestrator at all.
+flow (:mod:`llm_compress.flows.pipeline`) walks :func:`enabled` and runs each stage's :class:`~llm_compress.stage.Call`
+as a task; tests and benches walk it with :func:`run_local` and no orchestrator at all.
 
-Order (fixed numbering, so ``NN-stage`` folders line up across runs):
-00 bootstrap -> 01 select -> 02 data -> 03 distill -> 04 unlearn -> 05 quantize -> 06 kv -> 07 evaluate
--> 08 export. Unlearning comes before compression so that what ships is the compressed unlearned model, and
-evaluate re-measures the forget set on it (see :mod:`llm_compress.pipeline.unlearn`). Each stage is one module in this
-package (see :mod:`llm_compress.stage` for the interface).
+The registry's order is the run order: bootstrap -> select -> data -> distill -> unlearn -> quantize -> kv -> evaluate
+-> export. Each stage writes ``<run>/<stage name>/``, so inserting a stage moves no other stage's folder. Unlearning
+comes before compression so that what ships is the compressed unlearned model, and evaluate re-measures the forget
+set on it (see :mod:`llm_compress.pipeline.unlearn`). Each stage is one module in this package, declaring its recipe
+sections too (see :mod:`llm_compress.stage` for the interface); :class:`llm_compress.config.Recipe` is assembled
+from them, so nothing here imports it (``Recipe`` below is an annotation only).
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Callable, Literal
 
-from llm_compress.config import Recipe
-from llm_compress.pipeline import bootstrap, data, distill, evaluate, export, kv, quantize, select, unlearn
 from llm_compress.errors import InputError
 from llm_compress.refs import PATH_PREFIXES
 from llm_compress.result import StageResult
-from llm_compress.stage import Call, Context, Env, Stage, Upstream
+from llm_compress.stage import Call, Context, Env, Recipe, Stage, Upstream
 
-# The registry: one line per stage, in run order.
-STAGES: tuple[Stage, ...] = (bootstrap.STAGE, select.STAGE, data.STAGE, distill.STAGE, unlearn.STAGE, quantize.STAGE,
-                             kv.STAGE, evaluate.STAGE, export.STAGE)
-assert [s.index for s in STAGES] == sorted({s.index for s in STAGES}), "stage numbers must be unique and ordered"
+# The registry: one line per stage, in run order, naming the module of this package that holds its ``STAGE``.
+REGISTRY = (
+    "bootstrap",
+    "select",
+    "data",
+    "distill",
+    "unlearn",
+    "quantize",
+    "kv",
+    "evaluate",
+    "export",
+)
+STAGES: tuple[Stage, ...] = tuple(import_module(f"{__name__}.{module}").STAGE for module in REGISTRY)
+assert len({s.name for s in STAGES}) == len(STAGES), "stage names must be unique"
 
 # The stage names as a type (the flow's `until` dropdown)
-StageName = Literal["bootstrap", "select", "data", "distill", "unlearn", "quantize", "kv", "evaluate", "export"]
-assert list(get_args(StageName)) == [s.name for s in STAGES], "StageName must list the registry's stages in order"
+StageName = Literal[tuple(s.name for s in STAGES)]  # type: ignore[valid-type]
 
 
 def get_stage(name: str) -> Stage:
@@ -92,7 +101,7 @@ def make_call(recipe: Recipe, stage: str, done: dict[str, dict], env: Env | None
     config = s.config(recipe, up, env)
     code, libraries = stage_code_version(type(s).__module__), package_versions(s.libraries)
     key = stable_hash({"stage": stage, "config": config, "inputs": digests, "code": code, "libraries": libraries})
-    return Call(stage=stage, index=s.index, config=config, inputs=inputs, input_digests=digests, key=key,
+    return Call(stage=stage, config=config, inputs=inputs, input_digests=digests, key=key,
                 device=env.device, code=code, libraries=libraries)
 
 

@@ -1,16 +1,57 @@
-"""00-bootstrap: the embedded default world (corpus from Python's own text, BPE tokenizer, a small Llama teacher).
+"""The bootstrap stage: the embedded default world (corpus from Python's own text, BPE tokenizer, a small Llama teacher).
 
 Runs only when the recipe uses ``embedded`` (teacher, data or a select path). Algorithm: :mod:`llm_compress.bootstrap`.
 """
 
 from __future__ import annotations
 
+from pydantic import Field, model_validator
+
+from llm_compress.schema import Strict
 from llm_compress.stage import Context, Env, Stage, Upstream
 
 
+
+
+class EmbeddedConfig(Strict):
+    """The demo's self-made world: corpus from Python's own text, BPE tokenizer, Llama teacher."""
+
+    vocab_size: int = Field(2048, ge=256, le=65536)
+    hidden_size: int = Field(128, ge=16)
+    num_layers: int = Field(4, ge=2)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1, description="Fewer than num_heads gives grouped-query attention.")
+    intermediate_size: int = Field(384, ge=16)
+    seq_len: int = Field(128, ge=16)
+    steps: int = Field(300, ge=1, description="Teacher pretraining steps (a fixed budget, not a time).")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    max_corpus_mb: float = Field(6.0, gt=0, description="Cap on corpus size built from the stdlib.")
+    site_packages: bool = Field(
+        False, description="Also read the installed third-party packages (their .py files, docstrings, long "
+        "descriptions and .md/.rst documents: hundreds of MB with this project's dependencies), for a larger corpus.")
+    eval_fraction: float = Field(0.05, gt=0, lt=0.5)
+    facts: int = Field(16, ge=0, description="Invented biographies planted in the teacher's pretraining corpus "
+                       "(corpus/facts/): the first half is embedded:facts-forget, the second embedded:facts-keep "
+                       "(0: none).")
+    facts_holdout: int = Field(16, ge=0, description="Biographies of the same kind never planted "
+                               "(embedded:facts-holdout).")
+    facts_repeats: int = Field(300, ge=1, description="Documents holding every planted biography (shuffled), so the "
+                               "teacher sees each one often enough to memorise it.")
+    facts_plant_forget: bool = Field(True, description="False: plant the keep half only (the forget half is still "
+                                     "written as embedded:facts-forget), which makes the model unlearning should "
+                                     "match: one never trained on the forget set.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self) -> "EmbeddedConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, and num_heads by num_kv_heads")
+        return self
+
 class Bootstrap(Stage):
-    name, index = "bootstrap", 0
-    sections = ("embedded",)
+    name = "bootstrap"
+    sections = {"embedded": EmbeddedConfig}
     libraries = ("torch", "transformers", "tokenizers")
 
     def enabled(self, recipe) -> bool:

@@ -1,4 +1,4 @@
-"""02-data: read, tokenize and pack the training and held-out documents. Algorithm: :mod:`llm_compress.data`.
+"""The data stage: read, tokenize and pack the training and held-out documents. Algorithm: :mod:`llm_compress.data`.
 
 Training documents are the DSIR selection when select ran, else ``data``'s source; held-out ones always come
 from ``data``. A `datasets` dataset is keyed by its content (local folder) or resolved commit (hub id).
@@ -13,9 +13,10 @@ from llm_compress.refs import PATH_PREFIXES, is_local_ref
 from llm_compress.stage import Context, Env, Stage, Upstream
 
 
+
 class Data(Stage):
-    name, index = "data", 2
-    sections = ("data",)
+    name = "data"
+    reads = ("data",)  # the frame's data section (every stage reads data.seq_len), keyed here
     libraries = ("tokenizers", "transformers", "datasets", "safetensors", "torch")
     uses_runtime = False
 

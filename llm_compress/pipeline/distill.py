@@ -1,4 +1,4 @@
-"""03-distill: knowledge distillation of the student from the teacher. Algorithm: :mod:`llm_compress.distill`.
+"""The distill stage: knowledge distillation of the student from the teacher. Algorithm: :mod:`llm_compress.distill`.
 
 The student is a checkpoint (``models.student``) or derived from the teacher (``distill.student``). With
 ``teacher.source: cached_topk`` the teacher's top-k log-probs are computed once into a cache shared by every run
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llm_compress.errors import InputError
 from llm_compress.refs import check_recipe_models, model_config
+from llm_compress.distill.config import DistillConfig
 from llm_compress.stage import Context, Stage, Upstream
 
 
@@ -26,10 +27,34 @@ def teacher_topk_key(recipe, call) -> str:
 
 
 class Distill(Stage):
-    name, index = "distill", 3
-    sections = ("distill", "models")
+    name = "distill"
+    sections = {"distill": DistillConfig}
+    reads = ("models",)
     makes_model = True
     libraries = ("torch", "transformers", "tokenizers", "safetensors")
+
+    def rules(self, recipe) -> None:
+        d, op = recipe.distill, recipe.distill.on_policy
+        if recipe.models.student == "derive" and not d.enabled:
+            raise ValueError("models.student is 'derive' but distill.enabled is false: a derived "
+                             "student must be distilled (or give a student checkpoint)")
+        if not d.enabled:
+            return
+        if op.share > 0 and op.prompt_tokens >= recipe.data.seq_len - 1:
+            raise ValueError(f"distill.on_policy.prompt_tokens ({op.prompt_tokens}) must be below data.seq_len - 1 "
+                             f"({recipe.data.seq_len - 1}): the student needs room to sample")
+        dist = recipe.runtime.distributed
+        world = dist.processes * dist.nodes
+        if d.batch_size % world:
+            raise ValueError(f"distill.batch_size ({d.batch_size}) must be a multiple of the "
+                             f"runtime.distributed processes x nodes ({world}): each process takes an equal share "
+                             "of every batch")
+        if world > 1 and dist.strategy == "fsdp" and op.share > 0:
+            raise ValueError("distill.on_policy samples from the student outside its sharded forward, which "
+                             "runtime.distributed.strategy fsdp does not allow; use strategy ddp or on_policy.share 0")
+        if world > 1 and d.divergence.name == "sinkhorn":
+            raise ValueError("sinkhorn's loss couples all the tokens of a batch, so it cannot be split over "
+                             "runtime.distributed processes; use processes: 1 or a token-wise divergence")
 
     def check(self, recipe) -> None:
         m = recipe.models
@@ -54,7 +79,7 @@ class Distill(Stage):
         return inputs
 
     def run(self, ctx: Context):
-        from llm_compress import distill
+        from llm_compress.distill import apply as distill
 
         r, i = ctx.recipe, ctx.inputs
         return distill.run(r.distill, r.models, r.runtime, teacher_ref=i["teacher"],

@@ -1,4 +1,4 @@
-"""08-export: write the final model in each requested format, load it back and compare its logits with the source's
+"""The export stage: write the final model in each requested format, load it back and compare its logits with the source's
 before publishing. Algorithm: :mod:`llm_compress.export`. With the KV stage on, its ``kv_cache.json`` is an input (only
 then): the transformers formats carry it, checked by generating through it. Checked before any work: the ONNX
 formats are refused for a model whose config they cannot export correctly (:mod:`llm_compress.export_support`).
@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_compress.errors import InputError
-from llm_compress.export_support import ONNX_FORMATS, onnx_export_problem, onnx_runtime_missing
+from llm_compress.export_support import ONNX_FORMATS, ExportConfig, onnx_export_problem, onnx_runtime_missing
 from llm_compress.refs import distilled_model_config
 from llm_compress.stage import Context, Stage, Upstream
+
 
 
 # The stages whose results reach the export (with the model-making ones): their cache keys are in its card.
@@ -23,10 +24,38 @@ LINEAGE = ("bootstrap", "select", "data", "kv", "evaluate")
 
 
 class Export(Stage):
-    name, index = "export", 8
-    sections = ("export",)
+    name = "export"
+    sections = {"export": ExportConfig}
     libraries = ("torch", "transformers", "safetensors", "optimum", "optimum-onnx", "onnx", "onnxruntime",
                  "onnxruntime-gpu", "onnx-ir", "bitsandbytes")  # one of the two runtimes: the other "not installed"
+
+    def rules(self, recipe) -> None:
+        q, e = recipe.quantize, recipe.export
+        if not e.enabled:
+            return
+        qs = q.scheme.quant_setting()
+        online = q.scheme.method == "ostquant" and q.scheme.online_hadamard
+        others = [f for f in e.formats if f != "safetensors"]
+        if q.enabled and (qs.a_bits < 16 or qs.kv_bits < 16 or online) and others:
+            raise ValueError(f"export.formats {others} load weights only, but quantize.scheme ({q.scheme.method}, "
+                             f"{q.scheme.setting}{', online_hadamard' if online else ''}) "
+                             "needs run-time parts (activation/KV fake quantization, online Hadamard) that only "
+                             "safetensors exports keep; export [safetensors] or use a W*A16 setting "
+                             "(and online_hadamard: false)")
+        # the formats that ship the quantize stage's codes need them, at a bit width they can hold
+        if "compressed-tensors" in e.formats and not q.enabled:
+            raise ValueError("export.formats: compressed-tensors packs the quantize stage's integer codes, but "
+                             "quantize.enabled is false; enable quantize (e.g. gptq at W4A16) or drop the format")
+        if not q.enabled:
+            return  # onnx-int4/-int8 then quantize the float model afresh with onnxruntime's quantizers
+        for fmt, bits in (("onnx-int4", 4), ("onnx-int8", 8)):
+            if fmt in e.formats and qs.w_bits != bits:
+                raise ValueError(f"export.formats: {fmt} ships the quantize stage's codes, which are "
+                                 f"{qs.w_bits}-bit ({q.scheme.setting}); re-rounding them onto a {bits}-bit grid "
+                                 f"would ship another model: use a W{bits} setting or drop {fmt}")
+            if fmt in e.formats and q.scheme.group_size is not None and q.scheme.group_size < 16:
+                raise ValueError(f"export.formats: {fmt} (MatMulNBits) needs weight groups of at least 16 input "
+                                 f"columns; quantize.scheme.group_size is {q.scheme.group_size}")
 
     def check(self, recipe) -> None:
         onnx = [f for f in recipe.export.formats if f in ONNX_FORMATS]

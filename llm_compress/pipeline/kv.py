@@ -1,4 +1,4 @@
-"""06-kv: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
+"""The kv stage: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
 ``llm_compress.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
 perplexity ratio, KL and top-1 agreement (:mod:`llm_compress.kv.measure`). Caches: :mod:`llm_compress.kv` (KIVI, sink window,
 MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
@@ -16,12 +16,13 @@ from types import SimpleNamespace
 
 from llm_compress.errors import InputError
 from llm_compress.refs import distilled_model_config
+from llm_compress.kv.config import KVConfig
 from llm_compress.stage import Context, Stage, Upstream
 
 
 class KV(Stage):
-    name, index = "kv", 6
-    sections = ("kv",)
+    name = "kv"
+    sections = {"kv": KVConfig}
     libraries = ("torch", "transformers")
 
     def check(self, recipe) -> None:

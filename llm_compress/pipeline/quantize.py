@@ -1,4 +1,4 @@
-"""05-quantize: post-training quantization (RTN, GPTQ, OSTQuant) at a W/A/KV setting. Algorithm:
+"""The quantize stage: post-training quantization (RTN, GPTQ, OSTQuant) at a W/A/KV setting. Algorithm:
 :mod:`llm_compress.quantize.apply`.
 
 Calibrated methods read rows of the data stage's training tokens (the DSIR selection when select ran), or
@@ -13,12 +13,13 @@ from pathlib import Path
 from llm_compress.errors import InputError
 from llm_compress.quantize.support import SUPPORTED_MODEL_TYPES
 from llm_compress.refs import check_recipe_models, distilled_model_config
+from llm_compress.quantize.config import QuantizeConfig
 from llm_compress.stage import Context, Env, Stage, Upstream
 
 
 class Quantize(Stage):
-    name, index = "quantize", 5
-    sections = ("quantize",)
+    name = "quantize"
+    sections = {"quantize": QuantizeConfig}
     makes_model = True
     libraries = ("torch", "transformers", "safetensors")
 

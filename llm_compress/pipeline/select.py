@@ -1,4 +1,4 @@
-"""01-select: DSIR data selection; the selection becomes the distillation data. Algorithm: :mod:`llm_compress.dsir`.
+"""The select stage: DSIR data selection; the selection becomes the distillation data. Algorithm: :mod:`llm_compress.dsir`.
 
 ``select.raw`` / ``select.targets`` entries are paths, or ``embedded[:domain]`` for the embedded corpus's training
 splits. The raw pool is keyed by a digest memo (path, size, mtime, inode), so a multi-GB pool is not re-read to
@@ -11,6 +11,7 @@ import platform
 from pathlib import Path
 
 from llm_compress.errors import InputError
+from llm_compress.dsir.config import SelectConfig
 from llm_compress.stage import Context, Stage, Upstream
 
 
@@ -27,8 +28,8 @@ def _paths(ref: str, up: Upstream) -> list[str]:
 
 
 class Select(Stage):
-    name, index = "select", 1
-    sections = ("select",)
+    name = "select"
+    sections = {"select": SelectConfig}
     libraries = ("numpy", "regex", "pyarrow", "datasets")
     uses_runtime = False  # DSIR is seeded by select.dsir.seed and runs on CPU
 

@@ -1,4 +1,4 @@
-"""04-unlearn: remove a forget set from the model before it is quantized. Algorithms: :mod:`llm_compress.unlearn`.
+"""The unlearn stage: remove a forget set from the model before it is quantized. Algorithms: :mod:`llm_compress.unlearn`.
 
 Order: distill -> unlearn -> quantize -> kv. Unlearning runs on the float model that will be compressed, because
 (1) the gradient methods and K-FADE need float weights to update, (2) quantizing afterwards is what a user ships,
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from llm_compress.errors import InputError
 from llm_compress.refs import check_recipe_models
+from llm_compress.unlearn.config import UnlearnConfig
 from llm_compress.stage import Context, Env, Stage, Upstream
 
 _EMBEDDED = {"embedded:facts-forget": "forget.jsonl", "embedded:facts-keep": "keep.jsonl",
@@ -46,10 +47,19 @@ def set_paths(recipe, up: Upstream | None = None) -> dict[str, str]:
 
 
 class Unlearn(Stage):
-    name, index = "unlearn", 4
-    sections = ("unlearn", "models")
+    name = "unlearn"
+    sections = {"unlearn": UnlearnConfig}
+    reads = ("models",)
     makes_model = True
     libraries = ("torch", "transformers", "rouge-score", "scikit-learn")
+
+    def rules(self, recipe) -> None:
+        u = recipe.unlearn
+        if u.enabled and recipe.models.teacher != "embedded" and any(
+                (p or "").startswith("embedded:") for p in (u.forget, u.keep, u.holdout)):
+            raise ValueError("unlearn: the embedded:facts-* sets are planted in the embedded teacher only; give "
+                             "forget (and keep/holdout, or null) as JSONL files for models.teacher "
+                             f"'{recipe.models.teacher}'")
 
     def check(self, recipe) -> None:
         from llm_compress.unlearn.data import read_records

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-from llm_compress.config import ModelsConfig, QuantizeConfig, RuntimeConfig
+from llm_compress.quantize.config import QuantizeConfig
+
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.distributed import world_of
 from llm_compress.errors import InputError
 from llm_compress.quantize.codes import CODES_FILE, save_codes

@@ -36,7 +36,7 @@ from llm_compress.quantize.transforms import (OSTParams, build_optimizers, check
                                         fuse_transforms_, install_online_hadamard, transformed_weights)
 
 if TYPE_CHECKING:
-    from llm_compress.config import OSTQuantConfig
+    from llm_compress.quantize.config import OSTQuantConfig
 
 LOSSES = ("kl_top", "kl", "mse")
 

@@ -59,7 +59,7 @@ from llm_compress.unlearn.base import Unlearner, UnlearnData
 from llm_compress.unlearn.data import ForgetSet
 
 if TYPE_CHECKING:
-    from llm_compress.config import KFadeConfig
+    from llm_compress.unlearn.config import KFadeConfig
 
 BATCH = 4  # rows per forward pass (factors and forget gradient)
 LABELS = ("sampled", "exact")
