@@ -4,7 +4,7 @@
 
 1. cold: ``compress demo`` with an empty artifacts folder and a fresh PREFECT_HOME (so the time
    includes Prefect's first database migration, as on a new machine);
-2. cached: the same command again; every stage should come back ``Cached``;
+2. cached: the same command again; every stage should be reused (``cached`` in the report, ``Reused`` in Prefect);
 3. resumed: a third run under a new run name with one downstream change (``--set
    quantize.scheme.group_size=32``): only quantize, kv, evaluate and export run.
 Prints a table and writes the figures as JSON. Wall-clock seconds of the whole CLI process.
