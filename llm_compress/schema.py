@@ -108,6 +108,14 @@ class DistributedConfig(Strict):
         return self
 
 
+# Fields that change how a stage runs, never what it makes, so no stage key holds them: threads, progress bars,
+# retries, timeouts and GPU slots of the orchestration, and where the work runs (a DSIR shard or a data-parallel
+# rank computes the same result: tests/test_distributed.py, tests/test_dsir.py). tests/test_keys.py lets a stage read
+# them and nothing else outside its key.
+OPERATIONAL = ("runtime.threads", "runtime.progress", "runtime.retries", "runtime.retry_delay_s", "runtime.gpu_slot",
+               "runtime.executor", "runtime.distributed", "runtime.timeouts")
+
+
 class RuntimeConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

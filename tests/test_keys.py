@@ -294,3 +294,12 @@ def test_a_finished_stage_is_reused_only_while_its_files_are_the_ones_it_recorde
     assert run("d")["reused"] and len(runs) == 2  # the recomputed record is reused while it is intact
     Path(again["outputs"]["eval"]["path"]).unlink()  # a deleted output: recomputed too
     assert not run("e").get("reused") and len(runs) == 3
+
+
+def test_the_models_dtype_is_in_the_key_of_every_stage_that_loads_a_model_in_it(tmp_path):
+    """The KV and export stages load their input model in models.dtype: a changed dtype must not be served stale."""
+    done = _fake_done(tmp_path)
+    done["evaluate"] = {"outputs": {"eval": {"path": str(tmp_path / "evaluate" / "eval.json"), "sha256": "e"}}}
+    stages = ("data", "distill", "quantize", "kv", "evaluate", "export")
+    f32, bf16 = (_keys(parse_recipe({"models": {"dtype": d}}), done, stages=stages) for d in ("float32", "bfloat16"))
+    assert [s for s in stages if f32[s] != bf16[s]] == ["distill", "quantize", "kv", "evaluate", "export"]

@@ -16,7 +16,7 @@ from llm_compress.stage import Context, Env, Stage, Upstream
 
 class Data(Stage):
     name = "data"
-    reads = ("data",)  # the frame's data section (every stage reads data.seq_len), keyed here
+    reads = ("data", "models.revision", "models.trust_remote_code")  # data: the frame's section, keyed here
     libraries = ("tokenizers", "transformers", "datasets", "safetensors", "torch")
     uses_runtime = False
 

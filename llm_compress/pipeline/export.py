@@ -26,6 +26,7 @@ LINEAGE = ("bootstrap", "select", "data", "kv", "evaluate")
 class Export(Stage):
     name = "export"
     sections = {"export": ExportConfig}
+    reads = ("models.dtype",)  # the dtype its source model is loaded in, and its checks computed
     libraries = ("torch", "transformers", "safetensors", "optimum", "optimum-onnx", "onnx", "onnxruntime",
                  "onnxruntime-gpu", "onnx-ir", "bitsandbytes")  # one of the two runtimes: the other "not installed"
 

@@ -23,6 +23,7 @@ from llm_compress.stage import Context, Stage, Upstream
 class KV(Stage):
     name = "kv"
     sections = {"kv": KVConfig}
+    reads = ("models.dtype", "models.revision", "models.trust_remote_code")  # how its input model is loaded
     libraries = ("torch", "transformers")
 
     def check(self, recipe) -> None:

@@ -20,6 +20,7 @@ from llm_compress.stage import Context, Env, Stage, Upstream
 class Quantize(Stage):
     name = "quantize"
     sections = {"quantize": QuantizeConfig}
+    reads = ("models.dtype",)
     makes_model = True
     libraries = ("torch", "transformers", "safetensors")
 
@@ -44,7 +45,7 @@ class Quantize(Stage):
         return inputs
 
     def config(self, recipe, up: Upstream, env: Env) -> dict:
-        cfg = {**super().config(recipe, up, env), "dtype": recipe.models.dtype}
+        cfg = super().config(recipe, up, env)
         if recipe.quantize.scheme.method != "rtn" and recipe.quantize.scheme.calibration.file:
             cfg["calib_seq_len"] = recipe.data.seq_len  # a text file is packed into rows of this length
         return cfg
