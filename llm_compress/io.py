@@ -181,9 +181,16 @@ def package_versions(names: tuple[str, ...] | list[str] = _PACKAGES) -> dict[str
 
 _ROOT = Path(__file__).resolve().parent  # the stages package
 _CODE_VERSION: str | None = None
-# Modules whose edits never change what a stage computes: the schema (its resolved values are in the key
-# already), the interface, the registry and the report. They are left out of every stage's code version.
-_NOT_CODE = ("llm_compress.config", "llm_compress.stage", "llm_compress.pipeline", "llm_compress.report", "llm_compress.runner")
+# Modules whose edits never change what a stage computes: the recipe's schema (the frame, and each package's
+# ``config`` module: their resolved values are in the key already), the interface, the registry and the report.
+# They are left out of every stage's code version.
+_NOT_CODE = ("llm_compress.config", "llm_compress.schema", "llm_compress.stage", "llm_compress.pipeline",
+             "llm_compress.report", "llm_compress.runner")
+
+
+def _not_code(module: str, root: str) -> bool:
+    return module.endswith(".config") or any(module == x or module.startswith(x + ".") for x in _NOT_CODE
+                                             if x != root)
 
 
 def code_version() -> str:
@@ -244,8 +251,7 @@ def module_closure(root: str) -> list[Path]:
         if f is None:
             continue
         files.add(f)
-        todo.extend(m for m in _imported(f) if m not in seen
-                    and not any(m == x or m.startswith(x + ".") for x in _NOT_CODE if x != root))
+        todo.extend(m for m in _imported(f) if m not in seen and not _not_code(m, root))
     return sorted(files)
 
 
