@@ -55,11 +55,12 @@ def load_tokenizer(ref: str, *, trust_remote_code: bool = False, revision: str |
 def load_causal_lm(ref: str, *, dtype: str = "float32", device: str | torch.device = "cpu",
                    trust_remote_code: bool = False, revision: str | None = None, what: str = "model"):
     """Load a causal LM for training/evaluation (eval mode, given dtype, on device)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     config = None
     if is_local_ref(ref):
-        check_model_ref(ref, what)
+        check_model_ref(ref, what)  # also: every safetensors file whole (a truncated one fails here, named)
         from llm_compress.quantize.record import runtime_checkpoint_config
 
         config = runtime_checkpoint_config(Path(ref).expanduser())  # an export that refuses stock loaders
@@ -68,6 +69,8 @@ def load_causal_lm(ref: str, *, dtype: str = "float32", device: str | torch.devi
         model = AutoModelForCausalLM.from_pretrained(
             str(Path(ref).expanduser()) if is_local_ref(ref) else ref, dtype=DTYPES[dtype],
             use_safetensors=True, trust_remote_code=trust_remote_code, revision=revision, **extra)
+    except SafetensorError as e:  # a header whose offsets do not fit its shapes: what check_model_ref cannot see
+        raise InputError(f"{what}: truncated or corrupt safetensors file in {ref}: {e}") from None
     except (OSError, ValueError, EnvironmentError) as e:
         if is_local_ref(ref):
             raise InputError(f"{what}: cannot load {ref}: {e}") from None

@@ -17,6 +17,7 @@ from llm_compress.errors import InputError
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PATH_PREFIXES = ("/", "./", "../", "~")  # a reference written like this is a path, never a hub id
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes: the safetensors loader refuses a longer header
 
 
 def is_local_ref(ref: str) -> bool:
@@ -24,13 +25,48 @@ def is_local_ref(ref: str) -> bool:
 
 
 def check_model_ref(ref: str, what: str) -> None:
-    """Cheap pre-flight check: a local model directory must exist and hold a config.json."""
+    """Cheap pre-flight check: a local model directory must exist, hold a config.json, and its safetensors files
+    must be whole (:func:`check_safetensors`)."""
     if is_local_ref(ref):
         p = Path(ref).expanduser()
         if not p.is_dir():
             raise InputError(f"{what}: model directory not found: {ref}")
         if not (p / "config.json").is_file():
             raise InputError(f"{what}: {ref} has no config.json (not a transformers checkpoint)")
+        for weights in sorted(p.glob("*.safetensors")):
+            check_safetensors(weights, what)
+
+
+def check_safetensors(path: Path, what: str) -> None:
+    """A safetensors file is whole: its header and the tensor data the header declares fill the file exactly.
+
+    The layout is an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to its
+    ``data_offsets`` [begin, end) in the data that follows, then the data. A copy cut short (an interrupted
+    download or copy, a full disk) fails here from a few bytes of reading, before any stage loads torch, instead
+    of as a SafetensorError traceback inside the stage; the safetensors loader refuses the same files.
+    """
+    def corrupt(reason: str) -> InputError:
+        return InputError(f"{what}: truncated or corrupt safetensors file {path}: {reason}")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8:
+                raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+            if not 0 < n <= min(size - 8, SAFETENSORS_MAX_HEADER):
+                raise corrupt(f"the header length reads {n} bytes, the file holds {size - 8} after it")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise corrupt(f"the header is not a safetensors header ({e})") from None
+    data = size - 8 - n
+    if max(ends, default=0) != data:
+        raise corrupt(f"the header declares {max(ends, default=0)} bytes of tensor data, the file holds {data}")
 
 
 def check_recipe_models(models) -> None:

@@ -29,7 +29,7 @@ from prefect.states import Completed
 
 from llm_compress import report as report_mod
 from llm_compress.config import Recipe, check_run_name, default_run_name, load_recipe
-from llm_compress.errors import CompressError, GateError, InputError
+from llm_compress.errors import CompressError, GateError, InputError, disk_full
 from llm_compress.pipeline import StageName, after, enabled, make_call, preflight, run_call
 from llm_compress.progress import reporting
 from llm_compress.runner import digest_memo_dir, failed_manifest, link_reused
@@ -202,10 +202,11 @@ NOT_TRANSIENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADire
 def transient(task, task_run, state) -> bool:
     """Prefect's retry condition: retry a stage only after an error that may pass on its own, an OSError (I/O,
     network, a hub download: requests' errors are OSErrors), but not a missing file or path, a permission, or a
-    timeout (the stage's own limit). The project's errors (bad input, a missed gate, a NaN loss, a failed export
-    check) are not OSErrors: they fail at once."""
+    timeout (the stage's own limit), nor a full disk (a retry would rerun the stage onto the same disk; the runner
+    raises it as DiskFullError). The project's errors (bad input, a missed gate, a NaN loss, a failed export
+    check, a full disk) are not OSErrors: they fail at once."""
     exc = state.data  # the exception the task raised (Prefect wraps it in the Failed state it passes here)
-    return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT)
+    return isinstance(exc, OSError) and not isinstance(exc, NOT_TRANSIENT) and not disk_full(exc)
 
 
 def resolve_recipe(recipe: Recipe | None, recipe_path: str | None) -> Recipe:
