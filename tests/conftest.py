@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +39,24 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_world(tiny_recipe, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny recipe's bootstrap and data stages (embedded corpus, tokenizer and teacher; token files), run once per
+    session through the runner without an orchestrator: (its artifacts root, stage -> manifest). A test that runs
+    more of the tiny recipe into this root reuses them from the runner's cache. Its own root, not ``artifacts``:
+    the Prefect pipeline tests check that their first run computes every stage."""
+    from llm_compress.pipeline import make_call, run_call
+    from llm_compress.runner import digest_memo_dir
+    from llm_compress.stage import Env
+
+    root, done = tmp_path_factory.mktemp("tiny-world"), {}
+    with one_torch_thread():
+        for stage in ("bootstrap", "data"):
+            call = make_call(tiny_recipe, stage, done, Env.resolve(tiny_recipe), digest_memo_dir(root))
+            done[stage] = run_call(tiny_recipe, call, root / "world", root)
+    return root, done
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """A temporary Prefect server for the session, stopped while pytest's output is still open."""
     from prefect.testing.utilities import prefect_test_harness
@@ -55,12 +74,29 @@ def tiny_run(prefect_server, tiny_recipe, artifacts):
     return artifacts, "tiny-a", report
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~10-100x slower with 2 intra-op threads (spinning) than with 1."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny matmuls on a shared 2-core machine run ~10-100x slower with 2 intra-op threads (spinning) than with 1
+    (the tiny world's bootstrap: 18 s with 2, 6 s with 1, on a busy machine)."""
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the Prefect test server (directly, or through ``tiny_run``) is slow: the server takes
+    ~10 s to start and such tests run flows end to end. ``pytest -m "not slow"`` leaves them out."""
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from llm_compress.errors import InputError
+from tests.conftest import one_torch_thread
 
 
 def _recipe(tiny_recipe, **unlearn):
@@ -96,7 +97,8 @@ def unlearn_run(tiny_recipe, tiny_world):
     data["export"] = {"formats": ["safetensors"]}
     recipe = parse_recipe(data)
     root, _ = tiny_world  # its bootstrap and data stages are the session's, reused
-    done = run_local(recipe, root / "tiny-unlearn", root)
+    with one_torch_thread():
+        done = run_local(recipe, root / "tiny-unlearn", root)
     return recipe, done
 
 
