@@ -249,7 +249,7 @@ def compress(recipe: Recipe | None = None, run_name: str | None = None, artifact
         env, rt = Env.resolve(recipe), recipe.runtime
         for stage in stages:
             call = make_call(recipe, stage, done, env, digest_memo_dir(root))
-            task_fn = run_stage.with_options(name=stage, task_run_name=f"{call.index:02d}-{stage}",
+            task_fn = run_stage.with_options(name=stage, task_run_name=stage,
                                              retries=rt.retries, retry_delay_seconds=rt.retry_delay_s,
                                              retry_condition_fn=transient, timeout_seconds=rt.timeouts.get(stage))
             manifest = task_fn(stage=stage, recipe=recipe_json, call=call.__dict__, run_dir=str(run_dir),
@@ -258,7 +258,7 @@ def compress(recipe: Recipe | None = None, run_name: str | None = None, artifact
             link_reused(manifest, run_dir)
             done[stage] = manifest
             records.append(report_mod.stage_record(manifest, "cached" if reused else "ran"))
-            log.info(f"{call.index:02d}-{stage}: {'reused' if reused else 'done'} ({manifest['stage_dir']})")
+            log.info(f"{stage}: {'reused' if reused else 'done'} ({manifest['stage_dir']})")
             if "curves" in manifest["outputs"] or "history" in manifest["outputs"]:
                 try:
                     _publish_curves(run_name, stage, manifest)
