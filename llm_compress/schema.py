@@ -5,8 +5,9 @@ these and the sections each registered stage declares (:mod:`llm_compress.pipeli
 
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +17,31 @@ RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class Method(NamedTuple):
+    """One method of a stage (a KV cache, an unlearning method): the pydantic model of its parameters, their one
+    definition (names, defaults, ranges, descriptions), and what runs it as ``'module:attribute'``, imported on first
+    use so that validating a recipe imports no torch (None: nothing is built from it, e.g. a search)."""
+
+    model: type[BaseModel]
+    runs: str | None
+
+    def load(self) -> Any:
+        """The class or function ``runs`` names, imported now."""
+        module, name = self.runs.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def registry(key: str, *methods: tuple[type[BaseModel], str | None]) -> dict[str, Method]:
+    """A method registry, name -> :class:`Method`, in the order given; each method is named by its model's literal
+    ``key`` field (``method``), so the name is written once, in the model."""
+    return {model.model_fields[key].default: Method(model, runs) for model, runs in methods}
+
+
+def union(models: Any, key: str) -> Any:
+    """The discriminated union of ``models`` keyed on ``key``: the type of a section's field that holds one method."""
+    return Annotated[Union[tuple(models)], Field(discriminator=key)]
 
 
 def with_default_method(data: Any, field: str, default: str) -> Any:

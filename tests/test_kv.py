@@ -463,6 +463,34 @@ def test_compression_on_generates_sanely(model, batch, spec):
     assert cache.nbytes() > 0 and cache.get_seq_length() == batch[0].shape[1] + 11
 
 
+def test_every_method_is_defined_once_by_its_model():
+    # Each registered method's defaults come from its pydantic model: the spec loader, the recipe and the cache
+    # class's own constructor defaults all give the model's dump, so no second table of defaults can drift.
+    import inspect
+
+    from llm_compress.config import parse_recipe
+    from llm_compress.kv.config import KV_METHODS
+
+    assert list(KV_METHODS) == ["kivi", "sink", "minicache", "kvtuner", "kvmerger"]
+    wide = LlamaConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=LAYERS)  # head_dim 64: the defaults fit
+    for name, method in KV_METHODS.items():
+        dumped = method.model().model_dump()
+        assert normalize_spec({"method": name}) == dumped and dumped["method"] == name
+        assert parse_recipe({"kv": {"cache": {"method": name}}}).kv.cache.model_dump() == dumped
+        if method.runs is None:  # kvtuner: a search, nothing to build
+            continue
+        built = build_cache({"method": name}, wide)
+        assert type(built) is method.load() and built.spec == dumped
+        signature = inspect.signature(method.load()).parameters
+        defaults = {k: p.default for k, p in signature.items() if k not in ("num_layers", "spec")}
+        assert defaults.keys() == dumped.keys() - {"method"}
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == \
+            {k: v for k, v in dumped.items() if k != "method"}
+    with pytest.raises(InputError, match="unknown KV-cache method 'h2o'; known: kivi, sink, minicache, kvtuner, "
+                                         "kvmerger$"):
+        normalize_spec({"method": "h2o"})
+
+
 def test_missing_spec(tmp_path, model):
     with pytest.raises(InputError, match="no kv_cache.json"):
         load_kv_cache(tmp_path, model)

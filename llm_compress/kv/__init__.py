@@ -1,27 +1,10 @@
 """KV-cache compression as Hugging Face caches: one file per method behind ``llm_compress.kv.base`` (``KVCache``/``KVLayer``).
 
-Methods (``method`` in a spec; every parameter optional, defaults shown):
-
-=========  ============================  ==================================================================
-method     class (file)                  parameters
-=========  ============================  ==================================================================
-kivi       ``KIVICache`` (kivi.py)       bits: [4, 4], one [k_bits, v_bits] pair for all layers, or one pair
-                                         per layer [[k, v], ...] (KVTuner); each 2, 4, 8 or 16 (not
-                                         quantized); group_size: 32 (divides head_dim); residual: 128 (a
-                                         multiple of group_size)
-sink       ``SinkCache`` (sink.py)       sinks: 4; window: 1020
-minicache  ``MiniCache`` (minicache.py)  start_layer: null (= layers // 2); t: 0.5; gamma: 0.05;
-                                         bits: [16, 16] (KIVI under the merge: [4, 4] is MiniCache-4);
-                                         group_size: 32; residual: 128
-kvmerger   ``KVMergerCache``             budget: 0.5 (share of the tokens seen held, in (0, 1]); threshold:
-           (kvmerger.py)                 0.8 (key cosine similarity for merging neighbours, in [-1, 1]);
-                                         sinks: 4; window: 32 (never merged); interval: 32 (tokens over
-                                         the budget between compressions)
-kvtuner    (a search, kvtuner.py)        candidates: [KV8, K8V4, KV4, K4V2, KV2]; budget: 4.0 (average bits);
-                                         objective: kl (or ppl); strategy: auto (exact | optuna); trials: 60;
-                                         max_exact: 256; calib_rows: 4; group_size: 32; residual: 128.
-                                         ``kvtuner.search`` returns the chosen per-layer ``kivi`` spec
-=========  ============================  ==================================================================
+Methods (``method`` in a spec): ``kivi`` (``KIVICache``, kivi.py), ``sink`` (``SinkCache``, sink.py), ``minicache``
+(``MiniCache``, minicache.py), ``kvmerger`` (``KVMergerCache``, kvmerger.py), and ``kvtuner``, a search (kvtuner.py)
+whose ``kvtuner.search`` returns the chosen per-layer ``kivi`` spec. Each method's parameters, defaults and ranges
+are defined once, by its model in :mod:`llm_compress.kv.config`, whose registry ``KV_METHODS`` names the class that
+``build_cache`` builds; every parameter is optional (``docs/recipe-reference.md`` lists them under ``kv.cache``).
 
 A spec is a plain JSON-able dict, e.g. ``{"method": "kivi", "bits": [[4, 2], [4, 4], [8, 4], [4, 2]],
 "group_size": 32, "residual": 128}``. ``normalize_spec`` fills the defaults; that form is what is saved and what
@@ -44,8 +27,8 @@ from typing import Any
 
 from llm_compress.errors import InputError
 from llm_compress.io import write_json_atomic
-from llm_compress.kv.spec import (DEFAULTS, KV_CACHE_JSON, SUPPORTED_MODEL_TYPES, check_against_model, normalize_spec,
-                            read_spec)
+from llm_compress.kv.config import KV_METHODS
+from llm_compress.kv.spec import KV_CACHE_JSON, SUPPORTED_MODEL_TYPES, check_against_model, normalize_spec, read_spec
 
 
 def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None):
@@ -56,29 +39,13 @@ def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None)
     """
     spec = read_spec(spec) if isinstance(spec, (str, Path)) else normalize_spec(spec)
     num_layers, _ = check_against_model(spec, model)
-    method = spec["method"]
-    if method == "kvtuner":
-        raise InputError("a kvtuner spec describes a search, not a cache: run it (the KV stage, or "
-                         "llm_compress.kv.kvtuner.search) and build the per-layer kivi spec it returns")
-    if method == "kivi":
-        from llm_compress.kv.kivi import KIVICache
-
-        return KIVICache(num_layers, spec["bits"], spec["group_size"], spec["residual"], spec=spec)
-    if method == "sink":
-        from llm_compress.kv.sink import SinkCache
-
-        cache = SinkCache(num_layers, spec["sinks"], spec["window"], spec=spec)
-        return cache.set_padding(attention_mask) if attention_mask is not None else cache
-    if method == "kvmerger":
-        from llm_compress.kv.kvmerger import KVMergerCache
-
-        cache = KVMergerCache(num_layers, spec["budget"], spec["threshold"], spec["sinks"], spec["window"],
-                              spec["interval"], spec=spec)
-        return cache.set_padding(attention_mask) if attention_mask is not None else cache
-    from llm_compress.kv.minicache import MiniCache
-
-    return MiniCache(num_layers, spec["start_layer"], spec["t"], spec["gamma"], tuple(spec["bits"]),
-                     spec["group_size"], spec["residual"], spec=spec)
+    method = KV_METHODS[spec["method"]]
+    if method.runs is None:
+        raise InputError(f"a {spec['method']} spec describes a search, not a cache: run it (the KV stage, or "
+                         f"llm_compress.kv.{spec['method']}.search) and build the per-layer kivi spec it returns")
+    params = {k: v for k, v in spec.items() if k in method.model.model_fields and k != "method"}
+    cache = method.load()(num_layers, **params, spec=spec)
+    return cache.set_padding(attention_mask) if attention_mask is not None and hasattr(cache, "set_padding") else cache
 
 
 def load_kv_cache(model_dir: str | Path, model: Any, attention_mask: Any = None):
@@ -99,5 +66,5 @@ def save_kv_cache_json(path: str | Path, spec: dict) -> Path:
     return path
 
 
-__all__ = ["DEFAULTS", "KV_CACHE_JSON", "SUPPORTED_MODEL_TYPES", "build_cache", "load_kv_cache", "normalize_spec",
+__all__ = ["KV_CACHE_JSON", "KV_METHODS", "SUPPORTED_MODEL_TYPES", "build_cache", "load_kv_cache", "normalize_spec",
            "save_kv_cache_json"]

@@ -1,58 +1,149 @@
-"""The ``kv`` recipe section: one model per KV-cache method, keyed on ``method``. Torch-free."""
+"""The ``kv`` recipe section, and the one definition of every KV-cache method: one pydantic model per method (its
+parameters, defaults, ranges and descriptions, keyed on ``method``) and the cache class that runs it, in
+``KV_METHODS``. Torch-free: :func:`llm_compress.kv.spec.normalize_spec` validates ``kv_cache.json`` specs and the
+caches' own arguments through these same models, and :func:`llm_compress.kv.build_cache` builds the class the
+registry names."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
-from llm_compress.errors import CompressError
-from llm_compress.schema import Strict, with_default_method
+from llm_compress.errors import InputError
+from llm_compress.quantize.setting import NO_QUANT_BITS
+from llm_compress.schema import Strict, registry, union, with_default_method
 
-
-# KV-cache methods, keyed on ``method``. Defaults and ranges are those of ``llm_compress.kv.spec`` (torch-free), which
-# validates every spec, here and when a cache is built; the stage writes the validated spec as kv_cache.json.
-def _kv_default(method: str, key: str) -> Any:
-    from llm_compress.kv.spec import DEFAULTS
-
-    return DEFAULTS[method][key]
+KIVI_BITS = (2, 4, 8, NO_QUANT_BITS)  # packable code widths, and 16 = that tensor stays in full precision
 
 
-class KIVICache(Strict):
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# Field types that check their value before pydantic converts it (so True, 2.5 or "8" are refused, not coerced) and
+# name the field and its range in the error; the range is also the schema's (recipe reference, Prefect form).
+def _integer(low: int) -> Any:
+    """An integer >= ``low``."""
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if not _is_int(v) or v < low:
+            raise ValueError(f"{info.field_name} must be an integer >= {low}")
+        return v
+
+    return Annotated[int, Field(ge=low), BeforeValidator(check)]
+
+
+def _number(low: float, high: float | None = None, *, open_low: bool = False) -> Any:
+    """A number >= ``low`` (> with ``open_low``), and <= ``high`` if given."""
+    rule = (f"must lie in {'(' if open_low else '['}{low}, {high}]" if high is not None
+            else f"must be {'>' if open_low else '>='} {low}")
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if not _is_number(v) or not (v > low if open_low else v >= low) or (high is not None and v > high):
+            raise ValueError(f"{info.field_name} {rule}")
+        return v
+
+    bounds = {"gt" if open_low else "ge": low, **({} if high is None else {"le": high})}
+    return Annotated[float, Field(**bounds), BeforeValidator(check)]
+
+
+def _bits(per_layer: bool) -> Any:
+    """[k_bits, v_bits] (a list or tuple of two integers), or with ``per_layer`` also one such pair per layer; as
+    lists of ints. The values are KIVI's to check (``check_kivi``), with the group size."""
+    shape = "a [k_bits, v_bits] pair or a list of one pair per layer" if per_layer else "a [k_bits, v_bits] pair"
+
+    def pair(p: Any) -> list[int] | None:
+        return [p[0], p[1]] if isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_int, p)) else None
+
+    def check(v: Any) -> list:
+        if pair(v) is not None:
+            return pair(v)
+        if per_layer and isinstance(v, (list, tuple)) and v and all(pair(p) is not None for p in v):
+            return [pair(p) for p in v]
+        raise ValueError(f"bits must be {shape}")
+
+    return Annotated[list[int] | list[list[int]] if per_layer else list[int], BeforeValidator(check)]
+
+
+def bit_pairs(bits: list) -> list[list[int]]:
+    """The (k_bits, v_bits) pairs of a validated ``bits``: the one pair, or one per layer."""
+    return [bits] if _is_int(bits[0]) else bits
+
+
+def check_kivi(k_bits: int, v_bits: int, group_size: int, residual: int) -> None:
+    """Raise ValueError naming the cause if KIVI cannot run these settings whatever the model (group_size and residual
+    already positive); ``llm_compress.kv.spec.check_kivi_head_dim`` checks them against the heads."""
+    for what, b in (("key", k_bits), ("value", v_bits)):
+        if b not in KIVI_BITS:
+            raise ValueError(f"KIVI {what} bits must be one of {KIVI_BITS} (16 = not quantized), got {b!r}")
+    if residual % group_size:
+        raise ValueError(f"KIVI residual must be a positive multiple of the group size {group_size} (key blocks of "
+                         f"the residual length are split into groups of group_size tokens), got {residual!r}")
+
+
+def parse_pair(name: Any) -> tuple[int, int]:
+    """(key bits, value bits) of a KVTuner candidate name: ``KV4`` = (4, 4), ``K8V4`` = (8, 4)."""
+    m = re.fullmatch(r"KV(\d+)|K(\d+)V(\d+)", name) if isinstance(name, str) else None
+    if m is None:
+        raise InputError(f"KVTuner candidate {name!r} is not of the form KV<bits> or K<bits>V<bits> (e.g. KV4, K8V4)")
+    return (int(m[1]), int(m[1])) if m[1] else (int(m[2]), int(m[3]))
+
+
+def average_bits(pairs: list) -> float:
+    """KVTuner's budget measure: the mean over layers of (key bits + value bits) / 2 (codes only, no scales)."""
+    return sum(k + v for k, v in pairs) / (2 * len(pairs))
+
+
+class KIVIConfig(Strict):
     """KIVI-style quantized KV: keys per channel, values per token, asymmetric, a full-precision recent window."""
 
     method: Literal["kivi"] = "kivi"
-    bits: list[int] | list[list[int]] = Field(
-        default_factory=lambda: list(_kv_default("kivi", "bits")),
+    bits: _bits(per_layer=True) = Field(
+        default_factory=lambda: [4, 4],
         description="[key bits, value bits] for every layer, or one such pair per layer; each 2, 4, 8 or 16.")
-    group_size: int = Field(_kv_default("kivi", "group_size"), description="Quantization group: tokens per key "
-                            "group (per channel), channels per value group (per token); divides head_dim.")
-    residual: int = Field(_kv_default("kivi", "residual"), description="Most recent tokens kept in full precision "
-                          "(a multiple of group_size).")
+    group_size: _integer(1) = Field(32, description="Quantization group: tokens per key group (per channel), "
+                                    "channels per value group (per token); divides head_dim.")
+    residual: _integer(1) = Field(128, description="Most recent tokens kept in full precision (a multiple of "
+                                  "group_size).")
+
+    @model_validator(mode="after")
+    def _kivi(self) -> "KIVIConfig":
+        for k_bits, v_bits in bit_pairs(self.bits):
+            check_kivi(k_bits, v_bits, self.group_size, self.residual)
+        return self
 
 
-class SinkWindowCache(Strict):
+class SinkConfig(Strict):
     """Baseline: keep the first `sinks` tokens and the last `window` tokens (StreamingLLM-style eviction)."""
 
     method: Literal["sink"] = "sink"
-    sinks: int = Field(_kv_default("sink", "sinks"), description="Attention-sink tokens kept from the start.")
-    window: int = Field(_kv_default("sink", "window"), description="Most recent tokens kept.")
+    sinks: _integer(0) = Field(4, description="Attention-sink tokens kept from the start.")
+    window: _integer(1) = Field(1020, description="Most recent tokens kept.")
 
 
 class MiniCacheConfig(Strict):
     """MiniCache: adjacent layers from start_layer on share SLERP-merged KV directions, keep their own magnitudes."""
 
     method: Literal["minicache"] = "minicache"
-    start_layer: int | None = Field(_kv_default("minicache", "start_layer"),
-                                    description="First merged layer (unset: the middle of the model).")
-    t: float = Field(_kv_default("minicache", "t"), description="SLERP interpolation between the pair's directions.")
-    gamma: float = Field(_kv_default("minicache", "gamma"), description="Retention threshold on the relative "
-                         "angular distance: tokens above it stay unmerged (0 retains every token).")
-    bits: list[int] = Field(default_factory=lambda: list(_kv_default("minicache", "bits")),
-                            description="[key bits, value bits] of KIVI under the merge ([4, 4]: MiniCache-4; "
-                            "[16, 16]: no quantization).")
-    group_size: int = Field(_kv_default("minicache", "group_size"), description="KIVI group size (bits < 16).")
-    residual: int = Field(_kv_default("minicache", "residual"), description="KIVI full-precision window.")
+    start_layer: _integer(0) | None = Field(None, description="First merged layer (unset: the middle of the model).")
+    t: _number(0, 1) = Field(0.5, description="SLERP interpolation between the pair's directions.")
+    gamma: _number(0) = Field(0.05, description="Retention threshold on the relative angular distance: tokens above "
+                              "it stay unmerged (0 retains every token).")
+    bits: _bits(per_layer=False) = Field(
+        default_factory=lambda: [16, 16],
+        description="[key bits, value bits] of KIVI under the merge ([4, 4]: MiniCache-4; [16, 16]: no quantization).")
+    group_size: _integer(1) = Field(32, description="KIVI group size (bits < 16).")
+    residual: _integer(1) = Field(128, description="KIVI full-precision window.")
+
+    @model_validator(mode="after")
+    def _kivi(self) -> "MiniCacheConfig":
+        check_kivi(*self.bits, self.group_size, self.residual)
+        return self
 
 
 class KVTunerConfig(Strict):
@@ -60,20 +151,41 @@ class KVTunerConfig(Strict):
     per-layer KIVI cache is what kv_cache.json holds."""
 
     method: Literal["kvtuner"] = "kvtuner"
-    candidates: list[str] = Field(default_factory=lambda: list(_kv_default("kvtuner", "candidates")),
+    candidates: list[str] = Field(default_factory=lambda: ["KV8", "K8V4", "KV4", "K4V2", "KV2"],
                                   description="Per-layer choices, KV<bits> or K<bits>V<bits> (bits 2, 4, 8, 16).")
-    budget: float = Field(_kv_default("kvtuner", "budget"), description="Most average bits allowed: mean over layers "
-                          "of (key bits + value bits) / 2.")
-    objective: Literal["kl", "ppl"] = Field(_kv_default("kvtuner", "objective"), description="Minimised on the "
-                                            "calibration rows: KL to the full cache, or the perplexity ratio.")
-    strategy: Literal["auto", "exact", "optuna"] = Field(_kv_default("kvtuner", "strategy"), description="exact: "
-                                                         "measure every configuration; optuna: NSGA-II; auto: exact "
-                                                         "when candidates ** layers <= max_exact.")
-    trials: int = Field(_kv_default("kvtuner", "trials"), description="Configurations optuna measures.")
-    max_exact: int = Field(_kv_default("kvtuner", "max_exact"), description="Largest space searched exactly (auto).")
-    calib_rows: int = Field(_kv_default("kvtuner", "calib_rows"), description="Training rows the search scores on.")
-    group_size: int = Field(_kv_default("kvtuner", "group_size"), description="KIVI group size.")
-    residual: int = Field(_kv_default("kvtuner", "residual"), description="KIVI full-precision window.")
+    budget: _number(0, open_low=True) = Field(4.0, description="Most average bits allowed: mean over layers of "
+                                              "(key bits + value bits) / 2.")
+    objective: Literal["kl", "ppl"] = Field("kl", description="Minimised on the calibration rows: KL to the full "
+                                            "cache, or the perplexity ratio.")
+    strategy: Literal["auto", "exact", "optuna"] = Field("auto", description="exact: measure every configuration; "
+                                                         "optuna: NSGA-II; auto: exact when candidates ** layers <= "
+                                                         "max_exact.")
+    trials: _integer(1) = Field(60, description="Configurations optuna measures.")
+    max_exact: _integer(1) = Field(256, description="Largest space searched exactly (auto).")
+    calib_rows: _integer(1) = Field(4, description="Training rows the search scores on.")
+    group_size: _integer(1) = Field(32, description="KIVI group size.")
+    residual: _integer(1) = Field(128, description="KIVI full-precision window.")
+
+    @field_validator("candidates")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("KVTuner candidates must be a non-empty list of distinct names")
+        return v
+
+    @model_validator(mode="after")
+    def _search(self) -> "KVTunerConfig":
+        try:
+            pairs = [parse_pair(c) for c in self.candidates]
+        except InputError as e:
+            raise ValueError(str(e)) from None
+        for k_bits, v_bits in pairs:
+            check_kivi(k_bits, v_bits, self.group_size, self.residual)
+        cheapest = min(pairs, key=lambda p: p[0] + p[1])
+        if average_bits([cheapest]) > self.budget:
+            raise ValueError(f"KVTuner budget {self.budget} bits is below the cheapest candidate (K{cheapest[0]}"
+                             f"V{cheapest[1]}, {average_bits([cheapest])} bits): no configuration meets it")
+        return self
 
 
 class KVMergerConfig(Strict):
@@ -81,18 +193,27 @@ class KVMergerConfig(Strict):
     to a share of the tokens seen; the first `sinks` and last `window` tokens stay exact."""
 
     method: Literal["kvmerger"] = "kvmerger"
-    budget: float = Field(_kv_default("kvmerger", "budget"), description="Share of the tokens seen the cache holds "
-                          "after a compression, in (0, 1] (1: no merging).")
-    threshold: float = Field(_kv_default("kvmerger", "threshold"), description="Cosine similarity of neighbouring "
-                             "keys at or above which the two tokens may merge, in [-1, 1].")
-    sinks: int = Field(_kv_default("kvmerger", "sinks"), description="First tokens never merged.")
-    window: int = Field(_kv_default("kvmerger", "window"), description="Most recent tokens never merged.")
-    interval: int = Field(_kv_default("kvmerger", "interval"), description="Tokens held over the budget before the "
-                          "next compression (so most decode steps only append).")
+    budget: _number(0, 1, open_low=True) = Field(0.5, description="Share of the tokens seen the cache holds after a "
+                                                 "compression (1: no merging).")
+    threshold: _number(-1, 1) = Field(0.8, description="Cosine similarity of neighbouring keys at or above which the "
+                                      "two tokens may merge.")
+    sinks: _integer(0) = Field(4, description="First tokens never merged.")
+    window: _integer(1) = Field(32, description="Most recent tokens never merged.")
+    interval: _integer(1) = Field(32, description="Tokens held over the budget before the next compression (so most "
+                                  "decode steps only append).")
 
 
-KVMethod = Annotated[Union[KIVICache, SinkWindowCache, MiniCacheConfig, KVTunerConfig, KVMergerConfig],
-                     Field(discriminator="method")]
+# The KV-cache methods: name -> (parameters, the cache class that runs them; kvtuner is a search, whose result is a
+# per-layer kivi spec). Adding a method: its model above, its cache class in a module of this package, a line here.
+KV_METHODS = registry(
+    "method",
+    (KIVIConfig, "llm_compress.kv.kivi:KIVICache"),
+    (SinkConfig, "llm_compress.kv.sink:SinkCache"),
+    (MiniCacheConfig, "llm_compress.kv.minicache:MiniCache"),
+    (KVTunerConfig, None),
+    (KVMergerConfig, "llm_compress.kv.kvmerger:KVMergerCache"),
+)
+KVMethod = union((m.model for m in KV_METHODS.values()), "method")
 
 
 class KVConfig(Strict):
@@ -100,7 +221,7 @@ class KVConfig(Strict):
     rows against the full cache."""
 
     enabled: bool = False
-    cache: KVMethod = Field(default_factory=KIVICache)
+    cache: KVMethod = Field(default_factory=KIVIConfig)
     eval_rows: int = Field(4, ge=1, description="Held-out rows the cache is measured on.")
     prefill: float = Field(0.5, gt=0, lt=1, description="Share of each row given as the prompt; the rest is scored "
                            "one decode step at a time through the cache.")
@@ -109,14 +230,3 @@ class KVConfig(Strict):
     @classmethod
     def _default_method(cls, data: Any) -> Any:
         return with_default_method(data, "cache", "kivi")
-
-    @model_validator(mode="after")
-    def _spec(self) -> "KVConfig":
-        from llm_compress.kv.spec import normalize_spec
-
-        try:
-            normalize_spec(self.cache.model_dump())
-        except CompressError as e:
-            raise ValueError(f"cache: {e}") from None
-        return self
-

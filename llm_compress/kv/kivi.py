@@ -38,8 +38,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from llm_compress.kv.base import KVCache, KVLayer
+from llm_compress.kv.config import KIVIConfig
 from llm_compress.kv.packing import pack_codes, unpack_codes
-from llm_compress.kv.spec import check_kivi_settings, per_layer_bits
+from llm_compress.kv.spec import check_kivi_head_dim, check_params, per_layer_bits
 from llm_compress.quantize.quantizers import NO_QUANT_BITS, quantize_codes
 
 
@@ -138,10 +139,10 @@ class KIVIStream:
 
 
 class KIVILayer(KVLayer):
-    """One layer of KIVI: a key stream (per channel) and a value stream (per token), see the module docstring."""
+    """One layer of KIVI: a key stream (per channel) and a value stream (per token), see the module docstring.
+    The settings are checked by the cache that holds the layer (``KIVICache``, ``MiniCache``)."""
 
-    def __init__(self, k_bits: int = 4, v_bits: int = 4, group_size: int = 32, residual: int = 128) -> None:
-        check_kivi_settings(k_bits, v_bits, group_size, residual)
+    def __init__(self, k_bits: int, v_bits: int, group_size: int, residual: int) -> None:
         self.k_bits, self.v_bits, self.group_size, self.residual = k_bits, v_bits, group_size, residual
         super().__init__()
 
@@ -153,7 +154,7 @@ class KIVILayer(KVLayer):
         self.v = KIVIStream(self.v_bits, self.group_size, self.residual, per_channel=False)
 
     def lazy_initialization(self, key_states: torch.Tensor) -> None:
-        check_kivi_settings(self.k_bits, self.v_bits, self.group_size, self.residual, key_states.shape[-1])
+        check_kivi_head_dim(self.k_bits, self.v_bits, self.group_size, key_states.shape[-1])
         super().lazy_initialization(key_states)
 
     def _update(self, k: torch.Tensor, v: torch.Tensor,
@@ -172,19 +173,23 @@ class KIVILayer(KVLayer):
         return self.k.tensors() + self.v.tensors()
 
 
+_DEFAULT = KIVIConfig()  # the defaults of the constructor's arguments
+
+
 class KIVICache(KVCache):
     """KIVI quantized cache over ``num_layers`` layers.
 
-    Parameters
+    Parameters (defaults, ranges and descriptions: ``llm_compress.kv.config.KIVIConfig``, which checks them)
     ----------
     num_layers : the model's decoder layers.
-    bits : one (k_bits, v_bits) pair for every layer, or a list of one pair per layer (KVTuner); each 2, 4, 8 or 16.
-    group_size : tokens per key group (per channel) and channels per value group (per token); divides head_dim.
-    residual : R, the full-precision window (a multiple of group_size).
+    bits : one (k_bits, v_bits) pair for every layer, or a list of one pair per layer (KVTuner).
+    group_size : tokens per key group (per channel) and channels per value group (per token).
+    residual : R, the full-precision window.
     spec : the plain-dict spec this cache was built from (``llm_compress.kv.build_cache``), kept for saving.
     """
 
-    def __init__(self, num_layers: int, bits: Sequence = (4, 4), group_size: int = 32, residual: int = 128,
-                 spec: dict | None = None) -> None:
-        pairs = per_layer_bits(bits, num_layers)
+    def __init__(self, num_layers: int, bits: Sequence = tuple(_DEFAULT.bits), group_size: int = _DEFAULT.group_size,
+                 residual: int = _DEFAULT.residual, spec: dict | None = None) -> None:
+        p = check_params("kivi", {"bits": bits, "group_size": group_size, "residual": residual})
+        pairs = per_layer_bits(p["bits"], num_layers)
         super().__init__([KIVILayer(kb, vb, group_size, residual) for kb, vb in pairs], spec)

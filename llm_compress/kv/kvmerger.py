@@ -67,8 +67,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llm_compress.kv.config import KVMergerConfig
 from llm_compress.kv.sink import EvictionCache, EvictionLayer
-from llm_compress.kv.spec import check_kvmerger_settings
+from llm_compress.kv.spec import check_params
 
 
 def rank_edges(keys: torch.Tensor, pads: torch.Tensor, sinks: int, window: int,
@@ -141,9 +142,7 @@ def merge_sets(keys: torch.Tensor, values: torch.Tensor, chosen: torch.Tensor, d
 class KVMergerLayer(EvictionLayer):
     """One layer merging similar consecutive tokens down to its budget (see the module docstring)."""
 
-    def __init__(self, budget: float = 0.5, threshold: float = 0.8, sinks: int = 4, window: int = 32,
-                 interval: int = 32) -> None:
-        check_kvmerger_settings(budget, threshold, sinks, window, interval)
+    def __init__(self, budget: float, threshold: float, sinks: int, window: int, interval: int) -> None:
         self.budget, self.threshold = budget, threshold
         self.sinks, self.window, self.interval = sinks, window, interval
         super().__init__()
@@ -185,6 +184,9 @@ class KVMergerLayer(EvictionLayer):
         self.plan = None
 
 
+_DEFAULT = KVMergerConfig()  # the defaults of the constructor's arguments
+
+
 class KVMergerCache(EvictionCache):
     """KVMerger in every one of ``num_layers`` layers (settings: see the module docstring).
 
@@ -194,8 +196,11 @@ class KVMergerCache(EvictionCache):
     prompt's 2-D mask) before the first forward.
     """
 
-    def __init__(self, num_layers: int, budget: float = 0.5, threshold: float = 0.8, sinks: int = 4,
-                 window: int = 32, interval: int = 32, spec: dict | None = None) -> None:
+    def __init__(self, num_layers: int, budget: float = _DEFAULT.budget, threshold: float = _DEFAULT.threshold,
+                 sinks: int = _DEFAULT.sinks, window: int = _DEFAULT.window, interval: int = _DEFAULT.interval,
+                 spec: dict | None = None) -> None:
+        check_params("kvmerger", {"budget": budget, "threshold": threshold, "sinks": sinks, "window": window,
+                                  "interval": interval})
         super().__init__([KVMergerLayer(budget, threshold, sinks, window, interval) for _ in range(num_layers)],
                          spec)
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from llm_compress.errors import InputError
-from llm_compress.kv.spec import average_bits, model_geometry, normalize_spec, parse_pair
+from llm_compress.kv.config import average_bits, parse_pair
+from llm_compress.kv.spec import model_geometry, normalize_spec
 
 Pairs = tuple[tuple[int, int], ...]
 

@@ -49,7 +49,8 @@ import torch
 
 from llm_compress.kv.base import KVCache, KVLayer
 from llm_compress.kv.kivi import KIVILayer, KIVIStream
-from llm_compress.kv.spec import check_kivi_settings, check_minicache_settings
+from llm_compress.kv.config import MiniCacheConfig
+from llm_compress.kv.spec import check_minicache_depth, check_params
 
 _EPS = 1e-6
 
@@ -202,26 +203,31 @@ class MiniCacheLayer(KVLayer):
         return self.pair.tensors()
 
 
+_DEFAULT = MiniCacheConfig()  # the defaults of the constructor's arguments
+
+
 class MiniCache(KVCache):
     """MiniCache over ``num_layers`` layers.
 
-    Parameters
+    Parameters (defaults and ranges: ``llm_compress.kv.config.MiniCacheConfig``, which checks them)
     ----------
     num_layers : the model's decoder layers.
-    start_layer : first merged layer (default num_layers // 2); pairs (s, s+1), (s+2, s+3), ...
-    t : SLERP interpolation toward the second layer of a pair, in [0, 1].
-    gamma : retention threshold (relative, see the module docstring), >= 0; 0 retains everything.
+    start_layer : first merged layer (None: num_layers // 2); pairs (s, s+1), (s+2, s+3), ...
+    t : SLERP interpolation toward the second layer of a pair.
+    gamma : retention threshold (relative, see the module docstring); 0 retains everything.
     bits : (k_bits, v_bits) of KIVI under the cache (16, 16 = no quantization).
     group_size, residual : KIVI's group size and full-precision window (used where bits < 16).
     """
 
-    def __init__(self, num_layers: int, start_layer: int | None = None, t: float = 0.5, gamma: float = 0.05,
-                 bits: tuple[int, int] = (16, 16), group_size: int = 32, residual: int = 128,
+    def __init__(self, num_layers: int, start_layer: int | None = _DEFAULT.start_layer, t: float = _DEFAULT.t,
+                 gamma: float = _DEFAULT.gamma, bits: tuple[int, int] = tuple(_DEFAULT.bits),
+                 group_size: int = _DEFAULT.group_size, residual: int = _DEFAULT.residual,
                  spec: dict | None = None) -> None:
+        check_params("minicache", {"start_layer": start_layer, "t": t, "gamma": gamma, "bits": bits,
+                                   "group_size": group_size, "residual": residual})
         start = num_layers // 2 if start_layer is None else start_layer
-        check_minicache_settings(start, t, gamma, num_layers)
+        check_minicache_depth(start, num_layers)
         k_bits, v_bits = bits
-        check_kivi_settings(k_bits, v_bits, group_size, residual)
         self.start_layer = start
         layers: list[KVLayer] = [KIVILayer(k_bits, v_bits, group_size, residual) for _ in range(start)]
         for first in range(start, num_layers - 1, 2):

@@ -31,7 +31,8 @@ import torch
 
 from llm_compress.errors import InputError
 from llm_compress.kv.base import KVCache, KVLayer
-from llm_compress.kv.spec import check_sink_settings
+from llm_compress.kv.config import SinkConfig
+from llm_compress.kv.spec import check_params
 
 
 def leading_pads(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -110,8 +111,7 @@ class EvictionCache(KVCache):
 class SinkLayer(EvictionLayer):
     """One layer keeping ``sinks`` first and ``window`` last tokens per row (see the module docstring)."""
 
-    def __init__(self, sinks: int = 4, window: int = 1020) -> None:
-        check_sink_settings(sinks, window)
+    def __init__(self, sinks: int, window: int) -> None:
         self.sinks, self.window = sinks, window
         super().__init__()
 
@@ -140,11 +140,17 @@ class SinkLayer(EvictionLayer):
         return keys, values
 
 
+_DEFAULT = SinkConfig()  # the defaults of the constructor's arguments
+
+
 class SinkCache(EvictionCache):
     """StreamingLLM-style cache: ``sinks`` first + ``window`` last tokens kept in every one of ``num_layers`` layers.
 
     For a left-padded batch call ``set_padding(attention_mask)`` (the prompt's 2-D mask) before the first forward.
+    Defaults and ranges of the settings: ``llm_compress.kv.config.SinkConfig``, which checks them.
     """
 
-    def __init__(self, num_layers: int, sinks: int = 4, window: int = 1020, spec: dict | None = None) -> None:
+    def __init__(self, num_layers: int, sinks: int = _DEFAULT.sinks, window: int = _DEFAULT.window,
+                 spec: dict | None = None) -> None:
+        check_params("sink", {"sinks": sinks, "window": window})
         super().__init__([SinkLayer(sinks, window) for _ in range(num_layers)], spec)
