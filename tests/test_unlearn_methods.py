@@ -180,13 +180,28 @@ def test_losses_at_the_start(setup):
     assert not NPO(NPOConfig()).needs_retain and NPO(NPOConfig(retain_weight=1.0)).needs_retain
 
 
+def test_every_method_is_registered_once_with_its_parameters_and_class():
+    # One registry line per method: the recipe's union, build() and the method's name all follow from it.
+    from llm_compress.config import parse_recipe
+    from llm_compress.unlearn import build
+    from llm_compress.unlearn.base import Unlearner
+    from llm_compress.unlearn.config import UNLEARN_METHODS
+
+    assert list(UNLEARN_METHODS) == ["shred", "kfade", "gradient_ascent", "gradient_difference", "npo"]
+    for name, method in UNLEARN_METHODS.items():
+        cfg = parse_recipe({"unlearn": {"method": name}}).unlearn.method
+        assert type(cfg) is method.model and cfg == method.model()
+        unlearner = build(cfg)
+        assert type(unlearner) is method.load() and isinstance(unlearner, Unlearner) and unlearner.name == name
+
+
 # ---------------------------------------------------------------------------------------------------------- the loop
 
 METHODS = [(Shred, ShredConfig), (GradientAscent, GradientAscentConfig),
            (GradientDifference, GradientDifferenceConfig), (NPO, NPOConfig)]
 
 
-@pytest.mark.parametrize("method,config", METHODS, ids=[m.name for m, _ in METHODS])
+@pytest.mark.parametrize("method,config", METHODS, ids=[c().method for _, c in METHODS])
 def test_loop_raises_forget_nll(setup, method, config):
     model, data, _ = setup
     m = copy.deepcopy(model)
@@ -205,7 +220,7 @@ def test_shred_moves_other_rows_less_than_gradient_ascent(setup):
     for method, config in METHODS[:2]:  # 30 steps at lr 1e-3 each
         m = copy.deepcopy(model)
         method(config(batch_size=4, steps=30, lr=1e-3))(m, data, seed=0)
-        kl[method.name] = _kl(model, m, held)
+        kl[config().method] = _kl(model, m, held)
         assert _nll(m, data.forget) > 0.5
     assert kl["shred"] < 0.5 * kl["gradient_ascent"], kl  # ~4-8x apart over seeds
 

@@ -1,6 +1,8 @@
 """Unlearning: remove a forget set from a model, keep its general ability, and measure both.
 
-One file per method behind :class:`llm_compress.unlearn.base.Unlearner` (``method`` in the recipe's ``unlearn`` section):
+One file per method behind :class:`llm_compress.unlearn.base.Unlearner` (``method`` in the recipe's ``unlearn`` section;
+its parameters and the class that runs it are registered once, in ``UNLEARN_METHODS`` of
+:mod:`llm_compress.unlearn.config`):
 
 ===================  ==============================  =========================================================
 method               class (file)                    what it does
@@ -22,20 +24,16 @@ KL) in :mod:`llm_compress.unlearn.metrics`, used by the unlearn stage and by eva
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
-METHODS = {"shred": "llm_compress.unlearn.shred:Shred", "kfade": "llm_compress.unlearn.kfade:KFade",
-           "gradient_ascent": "llm_compress.unlearn.gradient_ascent:GradientAscent",
-           "gradient_difference": "llm_compress.unlearn.gradient_difference:GradientDifference",
-           "npo": "llm_compress.unlearn.npo:NPO"}
+from llm_compress.unlearn.config import UNLEARN_METHODS
+
 SETS = ("forget", "keep", "holdout")  # the forget set, the control set that must stay, never-seen text
 
 
 def build(cfg):
-    """The method object for ``cfg`` (the recipe's ``unlearn.method`` section)."""
-    module, cls = METHODS[cfg.method].split(":")
-    return getattr(importlib.import_module(module), cls)(cfg)
+    """The method object for ``cfg`` (the recipe's ``unlearn.method`` section): its registered class, built on it."""
+    return UNLEARN_METHODS[cfg.method].load()(cfg)
 
 
 def load_sets(paths: dict[str, str], tokenizer, ucfg, max_len: int) -> dict:

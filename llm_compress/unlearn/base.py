@@ -1,15 +1,14 @@
 """The interface every unlearning method implements, and the data it gets.
 
 A method is a subclass of :class:`Unlearner` in its own module (kvpress-style), built from its recipe section
-(:class:`llm_compress.config.UnlearnConfig.method`). ``__call__`` changes ``model`` in place and returns its history.
-The gradient methods (SHRED and the baselines) share one plain loop and one loss signature
+(``unlearn.method``: one of the models registered, with the class, in :mod:`llm_compress.unlearn.config`).
+``__call__`` changes ``model`` in place and returns its history. The gradient methods (SHRED and the baselines) share one plain loop and one loss signature
 (:class:`LossUnlearner`); K-FADE takes Gauss-Newton steps instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +53,13 @@ class Batch:
 class Unlearner:
     """Base of every method: ``cfg`` is its recipe section (a pydantic model with a ``method`` field)."""
 
-    name: ClassVar[str]
-
     def __init__(self, cfg):
         self.cfg = cfg
+
+    @property
+    def name(self) -> str:
+        """The method's registered name (``UNLEARN_METHODS`` in :mod:`llm_compress.unlearn.config`)."""
+        return self.cfg.method
 
     def __call__(self, model: torch.nn.Module, data: UnlearnData, *, seed: int = 0,
                  progress: bool = False) -> list[dict]:

@@ -3,11 +3,11 @@ K-FADE, gradient ascent, gradient difference, NPO), keyed on ``method``. Torch-f
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from llm_compress.schema import Strict
+from llm_compress.schema import Strict, registry, union
 
 
 class _UnlearnTrain(Strict):
@@ -75,8 +75,17 @@ class NPOConfig(_UnlearnTrain):
     retain_weight: float = Field(0.0, ge=0, description="Weight of the retain set's NLL (0: plain NPO).")
 
 
-UnlearnMethod = Annotated[Union[ShredConfig, KFadeConfig, GradientAscentConfig, GradientDifferenceConfig, NPOConfig],
-                          Field(discriminator="method")]
+# The unlearning methods: name -> (parameters, the Unlearner class that runs them, built by
+# llm_compress.unlearn.build). Adding a method: its model above, its class in a module of this package, a line here.
+UNLEARN_METHODS = registry(
+    "method",
+    (ShredConfig, "llm_compress.unlearn.shred:Shred"),
+    (KFadeConfig, "llm_compress.unlearn.kfade:KFade"),
+    (GradientAscentConfig, "llm_compress.unlearn.gradient_ascent:GradientAscent"),
+    (GradientDifferenceConfig, "llm_compress.unlearn.gradient_difference:GradientDifference"),
+    (NPOConfig, "llm_compress.unlearn.npo:NPO"),
+)
+UnlearnMethod = union((m.model for m in UNLEARN_METHODS.values()), "method")
 
 
 class UnlearnConfig(Strict):

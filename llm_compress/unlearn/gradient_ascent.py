@@ -15,7 +15,5 @@ from llm_compress.unlearn.loop import LossUnlearner, mean_span_nll
 
 
 class GradientAscent(LossUnlearner):
-    name = "gradient_ascent"
-
     def loss(self, model, batch: Batch) -> torch.Tensor:
         return -mean_span_nll(self.forward_forget(model, batch.forget), batch.forget)

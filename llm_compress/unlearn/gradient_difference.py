@@ -15,7 +15,6 @@ from llm_compress.unlearn.loop import LossUnlearner, mean_span_nll, retain_nll
 
 
 class GradientDifference(LossUnlearner):
-    name = "gradient_difference"
     needs_retain = True
 
     def loss(self, model, batch: Batch) -> torch.Tensor:

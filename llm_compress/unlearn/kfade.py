@@ -309,7 +309,6 @@ class KFade(Unlearner):
     first ``cfg.fisher_rows`` general rows, estimated once before the first step; each step's KL is ``cfg.trust_region``
     under the damped quadratic model."""
 
-    name = "kfade"
     cfg: KFadeConfig
 
     def __call__(self, model: torch.nn.Module, data: UnlearnData, *, seed: int = 0,

@@ -20,8 +20,6 @@ from llm_compress.unlearn.loop import LossUnlearner, retain_nll
 
 
 class NPO(LossUnlearner):
-    name = "npo"
-
     @property
     def needs_retain(self) -> bool:
         return self.cfg.retain_weight > 0

@@ -104,8 +104,6 @@ class Shred(LossUnlearner):
     """SHRED (module docstring). After ``prepare``: ``forget_mask`` [N, T] bool, the chosen forget positions, and the
     targets ``topk_idx`` / ``target_logp`` [N, T, K] on the CPU, indexed by record."""
 
-    name = "shred"
-
     @torch.no_grad()
     def prepare(self, model, data: UnlearnData) -> None:
         cfg, fs = self.cfg, data.forget
