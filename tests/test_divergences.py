@@ -414,6 +414,22 @@ def test_chunked_backward_mechanics():
     assert loss.item() == 0.0 and g.grad.abs().max() == 0
 
 
+def test_every_divergence_is_registered_once_with_its_model():
+    # A divergence's parameters and defaults are its config model's only: the functions take them as keywords, with
+    # no defaults of their own, and called without any they compute with the model's defaults.
+    import inspect
+
+    from llm_compress.distill.config import DIVERGENCE_MODELS, divergence_params
+
+    assert list(SPECS) == list(DIVERGENCE_MODELS) == list(DIVERGENCES)
+    shared = ["student_logits", "teacher_logits", "mask", "temperature", "scale_by_t2", "params"]
+    s, t = _pair((2, 3, 11))
+    for name, spec in SPECS.items():
+        assert spec.model is DIVERGENCE_MODELS[name] and DIVERGENCES[name] is spec.fn
+        assert list(inspect.signature(spec.fn).parameters) == shared, name
+        assert torch.equal(spec.fn(s, t), spec.fn(s, t, **divergence_params(spec.model()))), name
+
+
 def test_get_divergence_binds_parameters_and_chunks():
     s, t = _pair((2, 5, 30))
     assert torch.equal(get_divergence("gjsd", beta=0.2)(s, t), DIVERGENCES["gjsd"](s, t, beta=0.2))

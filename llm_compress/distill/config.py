@@ -4,11 +4,11 @@ divergences (one pydantic model per divergence, keyed on ``name``; the loss func
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from llm_compress.schema import Strict
+from llm_compress.schema import Strict, union
 
 
 STUDENT_CONFIG_KEYS = {"hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
@@ -60,8 +60,9 @@ class OnPolicy(Strict):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student (full vocabulary).")
 
 
-# One model per divergence, keyed on ``name``: the recipe and the Prefect form show which parameters exist.
-# The loss functions (llm_compress/distill/divergences.py) check their parameters through these same models.
+# One model per divergence, keyed on ``name``: the one definition of its parameters, defaults and ranges. The recipe
+# and the Prefect form show them; the loss functions (llm_compress/distill/divergences.py, whose SPECS pairs each model
+# with its functions) check and complete their keyword parameters through these same models.
 class ForwardKL(Strict):
     """KL(teacher || student): mode covering."""
 
@@ -143,10 +144,7 @@ class Sinkhorn(Strict):
 DIVERGENCE_MODELS: dict[str, type[Strict]] = {
     m.model_fields["name"].default: m
     for m in (ForwardKL, ReverseKL, JS, GJSD, TVD, SkewKL, SkewReverseKL, AKL, AlphaDivergence, BDKD, Sinkhorn)}
-
-
-Divergence = Annotated[Union[ForwardKL, ReverseKL, JS, GJSD, TVD, SkewKL, SkewReverseKL, AKL, AlphaDivergence, BDKD,
-                             Sinkhorn], Field(discriminator="name")]
+Divergence = union(DIVERGENCE_MODELS.values(), "name")
 
 
 def divergence_params(d: BaseModel) -> dict[str, Any]:

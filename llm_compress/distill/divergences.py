@@ -21,24 +21,27 @@ Conventions (tests and users rely on them):
 The family (KL(a || b) = sum_v a_v (log a_v - log b_v)):
 
 =================  =====================================================  ==========================
-name               per-token divergence                                   parameters (default)
+name               per-token divergence                                   parameters
 =================  =====================================================  ==========================
 forward_kl         KL(p || q)            (mode covering)                  -
 reverse_kl         KL(q || p)            (mode seeking)                   -
 js                 (KL(p || m) + KL(q || m)) / 2,  m = (p + q) / 2        -
-gjsd               b KL(p || m) + (1 - b) KL(q || m),  m = b p + (1-b) q  beta in [0, 1] (0.5)
+gjsd               b KL(p || m) + (1 - b) KL(q || m),  m = b p + (1-b) q  beta
 tvd                sum_v |p_v - q_v| / 2                                  -
-skew_kl            KL(p || a p + (1 - a) q)                               alpha in [0, 1) (0.1)
-skew_reverse_kl    KL(q || a q + (1 - a) p)                               alpha in [0, 1) (0.1)
-akl                w_head KL(p || q) + w_tail KL(q || p)                  mu in [0, 1] (0.5)
-alpha_divergence   (1 - sum_v p_v^a q_v^(1-a)) / (a (1 - a))              alpha in [0, 1] (0.5)
-bdkd               (1 - w) KL(p || q) + w KL(q || p),                     tau > 0 (1.0)
+skew_kl            KL(p || a p + (1 - a) q)                               alpha
+skew_reverse_kl    KL(q || a q + (1 - a) p)                               alpha
+akl                w_head KL(p || q) + w_tail KL(q || p)                  mu
+alpha_divergence   (1 - sum_v p_v^a q_v^(1-a)) / (a (1 - a))              alpha
+bdkd               (1 - w) KL(p || q) + w KL(q || p),                     tau
                    w = sigmoid((H(q) - H(p)) / tau)
-sinkhorn           batch-wise entropic optimal transport (SinKD)          epsilon > 0 (0.1),
-                   between the batch's student and teacher tokens         iterations >= 1 (20),
-                                                                          debias (True),
-                                                                          reduction mean|sum (mean)
+sinkhorn           batch-wise entropic optimal transport (SinKD)          epsilon, iterations,
+                   between the batch's student and teacher tokens         debias, reduction
 =================  =====================================================  ==========================
+
+Each divergence's parameters, their ranges and defaults are defined once, by its model in
+:mod:`llm_compress.distill.config` (``DIVERGENCE_MODELS``, which the recipe uses too); ``SPECS`` at the end of this
+module registers, per name, that model with the functions that compute it. Parameters are keywords, checked and
+completed by the model on every call.
 
 All but ``sinkhorn`` are token-wise (a sum over tokens of a per-token term), so they can be computed
 over chunks of tokens: see ``llm_compress.distill.chunked`` for the memory-bounded versions and for the
@@ -54,9 +57,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from llm_compress.distill.config import DIVERGENCE_MODELS, divergence_params
+from llm_compress.distill.config import (AKL, BDKD, DIVERGENCE_MODELS, GJSD, JS, TVD, AlphaDivergence, ForwardKL,
+                                         ReverseKL, Sinkhorn, SkewKL, SkewReverseKL, divergence_params)
 from llm_compress.errors import TrainingError
 
 LOG_FLOOR = -1e4  # teacher log-probabilities are clamped here: exp(-1e4) == 0 in float32 and float64
@@ -130,7 +134,7 @@ def _reverse_kl_tok(log_q, log_p):
     return _kl(log_q, log_p)
 
 
-def _gjsd_tok(log_q, log_p, beta: float = 0.5):
+def _gjsd_tok(log_q, log_p, beta: float):
     if beta == 0.0:  # the interior tends to 0 here; GKD defines the endpoint as forward KL (see gjsd)
         return _kl(log_p, log_q)
     if beta == 1.0:  # ... and this one as reverse KL
@@ -147,19 +151,19 @@ def _tvd_tok(log_q, log_p):
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
 
 
-def _skew_kl_tok(log_q, log_p, alpha: float = 0.1):
+def _skew_kl_tok(log_q, log_p, alpha: float):
     if alpha == 0.0:
         return _kl(log_p, log_q)
     return _kl(log_p, _log_mix(log_p, log_q, alpha))  # KL(p || alpha p + (1 - alpha) q)
 
 
-def _skew_reverse_kl_tok(log_q, log_p, alpha: float = 0.1):
+def _skew_reverse_kl_tok(log_q, log_p, alpha: float):
     if alpha == 0.0:
         return _kl(log_q, log_p)
     return _kl(log_q, _log_mix(log_q, log_p, alpha))  # KL(q || alpha q + (1 - alpha) p)
 
 
-def _akl_tok(log_q, log_p, mu: float = 0.5):
+def _akl_tok(log_q, log_p, mu: float):
     with torch.no_grad():  # the weights are constants for the gradient, as in the AKL paper's code
         p_sorted, order = log_p.detach().exp().sort(dim=-1, descending=True)  # [n, V], [n, V]
         gap = (p_sorted - log_q.detach().exp().gather(-1, order)).abs()  # |p - q| in the teacher's order
@@ -173,7 +177,7 @@ def _akl_tok(log_q, log_p, mu: float = 0.5):
     return w_head * _kl(log_p, log_q) + (1.0 - w_head) * _kl(log_q, log_p)
 
 
-def _alpha_divergence_tok(log_q, log_p, alpha: float = 0.5):
+def _alpha_divergence_tok(log_q, log_p, alpha: float):
     if alpha == 1.0:  # the limit alpha -> 1
         return _kl(log_p, log_q)
     if alpha == 0.0:  # the limit alpha -> 0
@@ -182,7 +186,7 @@ def _alpha_divergence_tok(log_q, log_p, alpha: float = 0.5):
     return -torch.expm1(log_bc) / (alpha * (1.0 - alpha))  # expm1: no cancellation when p ~ q
 
 
-def _bdkd_tok(log_q, log_p, tau: float = 1.0):
+def _bdkd_tok(log_q, log_p, tau: float):
     with torch.no_grad():  # sample-wise weights are constants for the gradient
         h_p = -(log_p.exp() * log_p).sum(-1)  # teacher entropy, [n]
         h_q = -(log_q.exp() * log_q).sum(-1)  # student entropy, [n]
@@ -190,32 +194,7 @@ def _bdkd_tok(log_q, log_p, tau: float = 1.0):
     return (1.0 - w_rev) * _kl(log_p, log_q) + w_rev * _kl(log_q, log_p)
 
 
-# ------------------------------------------------------------------ registry of the token-wise parts
-
-@dataclass(frozen=True)
-class Spec:
-    """What the registry knows about one divergence besides its parameters.
-
-    ``per_token`` is None for batch-wise divergences (sinkhorn). The parameters, their defaults and ranges are the
-    divergence's model in :mod:`llm_compress.config` (``DIVERGENCE_MODELS``), which the recipe uses too.
-    """
-
-    per_token: Callable[..., torch.Tensor] | None
-
-    @property
-    def tokenwise(self) -> bool:
-        return self.per_token is not None
-
-
-SPECS: dict[str, Spec] = {
-    "forward_kl": Spec(_forward_kl_tok), "reverse_kl": Spec(_reverse_kl_tok), "js": Spec(_js_tok),
-    "gjsd": Spec(_gjsd_tok), "tvd": Spec(_tvd_tok), "skew_kl": Spec(_skew_kl_tok),
-    "skew_reverse_kl": Spec(_skew_reverse_kl_tok), "akl": Spec(_akl_tok),
-    "alpha_divergence": Spec(_alpha_divergence_tok),
-    "bdkd": Spec(_bdkd_tok), "sinkhorn": Spec(None),
-}
-assert set(SPECS) == set(DIVERGENCE_MODELS)
-
+# ------------------------------------------------------------------ lookups in the registry (``SPECS``, at the end)
 
 def spec_of(name: str) -> Spec:
     """The registry entry for ``name``; ``TrainingError`` listing the available names if unknown."""
@@ -228,8 +207,7 @@ def spec_of(name: str) -> Spec:
 def resolve_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     """``params`` with defaults filled in, checked by the divergence's config model (strictly: no strings for
     numbers); ``TrainingError`` naming the parameter for unknown or bad ones."""
-    spec_of(name)
-    model = DIVERGENCE_MODELS[name]
+    model = spec_of(name).model
     known = [k for k in model.model_fields if k != "name"]
     unknown = sorted(set(params) - set(known))
     if unknown:
@@ -291,7 +269,7 @@ def js(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scal
 
 
 def gjsd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-         beta: float = 0.5, **params):
+         **params):
     """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024; TRL ``generalized_jsd_loss``).
 
         JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m),   m = beta p + (1 - beta) q
@@ -306,13 +284,12 @@ def gjsd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, sc
     (near them beta mostly rescales the loss).
 
     Args:
-        beta: mixing weight in [0, 1] (default 0.5 = ``js``). Others as ``forward_kl``.
+        beta (keyword): mixing weight in [0, 1] (0.5 is ``js``). Others as ``forward_kl``.
 
     Returns:
         Scalar: the mean over unmasked tokens of JSD_beta(p, q).
     """
-    return _tokenwise("gjsd", student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                      {"beta": beta, **params})
+    return _tokenwise("gjsd", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def tvd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
@@ -325,34 +302,32 @@ def tvd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, sca
 
 
 def skew_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-            alpha: float = 0.1, **params):
+            **params):
     """Skew forward KL of DistiLLM (Ko et al. 2024): KL(p || alpha p + (1 - alpha) q).
 
     DistiLLM's code returns -sum p log m, which differs from this by the constant H(p) (same gradient); this
     is the divergence itself, so it is 0 when q == p. alpha = 0 is forward KL; it is bounded by log(1 / alpha).
 
     Args:
-        alpha: skew in [0, 1) (default 0.1, DistiLLM's ``skew_alpha``). Others as ``forward_kl``.
+        alpha (keyword): skew in [0, 1) (the default is DistiLLM's ``skew_alpha``). Others as ``forward_kl``.
 
     Returns:
         Scalar: the mean over unmasked tokens of the skew KL.
     """
-    return _tokenwise("skew_kl", student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                      {"alpha": alpha, **params})
+    return _tokenwise("skew_kl", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def skew_reverse_kl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-                    alpha: float = 0.1, **params):
+                    **params):
     """Skew reverse KL of DistiLLM: KL(q || alpha q + (1 - alpha) p).
 
     alpha = 0 is reverse KL. Args and Returns as ``skew_kl``.
     """
-    return _tokenwise("skew_reverse_kl", student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                      {"alpha": alpha, **params})
+    return _tokenwise("skew_reverse_kl", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def akl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-        mu: float = 0.5, **params):
+        **params):
     """Adaptive KL (Wu et al. 2024, arXiv 2404.02657): head/tail-gap weighted forward and reverse KL.
 
     Per token, sort the teacher's vocabulary by p (descending). The head is the prefix whose cumulative
@@ -365,16 +340,16 @@ def akl(student_logits, teacher_logits, mask=None, temperature: float = 1.0, sca
     by the tail gap. Costs a full-vocabulary sort per token (O(V log V) and an int64 [..., V] index).
 
     Args:
-        mu: head mass threshold in [0, 1] (default 0.5). Others as ``forward_kl``.
+        mu (keyword): head mass threshold in [0, 1]. Others as ``forward_kl``.
 
     Returns:
         Scalar: the mean over unmasked tokens of AKL.
     """
-    return _tokenwise("akl", student_logits, teacher_logits, mask, temperature, scale_by_t2, {"mu": mu, **params})
+    return _tokenwise("akl", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def alpha_divergence(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-                     alpha: float = 0.5, **params):
+                     **params):
     """Amari alpha-divergence, the alpha family of f-DPG (Go et al. 2023), between normalised p and q:
 
         D_alpha(p || q) = (1 - sum_v p_v^alpha q_v^(1 - alpha)) / (alpha (1 - alpha)),   0 < alpha < 1
@@ -384,17 +359,16 @@ def alpha_divergence(student_logits, teacher_logits, mask=None, temperature: flo
     4 (1 - Bhattacharyya coefficient) = 2 sum_v (sqrt p_v - sqrt q_v)^2, symmetric.
 
     Args:
-        alpha: in [0, 1] (default 0.5). Others as ``forward_kl``.
+        alpha (keyword): in [0, 1]. Others as ``forward_kl``.
 
     Returns:
         Scalar: the mean over unmasked tokens of D_alpha(p || q).
     """
-    return _tokenwise("alpha_divergence", student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                      {"alpha": alpha, **params})
+    return _tokenwise("alpha_divergence", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def bdkd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-         tau: float = 1.0, **params):
+         **params):
     """Balanced-divergence KD, the student loss of BD-KD (Amara et al. 2022, arXiv 2212.12965).
 
     A per-token (per-sample) mix of forward and reverse KL steered by the entropy gap between the student and
@@ -409,14 +383,13 @@ def bdkd(student_logits, teacher_logits, mask=None, temperature: float = 1.0, sc
     is not part of this function.
 
     Args:
-        tau: entropy-gap scale in nats, > 0 (default 1.0); small tau approaches a hard switch. Others as
+        tau (keyword): entropy-gap scale in nats, > 0; small tau approaches a hard switch. Others as
             ``forward_kl``.
 
     Returns:
         Scalar: the mean over unmasked tokens of BDKD.
     """
-    return _tokenwise("bdkd", student_logits, teacher_logits, mask, temperature, scale_by_t2,
-                      {"tau": tau, **params})
+    return _tokenwise("bdkd", student_logits, teacher_logits, mask, temperature, scale_by_t2, params)
 
 
 def _sinkhorn_cost(a: torch.Tensor, b: torch.Tensor, epsilon: float, iterations: int, entropic: bool) -> torch.Tensor:
@@ -441,7 +414,7 @@ def _sinkhorn_cost(a: torch.Tensor, b: torch.Tensor, epsilon: float, iterations:
 
 
 def sinkhorn(student_logits, teacher_logits, mask=None, temperature: float = 1.0, scale_by_t2: bool = False,
-             epsilon: float = 0.1, iterations: int = 20, debias: bool = True, reduction: str = "mean", **params):
+             **params):
     """Sinkhorn distillation (SinKD, Cui et al. 2024): optimal transport between the samples of a batch.
 
     Batch-wise, not token-wise. The samples are the unmasked token positions of the whole call (all leading
@@ -452,7 +425,7 @@ def sinkhorn(student_logits, teacher_logits, mask=None, temperature: float = 1.0
 
     - ``debias=False``: the loss is SinKD's <pi, C> (the mean transport cost per sample). It is not 0 when
       q == p, because the entropic plan leaks mass off the diagonal.
-    - ``debias=True`` (default): the Sinkhorn divergence of Feydy et al. (2019),
+    - ``debias=True``: the Sinkhorn divergence of Feydy et al. (2019),
       S = OT(q, p) - (OT(q, q) + OT(p, p)) / 2 with OT = <pi, C> + epsilon KL(pi || 1/N^2), which is 0 when
       q == p and >= 0 (at convergence) because exp(-||x - y||_1 / epsilon) is a positive-definite kernel.
     - ``reduction="sum"`` multiplies by N: SinKD's sum(K * W) scale. SinKD's extra loss weights (e.g. 0.0008)
@@ -461,18 +434,18 @@ def sinkhorn(student_logits, teacher_logits, mask=None, temperature: float = 1.0
     Cost: O(N^2 V) time for the L1 cost matrices (O(N^2) memory) and three of them when debiasing; use it on
     batches of at most a few thousand tokens or on top-k-reduced vocabularies.
 
-    Args:
-        epsilon: entropic regularisation (> 0, default 0.1 as SinKD).
-        iterations: Sinkhorn rounds (>= 1, default 20 as SinKD's ``sinkhorn_loss``).
-        debias: subtract the self-transport terms (default True; False is SinKD's loss).
-        reduction: "mean" (per-sample cost, default) or "sum" (times N).
+    Args (the keywords' defaults: ``Sinkhorn`` in :mod:`llm_compress.distill.config`; epsilon's is SinKD's, and
+    iterations' that of SinKD's ``sinkhorn_loss``):
+        epsilon: entropic regularisation (> 0).
+        iterations: Sinkhorn rounds (>= 1).
+        debias: subtract the self-transport terms (False is SinKD's loss).
+        reduction: "mean" (per-sample cost) or "sum" (times N).
         Others as ``forward_kl``; mask selects the samples (nonzero = kept, values are not weights).
 
     Returns:
         Scalar transport loss.
     """
-    params = resolve_params("sinkhorn", {"epsilon": epsilon, "iterations": iterations, "debias": debias,
-                                         "reduction": reduction, **params})
+    params = resolve_params("sinkhorn", params)
     _check_inputs(student_logits, teacher_logits, mask, temperature)
     vocab = student_logits.shape[-1]
     log_q, log_p = _prep(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab), temperature)
@@ -496,12 +469,26 @@ def sinkhorn(student_logits, teacher_logits, mask=None, temperature: float = 1.0
 
 # ------------------------------------------------------------------ registry
 
-Divergence = Callable[..., torch.Tensor]
-DIVERGENCES: dict[str, Divergence] = {
-    "forward_kl": forward_kl, "reverse_kl": reverse_kl, "js": js, "gjsd": gjsd, "tvd": tvd, "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl, "akl": akl, "alpha_divergence": alpha_divergence, "bdkd": bdkd,
-    "sinkhorn": sinkhorn,
-}
-TOKENWISE: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.tokenwise)
-assert set(DIVERGENCES) == set(SPECS)
+@dataclass(frozen=True)
+class Spec:
+    """One divergence: its parameters (the model in :mod:`llm_compress.distill.config`, also the recipe's), the
+    public function, and the per-token part the plain, chunked and top-k versions share (None: batch-wise)."""
 
+    model: type[BaseModel]
+    fn: Callable[..., torch.Tensor]
+    per_token: Callable[..., torch.Tensor] | None
+
+    @property
+    def tokenwise(self) -> bool:
+        return self.per_token is not None
+
+
+SPECS: dict[str, Spec] = {m.model_fields["name"].default: Spec(m, fn, per_token) for m, fn, per_token in (
+    (ForwardKL, forward_kl, _forward_kl_tok), (ReverseKL, reverse_kl, _reverse_kl_tok), (JS, js, _js_tok),
+    (GJSD, gjsd, _gjsd_tok), (TVD, tvd, _tvd_tok), (SkewKL, skew_kl, _skew_kl_tok),
+    (SkewReverseKL, skew_reverse_kl, _skew_reverse_kl_tok), (AKL, akl, _akl_tok),
+    (AlphaDivergence, alpha_divergence, _alpha_divergence_tok), (BDKD, bdkd, _bdkd_tok), (Sinkhorn, sinkhorn, None))}
+assert list(SPECS) == list(DIVERGENCE_MODELS)  # the recipe's models (torch-free) are exactly these, in this order
+Divergence = Callable[..., torch.Tensor]
+DIVERGENCES: dict[str, Divergence] = {name: spec.fn for name, spec in SPECS.items()}
+TOKENWISE: tuple[str, ...] = tuple(name for name, spec in SPECS.items() if spec.tokenwise)
