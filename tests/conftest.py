@@ -94,6 +94,15 @@ def one_thread():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread_per_test_process():
+    """Every test in this process on one intra-op thread: the suite's models are tiny, and on 2 busy cores one
+    training test took 21 s with torch's 2 threads and 3.7 s with 1 (another 8 s and 0.2 s). Subprocesses (torchrun
+    ranks, the CLI) keep their own setting; a flow run in-process sets runtime.threads itself."""
+    with one_torch_thread():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the Prefect test server (directly, or through ``tiny_run``) is slow: the server takes
     ~10 s to start and such tests run flows end to end. ``pytest -m "not slow"`` leaves them out."""
