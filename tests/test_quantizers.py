@@ -493,3 +493,18 @@ def test_attach_rejects_unsupported_models_and_bad_arguments():
     with pytest.raises(InputError):
         attach_fake_quant(m, parse_setting("W16A4"), a_clip_ratio=0.0)
     assert getattr(m, "_fakequant_handle", None) is None and m.config._attn_implementation == "sdpa"
+
+
+def test_every_method_reaches_a_registered_weight_quantizer():
+    # apply() dispatches on the registries: each method's weight quantizer (its own name, or OSTQuant's choice) and
+    # the transforms some methods run first; calibration is read by the methods whose model has a calibration section.
+    from typing import get_args
+
+    from llm_compress.quantize.apply import TRANSFORMS, WEIGHT_QUANTIZERS
+    from llm_compress.quantize.config import QuantMethod
+
+    methods = {m.model_fields["method"].default: m for m in get_args(get_args(QuantMethod)[0])}
+    assert list(methods) == ["rtn", "gptq", "ostquant"]
+    choices = get_args(methods["ostquant"].model_fields["weight_quantizer"].annotation)
+    assert set(WEIGHT_QUANTIZERS) == {"rtn", "gptq"} == set(choices) and set(TRANSFORMS) == {"ostquant"}
+    assert [m().calibrated for m in methods.values()] == [False, True, True]

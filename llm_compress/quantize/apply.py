@@ -49,6 +49,62 @@ def calibration_rows(path: Path, samples: int, seed: int, *, tokenizer=None, seq
     return ids[torch.randperm(len(ids), generator=g)[:samples]].long()
 
 
+def _rtn(model, s, setting, calib: torch.Tensor | None, codes: dict | None, rank) -> dict:
+    from llm_compress.quantize.rtn import quantize_model
+
+    return quantize_model(model, setting.w_bits, s.group_size, s.symmetric, s.skip, clip_search=s.clip_search,
+                          codes=codes)
+
+
+def _gptq(model, s, setting, calib: torch.Tensor | None, codes: dict | None, rank) -> dict:
+    from llm_compress.quantize.gptq import gptq_quantize_model
+
+    return gptq_quantize_model(model, calib.to(model.lm_head.weight.device), setting.w_bits, s.group_size, s.symmetric,
+                               s.act_order, s.percdamp, s.clip_search, skip=tuple(s.skip), codes=codes, rank=rank)
+
+
+def _ostquant(model, s, calib: torch.Tensor, *, seed: int, progress: bool, record: dict, metrics: dict) -> list[dict]:
+    """Learn OSTQuant's transforms on ``calib`` and fold them into the weights; fills ``record`` and ``metrics`` and
+    returns the calibration history."""
+    from llm_compress.quantize.ostquant import calibrate, loss_summary
+    from llm_compress.quantize.qsur import layer_qsur
+    from llm_compress.quantize.transforms import check_supported
+
+    check_supported(model)  # before QSUR, which walks the same Llama-style layers
+    # QSUR needs more tokens than the widest input it measures (the MLP's, at down_proj): a diagnostic, so with
+    # too few calibration tokens it is skipped (and said), never the reason a run fails
+    widest = max(model.config.hidden_size, model.config.intermediate_size)
+    rows = -(-(widest + 1) // calib.shape[1])  # ceil: > widest tokens
+    probe = calib[:rows].to(model.lm_head.weight.device) if rows <= len(calib) else None
+    if probe is not None:
+        with torch.no_grad():
+            qsur_before = layer_qsur(model, probe)  # the model as given
+    res = calibrate(model, calib, s, seed=seed, progress=progress, qsur_ids=probe)
+    history = res["history"]
+    summary = loss_summary(history)
+    record["online_hadamard"] = res["online_hadamard"]
+    record["ostquant"] = {"loss": s.loss, "topk": s.topk, "steps": s.steps,
+                          "train_weight_quant": res["train_weight_quant"], **summary}
+    metrics.update({f"calib_{k}": v for k, v in summary.items()})
+    if probe is None:
+        record["qsur"] = (f"not measured: {len(calib)} calibration rows of {calib.shape[1]} tokens are not more "
+                          f"than the widest input ({widest}); use more calibration.samples")
+    else:
+        qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
+        record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
+                          for k in qsur_before}
+        metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
+        metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
+    return history
+
+
+# The weight quantizers, by name: each quantizes the model's Linear weights in place as the scheme (its config model
+# in quantize/config.py) says and returns their statistics; RTN and GPTQ run their own, OSTQuant its
+# ``weight_quantizer``. What a method runs before that: its transforms (OSTQuant's, learnt and folded into the weights).
+WEIGHT_QUANTIZERS = {"rtn": _rtn, "gptq": _gptq}
+TRANSFORMS = {"ostquant": _ostquant}
+
+
 def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress: bool = False,
           codes: dict | None = None, rank=None) -> dict:
     """Quantize ``model`` in place as ``scheme`` (a RTN/GPTQ/OSTQuant config) says; returns the record.
@@ -62,7 +118,6 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
     """
     s = scheme
     setting = s.quant_setting()
-    device = model.lm_head.weight.device
     record: dict = {"method": s.method, "setting": s.setting, "w_bits": setting.w_bits, "a_bits": setting.a_bits,
                     "kv_bits": setting.kv_bits, "group_size": s.group_size, "symmetric": s.symmetric,
                     "clip_search": s.clip_search, "a_clip_ratio": s.a_clip_ratio, "kv_group_size": s.kv_group_size,
@@ -73,51 +128,14 @@ def apply(model, scheme, calib: torch.Tensor | None, *, seed: int = 0, progress:
         from llm_compress.quantize.transforms import check_supported
 
         check_supported(model)
-    if s.method in ("gptq", "ostquant"):
+    if s.calibrated:
         if calib is None:
             raise InputError(f"quantize: {s.method} needs calibration data (the data stage's training tokens)")
         metrics["calibration_rows"], metrics["calibration_tokens"] = len(calib), int(calib.numel())
-    if s.method == "ostquant":
-        from llm_compress.quantize.ostquant import calibrate, loss_summary
-        from llm_compress.quantize.qsur import layer_qsur
-        from llm_compress.quantize.transforms import check_supported
-
-        check_supported(model)  # before QSUR, which walks the same Llama-style layers
-        # QSUR needs more tokens than the widest input it measures (the MLP's, at down_proj): a diagnostic, so with
-        # too few calibration tokens it is skipped (and said), never the reason a run fails
-        widest = max(model.config.hidden_size, model.config.intermediate_size)
-        rows = -(-(widest + 1) // calib.shape[1])  # ceil: > widest tokens
-        probe = calib[:rows].to(device) if rows <= len(calib) else None
-        if probe is not None:
-            with torch.no_grad():
-                qsur_before = layer_qsur(model, probe)  # the model as given
-        res = calibrate(model, calib, s, seed=seed, progress=progress, qsur_ids=probe)
-        history = res["history"]
-        summary = loss_summary(history)
-        record["online_hadamard"] = res["online_hadamard"]
-        record["ostquant"] = {"loss": s.loss, "topk": s.topk, "steps": s.steps,
-                              "train_weight_quant": res["train_weight_quant"], **summary}
-        metrics.update({f"calib_{k}": v for k, v in summary.items()})
-        if probe is None:
-            record["qsur"] = (f"not measured: {len(calib)} calibration rows of {calib.shape[1]} tokens are not more "
-                              f"than the widest input ({widest}); use more calibration.samples")
-        else:
-            qsur_after = res["qsur_after"]  # what each quantized matmul sees after the learnt transforms
-            record["qsur"] = {k: {"before": round(qsur_before[k], 4), "after": round(qsur_after[k], 4)}
-                              for k in qsur_before}
-            metrics["qsur_mean_before"] = round(sum(qsur_before.values()) / len(qsur_before), 4)
-            metrics["qsur_mean_after"] = round(sum(qsur_after.values()) / len(qsur_after), 4)
-    wq = s.weight_quantizer if s.method == "ostquant" else s.method
-    if wq == "gptq":
-        from llm_compress.quantize.gptq import gptq_quantize_model
-
-        stats = gptq_quantize_model(model, calib.to(device), setting.w_bits, s.group_size, s.symmetric, s.act_order,
-                                    s.percdamp, s.clip_search, skip=tuple(s.skip), codes=codes, rank=rank)
-    else:
-        from llm_compress.quantize.rtn import quantize_model
-
-        stats = quantize_model(model, setting.w_bits, s.group_size, s.symmetric, s.skip, clip_search=s.clip_search,
-                               codes=codes)
+    if s.method in TRANSFORMS:
+        history = TRANSFORMS[s.method](model, s, calib, seed=seed, progress=progress, record=record, metrics=metrics)
+    wq = getattr(s, "weight_quantizer", s.method)  # a field of the methods that choose one (OSTQuant)
+    stats = WEIGHT_QUANTIZERS[wq](model, s, setting, calib, codes, rank)
     record.update(weight_quantizer=wq, quantized_params=stats["quantized_params"],
                   mean_rel_error=stats["mean_rel_error"], layers=stats["layers"])
     if setting.a_bits < 16 or setting.kv_bits < 16:
@@ -171,11 +189,11 @@ def run_rank(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig |
     if (Path(model_dir) / QUANT_FILE).is_file():
         raise InputError(f"quantize: {model_dir} is already quantized ({QUANT_FILE} is there); quantize the "
                          "full-precision model instead")
-    dtype = models.dtype if s.method == "rtn" else "float32"  # transforms and GPTQ solve in float32/64
+    dtype = "float32" if s.calibrated else models.dtype  # transforms and GPTQ solve in float32/64
     model = load_causal_lm(str(model_dir), dtype=dtype, device=device, what="quantize input")
     tok = load_tokenizer(str(model_dir))
     calib = None
-    if calib_path and s.method != "rtn":
+    if calib_path and s.calibrated:
         calib = calibration_rows(Path(calib_path), s.calibration.samples, seed,
                                  tokenizer=tok if calib_seq_len else None, seq_len=calib_seq_len,
                                  text_field=s.calibration.text_field,

@@ -3,11 +3,11 @@ method (RTN, GPTQ, OSTQuant), keyed on ``method``. Torch-free."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from llm_compress.schema import Strict, with_default_method
+from llm_compress.schema import Strict, union, with_default_method
 
 
 # the settings the quantization papers report (GPTQ, QuaRot, SpinQuant, OSTQuant): the form's dropdown
@@ -79,6 +79,11 @@ class _QuantBase(Strict):
 
         return parse_setting(self.setting, w_group_size=self.group_size, w_symmetric=self.symmetric)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method reads calibration data: its model has a ``calibration`` section (GPTQ, OSTQuant)."""
+        return "calibration" in type(self).model_fields
+
 
 class RTNConfig(_QuantBase):
     """Round-to-nearest weights (fake-quantized), activations/KV as the setting says."""
@@ -148,7 +153,8 @@ class OSTQuantConfig(_QuantBase):
         return self
 
 
-QuantMethod = Annotated[Union[RTNConfig, GPTQConfig, OSTQuantConfig], Field(discriminator="method")]
+# The methods, keyed on ``method``; llm_compress.quantize.apply dispatches them (WEIGHT_QUANTIZERS, TRANSFORMS).
+QuantMethod = union((RTNConfig, GPTQConfig, OSTQuantConfig), "method")
 
 
 class QuantizeConfig(Strict):
