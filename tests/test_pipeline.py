@@ -315,39 +315,6 @@ def test_an_input_error_in_a_stage_is_one_line_on_the_console_and_a_traceback_in
     assert f"full log: {tmp_path / 'art' / 'bad-data' / 'run.log'}" in out
 
 
-def test_a_new_stage_needs_only_its_module_and_a_registry_line(tiny_run, tiny_recipe, monkeypatch):
-    """A new stage: one Stage subclass, one entry in STAGES."""
-    import llm_compress.pipeline as pipeline
-    from llm_compress.result import StageResult
-    from llm_compress.stage import Stage
-
-    class Probe(Stage):  # after kv: reads the quantized model, makes no new model
-        name = "probe"
-        reads = ("unlearn",)
-
-        def enabled(self, recipe):
-            return True
-
-        def inputs(self, recipe, up):
-            return {"model": up.model}
-
-        def run(self, ctx):
-            (ctx.out_dir / "kv_cache.json").write_text(json.dumps({"model": ctx.inputs["model"]}))
-            return StageResult(outputs={"kv": "kv_cache.json"}, metrics={"seen": ctx.inputs["model"]})
-
-    stages = list(pipeline.STAGES)
-    monkeypatch.setattr(pipeline, "STAGES", tuple(stages[:7] + [Probe()] + stages[7:]))
-    root, run, _ = tiny_run
-    assert pipeline.enabled(tiny_recipe) == ["bootstrap", "data", "distill", "quantize", "probe", "evaluate",
-                                             "export"]
-    done = pipeline.run_local(tiny_recipe, root / "with-probe", root)
-    quantized = json.loads((stage_dir(root, run, "quantize") / "manifest.json").read_text())
-    assert done["probe"]["metrics"]["seen"] == quantized["outputs"]["model"]["path"]
-    assert (root / "with-probe" / "probe" / "kv_cache.json").is_file()
-    # the other stages are the tiny run's, found by key: the new stage changed none of their keys
-    assert all(done[s].get("reused") for s in RAN)
-
-
 def test_kv_stage_writes_its_cache_and_measures_it_against_the_full_cache(tiny_run, tiny_recipe):
     from llm_compress.config import parse_recipe
     from llm_compress.errors import InputError
