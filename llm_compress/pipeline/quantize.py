@@ -27,7 +27,7 @@ class Quantize(Stage):
     def check(self, recipe) -> None:
         check_recipe_models(recipe.models)  # the model it quantizes may be the given student (distill off)
         s = recipe.quantize.scheme
-        if s.method != "rtn" and s.calibration.file and not Path(s.calibration.file).is_file():
+        if s.calibrated and s.calibration.file and not Path(s.calibration.file).is_file():
             raise InputError(f"quantize.scheme.calibration.file: not found: {s.calibration.file}")
         qs = s.quant_setting()
         needs_layout = s.method == "ostquant" or qs.a_bits < 16 or qs.kv_bits < 16
@@ -40,13 +40,13 @@ class Quantize(Stage):
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
         inputs = {"model": up.model}
         s = recipe.quantize.scheme
-        if s.method != "rtn":  # calibrated methods: a given file, or the (DSIR-selected) training tokens
+        if s.calibrated:  # calibrated methods: a given file, or the (DSIR-selected) training tokens
             inputs["calib"] = s.calibration.file or up.out("data", "train")
         return inputs
 
     def config(self, recipe, up: Upstream, env: Env) -> dict:
         cfg = super().config(recipe, up, env)
-        if recipe.quantize.scheme.method != "rtn" and recipe.quantize.scheme.calibration.file:
+        if recipe.quantize.scheme.calibrated and recipe.quantize.scheme.calibration.file:
             cfg["calib_seq_len"] = recipe.data.seq_len  # a text file is packed into rows of this length
         return cfg
 
