@@ -2,7 +2,8 @@
 
 What the pages name is checked against what exists: file paths (inline code and Markdown links) against the
 repository, ``compress <subcommand> --flag`` against the CLI's argparse parser, dotted recipe keys (``kv.cache.method``)
-against the recipe schema, and the recipe reference page against its generator. Every recipe under configs/
+against the recipe schema, ``llm_compress.*`` names against the package, and the recipe reference page against its
+generator. Every recipe under configs/
 validates. The last tests feed the checkers a page with one bad name of each kind, so they are known to fail.
 """
 
@@ -126,6 +127,30 @@ def bad_keys(text: str) -> list[str]:
     return bad
 
 
+def bad_python_names(text: str) -> list[str]:
+    """``llm_compress.x.y`` names (modules, classes, functions) a page gives in inline code that do not import."""
+    import importlib
+
+    bad = []
+    for span in _spans(text):
+        for word in _words(span):
+            name = word.split("(", 1)[0].rstrip(".:")
+            if not re.fullmatch(r"llm_compress(\.\w+)+", name):
+                continue
+            parts, obj = name.split("."), None
+            for i in range(len(parts), 0, -1):  # the longest importable module, then attributes
+                try:
+                    obj = importlib.import_module(".".join(parts[:i]))
+                except ImportError:
+                    continue
+                for attr in parts[i:]:
+                    obj = getattr(obj, attr, None)
+                break
+            if obj is None:
+                bad.append(name)
+    return bad
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_paths_exist(page):
     assert missing_paths(_page(page), page.parent) == []
@@ -139,6 +164,11 @@ def test_cli_flags_exist(page):
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_recipe_keys_exist(page):
     assert bad_keys(_page(page)) == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_names_exist(page):
+    assert bad_python_names(_page(page)) == []
 
 
 def test_recipe_reference_is_current():
@@ -164,6 +194,9 @@ def test_checkers_catch_bad_names(tmp_path):
             "[the reference](docs/recipe-reference.md) and `kv.cache.residual`, `gates.stage_ppl_ratio.quantize`.\n"
             "```bash\ncompress select --raw a --target b --out c -k 5   # DSIR\n```\n")
     assert missing_paths(page, ROOT) == [] and bad_cli(page) == [] and bad_keys(page) == []
+    assert bad_python_names("`llm_compress.kv.load_kv_cache(folder, model)`, `llm_compress.pipeline`") == []
+    assert bad_python_names("`llm_compress.kv.load_cache`, `llm_compress.nope.thing`") == [
+        "llm_compress.kv.load_cache", "llm_compress.nope.thing"]
     bad = ("`llm_compress/dsir/selection.py`, `configs/nope.yaml`, [x](docs/nope.md), `compress run r.yaml --nope`,\n"
            "`compress frobnicate`, `kv.cache.nope`, `--set distill.stepz=3`, `runtime.distributed.procs`\n"
            "```\ncompress show RUN --jsonl\n```\n")
