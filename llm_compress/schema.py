@@ -1,7 +1,7 @@
 """The recipe's building blocks: the strict base model every section derives from, and the frame's own sections
-(``models``, ``data``, ``runtime``) that every stage reads. Torch-free and import-light: stage and algorithm modules import
-their base from here, and :mod:`llm_compress.config` assembles the whole :class:`~llm_compress.config.Recipe` from
-these and the sections each registered stage declares (:mod:`llm_compress.pipeline`)."""
+(``models``, ``data``, ``runtime``) that every stage reads. Torch-free and import-light: stage and algorithm modules
+import their base from here, and :mod:`llm_compress.config` assembles the whole :class:`~llm_compress.config.Recipe`
+from these and the sections each registered stage declares (:mod:`llm_compress.pipeline`)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class DistributedConfig(Strict):
         "student's weights, gradients and optimiser state (and an online teacher's weights) are sharded over the "
         "processes (FSDP2 fully_shard, per decoder layer), for a student that does not fit one device.")
     nodes: int = Field(1, ge=1, description="Nodes taking part; this one is node 0. The others join with torchrun "
-                       "(README, 'Scaling out') and must see the artifacts folder at the same path.")
+                       "(docs/scaling-out.md) and must see the artifacts folder at the same path.")
     master_addr: str | None = Field(None, description="With nodes > 1: this node's address as the others reach it.")
     master_port: int = Field(29500, ge=1, le=65535, description="With nodes > 1: the port the others join on.")
 

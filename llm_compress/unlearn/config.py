@@ -95,7 +95,7 @@ class UnlearnConfig(Strict):
     enabled: bool = False
     method: UnlearnMethod = Field(default_factory=ShredConfig, description="The method and its parameters, keyed "
                                   "on method: a name alone ('shred') or a mapping such as {method: npo, beta: 0.1}.")
-    forget: str = Field("embedded:facts-forget", description="Forget set: a JSONL file (see README, 'Unlearning'), "
+    forget: str = Field("embedded:facts-forget", description="Forget set: a JSONL file (see docs/unlearn.md), "
                         "or embedded:facts-forget (the demo's planted biographies, first half).")
     keep: str | None = Field("embedded:facts-keep", description="Optional control set in the same format that must "
                              "NOT be forgotten (measured, never trained on); embedded:facts-keep: the other half.")
