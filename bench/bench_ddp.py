@@ -8,8 +8,9 @@ when the demo has run); its 2-layer student distilled for ``--steps`` steps of t
 ``runtime.distributed.processes`` 1 (with 1, then 2 torch threads) and 2 (torchrun, gloo, 1 thread each: torchrun's
 default), DDP and FSDP. Reports the training loop's tokens/s (rank 0's clock, from the first step to the last) and the
 stage's wall time (with torchrun's start, the model loads and the save), and checks that the runs end with the same
-weights; each run is repeated (interleaved) and the median taken. Then GPTQ W4A16 g32 of the demo teacher on 128 calibration rows of the same tokens, with 1 process (2
-threads) and 2 (1 thread each): the quantize stage's wall time and how many codes agree.
+weights; each run is repeated (interleaved) and the median taken. Then GPTQ W4A16 g32 of the demo teacher on 128
+calibration rows of the same tokens, with 1 process (2 threads) and 2 (1 thread each): the quantize stage's wall time
+and how many codes agree.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def main() -> None:
                 weights[run] = load_file(str(Path(tmp) / f"{run}-{rep}" / "model" / "model.safetensors"))
                 samples[run].append((res.metrics["tokens_per_s"], round(wall, 1)))
                 results[run] = res
-                print(f"{run:9s} #{rep + 1}: {res.metrics['tokens_per_s']:8.0f} tokens/s in the loop, stage {wall:6.1f} s, "
-                      f"held-out ppl {res.metrics['eval_ppl_after']}", flush=True)
+                print(f"{run:9s} #{rep + 1}: {res.metrics['tokens_per_s']:8.0f} tokens/s in the loop, "
+                      f"stage {wall:6.1f} s, held-out ppl {res.metrics['eval_ppl_after']}", flush=True)
     rows = []
     for run, shape, strategy in ap_runs:
         n, threads = map(int, shape.split("x"))

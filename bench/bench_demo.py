@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def timed(args: list[str], env: dict) -> tuple[float, str]:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "llm_compress.flows.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "llm_compress.flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(f"command failed: {args}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")

@@ -180,7 +180,8 @@ def main() -> None:
                f"--rounds {args.rounds} --write-results")
         how = f"{chunk} (automatic)" if not args.chunk_tokens else str(chunk)
         section = (f"{SECTION}\n\n"
-                   f"Plain (`llm_compress.distill.divergences`) vs chunked (`llm_compress.distill.chunked.chunked_divergence`, "
+                   f"Plain (`llm_compress.distill.divergences`) vs chunked "
+                   f"(`llm_compress.distill.chunked.chunked_divergence`, "
                    f"chunk_tokens={how}) loss + backward, float32 logits [{args.tokens} tokens, "
                    f"V = {args.vocab}], T = 1, no mask; {machine}.\n\n"
                    f"Command: `{cmd}`\n\n"

@@ -21,9 +21,9 @@ both hashed feature spaces; and the largest |difference| of log weights between 
 reference package.
 
 ``--e2e`` measures whole commands instead, each a fresh process pinned to one core (``sched_setaffinity``, as
-``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m llm_compress.flows.cli select`` against
-a minimal script that does the same with the reference package's ``HashedNgramDSIR`` (``num_proc=1``: fit, weigh,
-resample), and with ``--before DIR`` the same command in another source tree (an earlier commit), on the first
+``taskset -c 0``), from process start to exit (``selected.jsonl`` written): ``python -m llm_compress.flows.cli select``
+against a minimal script that does the same with the reference package's ``HashedNgramDSIR`` (``num_proc=1``: fit,
+weigh, resample), and with ``--before DIR`` the same command in another source tree (an earlier commit), on the first
 ``--e2e-docs`` documents of the pool; the commands alternate, after one unmeasured run each (page cache),
 ``--repeats`` times; medians.
 """
@@ -235,8 +235,8 @@ def run_e2e(args: argparse.Namespace, work: Path) -> dict:
     cpu = min(os.sched_getaffinity(0))
 
     def select(out: Path) -> list[str]:
-        return [sys.executable, "-m", "llm_compress.flows.cli", "select", "--raw", str(pool), "--target", str(target), "--out",
-                str(out), "-k", str(args.k), "--buckets", str(args.buckets), "--min-length", str(MIN_LENGTH),
+        return [sys.executable, "-m", "llm_compress.flows.cli", "select", "--raw", str(pool), "--target", str(target),
+                "--out", str(out), "-k", str(args.k), "--buckets", str(args.buckets), "--min-length", str(MIN_LENGTH),
                 "--seed", str(args.seed), "--cache", str(out.with_name(out.name + "-cache"))]
 
     def reference(out: Path) -> list[str]:
@@ -310,8 +310,8 @@ def main() -> None:
     ap.add_argument("--e2e", action="store_true", help="time whole commands (ours vs the reference), one core")
     ap.add_argument("--e2e-docs", type=int, default=30_000, help="--e2e: pool documents (the first ones)")
     ap.add_argument("--repeats", type=int, default=5, help="--e2e: measured runs of each command")
-    ap.add_argument("--before", help="--e2e: also time `python -m llm_compress.flows.cli select` in this source tree (e.g. an "
-                    "earlier commit: git archive REV | tar -x -C DIR)")
+    ap.add_argument("--before", help="--e2e: also time `python -m llm_compress.flows.cli select` in this source tree "
+                    "(e.g. an earlier commit: git archive REV | tar -x -C DIR)")
     args = ap.parse_args()
     if args.e2e and not args.ref_python:
         ap.error("--e2e needs --ref-python")

@@ -16,7 +16,8 @@ Cache specs (``--caches``); every measurement uses a fresh cache object (transfo
   is skipped with a note. Groups are per token along head_dim for both backends (quanto axis 0, HQQ axis 1; HQQ's
   axis 0 would group strided elements across tokens); defaults g32 and r128 (transformers' residual default).
 - a JSON object (``'{"method": "kivi", "bits": [2, 2], "residual": 32}'``) or a path to a kv_cache.json: the project's
-  caches, built by ``llm_compress.kv.build_cache(spec, model)`` (``llm_compress/kv/``); the table names them by ``label``.
+  caches, built by ``llm_compress.kv.build_cache(spec, model)`` (``llm_compress/kv/``); the table names them by
+  ``label``.
 
 For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows, batch 1):
 - memory: after a prefill of C tokens, the bytes of storage held by every tensor the cache references, found by
@@ -79,8 +80,8 @@ Columns, per cache and context length C (batch 1, the first C tokens of each hel
 - QuantizedCache settings: per-token groups of 32 along head_dim (= head_dim; quanto axis 0, HQQ axis 1: HQQ's axis
   0 groups strided elements across tokens), residual 128 (transformers' default). It quantises the whole prompt at
   the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual.
-- The project's caches (`llm_compress/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits, group,
-  residual; a KVTuner result is a per-layer kivi spec, named by its layers' pairs), `minicache` (start layer, t,
+- The project's caches (`llm_compress/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits,
+  group, residual; a KVTuner result is a per-layer kivi spec, named by its layers' pairs), `minicache` (start layer, t,
   gamma, bits under the merge), `kvmerger` (budget, threshold, window), `sink` (sinks + window)."""
 
 
@@ -111,7 +112,8 @@ def main() -> None:
                     "(an earlier run's --out)")
     ap.add_argument("--stage-dirs", nargs=2, metavar=("BOOTSTRAP_DIR", "DATA_DIR"),
                     help="take the model and rows from these finished stage folders (their manifest.json) instead of "
-                         "the cached pipeline stages, e.g. to add rows to an earlier run after the stages' code changed")
+                         "the cached pipeline stages, e.g. to add rows to an earlier run after the stages' code "
+                         "changed")
     ap.add_argument("--replace-in", help="measure --caches (full included, as the reference) and put their rows into "
                     "this earlier run's JSON in place of rows of the same dtype, cache and context; the section and "
                     "plot are then made from the merged JSON, which records this command under meta.remeasured")

@@ -134,9 +134,9 @@ def main() -> None:
     if args.genai:
         rows += genai_rows(args.genai, bare, work, ids, ref, one)
     meta = {"model": args.model, "method": args.method, "group_size": args.group, "params": sum(
-        p.numel() for p in source.parameters()), "check_tokens": int(ids.numel()), "quantize_seconds": round(quant_s, 1),
-        "eager_float32": speed["eager"], "machine": platform.platform(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M")}
+        p.numel() for p in source.parameters()), "check_tokens": int(ids.numel()),
+        "quantize_seconds": round(quant_s, 1), "eager_float32": speed["eager"], "machine": platform.platform(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M")}
     path = Path(args.out or ROOT / "bench" / f"packed_{args.model}.json")
     path.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,8 @@ time and peak GPU memory measured here around each stage. The JSON (--out) is re
 stopped at its time limit keeps what it measured; so is the section `## GPU check (bench/gpu_check.sh)` of the
 results file (bench/RESULTS.md; with --tiny only when --results is given), replaced in place or appended.
 
-Imports llm_compress/ only, never llm_compress/flows/ (no Prefect): the device machine needs only the wheels gpu_check.sh lists.
+Imports llm_compress/ only, never llm_compress/flows/ (no Prefect): the device machine needs only the wheels
+gpu_check.sh lists.
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ def cuda_in_use(recipe) -> bool:
 
 
 def run_stages(recipe, run_dir: Path, root: Path, on_stage) -> dict[str, dict]:
-    """llm_compress.pipeline.run_local, one stage at a time: ``on_stage(stage, manifest, wall_s, peak_bytes)`` after each
-    (peak: max GPU memory allocated during the stage, None off CUDA). A failed stage calls
+    """llm_compress.pipeline.run_local, one stage at a time: ``on_stage(stage, manifest, wall_s, peak_bytes)`` after
+    each (peak: max GPU memory allocated during the stage, None off CUDA). A failed stage calls
     ``on_stage(stage, its failed manifest or None, wall_s, peak, error)`` and raises."""
     import torch
 

@@ -63,7 +63,8 @@ from llm_compress.flows.pipeline import compress
 from llm_compress.config import load_recipe
 from prefect.client.orchestration import get_client
 rep = compress(recipe=load_recipe('configs/tiny.yaml'), run_name='tiny-ui', artifacts_dir={str(home / 'artifacts')!r})
-dep = compress.to_deployment(name='demo', cron='0 2 * * *', parameters={{'recipe': load_recipe('configs/demo.yaml').model_dump(mode='json')}})
+dep = compress.to_deployment(name='demo', cron='0 2 * * *',
+                             parameters={{'recipe': load_recipe('configs/demo.yaml').model_dump(mode='json')}})
 dep_id = dep.apply()
 with get_client(sync_client=True) as c:
     run = c.read_flow_runs()[0]

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 
-from llm_compress.distill.config import DistillConfig
-
-from llm_compress.schema import RuntimeConfig
 from llm_compress.data import load_texts, pack
+from llm_compress.distill.config import DistillConfig
 from llm_compress.distill.trainer import save_history, train
 from llm_compress.embedded import build_corpus, train_tokenizer
 from llm_compress.facts import write_facts
 from llm_compress.modeling import count_parameters, resolve_device, save_pretrained_atomic_into
 from llm_compress.result import StageResult
+from llm_compress.schema import RuntimeConfig
 
 
 def teacher_config(cfg, tokenizer):
@@ -38,8 +37,8 @@ def teacher_config(cfg, tokenizer):
 def run(cfg, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
         tokenizer_dir: Path | None = None) -> StageResult:
     """Build the embedded world of ``cfg`` (the recipe's ``embedded`` section,
-    :class:`llm_compress.pipeline.bootstrap.EmbeddedConfig`). ``tokenizer_dir``: use this saved tokenizer instead of training one (the unlearning bench's reference model
-    must share the planted teacher's token ids)."""
+    :class:`llm_compress.pipeline.bootstrap.EmbeddedConfig`). ``tokenizer_dir``: use this saved tokenizer instead of
+    training one (the unlearning bench's reference model must share the planted teacher's token ids)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     (out_dir / "corpus").mkdir()

@@ -3,16 +3,16 @@
 A YAML front matter block (``license``, ``library_name``, ``base_model`` when the teacher is a hub id, ``tags``),
 then: what the folder is and how it was made (the stages that ran, with their key settings), its lineage (teacher,
 student, data, input digests, each upstream stage's cache key), the measured quality and size, latency only when the
-timed model is a standard one, and how to load it in two lines. Torch-free: :mod:`llm_compress.export` writes it into the
-format's temporary folder, so it is published atomically with the rest.
+timed model is a standard one, and how to load it in two lines. Torch-free: :mod:`llm_compress.export` writes it into
+the format's temporary folder, so it is published atomically with the rest.
 
-``facts`` (all optional; :func:`llm_compress.pipeline.export.card_facts` fills them from the stage's inputs and config; a
-direct :func:`llm_compress.export.run_export` call without them gives ``model_dir``): ``source`` (the exported model's
+``facts`` (all optional; :func:`llm_compress.pipeline.export.card_facts` fills them from the stage's inputs and config;
+a direct :func:`llm_compress.export.run_export` call without them gives ``model_dir``): ``source`` (the exported model's
 name in evaluate's figures), ``made`` (stage -> its key settings), ``lineage`` (stage -> its cache key),
 ``digests`` (export input -> digest), ``teacher``, ``student``, ``data``, ``license`` / ``license_source``
 (:func:`teacher_license`), ``evaluation`` (evaluate's ``eval.json``: model name -> figures), ``evaluate_device``,
-``runtime_needs`` (:func:`llm_compress.quantize.record.runtime_needs` of the source: :func:`llm_compress.export.run_export`
-adds it).
+``runtime_needs`` (:func:`llm_compress.quantize.record.runtime_needs` of the source:
+:func:`llm_compress.export.run_export` adds it).
 """
 
 from __future__ import annotations
@@ -213,10 +213,10 @@ def render(fmt: str, metrics: dict, facts: dict, files: list[str]) -> str:
                   "load; vLLM serves them as they are: `vllm serve compressed-tensors`).", ""]
     if needs:
         lines += [f"It needs at run time {', '.join(needs)} (recorded in `quantization.json`), which only "
-                  "`llm_compress.modeling.load_causal_lm` re-creates. A plain `from_pretrained` (or vLLM) would drop them "
-                  "and run another model, so `config.json` names the model type `llm_compress_runtime` and they "
-                  "refuse to load it (with `trust_remote_code=True`, `modeling_llm_compress.py` raises, naming the "
-                  "loader above).", ""]
+                  "`llm_compress.modeling.load_causal_lm` re-creates. A plain `from_pretrained` (or vLLM) would "
+                  "drop them and run another model, so `config.json` names the model type `llm_compress_runtime` "
+                  "and they refuse to load it (with `trust_remote_code=True`, `modeling_llm_compress.py` raises, "
+                  "naming the loader above).", ""]
     if has_kv:
         lines += ["`kv_cache.json` is the KV cache it was checked with: the last two lines generate through it "
                   "(`ids`: a [1, T] tensor of token ids).", ""]

@@ -1,7 +1,7 @@
 """The recipe: the frame every run has, and the sections the registered stages declare.
 
-A recipe is YAML validated by :class:`Recipe`. The frame is ``name``, ``description``, ``models``, ``data`` and ``runtime``
-(:mod:`llm_compress.schema`); every other section belongs to a stage, which declares it next to itself
+A recipe is YAML validated by :class:`Recipe`. The frame is ``name``, ``description``, ``models``, ``data`` and
+``runtime`` (:mod:`llm_compress.schema`); every other section belongs to a stage, which declares it next to itself
 (``Stage.sections``, :mod:`llm_compress.pipeline`), so :class:`Recipe` is assembled from the registry: adding a stage
 adds its sections here without editing this file. Rules that tie sections together are the stages' own
 (``Stage.rules``), run by :class:`Recipe` after each section validated on its own.

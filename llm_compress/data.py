@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_compress.schema import DataConfig
 from llm_compress.errors import InputError
 from llm_compress.result import StageResult
+from llm_compress.schema import DataConfig
 
 
 def iter_file_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:

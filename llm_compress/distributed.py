@@ -4,15 +4,16 @@ A stage that runs data-parallel (distillation, ``runtime.distributed``) is one p
 which launches ``torch.distributed.run`` (torchrun) with the stage's worker module; each worker process is a rank
 that opens the process group (:func:`init`: nccl on GPUs, gloo on the CPU), does its share and leaves its files::
 
-    parent (the stage's run)                         torchrun -> rank 0 .. rank W-1 (python -m llm_compress.worker spec.json)
+    parent (the stage's run)                         torchrun -> rank 0 .. rank W-1
+                                                     (python -m llm_compress.worker spec.json)
     launch(worker, spec, ...) ---- spec.json ---->   init(); spec = receive_spec(argv)   (rank 0 broadcasts it)
           polls progress.json  <---- rank 0 ----     report(...) -> progress.json
           reads result.json    <---- rank 0 ----     finish(result)        / error-rank<r>.json from a failing rank
 
 One node: ``torchrun --standalone --nproc_per_node N``. Several nodes: the stage's node is node 0 and the master
 (``--nnodes K --node_rank 0 --master_addr A --master_port P``); every other node joins with the same torchrun line,
-its own ``--node_rank`` and ``-m llm_compress.worker`` without a spec (the spec reaches it through the process group), so
-each node needs only the project installed and the run's folders at the same paths (checked by every rank).
+its own ``--node_rank`` and ``-m llm_compress.worker`` without a spec (the spec reaches it through the process group),
+so each node needs only the project installed and the run's folders at the same paths (checked by every rank).
 
 The workers never import Prefect. A worker started any other way that sets torch.distributed's environment
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT: ``accelerate launch`` does) works the same.
@@ -68,7 +69,8 @@ def world_of(runtime) -> int:
 
 
 def init(device: str) -> Rank:
-    """Join the process group of a torchrun-started worker: nccl with one GPU per local rank on 'cuda', gloo on the CPU."""
+    """Join the process group of a torchrun-started worker: nccl with one GPU per local rank on 'cuda', gloo on the
+    CPU."""
     import datetime as dt
 
     import torch
@@ -123,8 +125,8 @@ def devices(rank: Rank) -> list[str]:
 
 
 def progress_writer(work_dir: Path, every_s: float = 2.0):
-    """A ``llm_compress.progress`` reporter for rank 0 that leaves the newest report in ``work_dir/progress.json`` (at most
-    every ``every_s`` seconds, and always the last one), where the parent passes it on to its own reporter."""
+    """A ``llm_compress.progress`` reporter for rank 0 that leaves the newest report in ``work_dir/progress.json`` (at
+    most every ``every_s`` seconds, and always the last one), where the parent passes it on to its own reporter."""
     last = [0.0]
 
     def write(fraction: float, note: str) -> None:
@@ -154,7 +156,8 @@ def serve(argv: list[str] | None) -> None:
     import contextlib
     import importlib
 
-    parser = argparse.ArgumentParser(prog="python -m llm_compress.worker", description="one rank of a data-parallel stage")
+    parser = argparse.ArgumentParser(prog="python -m llm_compress.worker",
+                                     description="one rank of a data-parallel stage")
     parser.add_argument("spec", nargs="?", help="the stage's spec file (node 0 only)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="cpu (gloo) or cuda (nccl, one GPU per process); default: cuda if there is one. "
@@ -234,12 +237,12 @@ def launch(entry: str, runtime, out_dir: Path, configs: dict, args: dict, shared
     ``world_of(runtime)`` ranks (torchrun) and return rank 0's StageResult.
 
     The spec holds ``configs`` (pydantic models by name, dumped; ``runtime`` added), ``args`` (the keyword arguments
-    of the stage's ``run_rank``, JSON-able, under "args") and ``shared_paths`` (what every rank must see). ``out_dir``: the stage's
-    folder, which every node sees; the spec, progress, result and error files live in its ``.ranks`` (removed after).
-    More ranks than this node's GPUs are refused before any start. Rank 0's progress feeds the reporter installed
-    here (``llm_compress.progress``). A rank that fails fails the stage with its error (InputError and TrainingError keep
-    their type); torchrun stops the other ranks. If this process is interrupted (a Prefect timeout or cancellation)
-    the launcher and its ranks are stopped.
+    of the stage's ``run_rank``, JSON-able, under "args") and ``shared_paths`` (what every rank must see). ``out_dir``:
+    the stage's folder, which every node sees; the spec, progress, result and error files live in its ``.ranks``
+    (removed after). More ranks than this node's GPUs are refused before any start. Rank 0's progress feeds the reporter
+    installed here (``llm_compress.progress``). A rank that fails fails the stage with its error (InputError and
+    TrainingError keep their type); torchrun stops the other ranks. If this process is interrupted (a Prefect timeout or
+    cancellation) the launcher and its ranks are stopped.
     """
     import shutil
 

@@ -24,15 +24,14 @@ from typing import Any, Callable
 
 import torch
 
-from llm_compress.kv.config import KVConfig
-
-from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.data import load_tokens
 from llm_compress.errors import InputError
+from llm_compress.kv.config import KVConfig
 from llm_compress.modeling import count_parameters, free_device, load_causal_lm, resolve_device
 from llm_compress.quantize.codes import CODES_FILE
 from llm_compress.quantize.record import runtime_needs
 from llm_compress.result import StageResult
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.scoring import score
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")

@@ -15,8 +15,8 @@ Formats (each in ``out_dir/<format>/`` with the tokenizer beside it):
 
 With a KV-cache spec (the KV stage's ``kv_cache.json``), the formats a transformers user loads (safetensors,
 bitsandbytes) carry a copy of it, and their reload check also greedy-generates a few tokens through
-``llm_compress.kv.load_kv_cache(<format dir>, reloaded model)``; the ONNX formats carry none (ONNX Runtime runs the graph's
-own past key values, not transformers caches), which their metrics say.
+``llm_compress.kv.load_kv_cache(<format dir>, reloaded model)``; the ONNX formats carry none (ONNX Runtime runs the
+graph's own past key values, not transformers caches), which their metrics say.
 
 Each published format folder carries a model card, ``README.md`` (:mod:`llm_compress.card`): recipe, lineage,
 measured quality and size, the teacher's license, and how to load it in two lines.
@@ -42,15 +42,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.card import write_card
-
 from llm_compress.errors import ExportError, InputError
+from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.export_support import ONNX_FORMATS, onnx_export_problem
 from llm_compress.io import atomic_dir, path_size
 from llm_compress.kv.spec import KV_CACHE_JSON
-from llm_compress.modeling import (DTYPES, check_model_ref, free_device, load_causal_lm, load_tokenizer,
-                             resolve_device, vocab_size_of)
+from llm_compress.modeling import (DTYPES, check_model_ref, free_device, load_causal_lm, load_tokenizer, resolve_device,
+                                   vocab_size_of)
 from llm_compress.quantize.codes import CODES_FILE, load_codes
 from llm_compress.quantize.record import QUANT_FILE, mark_runtime_checkpoint, runtime_needs
 from llm_compress.refs import model_config
@@ -242,8 +241,8 @@ def _build_onnx(src_model, model_dir: Path, dst: Path, device: torch.device, dty
 def _build_onnx_quantized(bits: int):
     """ONNX with really low-bit weights, built on the float32 ONNX export.
 
-    A model with the quantize stage's codes (:mod:`llm_compress.quantize.codes`, at ``bits`` bits: validation checks it):
-    each quantized Linear's MatMul becomes a MatMulNBits holding those codes, scales and zero points
+    A model with the quantize stage's codes (:mod:`llm_compress.quantize.codes`, at ``bits`` bits: validation checks
+    it): each quantized Linear's MatMul becomes a MatMulNBits holding those codes, scales and zero points
     (:func:`llm_compress.packed.replace_matmuls`), so the graph computes the quantized model itself. A model without
     codes is quantized afresh by onnxruntime: int4 with ``MatMulNBitsQuantizer`` (blockwise symmetric, blocks of
     32), int8 with ``quantize_dynamic`` (per-channel int8 weights, activations quantized at run time,
@@ -303,9 +302,9 @@ def _build_onnx_quantized(bits: int):
 
 
 def _build_compressed_tensors(src_model, model_dir: Path, dst: Path, device: torch.device, dtype: torch.dtype):
-    """compressed-tensors ``pack-quantized``: the quantize stage's codes packed as they are (:mod:`llm_compress.packed`),
-    the rest of the model dense in the recipe's dtype; reloaded with stock transformers (``from_pretrained``, the
-    ``compressed-tensors`` package unpacks it)."""
+    """compressed-tensors ``pack-quantized``: the quantize stage's codes packed as they are
+    (:mod:`llm_compress.packed`), the rest of the model dense in the recipe's dtype; reloaded with stock transformers
+    (``from_pretrained``, the ``compressed-tensors`` package unpacks it)."""
     from transformers import AutoModelForCausalLM
 
     from llm_compress.packed import verify_compressed_tensors, write_compressed_tensors

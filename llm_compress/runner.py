@@ -24,7 +24,7 @@ from typing import Callable
 
 from llm_compress.errors import disk_full_named
 from llm_compress.io import (atomic_dir, code_version, digest_path, git_commit, package_versions, path_size,
-                       write_json_atomic)
+                             write_json_atomic)
 from llm_compress.result import StageResult
 from llm_compress.stage import Call
 

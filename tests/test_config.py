@@ -56,7 +56,8 @@ def test_bad_choice_names_allowed_values(tmp_path):
 
 
 def test_unknown_divergence(tmp_path):
-    with pytest.raises(RecipeError, match=r"distill.divergence: Input tag 'euclid' .* expected tags: 'forward_kl', 'reverse_kl', 'js'"):
+    with pytest.raises(RecipeError, match=r"distill.divergence: Input tag 'euclid' .* "
+                                          r"expected tags: 'forward_kl', 'reverse_kl', 'js'"):
         load_recipe(write(tmp_path, "distill:\n  divergence: euclid\n"))
 
 

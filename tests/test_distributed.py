@@ -216,7 +216,8 @@ def test_the_recipe_refuses_what_cannot_be_split():
     with pytest.raises(RecipeError, match="multiple of the runtime.distributed processes"):
         _recipe(processes=3)
     with pytest.raises(RecipeError, match="on_policy"):
-        _recipe(processes=2, strategy="fsdp", on_policy={"share": 0.5, "prompt_tokens": 8}, teacher={"source": "online"})
+        _recipe(processes=2, strategy="fsdp", on_policy={"share": 0.5, "prompt_tokens": 8},
+                teacher={"source": "online"})
     with pytest.raises(RecipeError, match="sinkhorn"):
         _recipe(processes=2, divergence="sinkhorn", teacher={"source": "online"})
     with pytest.raises(RecipeError, match="master_addr"):

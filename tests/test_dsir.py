@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llm_compress.dsir import (DSIRConfig, Featurizer, TargetSpec, core, fast_key, gumbel_top_k, run_selection, sha256_bucket,
-                         sources, tokenize)
+from llm_compress.dsir import (DSIRConfig, Featurizer, TargetSpec, core, fast_key, gumbel_top_k, run_selection,
+                               sha256_bucket, sources, tokenize)
 from llm_compress.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,7 +116,8 @@ def test_tokenizer_is_wordpunct_and_batch_hash_matches_scalar_reference():
 
 
 def test_config_module_is_light():
-    # A recipe's schema (llm_compress.config) imports llm_compress.dsir.config: it must not pull numpy or the selection code.
+    # A recipe's schema (llm_compress.config) imports llm_compress.dsir.config: it must not pull numpy or the
+    # selection code.
     code = ("import sys, llm_compress.dsir.config, llm_compress.dsir; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' or m.startswith('llm_compress.dsir.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -133,7 +134,8 @@ def test_char_classes_filled_block_by_block_match_the_engine_on_every_code_point
     from llm_compress.dsir import features
 
     # A fresh process classifies only the blocks its texts touch.
-    code = ("from llm_compress.dsir import features as f; import numpy as np; f.Featurizer(10).featurize(['héllo 日本']); "
+    code = ("from llm_compress.dsir import features as f; import numpy as np; "
+            "f.Featurizer(10).featurize(['héllo 日本']); "
             "print(int((f._CLASS[::f._BLOCK] != f._UNKNOWN).sum()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert int(out.stdout) == 3  # U+0000-U+00FF (ASCII, é), and the blocks of 日 (U+65E5) and 本 (U+672C)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from llm_compress.card import CARD_FILE, front_matter, render, teacher_license
-from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.errors import ExportError, InputError
 from llm_compress.export import FORMATS, check_batch, compare_logits, run_export
+from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.io import path_size
 from llm_compress.modeling import load_causal_lm, load_tokenizer
 

@@ -194,7 +194,8 @@ def test_validation_and_the_prefect_form_import_no_torch():
     validate = f"import sys; from llm_compress.flows.cli import main; main(['validate', 'configs/demo.yaml']); {heavy}"
     out = subprocess.run([sys.executable, "-c", validate], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
-    form = ("import sys; from prefect.utilities.callables import parameter_schema; from llm_compress.flows.pipeline import compress; "
+    form = ("import sys; from prefect.utilities.callables import parameter_schema; "
+            "from llm_compress.flows.pipeline import compress; "
             "parameter_schema(compress); " + heavy.replace(", 'prefect'", ""))
     out = subprocess.run([sys.executable, "-c", form], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

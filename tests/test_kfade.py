@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch.func import functional_call, jacrev
 
-from llm_compress.unlearn.config import KFadeConfig
 from llm_compress.errors import RecipeError, TrainingError
 from llm_compress.unlearn.base import UnlearnData
+from llm_compress.unlearn.config import KFadeConfig
 from llm_compress.unlearn.data import ForgetSet
-from llm_compress.unlearn.kfade import (KFade, forget_grads, kfac_factors, natural_direction, quadratic_kl, select_linears,
-                                  step_size)
+from llm_compress.unlearn.kfade import (KFade, forget_grads, kfac_factors, natural_direction, quadratic_kl,
+                                        select_linears, step_size)
 
 
 class SoftmaxRegression(torch.nn.Module):

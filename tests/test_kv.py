@@ -1,5 +1,5 @@
-"""KV-cache compressors (llm_compress.kv): KIVI, attention sinks, MiniCache, their memory accounting and the spec loader,
-on tiny random Llama models (CPU). References are DynamicCache runs, masks or plain-Python formulas."""
+"""KV-cache compressors (llm_compress.kv): KIVI, attention sinks, MiniCache, their memory accounting and the spec
+loader, on tiny random Llama models (CPU). References are DynamicCache runs, masks or plain-Python formulas."""
 
 from __future__ import annotations
 
@@ -472,7 +472,8 @@ def test_every_method_is_defined_once_by_its_model():
     from llm_compress.kv.config import KV_METHODS
 
     assert list(KV_METHODS) == ["kivi", "sink", "minicache", "kvtuner", "kvmerger"]
-    wide = LlamaConfig(hidden_size=128, num_attention_heads=2, num_hidden_layers=LAYERS)  # head_dim 64: the defaults fit
+    wide = LlamaConfig(hidden_size=128, num_attention_heads=2,
+                       num_hidden_layers=LAYERS)  # head_dim 64: the defaults fit
     for name, method in KV_METHODS.items():
         dumped = method.model().model_dump()
         assert normalize_spec({"method": name}) == dumped and dumped["method"] == name

@@ -1,4 +1,5 @@
-"""The KVMerger cache (llm_compress.kv.kvmerger): merges by hand, the budget and its protected rows, padding, memory, specs.
+"""The KVMerger cache (llm_compress.kv.kvmerger): merges by hand, the budget and its protected rows, padding,
+memory, specs.
 
 Models are tiny random Llamas on CPU; references are DynamicCache runs and values worked out by hand."""
 

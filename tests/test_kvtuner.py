@@ -1,5 +1,5 @@
-"""KVTuner (llm_compress.kv.kvtuner): the per-layer bit search on tiny random Llama models (CPU), its budget, its table and
-plot, the spec it writes, and its bad-input errors."""
+"""KVTuner (llm_compress.kv.kvtuner): the per-layer bit search on tiny random Llama models (CPU), its budget, its table
+and plot, the spec it writes, and its bad-input errors."""
 
 from __future__ import annotations
 

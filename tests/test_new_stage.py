@@ -50,7 +50,8 @@ print(json.dumps({
     "stage_names": list(get_args(StageName)),
     "order": enabled(recipe),
     "refused": refused,
-    "done": {s: {k: m.get(k) for k in ("reused", "stage_dir", "inputs", "metrics", "cache_key")} for s, m in done.items()},
+    "done": {s: {k: m.get(k) for k in ("reused", "stage_dir", "inputs", "metrics", "cache_key")}
+             for s, m in done.items()},
 }))
 """
 

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from llm_compress.quantize.config import OSTQuantConfig
 from llm_compress.errors import ExportError, InputError
+from llm_compress.quantize.config import OSTQuantConfig
 from llm_compress.quantize.ostquant import calibrate, calibration_loss, kl_top
 from llm_compress.quantize.quantizers import parse_setting
 
@@ -216,7 +216,7 @@ def test_learning_the_transforms_lowers_the_quantized_loss_on_a_fixed_batch():
     from llm_compress.quantize.fakequant import attach_fake_quant
     from llm_compress.quantize.hadamard import random_rotation
     from llm_compress.quantize.transforms import (OSTParams, build_optimizers, fold_rmsnorm, install_online_hadamard,
-                                            transformed_weights)
+                                                  transformed_weights)
 
     m = _model()
     fold_rmsnorm(m)

@@ -13,16 +13,13 @@ import pytest
 import torch
 
 from llm_compress.config import parse_recipe
-
-from llm_compress.export_support import ExportConfig, FROM_CODES_CHECK
-
-from llm_compress.quantize.config import QuantizeConfig
-
-from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.errors import RecipeError
 from llm_compress.export import check_batch, check_failures, compare_logits, run_export
+from llm_compress.export_support import FROM_CODES_CHECK, ExportConfig
 from llm_compress.modeling import load_causal_lm
 from llm_compress.quantize.codes import CODES_FILE, load_codes
+from llm_compress.quantize.config import QuantizeConfig
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 
 from tests.test_export import _tokenizer
 
@@ -246,7 +243,8 @@ def test_a_changed_code_on_disk_is_caught(w4, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from llm_compress.errors import ExportError
-    from llm_compress.packed import replace_matmuls, verify_compressed_tensors, verify_matmulnbits, write_compressed_tensors
+    from llm_compress.packed import (replace_matmuls, verify_compressed_tensors, verify_matmulnbits,
+                                     write_compressed_tensors)
 
     codes = load_codes(w4)
     model = load_causal_lm(str(w4))

@@ -192,8 +192,8 @@ def test_a_failed_export_format_keeps_the_others_and_fails_the_run_uncached(tiny
 
 def _cli(args: list[str], artifacts: Path, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", *args, "--artifacts", str(artifacts)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", *args, "--artifacts", str(artifacts)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, **kw)
 
 
@@ -488,7 +488,8 @@ def test_missing_calibration_file_fails_before_any_work(tmp_path):
     from llm_compress.errors import InputError
     from llm_compress.pipeline import preflight
 
-    recipe = parse_recipe({"quantize": {"scheme": {"method": "gptq", "calibration": {"file": str(tmp_path / "c.txt")}}}})
+    recipe = parse_recipe({"quantize": {"scheme": {"method": "gptq",
+                                                   "calibration": {"file": str(tmp_path / "c.txt")}}}})
     with pytest.raises(InputError, match=r"quantize\.scheme\.calibration\.file: not found: .*c\.txt"):
         preflight(recipe)
 
@@ -503,7 +504,8 @@ def test_gptq_calibrates_on_a_given_text_file(tiny_run, tiny_recipe, tmp_path):
     calib = tmp_path / "calib.jsonl"
     calib.write_text((corpus / "prose" / "eval.jsonl").read_text())
     data = tiny_recipe.model_dump(mode="json")
-    data["quantize"]["scheme"] = {"method": "gptq", "setting": "W4A16", "calibration": {"samples": 4, "file": str(calib)}}
+    data["quantize"]["scheme"] = {"method": "gptq", "setting": "W4A16",
+                                  "calibration": {"samples": 4, "file": str(calib)}}
     data["export"]["formats"] = ["safetensors"]
     done = run_local(parse_recipe(data), root / "tiny-calib-file", root)
     q = done["quantize"]
@@ -860,9 +862,9 @@ def test_a_served_run_and_a_cli_run_of_one_recipe_at_once_both_complete_computin
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": PREFECT_API_URL.value()}
-    cli = subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", "run", str(recipe), "--artifacts", str(tmp_path),
-                            "--run-name", "ua"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True)
+    cli = subprocess.Popen([sys.executable, "-m", "llm_compress.flows.cli", "run", str(recipe), "--artifacts",
+                            str(tmp_path), "--run-name", "ua"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
     served = asyncio.run(_served_deployment_run(recipe, tmp_path, "ub"))
     out, _ = cli.communicate(timeout=600)
     assert cli.returncode == 0, out[-3000:]
@@ -915,7 +917,8 @@ def test_the_recipe_runs_selection_shards_on_a_dask_cluster(tiny_run, tiny_recip
     assert [s["stage"] for s in dask["stages"]] == ["bootstrap", "select"]
     m = json.loads((stage_dir(root, "tiny-select-dask", "select") / "manifest.json").read_text())["metrics"]
     assert m["executor"] == "dask" and m["processes"] == 2 and m["shards"] >= 2
-    ids = [np.load(stage_dir(root, r, "select") / "selected_ids.npy") for r in ("tiny-select-local", "tiny-select-dask")]
+    ids = [np.load(stage_dir(root, r, "select") / "selected_ids.npy")
+           for r in ("tiny-select-local", "tiny-select-dask")]
     assert local["status"] == "completed" and np.array_equal(ids[0], ids[1])  # shard size changes no weight
 
 

@@ -12,7 +12,7 @@ from llm_compress.quantize import fakequant
 from llm_compress.quantize.fakequant import attach_fake_quant
 from llm_compress.quantize.gptq import gptq_quantize_model, gptq_quantize_weight, gptq_solve
 from llm_compress.quantize.quantizers import (QuantSetting, fake_quant_kv, fake_quant_per_token, parse_setting,
-                                        quant_range, quantize_weight, search_clip_ratio, weight_qparams)
+                                              quant_range, quantize_weight, search_clip_ratio, weight_qparams)
 from llm_compress.quantize.rtn import quantize_tensor
 
 
@@ -32,7 +32,8 @@ def _levels(x: torch.Tensor) -> int:
 
 
 def _rtn_by_hand(rows: list[list[float]], bits: int, group_size: int | None, symmetric: bool, clip: float = 1.0):
-    """RTN written out from the grids in ``llm_compress.quantize.quantizers``' docstring, one group at a time in Python."""
+    """RTN written out from the grids in ``llm_compress.quantize.quantizers``' docstring, one group at a time in
+    Python."""
     out = []
     for row in rows:
         g = group_size or len(row)

@@ -4,8 +4,9 @@ A stage's key holds its config (``Stage.config``: its sections, its ``reads``, s
 so a field the stage reads but does not key would be served stale from the cache when it changes (``models.dtype``
 in the KV and export stages was). Here every field read is recorded: each pydantic model of the recipe is watched by
 its path (``kv.cache.bits``), and reads are attributed to the stage whose ``run`` is on the stack (what ``inputs``
-reads only chooses the stage's inputs, which the key holds by digest). Each read must be covered by the stage's keyed config (the field or a section above it) or be one of the operational
-fields (``llm_compress.schema.OPERATIONAL``), which change how a stage runs, never what it makes.
+reads only chooses the stage's inputs, which the key holds by digest). Each read must be covered by the stage's keyed
+config (the field or a section above it) or be one of the operational fields (``llm_compress.schema.OPERATIONAL``),
+which change how a stage runs, never what it makes.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ def test_a_scheduled_run_reselects_after_the_raw_data_changed_and_reuses_everyth
     for d in ("code", "prose"):
         shutil.copy(corpus / d / "train.jsonl", pool / f"{d}.jsonl")
     data = yaml.safe_load(TINY.read_text())
-    data["select"] = {"enabled": True, "raw": [str(pool)], "targets": [{"paths": [str(corpus / "prose" / "eval.jsonl")]}],
+    data["select"] = {"enabled": True, "raw": [str(pool)],
+                      "targets": [{"paths": [str(corpus / "prose" / "eval.jsonl")]}],
                       "dsir": {"k": 30, "min_length": 10, "processes": 1}}
     recipe = tmp_path / "reselect.yaml"
     recipe.write_text(yaml.safe_dump(data))
@@ -199,7 +200,8 @@ def test_a_scheduled_run_reselects_after_the_raw_data_changed_and_reuses_everyth
     assert run_and_read(runs[0]) == {"bootstrap": "cached", "select": "ran", "data": "ran"}
     assert run_and_read(runs[1]) == {"bootstrap": "cached", "select": "cached", "data": "cached"}
     with open(pool / "prose.jsonl", "a") as f:  # fresh data arrived in the raw pool
-        f.write(json.dumps({"text": "A new document about a quiet river town and the ferry that crosses it. " * 4}) + "\n")
+        f.write(json.dumps({"text": "A new document about a quiet river town and the ferry that crosses it. " * 4})
+                + "\n")
     assert run_and_read(runs[2]) == {"bootstrap": "cached", "select": "ran", "data": "ran"}
 
 
@@ -211,7 +213,8 @@ async def _run_with(recipe: dict, tmp_path) -> tuple[str, str]:
 
     from llm_compress.flows.pipeline import compress
 
-    dep = await compress.ato_deployment(name="bad-param", parameters={"run_name": "bad", "artifacts_dir": str(tmp_path)})
+    dep = await compress.ato_deployment(name="bad-param",
+                                        parameters={"run_name": "bad", "artifacts_dir": str(tmp_path)})
     deployment_id = await dep.aapply()
     async with get_client() as client:
         run = await client.create_flow_run_from_deployment(deployment_id, parameters={"recipe": recipe})

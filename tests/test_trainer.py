@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llm_compress.distill.config import DistillConfig
 from llm_compress.distill import trainer
+from llm_compress.distill.config import DistillConfig
 from llm_compress.distill.step import StepLoss, fused_head
 from llm_compress.distill.trainer import precompute_topk, sample_continuations
 from llm_compress.errors import InputError, TrainingError
@@ -377,8 +377,8 @@ def test_low_precision_student_moves_like_float32_and_keeps_its_dtype(dtype, chu
 
 
 def test_training_reports_its_progress_to_the_installed_reporter():
-    """llm_compress.progress: the flow installs a reporter around a stage (a Prefect progress artifact); the loop tells it
-    each step's share of the run; nothing is reported without one."""
+    """llm_compress.progress: the flow installs a reporter around a stage (a Prefect progress artifact); the loop tells
+    it each step's share of the run; nothing is reported without one."""
     from llm_compress.progress import report, reporting
 
     cfg = DistillConfig(steps=3, batch_size=2, eval_every=3, warmup_steps=0)

@@ -14,11 +14,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 
 from llm_compress.errors import InputError
 from llm_compress.quantize.hadamard import (OnlineHadamard, hadamard_matrix, has_hadamard, random_hadamard,
-                                      random_orthogonal, random_rotation)
+                                            random_orthogonal, random_rotation)
 from llm_compress.quantize.qsur import layer_qsur, log_qsur, qsur
-from llm_compress.quantize.transforms import (CayleySGD, HadamardInputLinear, OSTParams, build_optimizers, check_supported,
-                                        fold_rmsnorm, fuse_transforms_, get_online_hadamard, install_online_hadamard,
-                                        transformed_weights)
+from llm_compress.quantize.transforms import (CayleySGD, HadamardInputLinear, OSTParams, build_optimizers,
+                                              check_supported, fold_rmsnorm, fuse_transforms_, get_online_hadamard,
+                                              install_online_hadamard, transformed_weights)
 
 D, I, V = 64, 96, 96  # hidden, intermediate (96 = 8 * 12: Sylvester x Paley I), vocab
 

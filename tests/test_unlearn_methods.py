@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_compress.unlearn.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
 from llm_compress.errors import TrainingError
 from llm_compress.unlearn.base import Batch, UnlearnData
+from llm_compress.unlearn.config import GradientAscentConfig, GradientDifferenceConfig, NPOConfig, ShredConfig
 from llm_compress.unlearn.data import ForgetSet
 from llm_compress.unlearn.gradient_ascent import GradientAscent
 from llm_compress.unlearn.gradient_difference import GradientDifference

@@ -1,5 +1,5 @@
-"""Forgetting metrics (llm_compress.unlearn.metrics): hand-computed values on hand-made logits and strings, and on a tiny
-random Llama (CPU) against plain per-record greedy loops and torch cross-entropy."""
+"""Forgetting metrics (llm_compress.unlearn.metrics): hand-computed values on hand-made logits and strings, and on a
+tiny random Llama (CPU) against plain per-record greedy loops and torch cross-entropy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from llm_compress.unlearn.data import ForgetSet
 from llm_compress.unlearn.metrics import (answer_prob, extraction_strength, forget_metrics, greedy_continuations,
-                                    min_k_scores, mink_auc, rouge_l, utility_metrics)
+                                          min_k_scores, mink_auc, rouge_l, utility_metrics)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -70,7 +70,8 @@ def test_a_record_longer_than_the_context_is_refused(tmp_path):
         pad_token_id, eos_token_id = 0, 0
 
         def __call__(self, text, return_offsets_mapping=True):
-            return {"input_ids": [ord(c) % 50 + 1 for c in text], "offset_mapping": [(i, i + 1) for i in range(len(text))]}
+            return {"input_ids": [ord(c) % 50 + 1 for c in text],
+                    "offset_mapping": [(i, i + 1) for i in range(len(text))]}
 
         def decode(self, ids):
             return "x" * len(ids)

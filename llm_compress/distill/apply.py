@@ -9,18 +9,17 @@ from pathlib import Path
 
 import torch
 
-from llm_compress.distill.config import DeriveStudent, DistillConfig
-
-from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.data import load_tokens
 from llm_compress.distill.chunked import CompressedTeacher
+from llm_compress.distill.config import DeriveStudent, DistillConfig
 from llm_compress.distill.step import loss_path
 from llm_compress.distill.trainer import decoder_layers, gather, precompute_topk, save_history, train
-from llm_compress.errors import InputError
 from llm_compress.distributed import Rank, devices, launch, world_of
+from llm_compress.errors import InputError
 from llm_compress.modeling import (check_same_vocab, count_parameters, load_causal_lm, load_tokenizer, resolve_device,
-                             save_pretrained_atomic_into)
+                                   save_pretrained_atomic_into)
 from llm_compress.result import StageResult
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 
 EVAL_ROWS = 64  # held-out rows scored before training and every distill.eval_every steps
 
@@ -158,8 +157,9 @@ def run(cfg: DistillConfig, models: ModelsConfig, runtime: RuntimeConfig, *, tea
     """Distil the teacher into the student; ``teacher_cache_dir`` holds cached top-k (teacher.source cached_topk).
 
     With ``runtime.distributed`` asking for more than one process, the distillation runs data-parallel in
-    processes that torchrun starts (``llm_compress.worker`` running ``rank_main``, one per GPU or CPU process), and this process
-    waits for them, passing on rank 0's progress; the result is the same as one process's within float tolerance.
+    processes that torchrun starts (``llm_compress.worker`` running ``rank_main``, one per GPU or CPU process), and this
+    process waits for them, passing on rank 0's progress; the result is the same as one process's within float
+    tolerance.
     """
     args = dict(teacher_ref=teacher_ref, student_ref=student_ref, tokenizer_ref=tokenizer_ref,
                 train_path=str(train_path), eval_path=str(eval_path), out_dir=str(out_dir),

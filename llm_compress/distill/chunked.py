@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from llm_compress.distill.divergences import (DIVERGENCES, LOG_FLOOR, TOKENWISE, Divergence, _check_inputs, _prep,
-                                        resolve_params, spec_of)
+                                              resolve_params, spec_of)
 from llm_compress.errors import TrainingError
 
 # chunk_tokens=None picks the chunk from a budget of float32 elements per [chunk, V] intermediate:

@@ -32,9 +32,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from llm_compress.distill.config import DistillConfig, divergence_params
 from llm_compress.distill.chunked import (CompressedTeacher, _rows_and_scale, _weighted_sum, auto_chunk_tokens,
-                                    check_chunk_tokens, chunked_sums, log_probs, topk_divergence, topk_per_token)
+                                          check_chunk_tokens, chunked_sums, log_probs, topk_divergence, topk_per_token)
+from llm_compress.distill.config import DistillConfig, divergence_params
 from llm_compress.distill.divergences import DIVERGENCES, LOG_FLOOR, spec_of
 from llm_compress.errors import TrainingError
 

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from llm_compress.distill.config import DistillConfig, divergence_params
 from llm_compress.distill.chunked import CompressedTeacher, compress_teacher, get_divergence
+from llm_compress.distill.config import DistillConfig, divergence_params
 from llm_compress.distill.step import StepLoss, _autocast
-from llm_compress.progress import report as report_progress
 from llm_compress.errors import InputError, TrainingError
+from llm_compress.progress import report as report_progress
 
 if TYPE_CHECKING:
     from llm_compress.distributed import Rank
@@ -443,7 +443,8 @@ def gather(student, opt, names: list[str]) -> tuple[dict, dict]:
     by_name = get_optimizer_state_dict(student, opt, options=whole)
     index = {n: i for i, n in enumerate(names)}
     optim = {"state": {index[n]: v for n, v in by_name.get("state", {}).items()},
-             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name.get("param_groups", [])]}
+             "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                              for g in by_name.get("param_groups", [])]}
     return weights, optim
 
 

@@ -62,8 +62,8 @@ workers; with ``processes=None`` a small input (under ``core.POOL_MIN_BYTES`` be
 pool of one shard) runs in-process instead, where starting workers would cost more than they save.
 """
 
-# Exports load on first use (PEP 562), so ``import llm_compress.dsir.config`` (a recipe's schema) stays free of numpy and of
-# the selection code, and a command pays for what it touches only.
+# Exports load on first use (PEP 562), so ``import llm_compress.dsir.config`` (a recipe's schema) stays free of numpy
+# and of the selection code, and a command pays for what it touches only.
 _EXPORTS = {"DSIRConfig": "config", "TargetSpec": "config", "run_selection": "core", "run_shard": "core",
             "ShardTask": "core", "inline_map": "core", "gumbel_top_k": "core", "kl_div": "core",
             "Featurizer": "features", "fast_key": "features", "sha256_bucket": "features", "tokenize": "features"}

@@ -41,9 +41,9 @@ PROGRESS_EVERY_S = 5.0  # the most often a stage's progress artifact is written 
 
 
 class _ProgressArtifact:
-    """The reporter of one stage run (:mod:`llm_compress.progress`): a Prefect progress artifact on the task run, updated
-    at most every PROGRESS_EVERY_S seconds, with the stage's note (step, loss, tokens/s) as its description. A failing
-    update is logged once and never fails the stage."""
+    """The reporter of one stage run (:mod:`llm_compress.progress`): a Prefect progress artifact on the task run,
+    updated at most every PROGRESS_EVERY_S seconds, with the stage's note (step, loss, tokens/s) as its description. A
+    failing update is logged once and never fails the stage."""
 
     def __init__(self, stage: str, log):
         self.stage, self.log, self.last, self.id = stage, log, 0.0, None

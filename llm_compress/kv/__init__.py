@@ -1,4 +1,5 @@
-"""KV-cache compression as Hugging Face caches: one file per method behind ``llm_compress.kv.base`` (``KVCache``/``KVLayer``).
+"""KV-cache compression as Hugging Face caches: one file per method behind ``llm_compress.kv.base``
+(``KVCache``/``KVLayer``).
 
 Methods (``method`` in a spec): ``kivi`` (``KIVICache``, kivi.py), ``sink`` (``SinkCache``, sink.py), ``minicache``
 (``MiniCache``, minicache.py), ``kvmerger`` (``KVMergerCache``, kvmerger.py), and ``kvtuner``, a search (kvtuner.py)

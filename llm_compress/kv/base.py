@@ -1,4 +1,5 @@
-"""The interface every KV-cache compressor in ``llm_compress.kv`` implements: a Hugging Face ``Cache`` of per-layer objects.
+"""The interface every KV-cache compressor in ``llm_compress.kv`` implements: a Hugging Face ``Cache`` of
+per-layer objects.
 
 A method is one ``KVCache`` subclass built of ``KVLayer`` subclasses (transformers 4.57 ``Cache(layers=[...])`` API),
 usable as ``model.generate(..., past_key_values=cache)`` or ``model(ids, past_key_values=cache, use_cache=True)``.

@@ -13,8 +13,8 @@ pair per layer: what ``build_cache`` / ``load_kv_cache`` build at inference. The
 3. Search over one candidate per layer, under ``average_bits`` <= budget (mean over layers of (k + v) / 2):
    - strategy ``exact``: every configuration is measured (candidates ** layers of them), the lowest objective within
      the budget wins; ``auto`` picks this when candidates ** layers <= ``max_exact``;
-   - strategy ``optuna``: multi-objective NSGA-II (``optuna.samplers.NSGAIISampler``) over (objective, average bits) with
-     the budget as a constraint, ``trials`` measured configurations. The first trials are enqueued: the
+   - strategy ``optuna``: multi-objective NSGA-II (``optuna.samplers.NSGAIISampler``) over (objective, average bits)
+     with the budget as a constraint, ``trials`` measured configurations. The first trials are enqueued: the
      configuration that minimises the *sum* of the layer sensitivities under the budget (an exact multiple-choice
      knapsack over the table, ``additive_best``) and every uniform configuration within the budget, so the search
      starts from the best that the table predicts. The winner is the feasible trial with the lowest objective.
@@ -177,9 +177,10 @@ def search(model, rows: torch.Tensor, spec: dict, prefill: int, *, seed: int = 0
     feasible = [t for t in trials if t["avg_bits"] <= budget + 1e-9]
     best = min(feasible, key=lambda t: (t["objective"], t["avg_bits"]))
     record = {"method": "kvtuner", "objective": spec["objective"], "budget": budget, "strategy": how,
-              "space": space, "trials": len(trials), "measured": len({tuple(t["candidates"]) for t in trials}), "candidates": candidates, "chosen": best["candidates"],
-              "avg_bits": best["avg_bits"], "value": best["objective"], "calib_rows": int(rows.shape[0]),
-              "calib_tokens": int(rows.shape[1]), "prefill": int(prefill)}
+              "space": space, "trials": len(trials), "measured": len({tuple(t["candidates"]) for t in trials}),
+              "candidates": candidates, "chosen": best["candidates"], "avg_bits": best["avg_bits"],
+              "value": best["objective"], "calib_rows": int(rows.shape[0]), "calib_tokens": int(rows.shape[1]),
+              "prefill": int(prefill)}
     chosen = normalize_spec({"method": "kivi", "bits": [list(parse_pair(n)) for n in best["candidates"]],
                              "group_size": spec["group_size"], "residual": spec["residual"], "search": record})
     return {"spec": chosen, "sensitivity": table, "trials": trials, "front": pareto_front(trials)}

@@ -48,8 +48,8 @@ from typing import Any, Iterable
 import torch
 
 from llm_compress.kv.base import KVCache, KVLayer
-from llm_compress.kv.kivi import KIVILayer, KIVIStream
 from llm_compress.kv.config import MiniCacheConfig
+from llm_compress.kv.kivi import KIVILayer, KIVIStream
 from llm_compress.kv.spec import check_minicache_depth, check_params
 
 _EPS = 1e-6

@@ -1,4 +1,5 @@
-"""The bootstrap stage: the embedded default world (corpus from Python's own text, BPE tokenizer, a small Llama teacher).
+"""The bootstrap stage: the embedded default world (corpus from Python's own text, BPE tokenizer, a small Llama
+teacher).
 
 Runs only when the recipe uses ``embedded`` (teacher, data or a select path). Algorithm: :mod:`llm_compress.bootstrap`.
 """

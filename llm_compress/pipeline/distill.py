@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llm_compress.distill.config import DistillConfig
 from llm_compress.errors import InputError
 from llm_compress.refs import check_recipe_models, model_config
-from llm_compress.distill.config import DistillConfig
 from llm_compress.stage import Context, Stage, Upstream
 
 

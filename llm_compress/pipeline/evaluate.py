@@ -11,16 +11,14 @@ the final model with the unlearn stage's own figures.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field
 
 from llm_compress.errors import GateError
-from llm_compress.schema import Strict
-
-from pathlib import Path
-
 from llm_compress.refs import check_recipe_models
+from llm_compress.schema import Strict
 from llm_compress.stage import Context, Stage, Upstream
 
 

@@ -1,7 +1,7 @@
-"""The export stage: write the final model in each requested format, load it back and compare its logits with the source's
-before publishing. Algorithm: :mod:`llm_compress.export`. With the KV stage on, its ``kv_cache.json`` is an input (only
-then): the transformers formats carry it, checked by generating through it. Checked before any work: the ONNX
-formats are refused for a model whose config they cannot export correctly (:mod:`llm_compress.export_support`).
+"""The export stage: write the final model in each requested format, load it back and compare its logits with the
+source's before publishing. Algorithm: :mod:`llm_compress.export`. With the KV stage on, its ``kv_cache.json`` is an
+input (only then): the transformers formats carry it, checked by generating through it. Checked before any work: the
+ONNX formats are refused for a model whose config they cannot export correctly (:mod:`llm_compress.export_support`).
 
 Each format folder carries a model card (:mod:`llm_compress.card`). What it says comes from the stage's key: the teacher
 (an input: its digest, and its license read from its README front matter), evaluate's ``eval.json`` (an input when

@@ -1,7 +1,7 @@
 """The kv stage: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
 ``llm_compress.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
-perplexity ratio, KL and top-1 agreement (:mod:`llm_compress.kv.measure`). Caches: :mod:`llm_compress.kv` (KIVI, sink window,
-MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
+perplexity ratio, KL and top-1 agreement (:mod:`llm_compress.kv.measure`). Caches: :mod:`llm_compress.kv` (KIVI, sink
+window, MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
 (:mod:`llm_compress.kv.kvtuner`) and saves the layer-sensitivity table (kvtuner_sensitivity.json), every measured
 configuration and the Pareto plot (kvtuner_pareto.png); kv_cache.json is then the chosen per-layer KIVI cache.
 The stage makes no new weights: later stages still take the model it was measured on.
@@ -15,8 +15,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from llm_compress.errors import InputError
-from llm_compress.refs import distilled_model_config
 from llm_compress.kv.config import KVConfig
+from llm_compress.refs import distilled_model_config
 from llm_compress.stage import Context, Stage, Upstream
 
 

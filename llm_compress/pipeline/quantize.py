@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_compress.errors import InputError
+from llm_compress.quantize.config import QuantizeConfig
 from llm_compress.quantize.support import SUPPORTED_MODEL_TYPES
 from llm_compress.refs import check_recipe_models, distilled_model_config
-from llm_compress.quantize.config import QuantizeConfig
 from llm_compress.stage import Context, Env, Stage, Upstream
 
 

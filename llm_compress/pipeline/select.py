@@ -1,4 +1,5 @@
-"""The select stage: DSIR data selection; the selection becomes the distillation data. Algorithm: :mod:`llm_compress.dsir`.
+"""The select stage: DSIR data selection; the selection becomes the distillation data.
+Algorithm: :mod:`llm_compress.dsir`.
 
 ``select.raw`` / ``select.targets`` entries are paths, or ``embedded[:domain]`` for the embedded corpus's training
 splits. The raw pool is keyed by a digest memo (path, size, mtime, inode), so a multi-GB pool is not re-read to
@@ -10,8 +11,8 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from llm_compress.errors import InputError
 from llm_compress.dsir.config import SelectConfig
+from llm_compress.errors import InputError
 from llm_compress.stage import Context, Stage, Upstream
 
 

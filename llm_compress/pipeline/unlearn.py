@@ -1,4 +1,5 @@
-"""The unlearn stage: remove a forget set from the model before it is quantized. Algorithms: :mod:`llm_compress.unlearn`.
+"""The unlearn stage: remove a forget set from the model before it is quantized.
+Algorithms: :mod:`llm_compress.unlearn`.
 
 Order: distill -> unlearn -> quantize -> kv. Unlearning runs on the float model that will be compressed, because
 (1) the gradient methods and K-FADE need float weights to update, (2) quantizing afterwards is what a user ships,
@@ -22,8 +23,8 @@ from pathlib import Path
 
 from llm_compress.errors import InputError
 from llm_compress.refs import check_recipe_models
-from llm_compress.unlearn.config import UnlearnConfig
 from llm_compress.stage import Context, Env, Stage, Upstream
+from llm_compress.unlearn.config import UnlearnConfig
 
 _EMBEDDED = {"embedded:facts-forget": "forget.jsonl", "embedded:facts-keep": "keep.jsonl",
              "embedded:facts-holdout": "holdout.jsonl"}

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import torch
 
-from llm_compress.quantize.config import QuantizeConfig
-
-from llm_compress.schema import ModelsConfig, RuntimeConfig
 from llm_compress.distributed import world_of
 from llm_compress.errors import InputError
 from llm_compress.quantize.codes import CODES_FILE, save_codes
+from llm_compress.quantize.config import QuantizeConfig
 from llm_compress.quantize.record import QUANT_FILE
 from llm_compress.result import StageResult
+from llm_compress.schema import ModelsConfig, RuntimeConfig
 
 
 def calibration_rows(path: Path, samples: int, seed: int, *, tokenizer=None, seq_len: int | None = None,
@@ -199,8 +198,8 @@ def run_rank(cfg: QuantizeConfig, models: ModelsConfig, runtime: RuntimeConfig |
                                  text_field=s.calibration.text_field,
                                  vocab_size=model.get_input_embeddings().num_embeddings)
     codes: dict = {}
-    record = apply(model, s, calib, seed=seed, progress=bool(runtime and runtime.progress) and (rank is None or rank.main),
-                   codes=codes, rank=rank)
+    record = apply(model, s, calib, seed=seed,
+                   progress=bool(runtime and runtime.progress) and (rank is None or rank.main), codes=codes, rank=rank)
     compute = {"processes": rank.world, "devices": devices(rank)} if rank else None
     if rank is not None and not rank.main:
         return None

@@ -33,7 +33,7 @@ from llm_compress.quantize.fakequant import attach_fake_quant
 from llm_compress.quantize.hadamard import random_rotation
 from llm_compress.quantize.quantizers import QuantSetting, _weight_groups, fake_quant_round_ste
 from llm_compress.quantize.transforms import (OSTParams, build_optimizers, check_supported, fold_rmsnorm,
-                                        fuse_transforms_, install_online_hadamard, transformed_weights)
+                                              fuse_transforms_, install_online_hadamard, transformed_weights)
 
 if TYPE_CHECKING:
     from llm_compress.quantize.config import OSTQuantConfig

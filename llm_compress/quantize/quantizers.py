@@ -24,8 +24,8 @@ along head_dim (one group = the whole head, QuaRot's per-head KV convention). Wh
 the rounding straight through while the scale stays a differentiable function of the input
 (``fake_quant_round_ste``), so rotations/scalings upstream can be trained through the quantizer and see its error.
 ``bits >= 16`` means "not quantized" and returns the input as is. The dynamic fake quantizers are
-``dequantize_codes(*quantize_codes(x, ...))``: the KV-cache compressors (``llm_compress.kv``) store what ``quantize_codes``
-returns instead of dequantizing it at once, so there is one KV quantizer, not a second copy.
+``dequantize_codes(*quantize_codes(x, ...))``: the KV-cache compressors (``llm_compress.kv``) store what
+``quantize_codes`` returns instead of dequantizing it at once, so there is one KV quantizer, not a second copy.
 
 Settings are named like "W4A4KV4": weight, activation and KV-cache bits (KV defaults to 16), see ``parse_setting``.
 """

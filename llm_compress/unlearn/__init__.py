@@ -17,9 +17,9 @@ gradient_difference  ``GradientDifference``          ascend the forget NLL, desc
 npo                  ``NPO`` (npo.py)                negative preference optimisation against the original
 ===================  ==============================  =========================================================
 
-The gradient methods share one loop and one loss signature (:mod:`llm_compress.unlearn.loop`). The forget-set format is in
-:mod:`llm_compress.unlearn.data`; the metrics (ROUGE-L, extraction strength, answer probability, Min-K% AUC, perplexity and
-KL) in :mod:`llm_compress.unlearn.metrics`, used by the unlearn stage and by evaluate.
+The gradient methods share one loop and one loss signature (:mod:`llm_compress.unlearn.loop`). The forget-set format is
+in :mod:`llm_compress.unlearn.data`; the metrics (ROUGE-L, extraction strength, answer probability, Min-K% AUC,
+perplexity and KL) in :mod:`llm_compress.unlearn.metrics`, used by the unlearn stage and by evaluate.
 """
 
 from __future__ import annotations

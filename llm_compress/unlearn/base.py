@@ -2,8 +2,8 @@
 
 A method is a subclass of :class:`Unlearner` in its own module (kvpress-style), built from its recipe section
 (``unlearn.method``: one of the models registered, with the class, in :mod:`llm_compress.unlearn.config`).
-``__call__`` changes ``model`` in place and returns its history. The gradient methods (SHRED and the baselines) share one plain loop and one loss signature
-(:class:`LossUnlearner`); K-FADE takes Gauss-Newton steps instead.
+``__call__`` changes ``model`` in place and returns its history. The gradient methods (SHRED and the baselines) share
+one plain loop and one loss signature (:class:`LossUnlearner`); K-FADE takes Gauss-Newton steps instead.
 """
 
 from __future__ import annotations
