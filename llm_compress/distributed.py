@@ -186,6 +186,10 @@ def serve(argv: list[str] | None) -> None:
             result = run_rank(spec, rank)
         if result is not None:
             finish(work, {"outputs": result.outputs, "metrics": result.metrics, "compute": result.compute})
+        # Every rank is done before any tears the group down: a gloo rank whose peer closed the connections while
+        # it was still leaving its last collective aborted ("terminate called without an active exception", seen
+        # once in CI on the second node's rank, whose torchrun agent then waited 300 s at its exit barrier).
+        dist.barrier()
     except BaseException as e:
         if work is not None:
             record_error(work, e)
