@@ -41,10 +41,10 @@ def test_parse_pair_and_average_bits():
 
 
 def test_exact_search_respects_the_budget_and_is_the_best_measured(rows):
-    model = _model(2)  # 5 ** 2 = 25 configurations: auto searches exactly
-    result = search(model, rows, _spec(budget=3.0), prefill=32)
+    model = _model(2)  # 7 ** 2 = 49 configurations unpruned: auto searches exactly
+    result = search(model, rows, _spec(budget=3.0, prune=False), prefill=32)
     spec, rec = result["spec"], result["spec"]["search"]
-    assert rec["strategy"] == "exact" and rec["measured"] == 25 == len(result["trials"])
+    assert rec["strategy"] == "exact" and rec["measured"] == 49 == len(result["trials"])
     assert spec["method"] == "kivi" and len(spec["bits"]) == 2
     assert average_bits(spec["bits"]) <= 3.0 and rec["avg_bits"] == average_bits(spec["bits"])
     feasible = [t["objective"] for t in result["trials"] if t["avg_bits"] <= 3.0]

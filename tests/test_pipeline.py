@@ -408,11 +408,12 @@ def test_kv_stage_kvtuner_searches_per_layer_bits_and_writes_them(tiny_run, tiny
     m, out = done["kv"]["metrics"], done["kv"]["outputs"]
     layers = load_causal_lm(done["quantize"]["outputs"]["model"]["path"]).config.num_hidden_layers
     assert m["method"] == "kivi" and m["kvtuner"]["avg_bits"] <= 3.0 and len(m["kvtuner_sensitivity"]) == layers
-    assert m["kvtuner"]["strategy"] == "exact" and m["kvtuner"]["measured"] == 5 ** layers
+    assert m["kvtuner"]["strategy"] == "exact"
     assert Path(out["kvtuner_pareto"]["path"]).read_bytes()[:4] == b"\x89PNG"
     table = json.loads(Path(out["kvtuner_sensitivity"]["path"]).read_text())
-    assert len(table["trials"]) == 5 ** layers and table["objective"] == "kl"
     saved = json.loads(Path(out["kv_cache"]["path"]).read_text())
+    # every configuration of the groups' pruned space measured
+    assert len(table["trials"]) == saved["search"]["space"] == m["kvtuner"]["measured"] and table["objective"] == "kl"
     assert saved["method"] == "kivi" and len(saved["bits"]) == layers and average_bits(saved["bits"]) <= 3.0
     model = load_causal_lm(done["quantize"]["outputs"]["model"]["path"])
     cache = load_kv_cache(Path(out["kv_cache"]["path"]).parent, model)

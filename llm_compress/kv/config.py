@@ -94,6 +94,12 @@ def parse_pair(name: Any) -> tuple[int, int]:
     return (int(m[1]), int(m[1])) if m[1] else (int(m[2]), int(m[3]))
 
 
+# KVTuner's candidate pairs in KIVI mode (cmd2001/KVTuner search_optuna_adaptive.py, 'per-channel-asym'): the
+# standard list KV8, K8V4, KV4, K4V2, KV2 and the per-group lists that swap in value-heavier K4V8 and K2V4; this is
+# their union, so a search finds whether keys or values need the bits rather than being told.
+AUTHORS_CANDIDATES = ("KV8", "K8V4", "K4V8", "KV4", "K4V2", "K2V4", "KV2")
+
+
 def average_bits(pairs: list) -> float:
     """KVTuner's budget measure: the mean over layers of (key bits + value bits) / 2 (codes only, no scales)."""
     return sum(k + v for k, v in pairs) / (2 * len(pairs))
@@ -151,8 +157,9 @@ class KVTunerConfig(Strict):
     per-layer KIVI cache is what kv_cache.json holds."""
 
     method: Literal["kvtuner"] = "kvtuner"
-    candidates: list[str] = Field(default_factory=lambda: ["KV8", "K8V4", "KV4", "K4V2", "KV2"],
-                                  description="Per-layer choices, KV<bits> or K<bits>V<bits> (bits 2, 4, 8, 16).")
+    candidates: list[str] = Field(default_factory=lambda: list(AUTHORS_CANDIDATES),
+                                  description="Per-layer choices, KV<bits> or K<bits>V<bits> (bits 2, 4, 8, 16); "
+                                  "the default is every pair of the authors' KIVI-mode lists, value-heavier ones too.")
     budget: _number(0, open_low=True) = Field(4.0, description="Most average bits allowed: mean over layers of "
                                               "(key bits + value bits) / 2.")
     objective: Literal["kl", "ppl"] = Field("kl", description="Minimised on the calibration rows: KL to the full "
@@ -163,6 +170,14 @@ class KVTunerConfig(Strict):
     trials: _integer(1) = Field(60, description="Configurations optuna measures.")
     max_exact: _integer(1) = Field(256, description="Largest space searched exactly (auto).")
     calib_rows: _integer(1) = Field(4, description="Training rows the search scores on.")
+    groups: _integer(1) = Field(6, description="Layers are clustered by their measured sensitivity into this many "
+                                "groups (at most one per layer) and the search picks one pair per group (the "
+                                "authors' KIVI-mode groupings have 5 to 8; 6 for Llama-3.1-8B).")
+    prune: bool = Field(True, strict=True, description="Drop, per group, the candidates another one beats on both "
+                        "bits and measured sensitivity before the search (the authors' intra-layer pruning).")
+    force_quant: bool = Field(True, strict=True, description="Calibration passes attend to the states as the cache "
+                              "holds them, the prompt's own included (the authors' force_quant); false: each pass "
+                              "attends exactly to its own tokens, which hides prompt damage.")
     group_size: _integer(1) = Field(32, description="KIVI group size.")
     residual: _integer(1) = Field(128, description="KIVI full-precision window.")
 
