@@ -144,10 +144,10 @@ def test_kv_cache_is_typed_per_method_and_checked_by_the_caches_own_rules(tmp_pa
     r = load_recipe(write(tmp_path, "kv:\n  enabled: true\n  cache: {bits: [2, 4], group_size: 16, residual: 32}\n"))
     assert (r.kv.cache.method, r.kv.cache.bits, r.kv.cache.group_size) == ("kivi", [2, 4], 16)  # kivi by default
     r = load_recipe(write(tmp_path, "kv:\n  enabled: true\n  cache: {method: minicache, bits: [4, 4]}\n"))
-    assert r.kv.cache.method == "minicache" and r.kv.cache.t == 0.5
+    assert r.kv.cache.method == "minicache" and r.kv.cache.t == 0.6
     for text, msg in (("{bits: [3, 4]}", "KIVI key bits must be one of"),
                       ("{group_size: 32, residual: 48}", "residual must be a positive multiple of the group size"),
-                      ("{method: minicache, gamma: -1}", "gamma must be >= 0"),
+                      ("{method: minicache, gamma: -1}", r"gamma must lie in \[0, 1\]"),
                       ("{method: sink, window: 0}", "window must be an integer >= 1")):
         with pytest.raises(RecipeError, match=msg):
             load_recipe(write(tmp_path, f"kv:\n  enabled: true\n  cache: {text}\n"))

@@ -137,9 +137,14 @@ class MiniCacheConfig(Strict):
 
     method: Literal["minicache"] = "minicache"
     start_layer: _integer(0) | None = Field(None, description="First merged layer (unset: the middle of the model).")
-    t: _number(0, 1) = Field(0.5, description="SLERP interpolation between the pair's directions.")
-    gamma: _number(0) = Field(0.05, description="Retention threshold on the relative angular distance: tokens above "
-                              "it stay unmerged (0 retains every token).")
+    t: _number(0, 1) = Field(0.6, description="SLERP interpolation from the first layer's direction toward the "
+                             "second's (the paper's 0.6).")
+    gamma: _number(0, 1) = Field(0.05, description="Retention threshold: per layer pair, head and K/V, the tokens in "
+                                 "the top gamma of the angular-distance range stay unmerged (the paper's 0.05; 1 "
+                                 "retains every token).")
+    max_distance: _number(0, 1) = Field(0.5, description="Token pairs farther apart than this normalized angular "
+                                        "distance always stay unmerged (0.5: more than 90 degrees; 1: never, the "
+                                        "paper's rule alone).")
     bits: _bits(per_layer=False) = Field(
         default_factory=lambda: [16, 16],
         description="[key bits, value bits] of KIVI under the merge ([4, 4]: MiniCache-4; [16, 16]: no quantization).")

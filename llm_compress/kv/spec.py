@@ -72,6 +72,14 @@ def check_kivi_head_dim(k_bits: int, v_bits: int, group_size: int, head_dim: int
             raise InputError(f"head_dim {head_dim} at {b} bits does not pack into whole bytes")
 
 
+def check_minicache_head_dim(bits: Any, group_size: int, head_dim: int) -> None:
+    """Raise InputError if MiniCache over KIVI (bits < 16) cannot code layer s+1's retained states, which are coded
+    per token in groups of ``group_size`` along head_dim, keys too (``check_kivi_head_dim`` checks the rest)."""
+    if min(bits) < NO_QUANT_BITS and head_dim % group_size:
+        raise InputError(f"MiniCache group size {group_size} does not divide head_dim {head_dim} (retained keys and "
+                         "values are coded per token, in groups along head_dim)")
+
+
 def check_minicache_depth(start_layer: int, num_layers: int) -> None:
     """Raise InputError naming the cause if MiniCache cannot start merging at ``start_layer`` of ``num_layers``."""
     if start_layer >= num_layers:
@@ -131,6 +139,7 @@ def check_against_model(spec: dict, model: Any) -> tuple[int, int]:
         check_kivi_head_dim(kb, vb, spec["group_size"], head_dim)
     if spec["method"] == "minicache":
         check_minicache_depth(num_layers // 2 if spec["start_layer"] is None else spec["start_layer"], num_layers)
+        check_minicache_head_dim(spec["bits"], spec["group_size"], head_dim)
     return num_layers, head_dim
 
 
