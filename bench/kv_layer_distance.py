@@ -7,10 +7,12 @@ merging) and KVMerger (merging neighbouring tokens) rely on.
 One forward pass of ``--rows`` held-out rows of ``--context`` tokens through a full ``DynamicCache``, then, per
 adjacent layer pair (l, l + 1) and for K and V: quantiles of MiniCache's angular distance d = angle / pi between the
 two layers' states of each token and head (``llm_compress.kv.minicache.merge_states``; 0 = same direction, 0.5 =
-orthogonal), and the share of tokens MiniCache's relative rule retains at several gamma; per layer: quantiles of the
-cosine similarity of consecutive tokens' keys (KVMerger merges neighbours at or above its threshold, 0.8 by
-default). For the kvlong bench model: ``--model artifacts/bench-kv/bootstrap/teacher --eval
-artifacts/bench-kv/data/eval.safetensors`` (made by ``bench/bench_kv.py``).
+orthogonal), and the share of tokens MiniCache's retention rule keeps unmerged at several gamma over the whole
+context's range (``llm_compress.kv.minicache.retention_mask``: the top gamma of the range, with its 0.5 guard and
+without it, "alone"); per layer: quantiles of the cosine similarity of consecutive tokens' keys (KVMerger merges
+neighbours at or above its threshold, 0.8 by default). For the kvlong bench model: ``--model
+artifacts/bench-kv/bootstrap/teacher --eval artifacts/bench-kv/data/eval.safetensors`` (made by
+``bench/bench_kv.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> None:
     from transformers import DynamicCache
 
     from llm_compress.data import load_tokens
-    from llm_compress.kv.minicache import merge_states
+    from llm_compress.kv.minicache import merge_states, retention_mask
     from llm_compress.modeling import load_causal_lm
 
     ap = argparse.ArgumentParser()
@@ -57,11 +59,15 @@ def main() -> None:
         nxt = cache.layers[i + 1]
         for name, a, b in (("K", layer.keys, nxt.keys), ("V", layer.values, nxt.values)):
             d = merge_states(a, b)[3]  # [B, H, T]
-            lo, hi = d.amin(-1, keepdim=True), d.amax(-1, keepdim=True)
+            lo, hi = d.amin(-1), d.amax(-1)
+
+            def share(g: float, guard: float) -> float:
+                return round(float(retention_mask(d, lo, hi, g, guard).float().mean()), 4)
+
             pairs.append({"layers": [i, i + 1], "states": name,
                           "distance_quantiles": [round(float(x), 3) for x in torch.quantile(d.flatten(), q)],
-                          "retained_share": {str(g): round(float(((d - lo) > g * (hi - lo)).float().mean()), 4)
-                                             for g in GAMMAS}})
+                          "retained_share": {str(g): share(g, 0.5) for g in GAMMAS},
+                          "retained_share_alone": {str(g): share(g, 1.0) for g in GAMMAS}})
     out = {"model": args.model, "rows": args.rows, "context": args.context, "quantiles": QUANTILES,
            "adjacent_layers": pairs, "neighbour_keys": neighbours}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
