@@ -19,13 +19,15 @@ Cache specs (``--caches``); every measurement uses a fresh cache object (transfo
   caches, built by ``llm_compress.kv.build_cache(spec, model)`` (``llm_compress/kv/``); the table names them by
   ``label``.
 
-For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows, batch 1):
-- memory: after a prefill of C tokens, the bytes of storage held by every tensor the cache references, found by
-  walking its attributes (lists, tuples, dicts, objects; tensor subclasses such as quanto's packed tensors are
-  opened through ``__tensor_flatten__``, since the wrapper's own storage reports the unpacked size), each storage
-  counted once; mean over rows. Ratio to a 16-bit full cache of the same tokens: 2 (K, V) x layers x KV heads x C x
-  head_dim x 2 bytes (what a GPU user of DynamicCache holds). A cache's own ``nbytes()`` / ``full_bytes()``, when it
-  has them, are recorded beside the walked figure.
+For each cache and context length C (the first C tokens of each of ``--rows`` held-out rows):
+- memory over decoding, the KV stage's measurement (``llm_compress.kv.measure.MemoryTrace``): after every decode step
+  of the quality pass below, the bytes the cache holds in a 16-bit deployment (floating-point tensors at 2 bytes per
+  element whatever the run's dtype, codes, masks and pad counts as stored; each storage once): a project cache's
+  ``held_tensors``, any other cache's every referenced tensor (``reachable_tensors``: attributes, lists, dicts, and
+  into tensor subclasses such as quanto's packed tensors, whose wrapper reports the unpacked size); per row (the
+  batch's bytes / rows). Against a 16-bit full cache of the same tokens, 2 (K, V) x layers x KV heads x tokens seen x
+  head_dim x 2 bytes: the mean ratio (of the mean bytes) and the worst step's. Not a snapshot after the prompt,
+  the best moment of most caches (KIVI's window empty, KVMerger just compressed, QuantizedCache's residual empty).
 - quality, teacher-forced, as the KV stage measures it (``llm_compress.kv.measure.stepwise_logits`` and ``compare``, all
   rows as one batch): prefill the first C - 1 - S tokens (S = ``--score-tokens``), then feed the next S tokens one
   decode step at a time through the cache; each step's next-token distribution is scored, so every scored
@@ -34,7 +36,7 @@ For each cache and context length C (the first C tokens of each of ``--rows`` he
 - speed: greedy decode of ``--new-tokens`` tokens after a prefill of C tokens (row 0), only the decode steps timed,
   median of ``--repeats`` runs after one untimed run.
 Each of ``--dtypes`` is a whole run with the model (and so the caches, and QuantizedCache's scales) in that dtype;
-the 16-bit reference is the same in all of them.
+the memory figures are the 16-bit deployment's in all of them (a float32 run's own bytes: ``run_dtype_bytes_mean``).
 
 ``--write-results`` replaces (or appends) the "## KV cache (issue: KV-cache compression)" section of
 bench/RESULTS.md.
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import math
 import platform
@@ -52,10 +53,9 @@ import shlex
 import statistics
 import sys
 import time
-import types
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,14 +63,17 @@ RECIPE = ROOT / "bench" / "recipes" / "kvlong.yaml"
 SECTION = "## KV cache (issue: KV-cache compression)"
 DEFAULT_CACHES = ["full", "quanto:4", "quanto:2", "hqq:4", "hqq:2"]
 NOTES = """\
-Columns, per cache and context length C (batch 1, the first C tokens of each held-out row):
-- held KiB: bytes of storage held by every tensor the cache references after a prefill of C tokens (codes, scales,
-  shifts / zeros, full-precision residual), each storage once, mean over rows; quanto's packed tensors are opened
-  (the wrapper's own storage reports the unpacked size). Steady state: the dequantised copies that QuantizedCache
-  makes during every decode step, and the full-precision K/V of the prompt pass, are transient and not counted.
-- vs 16-bit full: held bytes / (2 x layers x KV heads x C x head_dim x 2 bytes), what a 16-bit DynamicCache holds.
-  `full` is measured in the model's dtype (2.000 in float32: 4 bytes per element). bits / element: 8 x held bytes /
-  (2 x layers x KV heads x C x head_dim); QuantizedCache's scales and shifts are kept in the model's dtype.
+Columns, per cache and context length C (the first C tokens of each held-out row, all rows one batch):
+- held KiB mean / max: bytes held per row after every decode step of the scored pass below (S steps, ending at
+  C - 1 tokens seen), mean and maximum over the steps, as a 16-bit deployment holds them: every tensor the cache
+  keeps (codes, scales, shifts / zeros, magnitudes, masks, pad counts, full-precision windows), floating-point ones
+  at 2 bytes per element whatever the run's dtype, each storage once; quanto's packed tensors are opened (the
+  wrapper's own storage reports the unpacked size). Steady state: the dequantised copies made during every decode
+  step, and the full-precision K/V of the prompt pass, are transient and not counted.
+- x smaller mean / min: a 16-bit full cache of the same tokens (2 x layers x KV heads x tokens x head_dim x 2 bytes)
+  against the held bytes: mean full bytes / mean held bytes over the steps, and the worst step's ratio (KIVI just
+  before its window is flushed, KVMerger just before a compression). `full` is 1.000 in every dtype.
+  bits / element: 16 / x smaller (mean).
 - ppl, ppl ratio, KL(full ‖ cache), top-1 agreement: teacher-forced. Prefill the first C - 1 - S tokens (S scored
   tokens), then feed the next S tokens one decode step at a time through the cache and score each step's
   next-token distribution, so every scored prediction reads the stored (compressed) K/V; the same with `full`
@@ -79,7 +82,8 @@ Columns, per cache and context length C (batch 1, the first C tokens of each hel
   median of the timed runs after one untimed run; one thread on a shared 2-core machine, so only indicative.
 - QuantizedCache settings: per-token groups of 32 along head_dim (= head_dim; quanto axis 0, HQQ axis 1: HQQ's axis
   0 groups strided elements across tokens), residual 128 (transformers' default). It quantises the whole prompt at
-  the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual.
+  the prefill and keeps up to 127 later tokens in full precision; S <= 127 scored steps stay within that residual,
+  and the memory figures count the exact tokens it gathers there.
 - The project's caches (`llm_compress/kv/`) are named by method and settings: `kivi k2v2 g32 r32` (key/value bits,
   group, residual; a KVTuner result is a per-layer kivi spec, named by its layers' pairs), `minicache` (start layer, t,
   gamma, bits under the merge), `kvmerger` (budget, threshold, window), `sink` (sinks + window)."""
@@ -133,7 +137,7 @@ def main() -> None:
 
     if args.from_json:
         data = json.loads(Path(args.from_json).read_text())
-        return publish(args, data["meta"], data["results"])
+        return publish(args, data["meta"], over_decoding(data["results"], args.from_json))
 
     import torch
 
@@ -182,10 +186,20 @@ def main() -> None:
     publish(args, meta, results)
 
 
+def over_decoding(results: list[dict], path) -> list[dict]:
+    """``results`` if their memory was measured over the decode steps (``memory_ratio_mean``); an earlier run's rows
+    (one snapshot after the prompt, run-dtype bytes) cannot share a table with them."""
+    if any("memory_ratio_mean" not in r for r in results):
+        raise SystemExit(f"{path}: its memory figures are snapshots after the prompt (before memory was measured over "
+                         "the decode steps in a 16-bit deployment); measure those caches again")
+    return results
+
+
 def merged(path: Path, meta: dict, results: list[dict]) -> tuple[dict, list[dict]]:
     """The run in ``path`` with ``results`` (but ``full``) in place of its rows of the same (dtype, cache, context),
     new ones added at the end; its meta gains a ``remeasured`` entry (what, when, with which command)."""
     old = json.loads(path.read_text())
+    over_decoding(old["results"], path)
     key = lambda r: (r["dtype"], r["cache"], r["context"])  # noqa: E731
     new = {key(r): r for r in results if r["cache"] != "full"}  # the earlier reference stays (its speed is what the
     # earlier rows' "vs full" divide by); the new rows' quality and speed ratios are to this run's own full cache
@@ -375,73 +389,31 @@ def quantized_cache(spec: str, model) -> Callable:
     return make
 
 
-def held_tensors(obj, seen: set[int] | None = None) -> Iterator:
-    """Every plain tensor that ``obj`` references: through attributes, lists, tuples and dicts, and into tensor
-    subclasses that wrap others (``__tensor_flatten__``: quanto's QTensor and PackedTensor). Modules, classes and
-    functions are not entered: a cache that keeps a reference to the model does not hold its weights."""
-    import torch
-
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        if hasattr(type(obj), "__tensor_flatten__"):  # its own storage is a stand-in of the unpacked size
-            for name in obj.__tensor_flatten__()[0]:
-                yield from held_tensors(getattr(obj, name), seen)
-        else:
-            yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from held_tensors(v, seen)
-    elif isinstance(obj, (list, tuple, set)):
-        for v in obj:
-            yield from held_tensors(v, seen)
-    elif isinstance(obj, (torch.nn.Module, type, types.FunctionType, types.MethodType, types.ModuleType,
-                          functools.partial)):
-        return
-    elif hasattr(obj, "__dict__"):
-        for v in vars(obj).values():
-            yield from held_tensors(v, seen)
-
-
-def held_bytes(cache) -> int:
-    """Bytes of storage the cache's tensors hold, each storage once (a view keeps its whole storage alive)."""
-    storages = {}
-    for t in held_tensors(cache):
-        s = t.untyped_storage()
-        storages[(s.data_ptr(), str(t.device))] = s.nbytes()
-    return sum(storages.values())
-
-
-def full16_bytes(config, tokens: int) -> int:
-    """A 16-bit full cache of ``tokens`` tokens at batch 1: K and V of every layer and KV head."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * 2
+def memory_figures(trace, rows: int) -> dict:
+    """A ``MemoryTrace``'s figures of a batch of ``rows`` rows, per row: held bytes mean / max, the 16-bit full
+    cache's mean, the mean and worst-step ratios, bits per element and this run's own bytes (module docstring)."""
+    m = trace.summary()
+    return {"bytes_mean": round(m["bytes_mean"] / rows), "bytes_max": round(m["bytes_max"] / rows),
+            "full_bytes_mean": round(m["full_bytes_mean"] / rows),
+            "memory_ratio_mean": round(m["memory_ratio_mean"], 4), "memory_ratio_min": round(m["memory_ratio_min"], 4),
+            "bits_per_element": round(16 / m["memory_ratio_mean"], 3),
+            "run_dtype_bytes_mean": round(m["run_dtype_bytes_mean"] / rows), "memory_steps": m["memory_steps"]}
 
 
 def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -> dict:
-    """Memory, teacher-forced quality (against ``ref``, the full cache's scores; None when this is it) and decode
-    speed of one cache at one context length (module docstring)."""
+    """Memory over decoding and teacher-forced quality (against ``ref``, the full cache's scores; None when this is
+    it) on one pass, and decode speed, of one cache at one context length (module docstring)."""
     import torch
 
-    held, reported = [], []
-    with torch.no_grad():
-        for r in rows:
-            cache = make()
-            model(input_ids=r[None, :context], past_key_values=cache, use_cache=True)
-            if cache.get_seq_length() != context:  # positions come from it: tokens seen, not held
-                raise RuntimeError(f"get_seq_length() is {cache.get_seq_length()} after {context} tokens")
-            held.append(held_bytes(cache))
-            if hasattr(cache, "nbytes"):
-                reported.append((cache.nbytes(), cache.full_bytes() if hasattr(cache, "full_bytes") else None))
-
-    from llm_compress.kv.measure import compare, stepwise_logits
+    from llm_compress.kv.measure import MemoryTrace, compare, stepwise_logits
 
     t0 = time.perf_counter()
     prefill = context - 1 - args.score_tokens
     rows_c = rows[:, :context]
-    scored = stepwise_logits(model, rows_c, prefill, make())  # [rows, context - prefill, V], all rows one batch
+    cache, trace = make(), MemoryTrace(model.config, len(rows))
+    scored = stepwise_logits(model, rows_c, prefill, cache, on_step=trace)  # [rows, context - prefill, V], one batch
+    if cache.get_seq_length() != context - 1:  # positions and the full cache's bytes come from it: tokens seen
+        raise RuntimeError(f"get_seq_length() is {cache.get_seq_length()} after {context - 1} tokens")
     # the decode steps' S predictions, of tokens prefill + 1 .. C - 1 (the prompt pass's own prediction is not scored)
     scored, target = scored[:, 1:], rows_c[:, prefill + 1:]
     score_s = time.perf_counter() - t0
@@ -458,19 +430,11 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
             times.append(time.perf_counter() - t)
     decode_s = statistics.median(times[1:])  # the first run warms up (quanto compiles its extension on first use)
 
-    full16 = full16_bytes(model.config, context)
-    mean_held = sum(held) / len(held)
     nll = torch.nn.functional.cross_entropy(scored.flatten(0, 1), target.flatten()).item()  # [rows * S, V]
-    out = {"context": context, "held_bytes": round(mean_held), "held_bytes_min": min(held), "held_bytes_max": max(held),
-           "full16_bytes": full16, "memory_ratio": round(mean_held / full16, 4),
-           "bits_per_element": round(8 * mean_held / (full16 / 2), 3),
+    out = {"context": context, **memory_figures(trace, len(rows)),
            "ppl": round(math.exp(nll), 4), "scored_tokens": target.numel(),
            "decode_tokens_per_s": round(args.new_tokens / decode_s, 1), "decode_s_runs": [round(t, 3) for t in times],
            "score_seconds": round(score_s, 1)}
-    if reported:
-        out["reported_nbytes"] = round(sum(r[0] for r in reported) / len(reported))
-        if reported[0][1] is not None:
-            out["reported_full_bytes"] = round(sum(r[1] for r in reported) / len(reported))
     if ref is None:
         out.update(ppl_ratio=1.0, kl=0.0, top1_agreement=1.0, decode_vs_full=1.0,
                    _scores={"logits": scored, "tokens_per_s": out["decode_tokens_per_s"]})
@@ -513,7 +477,7 @@ def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
     panels = [(d, c) for d in dtypes for c in contexts]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 3.5, 5.0), squeeze=False)
     for ax, (dtype, c) in zip(axes[0], panels):
-        pts = sorted(((1 / r["memory_ratio"], r["ppl_ratio"], r["cache"]) for r in results
+        pts = sorted(((r["memory_ratio_mean"], r["ppl_ratio"], r["cache"]) for r in results
                       if r["context"] == c and r["dtype"] == dtype), reverse=True)
         for x, y, name in pts:
             ax.scatter(x, y, color=style[name][0], marker=style[name][1], s=36, zorder=3, edgecolors="black",
@@ -528,7 +492,7 @@ def pareto_plot(results: list[dict], path: Path, meta: dict) -> None:
         ax.axhline(1.01, color="C3", ls="--", lw=0.8)
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("16-bit full cache / bytes held (after a prefill of the context)")
+        ax.set_xlabel("16-bit full cache / bytes held (mean over the decode steps)")
         ax.set_ylabel("perplexity / full cache's (teacher-forced decode steps)")
         ax.set_title(f"context {c}, {dtype} model", fontsize=10)
     cfg = meta["config"]
@@ -569,13 +533,14 @@ def results_section(meta: dict, results: list[dict], cmd: str) -> str:
     order = {c: i for i, c in enumerate(meta["caches"])}
     for dtype in meta["dtypes"]:
         lines += ["", f"{dtype} model (a full cache and quantisation scales in {dtype}):", "",
-                  "| cache | context | held KiB | vs 16-bit full | bits / element | ppl | ppl ratio | KL(full ‖ cache) "
-                  "| top-1 agreement | decode tok/s | vs full |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| cache | context | held KiB mean | held KiB max | x smaller mean | x smaller min | bits / element "
+                  "| ppl | ppl ratio | KL(full ‖ cache) | top-1 agreement | decode tok/s | vs full |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = sorted((r for r in results if r["dtype"] == dtype), key=lambda r: (r["context"], order[r["cache"]]))
         for r in rows:
-            lines.append(f"| {r['cache']} | {r['context']} | {r['held_bytes'] / 1024:,.1f} | "
-                         f"{r['memory_ratio']:.3f} | {r['bits_per_element']:.2f} | {r['ppl']:.2f} | "
+            lines.append(f"| {r['cache']} | {r['context']} | {r['bytes_mean'] / 1024:,.1f} | "
+                         f"{r['bytes_max'] / 1024:,.1f} | {r['memory_ratio_mean']:.3f} | {r['memory_ratio_min']:.3f} | "
+                         f"{r['bits_per_element']:.2f} | {r['ppl']:.2f} | "
                          f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
                          f"{r['decode_tokens_per_s']:.0f} | {r['decode_vs_full']:.2f} |")
     for t in meta.get("kvtuner", []):

@@ -6,8 +6,9 @@ Per model, on the held-out token rows [rows, T] (the first ``max_eval_tokens`` t
 - ``top1_agreement``: share of positions where the model's argmax equals the teacher's;
 - ``params``, ``bytes_on_disk`` (weights files) and ``latency_ms_per_token`` (greedy decoding
   with the KV cache, median over repeats after a warm-up).
-With the KV stage on, each model the cache supports also gets ``kv``: the cache's bytes against a 16-bit full cache,
-perplexity ratio, KL and top-1 agreement to the full cache on the KV stage's held-out rows
+With the KV stage on, each model the cache supports also gets ``kv``: the cache's bytes over the decode steps (mean and
+max) against a 16-bit full cache (``memory_ratio_mean``, ``memory_ratio_min``), perplexity ratio, KL and top-1
+agreement to the full cache on the KV stage's held-out rows
 (:func:`llm_compress.kv.measure.measure`), and greedy decode tokens/s with the cache and with the full ``DynamicCache``
 (the latency figure's code, given a cache per ``generate``); a model it does not support gets ``kv.skipped``.
 All models are scored batch by batch against one teacher forward (:func:`llm_compress.scoring.score`), so teacher logits

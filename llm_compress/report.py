@@ -77,8 +77,10 @@ def unlearn_rows(done: dict[str, dict]) -> list[dict]:
     return rows
 
 
-KV_COLUMNS = ("method", "memory_ratio", "bytes", "full_bytes", "ppl_ratio", "kl_to_full", "top1_agreement",
-              "context", "scored_tokens")
+# Memory (llm_compress.kv.measure): held bytes in a 16-bit deployment over the decode steps, mean and max, against a
+# 16-bit full cache of the same tokens; memory_ratio_min is the worst step's ratio.
+KV_COLUMNS = ("method", "memory_ratio_mean", "memory_ratio_min", "bytes_mean", "bytes_max", "full_bytes_mean",
+              "ppl_ratio", "kl_to_full", "top1_agreement", "context", "scored_tokens")
 
 
 def kv_row(done: dict[str, dict]) -> dict | None:
@@ -87,8 +89,8 @@ def kv_row(done: dict[str, dict]) -> dict | None:
     return {c: kv["metrics"].get(c) for c in KV_COLUMNS} if kv else None
 
 
-KV_EVAL_COLUMNS = ("memory_ratio", "bytes", "ppl_ratio", "kl_to_full", "top1_agreement", "decode_tokens_per_s",
-                   "decode_tokens_per_s_full")
+KV_EVAL_COLUMNS = ("memory_ratio_mean", "memory_ratio_min", "bytes_mean", "bytes_max", "ppl_ratio", "kl_to_full",
+                   "top1_agreement", "decode_tokens_per_s", "decode_tokens_per_s_full")
 
 
 def kv_eval_rows(done: dict[str, dict]) -> list[dict]:
@@ -118,13 +120,17 @@ def markdown(report: dict) -> str:
         for row in report["evaluation"]:
             lines.append("| " + " | ".join(_fmt(row[c]) for c in ("model",) + EVAL_COLUMNS) + " |")
     if report.get("kv_cache"):
-        lines += ["", "## KV cache (teacher-forced decode through the cache, vs the full cache; memory vs 16-bit)", "",
+        lines += ["", "## KV cache (teacher-forced decode through the cache, vs the full cache)", "",
+                  "Memory: bytes held in a 16-bit deployment (floats at 2 bytes, codes as packed) after every decode "
+                  "step, mean and max; ratios: a 16-bit full cache of the same tokens / held (mean: of the means; "
+                  "min: the worst step).", "",
                   "| " + " | ".join(KV_COLUMNS) + " |", "|" + "---|" * len(KV_COLUMNS),
                   "| " + " | ".join(_fmt(report["kv_cache"][c]) for c in KV_COLUMNS) + " |"]
-        ratio = report["kv_cache"].get("memory_ratio")
+        ratio = report["kv_cache"].get("memory_ratio_mean")
         if ratio is not None and ratio < 1:
             lines += ["", f"**Warning:** this cache holds {1 / ratio:.2f}x *more* than a 16-bit full cache of the same "
-                      "tokens (its bookkeeping outweighs what it saves on this model), so it saves no memory."]
+                      "tokens, on average over decoding (its bookkeeping outweighs what it saves on this model), so it "
+                      "saves no memory."]
     if report.get("kv_evaluation"):
         lines += ["", "Every evaluated model with the cache (evaluate; decode: greedy tokens/s with the cache and with "
                   "the full DynamicCache):", "", "| " + " | ".join(("model",) + KV_EVAL_COLUMNS) + " |",

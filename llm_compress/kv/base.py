@@ -15,10 +15,18 @@ Contracts every layer keeps (each one is what transformers 4.57's attention, mas
 - Beam search, assisted decoding and the other batch/crop helpers are refused (their base versions touch only
   ``layer.keys``/``layer.values`` and would silently corrupt compressed storage). Build one cache per sequence batch.
 
-Memory: ``KVCache.nbytes()`` sums the storage of every tensor the layers hold (codes, scales, offsets, magnitudes,
-retained tokens, full-precision windows), each storage counted once even when layers share it or a view keeps a
-larger one alive; ``full_bytes(dtype_bytes=2)`` is what a 16-bit full ``DynamicCache`` would hold for the same
-tokens, 2 (K and V) x layers x B x H_kv x seen x D x 2 bytes. Memory ratio = full_bytes / nbytes.
+Memory: ``KVCache.held_tensors()`` is every tensor the layers hold between updates (codes, scales, offsets,
+magnitudes, retained tokens, masks, pad counts, full-precision windows), each storage counted once even when layers
+share it or a view keeps a larger one alive. Two sums of them:
+
+- ``nbytes16()``, the figure every memory ratio uses: what the cache holds in a 16-bit deployment. Floating-point
+  tensors (exact K/V, scales, offsets, magnitudes) count 2 bytes per element whatever the run's dtype; integer and
+  bool tensors (packed codes, masks, pad counts) count as stored. So the figure, and the ratio, is the same in a
+  float32 run (the recipe default) and a bfloat16 one, and a cache that keeps everything exact scores 1.0.
+- ``nbytes()``: the bytes this run's storage really takes (floats in the run's dtype; twice the above in float32).
+
+``full_bytes(dtype_bytes=2)`` is what a 16-bit full ``DynamicCache`` would hold for the same tokens, 2 (K and V) x
+layers x B x H_kv x seen x D x 2 bytes. Memory ratio = full_bytes / nbytes16 (how many times smaller).
 """
 
 from __future__ import annotations
@@ -147,8 +155,12 @@ class KVLayer(CacheLayerMixin):
         return 2 * self.batch * self.kv_heads * self.seen * self.head_dim * dtype_bytes
 
 
-def storage_nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the storages behind tensors, each storage once (a view keeps its whole storage alive)."""
+def storage_nbytes(tensors: Iterable[torch.Tensor], float_bytes: int | None = None) -> int:
+    """Bytes of the storages behind tensors, each storage once (a view keeps its whole storage alive).
+
+    ``float_bytes``: count floating-point storages at that many bytes per element (2: what they hold in a 16-bit
+    dtype) instead of their own; integer and bool storages always count as stored.
+    """
     seen: set[tuple[str, int]] = set()
     total = 0
     for t in tensors:
@@ -156,7 +168,8 @@ def storage_nbytes(tensors: Iterable[torch.Tensor]) -> int:
         key = (str(t.device), storage.data_ptr())
         if storage.nbytes() and key not in seen:
             seen.add(key)
-            total += storage.nbytes()
+            scaled = float_bytes is not None and t.is_floating_point()
+            total += storage.nbytes() // t.element_size() * float_bytes if scaled else storage.nbytes()
     return total
 
 
@@ -167,15 +180,24 @@ class KVCache(Cache):
         super().__init__(layers=layers)
         self.spec = spec
 
+    def held_tensors(self) -> Iterable[torch.Tensor]:
+        """Every tensor every layer holds between updates (a storage shared by layers may come more than once)."""
+        return (t for layer in self.layers for t in layer.held_tensors())
+
     def nbytes(self) -> int:
-        """Bytes held by every tensor of every layer, each storage counted once."""
-        return storage_nbytes(t for layer in self.layers for t in layer.held_tensors())
+        """Bytes this run's storage takes: every held tensor in its own dtype, each storage counted once."""
+        return storage_nbytes(self.held_tensors())
+
+    def nbytes16(self) -> int:
+        """Bytes held in a 16-bit deployment: floating-point tensors at 2 bytes per element, codes, masks and pad
+        counts as stored, each storage once (the module docstring); the same in a float32 and a bfloat16 run."""
+        return storage_nbytes(self.held_tensors(), float_bytes=2)
 
     def full_bytes(self, dtype_bytes: int = 2) -> int:
         """Bytes a full ``DynamicCache`` in a ``dtype_bytes``-byte dtype would hold for the same tokens."""
         return sum(layer.full_bytes(dtype_bytes) for layer in self.layers)
 
-    def memory_ratio(self, dtype_bytes: int = 2) -> float:
-        """full_bytes / nbytes (how many times smaller than a 16-bit full cache); inf for an empty cache."""
-        held = self.nbytes()
-        return self.full_bytes(dtype_bytes) / held if held else float("inf")
+    def memory_ratio(self) -> float:
+        """full_bytes / nbytes16 (how many times smaller than a 16-bit full cache, now); inf for an empty cache."""
+        held = self.nbytes16()
+        return self.full_bytes() / held if held else float("inf")

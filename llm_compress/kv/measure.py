@@ -8,8 +8,15 @@ transformers' ``DynamicCache`` (the full cache):
 - ``ppl`` / ``ppl_full`` / ``ppl_ratio``: perplexity of the scored tokens (each predicted from the tokens before it);
 - ``kl_to_full``: mean over scored positions of KL(full-cache distribution || compressed-cache distribution);
 - ``top1_agreement``: share of scored positions whose argmax matches the full cache's;
-- ``bytes`` / ``full_bytes`` / ``memory_ratio``: what the cache holds after the whole rows (``KVCache.nbytes``,
-  every tensor it keeps) against a 16-bit full cache of the same tokens (2 bytes per element, what a GPU user holds).
+- memory over decoding (``MemoryTrace``): after every decode step, the bytes the cache holds in a 16-bit deployment
+  (``KVCache.nbytes16``: every tensor it keeps, floats at 2 bytes per element whatever the run's dtype, codes, masks
+  and pad counts as stored) and a 16-bit full cache's bytes for the same tokens. ``bytes_mean`` / ``bytes_max``: mean
+  and maximum held bytes over the steps; ``full_bytes_mean``: the full cache's mean over the same steps;
+  ``memory_ratio_mean`` = full_bytes_mean / bytes_mean (how many times smaller, on average while decoding);
+  ``memory_ratio_min``: the smallest per-step ratio full / held (the step where the cache is fullest relative to a
+  full cache: KIVI just before its window is flushed, KVMerger just before a compression); ``run_dtype_bytes_mean``:
+  the mean bytes this run's storage really took (floats in the run's dtype); ``memory_steps``: steps sampled. A
+  snapshot right after the prompt would flatter: KIVI's window is then empty, a merging cache just compressed.
 
 ``held_out_rows`` picks the rows and prompt length from the recipe's ``kv`` section: the KV stage and the evaluate
 stage measure on the same rows.
@@ -17,22 +24,102 @@ stage measure on the same rows.
 
 from __future__ import annotations
 
+import functools
 import math
+import types
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from llm_compress.kv.base import KVCache, storage_nbytes
+
 
 @torch.no_grad()
-def stepwise_logits(model, rows: torch.Tensor, prefill: int, cache) -> torch.Tensor:
+def stepwise_logits(model, rows: torch.Tensor, prefill: int, cache,
+                    on_step: Callable[[Any], None] | None = None) -> torch.Tensor:
     """Logits [B, T - prefill, V] predicting tokens prefill .. T-1 through ``cache``: the prompt rows[:, :prefill]
-    in one pass, then tokens prefill .. T-2 one decode step each."""
+    in one pass, then tokens prefill .. T-2 one decode step each; ``on_step(cache)`` after every decode step."""
     out = model(input_ids=rows[:, :prefill], past_key_values=cache, use_cache=True)
     logits = [out.logits[:, -1:].float()]  # predicts token `prefill`
     for t in range(prefill, rows.shape[1] - 1):
         out = model(input_ids=rows[:, t:t + 1], past_key_values=cache, use_cache=True)
         logits.append(out.logits[:, -1:].float())
+        if on_step is not None:
+            on_step(cache)
     return torch.cat(logits, dim=1)  # [B, T - prefill, V]: position i predicts token prefill + i
+
+
+def reachable_tensors(obj, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every plain tensor ``obj`` references: through attributes, lists, tuples and dicts, and into tensor subclasses
+    that wrap others (``__tensor_flatten__``: quanto's QTensor and PackedTensor, whose own storage is a stand-in of
+    the unpacked size). Modules, classes and functions are not entered: a cache that keeps a reference to the model
+    does not hold its weights. How the bytes of a cache that is not a ``KVCache`` (transformers' DynamicCache,
+    QuantizedCache) are found, and how a test checks that a ``KVCache``'s ``held_tensors`` misses nothing."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if hasattr(type(obj), "__tensor_flatten__"):
+            for name in obj.__tensor_flatten__()[0]:
+                yield from reachable_tensors(getattr(obj, name), seen)
+        else:
+            yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from reachable_tensors(v, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from reachable_tensors(v, seen)
+    elif isinstance(obj, (torch.nn.Module, type, types.FunctionType, types.MethodType, types.ModuleType,
+                          functools.partial)):
+        return
+    elif hasattr(obj, "__dict__"):
+        for v in vars(obj).values():
+            yield from reachable_tensors(v, seen)
+
+
+def cache_tensors(cache) -> Iterable[torch.Tensor]:
+    """The tensors a cache holds: a ``KVCache``'s ``held_tensors``, any other cache's reachable tensors."""
+    return cache.held_tensors() if isinstance(cache, KVCache) else reachable_tensors(cache)
+
+
+def full16_bytes(config, batch: int, tokens: int) -> int:
+    """A 16-bit full cache of ``tokens`` tokens per row: K and V of every layer and KV head, 2 bytes an element."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * batch * kv_heads * tokens * head_dim * 2
+
+
+class MemoryTrace:
+    """Held bytes of a cache over decoding: call it with the cache after every decode step (``stepwise_logits``'s
+    ``on_step``); ``summary()`` gives the figures of the module docstring. ``config``: the model's config, ``batch``:
+    the rows decoded at once (the full cache's size counts every row)."""
+
+    def __init__(self, config, batch: int) -> None:
+        self.config, self.batch = config, batch
+        self.held: list[int] = []  # 16-bit deployment bytes, per step
+        self.run: list[int] = []  # this run's storage bytes, per step
+        self.full: list[int] = []  # a 16-bit full cache of the tokens seen, per step
+
+    def __call__(self, cache) -> None:
+        tensors = list(cache_tensors(cache))
+        self.held.append(storage_nbytes(tensors, float_bytes=2))
+        self.run.append(storage_nbytes(tensors))
+        self.full.append(full16_bytes(self.config, self.batch, cache.get_seq_length()))
+
+    def summary(self) -> dict:
+        """bytes_mean, bytes_max, full_bytes_mean, memory_ratio_mean, memory_ratio_min, run_dtype_bytes_mean,
+        memory_steps; needs at least one step."""
+        if not self.held:
+            raise ValueError("MemoryTrace.summary: no step was recorded")
+        n = len(self.held)
+        bytes_mean, full_mean = sum(self.held) / n, sum(self.full) / n
+        return {"bytes_mean": bytes_mean, "bytes_max": max(self.held), "full_bytes_mean": full_mean,
+                "memory_ratio_mean": full_mean / max(1.0, bytes_mean),
+                "memory_ratio_min": min(f / max(1, h) for f, h in zip(self.full, self.held)),
+                "run_dtype_bytes_mean": sum(self.run) / n, "memory_steps": n}
 
 
 def compare(comp: torch.Tensor, full: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -71,13 +158,14 @@ def measure(model, rows: torch.Tensor, spec: dict, prefill: int) -> dict:
         raise ValueError(f"prefill must lie in (0, {rows.shape[1]}), got {prefill}")
     rows = rows.long()
     cache = build_cache(spec, model)
-    comp = stepwise_logits(model, rows, prefill, cache)
+    trace = MemoryTrace(model.config, rows.shape[0])
+    comp = stepwise_logits(model, rows, prefill, cache, on_step=trace)
+    if not trace.held:  # prefill = T - 1: no decode step, the state after the prompt is the only one
+        trace(cache)
     full = stepwise_logits(model, rows, prefill, DynamicCache(config=model.config))
     targets = rows[:, prefill:]  # [B, T - prefill]
     return {
-        **compare(comp, full, targets),
-        "bytes": int(cache.nbytes()), "full_bytes": int(cache.full_bytes()),
-        "memory_ratio": cache.full_bytes() / max(1, cache.nbytes()),
+        **compare(comp, full, targets), **trace.summary(),
         "rows": int(rows.shape[0]), "context": int(rows.shape[1]), "prefill": int(prefill),
         "scored_tokens": int(targets.numel()),
     }

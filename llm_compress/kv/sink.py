@@ -20,7 +20,8 @@ RoPE positions show padding (``generate`` gives pads position 1, so a padded row
 raises instead of silently attending to pad "sinks". Masks are only built for eager/SDPA attention here
 (flash-attention's varlen path reads the 2-D mask itself and is not supported with eviction).
 
-Stored per layer: the held K and V, [B, H_kv, min(seen, sinks + window), D], in the states' dtype.
+Stored per layer: the held K and V, [B, H_kv, min(seen, sinks + window), D], in the states' dtype, and the
+pads still in front of each row, long [B] (once declared, or once tokens are evicted).
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class EvictionLayer(KVLayer):
         return self.k_held, self.v_held
 
     def held_tensors(self) -> Iterable[torch.Tensor]:
-        return [] if self.k_held is None else [self.k_held, self.v_held]
+        held = [] if self.k_held is None else [self.k_held, self.v_held]
+        return held + ([self.pads] if self.pads is not None else [])  # pads: long [B], 8 bytes a row
 
 
 class EvictionCache(KVCache):

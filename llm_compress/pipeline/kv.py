@@ -1,8 +1,10 @@
 """The kv stage: KV-cache compression. The configured cache is written as ``kv_cache.json`` (a user builds it with
-``llm_compress.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held,
-perplexity ratio, KL and top-1 agreement (:mod:`llm_compress.kv.measure`). Caches: :mod:`llm_compress.kv` (KIVI, sink
-window, MiniCache). With ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows
-(:mod:`llm_compress.kv.kvtuner`) and saves the layer-sensitivity table (kvtuner_sensitivity.json), every measured
+``llm_compress.kv.load_kv_cache(folder, model)``) and measured on held-out rows against the full cache: memory held
+over the decode steps (mean and max bytes in a 16-bit deployment, and their ratios to a 16-bit full cache:
+``memory_ratio_mean``, ``memory_ratio_min``), perplexity ratio, KL and top-1 agreement
+(:mod:`llm_compress.kv.measure`). Caches: :mod:`llm_compress.kv` (KIVI, sink window, MiniCache). With
+``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows (:mod:`llm_compress.kv.kvtuner`)
+and saves the layer-sensitivity table (kvtuner_sensitivity.json), every measured
 configuration and the Pareto plot (kvtuner_pareto.png); kv_cache.json is then the chosen per-layer KIVI cache.
 The stage makes no new weights: later stages still take the model it was measured on.
 
