@@ -46,6 +46,8 @@ def build_cache(spec: dict | str | Path, model: Any, attention_mask: Any = None)
                          f"llm_compress.kv.{spec['method']}.search) and build the per-layer kivi spec it returns")
     params = {k: v for k, v in spec.items() if k in method.model.model_fields and k != "method"}
     cache = method.load()(num_layers, **params, spec=spec)
+    if hasattr(cache, "attach") and hasattr(model, "named_modules"):  # a cache that hooks the model's attention
+        cache.attach(model)
     return cache.set_padding(attention_mask) if attention_mask is not None and hasattr(cache, "set_padding") else cache
 
 

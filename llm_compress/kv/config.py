@@ -209,18 +209,25 @@ class KVTunerConfig(Strict):
 
 
 class KVMergerConfig(Strict):
-    """KVMerger: runs of consecutive tokens with similar keys merge into one Gaussian-weighted K/V state each, down
-    to a share of the tokens seen; the first `sinks` and last `window` tokens stay exact."""
+    """KVMerger (Wang et al. 2024): runs of consecutive tokens whose keys are alike (cosine to the run's latest key
+    above `threshold`) merge into one Gaussian-kernel-weighted K/V state around their most attended member; how
+    much merges varies per layer and head. The first `sinks` and last `window` tokens stay exact."""
 
     method: Literal["kvmerger"] = "kvmerger"
-    budget: _number(0, 1, open_low=True) = Field(0.5, description="Share of the tokens seen the cache holds after a "
-                                                 "compression (1: no merging).")
-    threshold: _number(-1, 1) = Field(0.8, description="Cosine similarity of neighbouring keys at or above which the "
-                                      "two tokens may merge.")
+    threshold: _number(-1, 1) = Field(0.75, description="Cosine similarity to a merging set's latest key above which "
+                                      "an earlier neighbour joins the set (the paper's 0.75; 1: no merging).")
+    budget: _number(0, 1, open_low=True) | None = Field(
+        None, description="Least share of each row's tokens every head keeps, a cap on merging (a head whose sets "
+        "would hold fewer merges only its most similar neighbours; 1: no merging); unset: the threshold alone decides.")
+    pivot: Literal["attention", "mean_key"] = Field("attention", description="The member a set merges around: the "
+                                                    "one with the most accumulated attention (the paper), or the one "
+                                                    "closest to the set's mean key.")
+    observe: _integer(1) = Field(32, description="Last prompt queries whose attention is accumulated per token for "
+                                 "the pivot (every later query adds its own).")
     sinks: _integer(0) = Field(4, description="First tokens never merged.")
     window: _integer(1) = Field(32, description="Most recent tokens never merged.")
-    interval: _integer(1) = Field(32, description="Tokens held over the budget before the next compression (so most "
-                                  "decode steps only append).")
+    interval: _integer(1) = Field(32, description="Tokens added after which the cache merges again (it merges the "
+                                  "prompt once, then every `interval` tokens).")
 
 
 # The KV-cache methods: name -> (parameters, the cache class that runs them; kvtuner is a search, whose result is a
