@@ -34,6 +34,22 @@ def teacher_config(cfg, tokenizer):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def _mix_retrieval(train_ids: torch.Tensor, tok, cfg) -> tuple[torch.Tensor, dict]:
+    """``train_ids`` [rows, seq_len] with retrieval rows (:func:`llm_compress.kv.retrieval.training_rows`) appended:
+    ``share`` of the result's rows, their filler windows drawn from the training tokens themselves. The trainer draws
+    rows at random, so their place in the tensor does not matter; each is a whole document, so no fact is cut from
+    its query by row boundaries."""
+    from llm_compress.kv.retrieval import training_rows
+
+    mix = cfg.retrieval
+    n = max(1, round(len(train_ids) * mix.share / (1 - mix.share)))
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = training_rows(train_ids.flatten().tolist(), encode, rows=n, seq_len=cfg.seq_len, facts=mix.facts,
+                         seed=cfg.seed)
+    mixed = torch.cat([train_ids, torch.tensor(rows, dtype=train_ids.dtype)])
+    return mixed, {"rows": n, "corpus_rows": len(train_ids), "share": round(n / len(mixed), 4), "facts": mix.facts}
+
+
 def run(cfg, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
         tokenizer_dir: Path | None = None) -> StageResult:
     """Build the embedded world of ``cfg`` (the recipe's ``embedded`` section,
@@ -63,6 +79,8 @@ def run(cfg, runtime: RuntimeConfig, *, train_teacher: bool, out_dir: Path,
         device = resolve_device(runtime.device)
         train_ids = pack(load_texts(train_files), tok, cfg.seq_len, "embedded training corpus")
         eval_ids = pack(load_texts(eval_files), tok, cfg.seq_len, "embedded eval corpus")
+        if cfg.retrieval is not None:
+            train_ids, metrics["retrieval"] = _mix_retrieval(train_ids, tok, cfg)
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(teacher_config(cfg, tok))
         # the distillation loop without a teacher: next-token cross-entropy only

@@ -169,3 +169,28 @@ def measure(model, rows: torch.Tensor, spec: dict, prefill: int) -> dict:
         "rows": int(rows.shape[0]), "context": int(rows.shape[1]), "prefill": int(prefill),
         "scored_tokens": int(targets.numel()),
     }
+
+
+@torch.no_grad()
+def retrieval_correct(model, items: list, make_cache: Callable[[], Any], batch_size: int = 8) -> list[bool]:
+    """Whether the model, reading each retrieval probe's prompt through a fresh cache from ``make_cache()``, greedily
+    decodes exactly the probe's answer tokens (``llm_compress.kv.retrieval.Probe``, token units), in probe order.
+
+    The prompt goes through the cache in one pass, then the answer's tokens one decode step each
+    (``stepwise_logits``): the answer is right when every step's argmax is the answer's next token. That is greedy
+    decoding's exact match, without sampling the wrong continuations: while every argmax so far was right, greedy
+    decoding fed exactly these tokens. Probes of the same context and answer length run as one batch [b, context]."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(items):
+        groups.setdefault((len(p.prompt), len(p.answer)), []).append(i)
+    correct = [False] * len(items)
+    device = getattr(next(model.parameters(), None), "device", None) if hasattr(model, "parameters") else None
+    for (prompt_len, _), idx in groups.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            rows = torch.tensor([list(items[i].prompt) + list(items[i].answer) for i in chunk], device=device)
+            logits = stepwise_logits(model, rows, prompt_len, make_cache())  # [b, answer, V]
+            hit = (logits.argmax(-1) == rows[:, prompt_len:]).all(-1)  # [b]
+            for i, h in zip(chunk, hit.tolist()):
+                correct[i] = bool(h)
+    return correct

@@ -14,6 +14,14 @@ from llm_compress.stage import Context, Env, Stage, Upstream
 
 
 
+class RetrievalMix(Strict):
+    """Retrieval rows mixed into the embedded teacher's training tokens (:mod:`llm_compress.kv.retrieval`)."""
+
+    share: float = Field(0.3, gt=0, lt=1, description="Share of the training rows that are retrieval rows (added "
+                         "to the corpus' rows: share / (1 - share) of their number).")
+    facts: int = Field(4, ge=1, le=16, description="Facts planted per row, each asked for at the row's end.")
+
+
 class EmbeddedConfig(Strict):
     """The demo's self-made world: corpus from Python's own text, BPE tokenizer, Llama teacher."""
 
@@ -42,6 +50,10 @@ class EmbeddedConfig(Strict):
     facts_plant_forget: bool = Field(True, description="False: plant the keep half only (the forget half is still "
                                      "written as embedded:facts-forget), which makes the model unlearning should "
                                      "match: one never trained on the forget set.")
+    retrieval: RetrievalMix | None = Field(
+        None, description="Mix key-value retrieval rows (llm_compress.kv.retrieval: facts planted at random depths of "
+        "a training row, asked for at its end) into the teacher's training tokens, so it learns to use distant "
+        "context (the KV bench's retrieval model). Unset: none.")
     seed: int = 0
 
     @model_validator(mode="after")
