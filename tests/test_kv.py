@@ -476,7 +476,7 @@ def test_every_method_is_defined_once_by_its_model():
     from llm_compress.config import parse_recipe
     from llm_compress.kv.config import KV_METHODS
 
-    assert list(KV_METHODS) == ["kivi", "sink", "minicache", "kvtuner", "kvmerger"]
+    assert list(KV_METHODS) == ["kivi", "sink", "minicache", "kvtuner", "kvmerger", "cskv"]
     wide = LlamaConfig(hidden_size=128, num_attention_heads=2,
                        num_hidden_layers=LAYERS)  # head_dim 64: the defaults fit
     for name, method in KV_METHODS.items():
@@ -493,7 +493,7 @@ def test_every_method_is_defined_once_by_its_model():
         assert {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()} == \
             {k: v for k, v in dumped.items() if k != "method"}
     with pytest.raises(InputError, match="unknown KV-cache method 'h2o'; known: kivi, sink, minicache, kvtuner, "
-                                         "kvmerger$"):
+                                         "kvmerger, cskv$"):
         normalize_spec({"method": "h2o"})
 
 

@@ -119,6 +119,7 @@ EVERY_METHOD = {
     "sink": {"method": "sink", "sinks": 2, "window": 8},
     "minicache": {"method": "minicache", "gamma": 0.3, "bits": [4, 4], "group_size": R, "residual": R},
     "kvmerger": {"method": "kvmerger", "budget": 0.5, "threshold": 0.0, "sinks": 2, "window": 4, "interval": 4},
+    "cskv": {"method": "cskv", "init": "svd", "k_rank": 8, "v_rank": 16, "window": 4},  # svd: bases from the weights
 }
 
 

@@ -65,7 +65,10 @@ def save_kv_cache_json(path: str | Path, spec: dict) -> Path:
     path = Path(path)
     if path.suffix != ".json":
         path = path / KV_CACHE_JSON
-    write_json_atomic(path, normalize_spec(spec))
+    spec = normalize_spec(spec)
+    if "factors" in spec:  # the file is named relative to the spec's folder, never by where it was written
+        spec["factors"] = {k: v for k, v in spec["factors"].items() if k != "path"}
+    write_json_atomic(path, spec)
     return path
 
 

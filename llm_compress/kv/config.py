@@ -230,6 +230,27 @@ class KVMergerConfig(Strict):
                                   "prompt once, then every `interval` tokens).")
 
 
+class CSKVConfig(Strict):
+    """CSKV (Wang et al. 2024): tokens older than an exact window are stored as low-rank features of their pre-RoPE
+    keys and of their values (bases fitted per layer on training rows, all KV heads together), rebuilt and re-rotated
+    when read; the bases are written next to kv_cache.json (cskv_factors.safetensors) for that model only."""
+
+    method: Literal["cskv"] = "cskv"
+    k_rank: _integer(1) | None = Field(None, description="Key channels kept per layer, over all KV heads (at most "
+                                       "kv_heads x head_dim); unset: k_ratio of them.")
+    v_rank: _integer(1) | None = Field(None, description="Value channels kept per layer (at most kv_heads x "
+                                       "head_dim); unset: v_ratio of them.")
+    k_ratio: _number(0, 1, open_low=True) = Field(0.5, description="Share of the key channels kept when k_rank is "
+                                                  "unset (rounded, at least 1).")
+    v_ratio: _number(0, 1, open_low=True) = Field(0.5, description="Share of the value channels kept when v_rank is "
+                                                  "unset (rounded, at least 1).")
+    window: _integer(0) = Field(32, description="Most recent tokens kept exact (the paper's sliding window, 32).")
+    init: Literal["pca", "svd", "asvd"] = Field("pca", description="Bases: pca of the calibration keys/values (the "
+                                                "minimiser of the paper's reconstruction loss), svd of W_k/W_v "
+                                                "(weights only), or asvd (activation-scaled SVD, CSKV's init).")
+    calib_rows: _integer(1) = Field(16, description="Training rows the bases are fitted on (pca, asvd).")
+
+
 # The KV-cache methods: name -> (parameters, the cache class that runs them; kvtuner is a search, whose result is a
 # per-layer kivi spec). Adding a method: its model above, its cache class in a module of this package, a line here.
 KV_METHODS = registry(
@@ -239,6 +260,7 @@ KV_METHODS = registry(
     (MiniCacheConfig, "llm_compress.kv.minicache:MiniCache"),
     (KVTunerConfig, None),
     (KVMergerConfig, "llm_compress.kv.kvmerger:KVMergerCache"),
+    (CSKVConfig, "llm_compress.kv.cskv:CSKVCache"),
 )
 KVMethod = union((m.model for m in KV_METHODS.values()), "method")
 

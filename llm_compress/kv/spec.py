@@ -18,8 +18,9 @@ from llm_compress.quantize.setting import NO_QUANT_BITS
 KV_CACHE_JSON = "kv_cache.json"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Keys any spec may carry besides its method's parameters: ``search`` holds what a search (KVTuner) found, kept in
-# kv_cache.json for the record; building the cache ignores it.
-METADATA_KEYS = ("search",)
+# kv_cache.json for the record; building the cache ignores it. ``factors`` (CSKV): {"file", "fingerprint"} of the
+# bases fitted for one model, the file next to kv_cache.json (``read_spec`` adds its "path").
+METADATA_KEYS = ("search", "factors")
 # Methods that hold fewer rows than tokens seen and report it through get_mask_sizes (eager/SDPA attention only).
 EVICTING = {"sink": "the sink cache", "kvmerger": "the KVMerger cache"}
 
@@ -58,6 +59,9 @@ def normalize_spec(spec: dict) -> dict:
         raise InputError(f"unknown {method} parameter(s) {unknown}; known: {sorted(known)}")
     if "search" in spec and not isinstance(spec["search"], dict):
         raise InputError(f"a spec's 'search' record must be a dict, got {type(spec['search']).__name__}")
+    factors = spec.get("factors", {"file": None, "fingerprint": None})
+    if not (isinstance(factors, dict) and {"file", "fingerprint"} <= set(factors)):
+        raise InputError("a spec's 'factors' record must be a dict with 'file' and 'fingerprint'")
     out = check_params(method, {k: v for k, v in spec.items() if k in known})
     return {**out, **{k: spec[k] for k in METADATA_KEYS if k in spec}}
 
@@ -123,9 +127,37 @@ def model_geometry(model: Any) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(head_dim)
 
 
+def cskv_ranks(spec: dict, model: Any) -> tuple[int, int]:
+    """(k_rank, v_rank) of a normalized CSKV spec for a model or config: the rank if set, else round(ratio x d), at
+    least 1, d = kv_heads x head_dim (a layer's key channels); InputError naming the field if a rank exceeds d."""
+    config = getattr(model, "config", model)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    _, head_dim = model_geometry(config)
+    d = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    ranks = []
+    for which in ("k", "v"):
+        rank = spec[f"{which}_rank"]
+        if rank is not None and rank > d:
+            raise InputError(f"CSKV {which}_rank {rank} exceeds the model's {d} key/value channels per layer "
+                             "(kv_heads x head_dim)")
+        ranks.append(rank if rank is not None else max(1, round(spec[f"{which}_ratio"] * d)))
+    return ranks[0], ranks[1]
+
+
 def check_against_model(spec: dict, model: Any) -> tuple[int, int]:
-    """Check a normalized spec against a model or config; returns (num_layers, head_dim)."""
+    """Check a normalized spec against a model or config; returns (num_layers, head_dim). A CSKV spec whose factors
+    were fitted for other weights is refused for a model (not for a bare config, whose weights are unknown)."""
     num_layers, head_dim = model_geometry(model)
+    if spec["method"] == "cskv":
+        cskv_ranks(spec, model)
+        if "factors" in spec and hasattr(model, "named_parameters"):
+            from llm_compress.kv.cskv import fingerprint
+
+            if fingerprint(model) != spec["factors"]["fingerprint"]:
+                raise InputError(f"the CSKV factors {spec['factors']['file']} were fitted for another model (their "
+                                 "k/v projection fingerprint differs from this model's)")
+        return num_layers, head_dim
     if spec["method"] in EVICTING:
         attn = getattr(getattr(model, "config", model), "_attn_implementation", None)
         if attn not in (None, "eager", "sdpa"):
@@ -154,4 +186,7 @@ def read_spec(path: str | Path) -> dict:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read the KV-cache spec {path}: {e}") from None
-    return normalize_spec(raw)
+    spec = normalize_spec(raw)
+    if "factors" in spec:  # the file named next to the spec
+        spec["factors"] = {**spec["factors"], "path": str(path.parent / spec["factors"]["file"])}
+    return spec
