@@ -122,6 +122,14 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits.float().cpu()
 
 
+def kv_files(kv_spec: Path) -> list[str]:
+    """The files a ``kv_cache.json`` names next to itself (CSKV's factors), by name."""
+    import json
+
+    factors = json.loads(Path(kv_spec).read_text()).get("factors")
+    return [factors["file"]] if isinstance(factors, dict) and "file" in factors else []
+
+
 @torch.no_grad()
 def kv_generate_check(model, folder: Path, ids: torch.Tensor) -> dict[str, Any]:
     """Greedy-generate ``KV_CHECK_TOKENS`` tokens after the first check row [1, T], through
@@ -363,6 +371,8 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
         tok.save_pretrained(dst)
         if with_kv:
             shutil.copy2(kv_spec, dst / KV_CACHE_JSON)
+            for extra_file in kv_files(kv_spec):  # what the spec reads beside it (CSKV's factors)
+                shutil.copy2(kv_spec.parent / extra_file, dst / extra_file)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         model = load()  # a fresh object read from dst, not the one that wrote it
@@ -370,6 +380,16 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
         out = logits_of(model, ids)  # [B, T, V] float32
     except Exception as e:  # noqa: BLE001 - any failure to build or reload is this format's failure
         raise ExportError(f"export {fmt}: could not build it or load it back: {type(e).__name__}: {e}") from e
+    no_kv = NO_KV_REASON
+    if with_kv and kv_files(kv_spec):  # factors fitted for one model's weights (CSKV): a format that changes them
+        from llm_compress.kv.spec import check_against_model, read_spec  # (bnb) ships without the cache
+
+        try:
+            check_against_model(read_spec(dst), model)
+        except InputError as e:
+            with_kv, no_kv = False, f"not carried: {e}"
+            for name in (KV_CACHE_JSON, *kv_files(kv_spec)):
+                (dst / name).unlink()
     try:
         kv_check = kv_generate_check(model, dst, ids) if with_kv else None
     except Exception as e:  # noqa: BLE001 - the reloaded model must generate through the cache it ships with
@@ -385,7 +405,7 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
     m.update(bytes=path_size(dst), build_seconds=round(build_s, 3), load_seconds=round(load_s, 3),
              check_tokens=int(ids.numel()), **extra)
     if kv_spec is not None:
-        m["kv_cache"] = kv_check or {"file": None, "reason": NO_KV_REASON}
+        m["kv_cache"] = kv_check or {"file": None, "reason": no_kv}
     return m
 
 

@@ -186,3 +186,40 @@ def test_memory_counts_the_window_and_the_features_at_16_bits(model):
     assert cache.nbytes16() == 3 * per_layer
     assert cache.full_bytes() == 3 * 2 * 2 * seen * D * 2
     assert cache.factor_bytes() == 3 * D * (6 + 10) * 2
+
+
+def test_kv_stage_fits_cskv_factors_for_its_model_only(tiny_run, tiny_recipe):
+    """The stage fits the bases on training rows and writes them next to kv_cache.json with the model's fingerprint;
+    evaluate measures the cache on that model and says why not on the others (their weights differ); the
+    safetensors export carries the factors and generates through them."""
+    import json
+    from pathlib import Path
+
+    from llm_compress.config import parse_recipe
+    from llm_compress.modeling import load_causal_lm
+    from llm_compress.pipeline import preflight, run_local
+
+    root, _, _ = tiny_run
+    data = tiny_recipe.model_dump(mode="json")
+    data["kv"] = {"enabled": True, "cache": {"method": "cskv", "k_rank": 999, "window": 8, "calib_rows": 4}}
+    with pytest.raises(InputError, match="k_rank 999 exceeds"):
+        preflight(parse_recipe(data))  # refused before any work
+    data["kv"]["cache"].update(k_rank=4, v_rank=12)
+    done = run_local(parse_recipe(data), root / "tiny-cskv", root)
+    m, out = done["kv"]["metrics"], done["kv"]["outputs"]
+    assert m["method"] == "cskv" and m["cskv"]["k_rank"] == 4 and m["cskv"]["calib_rows"] == 4
+    assert m["memory_ratio_mean"] > 1 and m["kl_to_full"] > 0
+    saved = json.loads(Path(out["kv_cache"]["path"]).read_text())
+    assert saved["factors"]["file"] == FACTORS_FILE and "path" not in saved["factors"]
+    assert Path(out["cskv_factors"]["path"]).is_file()
+    model = load_causal_lm(done["quantize"]["outputs"]["model"]["path"])
+    assert load_kv_cache(Path(out["kv_cache"]["path"]).parent, model).factors.ranks == (4, 12)
+    ev = done["evaluate"]["metrics"]["models"]
+    assert ev["quantize"]["kv"]["method"] == "cskv" and ev["quantize"]["kv"]["kl_to_full"] == \
+        pytest.approx(m["kl_to_full"], rel=1e-4)
+    for name in ("teacher", "distill"):
+        assert "fitted for another model" in ev[name]["kv"]["skipped"], name
+    assert "cskv_factors" in done["evaluate"]["inputs"]
+    st = Path(done["export"]["outputs"]["safetensors"]["path"])
+    assert (st / FACTORS_FILE).read_bytes() == Path(out["cskv_factors"]["path"]).read_bytes()
+    assert done["export"]["metrics"]["safetensors"]["kv_cache"]["generated_tokens"] > 0

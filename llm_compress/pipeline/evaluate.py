@@ -77,6 +77,8 @@ class Evaluate(Stage):
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
         kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
+        if recipe.kv.enabled and recipe.kv.cache.method == "cskv":  # read next to kv_cache.json; an input for the key
+            kv["cskv_factors"] = up.out("kv", "cskv_factors")
         sets = {}
         if recipe.unlearn.enabled:  # the forget and keep sets, measured again on every model (with the KV cache)
             from llm_compress.pipeline.unlearn import set_paths

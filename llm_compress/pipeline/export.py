@@ -72,6 +72,8 @@ class Export(Stage):
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
         kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
+        if recipe.kv.enabled and recipe.kv.cache.method == "cskv":  # read next to kv_cache.json; an input for the key
+            kv["cskv_factors"] = up.out("kv", "cskv_factors")
         ev = {"evaluation": up.out("evaluate", "eval")} if "evaluate" in up else {}
         return {"model": up.model, "eval": up.out("data", "eval"), "teacher": up.teacher, **ev, **kv}
 

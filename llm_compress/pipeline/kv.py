@@ -6,6 +6,9 @@ over the decode steps (mean and max bytes in a 16-bit deployment, and their rati
 ``method: kvtuner`` the stage first searches per-layer KIVI bits on training rows (:mod:`llm_compress.kv.kvtuner`)
 and saves the layer-sensitivity table (kvtuner_sensitivity.json), every measured
 configuration and the Pareto plot (kvtuner_pareto.png); kv_cache.json is then the chosen per-layer KIVI cache.
+With ``method: cskv`` it first fits the channel-shrinking bases on training rows (:mod:`llm_compress.kv.cskv`) and
+writes them as cskv_factors.safetensors beside kv_cache.json, which records the file and the model's fingerprint:
+the cache then runs on this model only (evaluate measures it on the others' weights never; export copies the file).
 The stage makes no new weights: later stages still take the model it was measured on.
 
 Checked before any work: the model type has the Llama attention layout, and the spec suits the model's geometry
@@ -46,7 +49,7 @@ class KV(Stage):
                 raise InputError(f"kv.cache: {e}") from None
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        calib = {"calib": up.out("data", "train")} if recipe.kv.cache.method == "kvtuner" else {}
+        calib = {"calib": up.out("data", "train")} if recipe.kv.cache.method in ("kvtuner", "cskv") else {}
         return {"model": up.model, "eval": up.out("data", "eval"), **calib}
 
     def run(self, ctx: Context):
@@ -72,6 +75,8 @@ class KV(Stage):
         outputs, found = {"kv_cache": "kv_cache.json"}, {}
         if spec["method"] == "kvtuner":
             spec, found, outputs = self._search(ctx, model, spec)
+        elif spec["method"] == "cskv":
+            spec, found, outputs = self._fit_cskv(ctx, model, spec)
         rows, prefill = held_out_rows(load_tokens(ctx.inputs["eval"]), kv, ctx.device)  # [rows, T], prompt tokens
         metrics = measure(model, rows, spec, prefill=prefill)
         save_kv_cache_json(ctx.out_dir / "kv_cache.json", spec)
@@ -103,6 +108,26 @@ class KV(Stage):
         outputs = {"kv_cache": "kv_cache.json", "kvtuner_sensitivity": "kvtuner_sensitivity.json",
                    "kvtuner_pareto": "kvtuner_pareto.png"}
         return result["spec"], found, outputs
+
+    @staticmethod
+    def _fit_cskv(ctx: Context, model, spec: dict) -> tuple[dict, dict, dict]:
+        """CSKV's bases fitted on the first ``calib_rows`` training rows, written as cskv_factors.safetensors (with
+        the model's fingerprint, which the spec records): (spec naming them, metrics, outputs)."""
+        from llm_compress.data import load_tokens
+        from llm_compress.kv.cskv import FACTORS_FILE, fit_factors
+        from llm_compress.kv.spec import cskv_ranks
+
+        calib = load_tokens(ctx.inputs["calib"])[: spec["calib_rows"]].to(ctx.device)  # [rows, T]
+        r_k, r_v = cskv_ranks(spec, model)
+        try:
+            factors = fit_factors(model, calib, r_k, r_v, spec["init"])
+        except InputError as e:
+            raise InputError(f"kv.cache: {e}") from None
+        path = factors.save(ctx.out_dir / FACTORS_FILE)
+        spec = {**spec, "factors": {"file": FACTORS_FILE, "fingerprint": factors.fingerprint, "path": str(path)}}
+        found = {"cskv": {"k_rank": r_k, "v_rank": r_v, "init": spec["init"], "calib_rows": int(calib.shape[0]),
+                          "factor_bytes": factors.factor_bytes()}}
+        return spec, found, {"kv_cache": "kv_cache.json", "cskv_factors": FACTORS_FILE}
 
 
 STAGE = KV()
