@@ -38,6 +38,13 @@ For each cache and context length C (the first C tokens of each of ``--rows`` he
 Each of ``--dtypes`` is a whole run with the model (and so the caches, and QuantizedCache's scales) in that dtype;
 the memory figures are the 16-bit deployment's in all of them (a float32 run's own bytes: ``run_dtype_bytes_mean``).
 
+With ``--retrieval`` (a model trained with ``embedded.retrieval``, e.g. ``--recipe bench/recipes/kvretrieval.yaml``):
+each cache's retrieval accuracy by depth (``llm_compress.kv.retrieval``): ``--retrieval-probes`` held-out probes per
+context (``--retrieval-contexts``, tokens) and depth (10 % to 90 % of the prompt), a 4-digit code planted there in the
+data stage's eval tokens with three other facts and asked for at the end; greedy exact match of the code's tokens
+through the cache (``llm_compress.kv.measure.retrieval_correct``), with 95 % bootstrap intervals over the probes and
+the ratio to the full cache's accuracy (paired). ``--contexts`` may then be left empty to measure retrieval only.
+
 ``--write-results`` replaces (or appends) the "## KV cache (issue: KV-cache compression)" section of
 bench/RESULTS.md.
 """
@@ -124,6 +131,15 @@ def main() -> None:
     ap.add_argument("--kvtuner", type=float, nargs="*", default=[],
                     help="average-bit budgets: for each, run the KVTuner search (llm_compress.kv.kvtuner, optuna) on "
                          "training rows first and measure the chosen per-layer KIVI cache with the others")
+    ap.add_argument("--retrieval", action="store_true",
+                    help="also measure retrieval accuracy by depth (llm_compress.kv.retrieval: a code planted at a "
+                         "depth of a held-out document, asked for at its end; greedy exact match through the cache) "
+                         "with bootstrap intervals; needs a model trained with embedded.retrieval, e.g. "
+                         "bench/recipes/kvretrieval.yaml. --contexts may then be empty (retrieval only)")
+    ap.add_argument("--retrieval-contexts", type=int, nargs="+", default=[1024, 2048],
+                    help="probe lengths in tokens (prompt + answer); at most the model's max_position_embeddings")
+    ap.add_argument("--retrieval-probes", type=int, default=20, help="probes per context and depth")
+    ap.add_argument("--retrieval-batch", type=int, default=10, help="probes decoded at once")
     ap.add_argument("--kvtuner-spec", default='{"method": "kvtuner", "strategy": "optuna", "trials": 60, '
                     '"group_size": 32, "residual": 32, "calib_rows": 4}',
                     help="the search's settings (JSON), budget added from --kvtuner")
@@ -143,7 +159,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     model, rows, calib, meta = prepare(Path(args.recipe), Path(args.artifacts).resolve(), args.rows,
-                                       max(args.contexts), args.stage_dirs)
+                                       max(args.contexts, default=1), args.stage_dirs)
+    items = retrieval_probes(model, meta, args) if args.retrieval else []
     specs = ["full"] + [s for s in args.caches if s != "full"]
     meta["kvtuner"] = []
     for budget in args.kvtuner:
@@ -152,7 +169,7 @@ def main() -> None:
         meta["kvtuner"].append(record)
     for spec in specs:
         label(spec)  # a malformed JSON spec fails here, before the model is trained or loaded
-    results, skipped = [], {}
+    results, skipped, retrieval = [], {}, []
     for dtype in args.dtypes:
         m = copy.deepcopy(model).to(getattr(torch, dtype))
         ref: dict[int, dict] = {}  # the full cache's scores per context, in this dtype
@@ -170,7 +187,13 @@ def main() -> None:
                     ref[c] = scores
                 print(json.dumps(row), flush=True)
                 results.append(row)
+            if items:
+                retrieval.append(measure_retrieval(m, items, make, args, dtype, label(spec), retrieval))
 
+    if items:
+        meta["retrieval"] = {"contexts": args.retrieval_contexts, "probes_per_depth": args.retrieval_probes,
+                             "depths": sorted({p.depth for p in items}), "distractors": items[0].distractors,
+                             "results": retrieval}
     meta.update({"dtypes": args.dtypes, "caches": [label(s) for s in specs], "skipped": skipped,
                  "contexts": args.contexts, "rows": len(rows),
                  "score_tokens": args.score_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
@@ -282,7 +305,8 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, s
             "rows_ppl_by_position": by_position,
             "rows_ppl": round(math.exp(nll.mean().item()), 3), "rows_unigram_ppl": round(math.exp(unigram_nll), 1),
             "eval_rows_available": len(eval_ids), "row_tokens": eval_ids.shape[1],
-            "prepare_seconds": round(prep_s, 1)}
+            "prepare_seconds": round(prep_s, 1),
+            "tokenizer_dir": out("bootstrap", "tokenizer"), "eval_tokens": out("data", "eval")}
     print(f"{meta['model']}: {meta['params']:,} params, ppl {meta['rows_ppl']} on {n_rows} held-out rows "
           f"(unigram {meta['rows_unigram_ppl']})", flush=True)
     calib = train_ids[:16, :max_context]  # KVTuner's calibration rows (--kvtuner): training rows, not held-out ones
@@ -446,6 +470,63 @@ def measure(model, rows, context: int, args, make: Callable, ref: dict | None) -
     return out
 
 
+def retrieval_probes(model, meta: dict, args) -> list:
+    """The held-out retrieval probes (``llm_compress.kv.retrieval.probes``): their filler is the data stage's eval
+    tokens, their facts encoded by the bootstrap's tokenizer; refused before any work when a context exceeds the
+    model's positions."""
+    from transformers import AutoTokenizer
+
+    from llm_compress.data import load_tokens
+    from llm_compress.kv.retrieval import probes
+
+    limit = model.config.max_position_embeddings
+    for c in args.retrieval_contexts:
+        if c > limit:
+            raise SystemExit(f"--retrieval-contexts: {c} tokens exceed the model's max_position_embeddings {limit}")
+    if meta["train_seq_len"] < max(args.retrieval_contexts):
+        print(f"note: the model was trained on {meta['train_seq_len']}-token rows, shorter than the longest probe",
+              flush=True)
+    tok = AutoTokenizer.from_pretrained(meta["tokenizer_dir"])
+    encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    stream = load_tokens(meta["eval_tokens"]).flatten().tolist()
+    return probes(stream, encode, contexts=args.retrieval_contexts, per_depth=args.retrieval_probes)
+
+
+def measure_retrieval(model, items: list, make: Callable, args, dtype: str, name: str, done: list[dict]) -> dict:
+    """Retrieval accuracy of one cache by context and depth, with bootstrap intervals, and against the full cache's
+    (the first entry of ``done`` in this dtype) on the same probes; the per-probe results are kept for that."""
+    from llm_compress.kv.measure import retrieval_correct
+    from llm_compress.kv.retrieval import summarize
+
+    t0 = time.perf_counter()
+    correct = retrieval_correct(model, items, make, batch_size=args.retrieval_batch)
+    ref = next((r["correct"] for r in done if r["dtype"] == dtype and r["cache"] == "full"), None)
+    row = {"dtype": dtype, "cache": name, "seconds": round(time.perf_counter() - t0, 1),
+           "summary": summarize(items, correct, ref), "correct": correct}
+    print(json.dumps({k: v for k, v in row.items() if k != "correct"}), flush=True)
+    return row
+
+
+def retrieval_table(r: dict) -> list[str]:
+    """The retrieval section's lines: accuracy [95 % bootstrap interval] per cache, context and depth of the fact,
+    and over all depths against the full cache's."""
+    ci = lambda c: f"{c['accuracy']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"  # noqa: E731
+    depths = [f"{d:g}" for d in r["depths"]]
+    lines = ["", f"Retrieval (`--retrieval`, llm_compress/kv/retrieval.py): {r['probes_per_depth']} held-out probes per "
+             f"context and depth, each a code planted at that depth of held-out text with {r['distractors']} other "
+             "facts, asked for at the end; greedy exact match of the code through the cache; accuracy [95 % bootstrap "
+             "interval over the probes]; vs full: the ratio of accuracies, paired bootstrap.", "",
+             "| dtype | cache | context | all depths | " + " | ".join(f"depth {d}" for d in depths) + " | vs full |",
+             "|---|---|---|---|" + "---|" * len(depths) + "---|"]
+    for row in r["results"]:
+        for context, cells in row["summary"].items():
+            a = cells["all"]
+            vs = "—" if a.get("vs_ref") is None else f"{a['vs_ref']:.2f} [{a['vs_ref_lo']:.2f}, {a['vs_ref_hi']:.2f}]"
+            lines.append(f"| {row['dtype']} | {row['cache']} | {context} | {ci(a)} | "
+                         + " | ".join(ci(cells[d]) for d in depths) + f" | {vs} |")
+    return lines
+
+
 def versions() -> dict:
     found = {}
     for name in ("transformers", "optimum-quanto", "hqq"):
@@ -543,6 +624,8 @@ def results_section(meta: dict, results: list[dict], cmd: str) -> str:
                          f"{r['bits_per_element']:.2f} | {r['ppl']:.2f} | "
                          f"{r['ppl_ratio']:.4f} | {r['kl']:.4f} | {r['top1_agreement']:.3f} | "
                          f"{r['decode_tokens_per_s']:.0f} | {r['decode_vs_full']:.2f} |")
+    if meta.get("retrieval"):
+        lines += retrieval_table(meta["retrieval"])
     for t in meta.get("kvtuner", []):
         lines += ["", f"KVTuner at a budget of {t['budget']:g} bits ({t['strategy']}, {t.get('trials', t['measured'])} "
                   f"trials in {t['seconds']:.0f} s on 4 training rows of the context, prompts of half a row; "

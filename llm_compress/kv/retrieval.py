@@ -213,8 +213,55 @@ def summarize(items: Sequence[Probe], correct: Sequence[bool], ref: Sequence[boo
             c = [correct[i] for i in ix]
             acc, lo, hi, _ = _interval(c, None, rng, samples)
             row = {"accuracy": round(acc, 4), "lo": round(lo, 4), "hi": round(hi, 4), "probes": len(ix)}
-            if ref is not None:
+            if ref is not None:  # no ratio (None) where the reference answers none of the cell's probes
                 r, rlo, rhi, _ = _interval(c, [ref[i] for i in ix], rng, samples)
-                row.update(vs_ref=round(r, 4), vs_ref_lo=round(rlo, 4), vs_ref_hi=round(rhi, 4))
+                row.update({k: None if v != v else round(v, 4)
+                            for k, v in (("vs_ref", r), ("vs_ref_lo", rlo), ("vs_ref_hi", rhi))})
             out[str(context)][cell] = row
     return out
+
+
+def corpus_text(split: str = "eval", *, max_mb: float = 6.0, eval_fraction: float = 0.05, seed: int = 0) -> str:
+    """The embedded corpus' ``split`` documents (every domain, in order) joined by blank lines: the filler of
+    character probes. Built in a temporary folder by :func:`llm_compress.embedded.build_corpus` with the embedded
+    defaults, so it is the text the bench model's held-out rows are made of."""
+    import tempfile
+    from pathlib import Path
+
+    from llm_compress.data import iter_file_texts
+    from llm_compress.embedded import build_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        splits = build_corpus(Path(tmp), max_mb=max_mb, eval_fraction=eval_fraction, seed=seed)
+        return "\n\n".join(t for domain in sorted(splits) for t in iter_file_texts(splits[domain][split], "text"))
+
+
+def write_lm_eval_data(path, *, chars: Sequence[int], per_depth: int, distractors: int, seed: int) -> int:
+    """Write character probes (held-out corpus text) as the lm-evaluation-harness task's JSONL; returns the count."""
+    from pathlib import Path
+
+    items = probes(corpus_text(), str, contexts=chars, per_depth=per_depth, distractors=distractors, seed=seed)
+    with open(Path(path), "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in lm_eval_records(items))
+    return len(items)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m llm_compress.kv.retrieval",
+                                 description="Write the retrieval probes of bench/lm_eval/ (character units).")
+    ap.add_argument("--out", default="bench/lm_eval/kv_retrieval.jsonl")
+    ap.add_argument("--chars", type=int, nargs="+", default=[4000, 8000],
+                    help="probe lengths in characters (prompt + answer): about 1,000 and 2,000 tokens of a "
+                         "tokenizer that reads 4 characters a token")
+    ap.add_argument("--per-depth", type=int, default=10)
+    ap.add_argument("--distractors", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    n = write_lm_eval_data(a.out, chars=a.chars, per_depth=a.per_depth, distractors=a.distractors, seed=a.seed)
+    print(f"wrote {n} probes to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
