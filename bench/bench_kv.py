@@ -236,8 +236,9 @@ def merged(path: Path, meta: dict, results: list[dict]) -> tuple[dict, list[dict
 
 def publish(args, meta: dict, results: list[dict]) -> None:
     """The Pareto plot, and with --write-results the RESULTS.md section."""
-    pareto_plot(results, Path(args.plot), meta)
-    print(f"wrote {args.plot}")
+    if results:  # none when only retrieval was measured (--contexts left empty)
+        pareto_plot(results, Path(args.plot), meta)
+        print(f"wrote {args.plot}")
     if args.write_results:
         sys.path.insert(0, str(ROOT / "bench"))
         from bench_divergences import write_section
