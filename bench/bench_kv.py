@@ -287,7 +287,7 @@ def prepare(recipe_path: Path, artifacts: Path, n_rows: int, max_context: int, s
                          for r in rows])
     # Perplexity by position in the row: how much of its context the model uses (documents are packed, so context
     # from an earlier document helps little).
-    edges = [1, 16, 64, 128, 256, 512, max_context]
+    edges = [e for e in (1, 16, 64, 128, 256, 512) if e < max_context] + [max_context]
     by_position = {f"{a}-{b - 1}": round(math.exp(nll.view(len(rows), -1)[:, a - 1:b - 1].mean().item()), 1)
                    for a, b in zip(edges, edges[1:])}
     train_ids = load_tokens(Path(out("data", "train")))
