@@ -51,7 +51,7 @@ import torch
 from llm_compress.errors import InputError
 from llm_compress.kv.base import KVCache, KVLayer
 from llm_compress.kv.config import CSKVConfig
-from llm_compress.kv.sink import leading_pads
+from llm_compress.kv.sink import PaddedCache
 from llm_compress.kv.spec import check_params, cskv_ranks
 
 FACTORS_FILE = "cskv_factors.safetensors"
@@ -300,7 +300,7 @@ class CSKVLayer(KVLayer):
 _DEFAULT = CSKVConfig()  # the defaults of the constructor's arguments
 
 
-class CSKVCache(KVCache):
+class CSKVCache(PaddedCache):
     """CSKV in every one of ``num_layers`` layers (settings: ``llm_compress.kv.config.CSKVConfig``; rules: the
     module docstring). Needs ``attach(model, factors)`` before use (``build_cache`` / ``load_kv_cache`` call it with
     the file the spec's ``factors`` record names), with factors fitted for that model (``fit_factors``), except with
@@ -342,15 +342,6 @@ class CSKVCache(KVCache):
             raise InputError("CSKV needs the model's rotary embedding (model.model.rotary_emb) to re-rotate keys")
         for i, layer in enumerate(self.layers):
             layer.factors, layer.index, layer.rotary = self.factors, i, rotary
-        return self
-
-    def set_padding(self, attention_mask: torch.Tensor) -> "CSKVCache":
-        """Declare the prompt's left padding, [B, L] (1 = token, 0 = pad); before the first forward. Returns self."""
-        if self.get_seq_length() > 0:
-            raise InputError("set_padding must be called before the cache has seen any token")
-        pads = leading_pads(attention_mask)
-        for layer in self.layers:
-            layer.pads = pads.clone()
         return self
 
     def factor_bytes(self) -> int:

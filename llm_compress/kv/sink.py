@@ -97,10 +97,10 @@ class EvictionLayer(KVLayer):
         return held + ([self.pads] if self.pads is not None else [])  # pads: long [B], 8 bytes a row
 
 
-class EvictionCache(KVCache):
-    """A cache of ``EvictionLayer``s; ``set_padding`` declares a left-padded batch's pads to every layer."""
+class PaddedCache(KVCache):
+    """A cache whose layers keep a left-padded batch's pads (``layer.pads``, [B]), declared by ``set_padding``."""
 
-    def set_padding(self, attention_mask: torch.Tensor) -> "EvictionCache":
+    def set_padding(self, attention_mask: torch.Tensor) -> "PaddedCache":
         """Declare the prompt's left padding, [B, L] (1 = token, 0 = pad); before the first forward. Returns self."""
         if self.get_seq_length() > 0:
             raise InputError("set_padding must be called before the cache has seen any token")
@@ -108,6 +108,10 @@ class EvictionCache(KVCache):
         for layer in self.layers:
             layer.pads = pads.clone()
         return self
+
+
+class EvictionCache(PaddedCache):
+    """A cache of ``EvictionLayer``s."""
 
 
 class SinkLayer(EvictionLayer):
