@@ -49,7 +49,7 @@ from typing import Any, Iterable
 import torch
 
 from llm_compress.errors import InputError
-from llm_compress.kv.base import KVCache, KVLayer
+from llm_compress.kv.base import KVLayer
 from llm_compress.kv.config import CSKVConfig
 from llm_compress.kv.sink import PaddedCache
 from llm_compress.kv.spec import check_params, cskv_ranks
