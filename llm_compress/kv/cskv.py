@@ -42,7 +42,6 @@ model whose fingerprint differs is refused.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,31 +50,12 @@ import torch
 from llm_compress.errors import InputError
 from llm_compress.kv.base import KVLayer
 from llm_compress.kv.config import CSKVConfig
+from llm_compress.kv.fingerprint import attention_modules, fingerprint  # noqa: F401 (re-exported)
 from llm_compress.kv.sink import PaddedCache
 from llm_compress.kv.spec import check_params, cskv_ranks
 
 FACTORS_FILE = "cskv_factors.safetensors"
 INITS = ("pca", "svd", "asvd")
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The Llama-layout attention modules of ``model`` (k_proj, v_proj and layer_idx), in layer order."""
-    found = [m for m in model.modules() if hasattr(m, "k_proj") and hasattr(m, "v_proj") and hasattr(m, "layer_idx")]
-    return sorted(found, key=lambda m: m.layer_idx)
-
-
-def fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every layer's k_proj/v_proj parameters (floats as float32, others as stored): which model a set of
-    factors was fitted on. The same weights loaded again (or in float32 and stored in float32) give the same hash."""
-    h = hashlib.sha256()
-    for attn in attention_modules(model):
-        for proj in (attn.k_proj, attn.v_proj):
-            for name, p in sorted(proj.named_parameters()):
-                t = p.detach().cpu()
-                t = t.float() if t.is_floating_point() else t
-                h.update(f"{attn.layer_idx}.{name}{tuple(t.shape)}".encode())
-                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class CSKVFactors(torch.nn.Module):

@@ -152,7 +152,7 @@ def check_against_model(spec: dict, model: Any) -> tuple[int, int]:
     if spec["method"] == "cskv":
         cskv_ranks(spec, model)
         if "factors" in spec and hasattr(model, "named_parameters"):
-            from llm_compress.kv.cskv import fingerprint
+            from llm_compress.kv.fingerprint import fingerprint
 
             if fingerprint(model) != spec["factors"]["fingerprint"]:
                 raise InputError(f"the CSKV factors {spec['factors']['file']} were fitted for another model (their "
