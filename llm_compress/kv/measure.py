@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_compress.kv.base import KVCache, storage_nbytes
+from llm_compress.kv.spec import kv_dims
 
 
 @torch.no_grad()
@@ -87,9 +88,8 @@ def cache_tensors(cache) -> Iterable[torch.Tensor]:
 
 def full16_bytes(config, batch: int, tokens: int) -> int:
     """A 16-bit full cache of ``tokens`` tokens per row: K and V of every layer and KV head, 2 bytes an element."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * batch * kv_heads * tokens * head_dim * 2
+    num_layers, kv_heads, head_dim = kv_dims(config)
+    return 2 * num_layers * batch * kv_heads * tokens * head_dim * 2
 
 
 class MemoryTrace:

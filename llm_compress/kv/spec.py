@@ -109,6 +109,17 @@ def per_layer_bits(bits: list, num_layers: int) -> list[list[int]]:
     return bits
 
 
+def kv_dims(model: Any) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a model or config: the shape of its KV cache per token."""
+    config = getattr(model, "config", model)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(config.num_hidden_layers), int(kv_heads), int(head_dim)
+
+
 def model_geometry(model: Any) -> tuple[int, int]:
     """(num_layers, head_dim) of a supported model or config; InputError naming an unsupported type or layout."""
     config = getattr(model, "config", model)
@@ -118,23 +129,19 @@ def model_geometry(model: Any) -> tuple[int, int]:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(f"model type {model_type!r} is not supported by the KV caches (supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}: the Llama attention layout)")
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if heads % kv_heads:
-        raise InputError(f"{model_type} attention layout not supported: {heads} query heads are not a multiple of "
-                         f"{kv_heads} key/value heads")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return int(config.num_hidden_layers), int(head_dim)
+    num_layers, kv_heads, head_dim = kv_dims(config)
+    if config.num_attention_heads % kv_heads:
+        raise InputError(f"{model_type} attention layout not supported: {config.num_attention_heads} query heads are "
+                         f"not a multiple of {kv_heads} key/value heads")
+    return num_layers, head_dim
 
 
 def cskv_ranks(spec: dict, model: Any) -> tuple[int, int]:
     """(k_rank, v_rank) of a normalized CSKV spec for a model or config: the rank if set, else round(ratio x d), at
     least 1, d = kv_heads x head_dim (a layer's key channels); InputError naming the field if a rank exceeds d."""
-    config = getattr(model, "config", model)
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    _, head_dim = model_geometry(config)
-    d = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    model_geometry(model)  # a supported layout
+    _, kv_heads, head_dim = kv_dims(model)
+    d = kv_heads * head_dim
     ranks = []
     for which in ("k", "v"):
         rank = spec[f"{which}_rank"]
