@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 from llm_compress.errors import InputError
 from llm_compress.kv.base import KVLayer
@@ -174,19 +175,14 @@ def fit_factors(model: torch.nn.Module, rows: torch.Tensor | None, rank_k: int, 
     return CSKVFactors(k, v, fingerprint(model), init)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D] rotated as ``apply_rotary_pos_emb`` does, cos/sin [B, T, D]."""
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
 def unrope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """The inverse of ``rope`` (cos^2 + sin^2 is the squared attention scaling, 1 for plain RoPE)."""
-    return (x * cos[:, None] - _rotate_half(x) * sin[:, None]) / (cos * cos + sin * sin)[:, None]
+    return (x * cos[:, None] - rotate_half(x) * sin[:, None]) / (cos * cos + sin * sin)[:, None]
 
 
 class CSKVLayer(KVLayer):

@@ -69,9 +69,11 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import rotate_half
 
 from llm_compress.errors import InputError
 from llm_compress.kv.config import KVMergerConfig
+from llm_compress.kv.fingerprint import attention_modules
 from llm_compress.kv.sink import EvictionCache, EvictionLayer
 from llm_compress.kv.spec import check_params
 
@@ -366,8 +368,6 @@ def _attention_pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> t
     hidden, rope = kwargs.get("hidden_states"), kwargs.get("position_embeddings")
     if hidden is None or rope is None:
         return None  # called in an unknown way: the layer's update refuses to run without its mask
-    from transformers.models.llama.modeling_llama import rotate_half
-
     layer = cache.layers[module.layer_idx]
     q_len = hidden.shape[1]
     if layer.pivot == "attention":
@@ -402,13 +402,12 @@ class KVMergerCache(EvictionCache):
     def attach(self, model: torch.nn.Module) -> "KVMergerCache":
         """Register the attention pre-hook on every attention module of ``model`` (once per module; it does nothing
         for other caches), so ``model(..., past_key_values=self)`` and ``model.generate`` work. Returns self."""
-        found = 0
-        for module in model.modules():
-            if hasattr(module, "q_proj") and hasattr(module, "layer_idx") and hasattr(module, "num_key_value_groups"):
-                found += 1
-                if not getattr(module, "_kvmerger_hooked", False):
-                    module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
-                    module._kvmerger_hooked = True
+        modules = attention_modules(model)
+        for module in modules:
+            if not getattr(module, "_kvmerger_hooked", False):
+                module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+                module._kvmerger_hooked = True
+        found = len(modules)
         if found != len(self.layers):
             raise InputError(f"KVMerger cache of {len(self.layers)} layers attached to a model with {found} attention "
                              "modules of the Llama layout")
