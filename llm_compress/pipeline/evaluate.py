@@ -17,6 +17,7 @@ from typing import Annotated
 from pydantic import Field
 
 from llm_compress.errors import GateError
+from llm_compress.pipeline.kv import cache_inputs
 from llm_compress.refs import check_recipe_models
 from llm_compress.schema import Strict
 from llm_compress.stage import Context, Stage, Upstream
@@ -76,9 +77,7 @@ class Evaluate(Stage):
         check_recipe_models(recipe.models)  # it scores the teacher and the given student
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
-        if recipe.kv.enabled and recipe.kv.cache.method == "cskv":  # read next to kv_cache.json; an input for the key
-            kv["cskv_factors"] = up.out("kv", "cskv_factors")
+        kv = cache_inputs(recipe, up)
         sets = {}
         if recipe.unlearn.enabled:  # the forget and keep sets, measured again on every model (with the KV cache)
             from llm_compress.pipeline.unlearn import set_paths

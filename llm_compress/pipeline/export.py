@@ -14,6 +14,7 @@ from pathlib import Path
 
 from llm_compress.errors import InputError
 from llm_compress.export_support import ONNX_FORMATS, ExportConfig, onnx_export_problem, onnx_runtime_missing
+from llm_compress.pipeline.kv import cache_inputs
 from llm_compress.refs import distilled_model_config
 from llm_compress.stage import Context, Stage, Upstream
 
@@ -71,9 +72,7 @@ class Export(Stage):
                              f"{why}; drop the onnx formats (export.formats: [{', '.join(keep)}])")
 
     def inputs(self, recipe, up: Upstream) -> dict[str, str]:
-        kv = {"kv_cache": up.out("kv", "kv_cache")} if recipe.kv.enabled else {}
-        if recipe.kv.enabled and recipe.kv.cache.method == "cskv":  # read next to kv_cache.json; an input for the key
-            kv["cskv_factors"] = up.out("kv", "cskv_factors")
+        kv = cache_inputs(recipe, up)
         ev = {"evaluation": up.out("evaluate", "eval")} if "evaluate" in up else {}
         return {"model": up.model, "eval": up.out("data", "eval"), "teacher": up.teacher, **ev, **kv}
 

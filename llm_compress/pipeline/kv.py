@@ -25,6 +25,15 @@ from llm_compress.refs import distilled_model_config
 from llm_compress.stage import Context, Stage, Upstream
 
 
+def cache_inputs(recipe, up: Upstream) -> dict[str, str]:
+    """What a later stage takes from this one to build the cache (evaluate and export): ``kv_cache.json``, and with
+    CSKV its factors, read next to it (an input, so the later stage's key holds their digest); none when it is off."""
+    if not recipe.kv.enabled:
+        return {}
+    factors = {"cskv_factors": up.out("kv", "cskv_factors")} if recipe.kv.cache.method == "cskv" else {}
+    return {"kv_cache": up.out("kv", "kv_cache"), **factors}
+
+
 class KV(Stage):
     name = "kv"
     sections = {"kv": KVConfig}
