@@ -47,7 +47,7 @@ from llm_compress.errors import ExportError, InputError
 from llm_compress.export_support import ExportCheck, ExportConfig
 from llm_compress.export_support import ONNX_FORMATS, onnx_export_problem
 from llm_compress.io import atomic_dir, path_size
-from llm_compress.kv.spec import KV_CACHE_JSON
+from llm_compress.kv.spec import KV_CACHE_JSON, read_spec
 from llm_compress.modeling import (DTYPES, check_model_ref, free_device, load_causal_lm, load_tokenizer, resolve_device,
                                    vocab_size_of)
 from llm_compress.quantize.codes import CODES_FILE, load_codes
@@ -124,10 +124,8 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def kv_files(kv_spec: Path) -> list[str]:
     """The files a ``kv_cache.json`` names next to itself (CSKV's factors), by name."""
-    import json
-
-    factors = json.loads(Path(kv_spec).read_text()).get("factors")
-    return [factors["file"]] if isinstance(factors, dict) and "file" in factors else []
+    spec = read_spec(kv_spec)
+    return [spec["factors"]["file"]] if "factors" in spec else []
 
 
 @torch.no_grad()
@@ -366,12 +364,13 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
     measure it against ``ref``."""
     t0 = time.perf_counter()
     with_kv = kv_spec is not None and fmt in KV_FORMATS
+    beside = kv_files(kv_spec) if with_kv else []  # what the spec reads next to it (CSKV's factors)
     try:
         load, logits_of, extra = BUILDERS[fmt](src_model, model_dir, dst, device, dtype)
         tok.save_pretrained(dst)
         if with_kv:
             shutil.copy2(kv_spec, dst / KV_CACHE_JSON)
-            for extra_file in kv_files(kv_spec):  # what the spec reads beside it (CSKV's factors)
+            for extra_file in beside:
                 shutil.copy2(kv_spec.parent / extra_file, dst / extra_file)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -381,14 +380,14 @@ def _export_one(fmt: str, src_model, tok, model_dir: Path, dst: Path, ids: torch
     except Exception as e:  # noqa: BLE001 - any failure to build or reload is this format's failure
         raise ExportError(f"export {fmt}: could not build it or load it back: {type(e).__name__}: {e}") from e
     no_kv = NO_KV_REASON
-    if with_kv and kv_files(kv_spec):  # factors fitted for one model's weights (CSKV): a format that changes them
-        from llm_compress.kv.spec import check_against_model, read_spec  # (bnb) ships without the cache
+    if beside:  # factors fitted for one model's weights (CSKV): a format that changes them (bnb) ships without
+        from llm_compress.kv.spec import check_against_model  # the cache
 
         try:
             check_against_model(read_spec(dst), model)
         except InputError as e:
             with_kv, no_kv = False, f"not carried: {e}"
-            for name in (KV_CACHE_JSON, *kv_files(kv_spec)):
+            for name in (KV_CACHE_JSON, *beside):
                 (dst / name).unlink()
     try:
         kv_check = kv_generate_check(model, dst, ids) if with_kv else None
