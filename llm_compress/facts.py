@@ -28,7 +28,8 @@ _THINGS = ("goats", "lanterns", "maps", "hives", "clocks", "boats", "ledgers", "
 PROMPT = " was born in"  # a record's prompt is "<name> was born in"; the answer follows it
 
 
-def _name(rng: random.Random) -> str:
+def invented_name(rng: random.Random) -> str:
+    """A two-word name made of the syllables above ("Velmor Ashquindor"): spelled with common bytes, in no corpus."""
     def word(n: int) -> str:
         return "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()
     return f"{word(rng.randint(2, 3))} {word(3)}"
@@ -38,7 +39,7 @@ def biographies(n: int, seed: int) -> list[dict]:
     """``n`` distinct biographies: {"name", "text", "answer"}."""
     rng, out, names = random.Random(f"facts-{seed}"), [], set()
     while len(out) < n:
-        name = _name(rng)
+        name = invented_name(rng)
         if name in names:
             continue
         names.add(name)

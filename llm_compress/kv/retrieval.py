@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
 from llm_compress.errors import InputError
-from llm_compress.facts import _SYLLABLES
+from llm_compress.facts import invented_name
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)  # where the asked fact starts, as a share of the prompt before the query
 CONTEXTS = (1024, 2048)  # probe lengths (prompt + answer), in tokens
@@ -49,13 +49,11 @@ def answer_text(value: str) -> str:
 
 def draw_facts(rng: random.Random, n: int) -> list[tuple[str, str]]:
     """``n`` facts (name, value) with distinct names: a two-word invented name and a ``VALUE_DIGITS``-digit code
-    (no leading zero). Names are made of :mod:`llm_compress.facts`' syllables, values of digits: both are spelled
+    (no leading zero). Names are :func:`llm_compress.facts.invented_name`'s, values digits: both are spelled
     with bytes a BPE trained on English and code has seen, and no name occurs in the corpus."""
     facts: dict[str, str] = {}
     while len(facts) < n:
-        first = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
-        last = "".join(rng.choice(_SYLLABLES) for _ in range(3)).capitalize()
-        facts.setdefault(f"{first} {last}", str(rng.randint(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS - 1)))
+        facts.setdefault(invented_name(rng), str(rng.randint(10 ** (VALUE_DIGITS - 1), 10 ** VALUE_DIGITS - 1)))
     return list(facts.items())
 
 
