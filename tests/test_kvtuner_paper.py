@@ -15,6 +15,7 @@ from llm_compress.kv import kvtuner
 from llm_compress.kv.config import AUTHORS_CANDIDATES, KVTunerConfig
 from llm_compress.kv.kvtuner import cluster_layers, make_objective, prune_candidates, search
 from llm_compress.kv.spec import average_bits, normalize_spec, parse_pair
+from tests.test_kvtuner import _spec, rows  # noqa: F401 (rows: the same module-scoped fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,15 +48,6 @@ def _outlier_values(model: LlamaForCausalLM, layer: int, factor: float, group_si
             kv_head, c = divmod(ch, d)
             for q_head in range(kv_head * rep, (kv_head + 1) * rep):  # the query heads sharing this kv head
                 attn.o_proj.weight[:, q_head * d + c] /= factor
-
-
-@pytest.fixture(scope="module")
-def rows():
-    return torch.randint(0, 96, (2, 48), generator=torch.Generator().manual_seed(3))
-
-
-def _spec(**kw) -> dict:
-    return {"method": "kvtuner", "group_size": 16, "residual": 16, **kw}
 
 
 def test_default_candidates_are_the_authors_value_heavier_pairs_included():
